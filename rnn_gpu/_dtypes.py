@@ -1,0 +1,26 @@
+"""Canonical dtype names shared by every array kind: float16, bfloat16, float32, float64."""
+
+from __future__ import annotations
+
+from typing import Any
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def canonical_dtype(dtype: Any, *, strict: bool = True) -> str:
+    """Map a dtype given as a string, a NumPy dtype or a torch dtype to its canonical name.
+
+    With ``strict`` an unsupported dtype raises ``ValueError``; without, its own name is
+    returned (for use in error messages about inputs).
+    """
+    text = str(dtype)
+    for prefix in ("torch.", "<class 'numpy.", "dtype('"):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    text = text.rstrip("')>")
+    aliases = {"float": "float32", "double": "float64", "half": "float16", "bf16": "bfloat16",
+               "fp32": "float32", "fp16": "float16", "fp64": "float64"}
+    text = aliases.get(text, text)
+    if text in FLOAT_DTYPES or not strict:
+        return text
+    raise ValueError(f"dtype: expected one of {FLOAT_DTYPES}, got {dtype!r}")

@@ -1,0 +1,124 @@
+"""The contract between the layer code and a backend (DESIGN §4).
+
+A backend implements the fused recurrence of **one layer and one direction**, forward and
+backward. The layer code has already applied the input weight to all time steps as one GEMM:
+
+    xw[t] = W_ih x_t + b_ih          (T, B, gates*H), in torch.nn's gate order
+
+and hands the backend ``xw``, the recurrent parameters of that layer and direction (base names
+without the ``_l{k}`` suffix, see :mod:`rnn_gpu.cells`), the initial state and the lengths.
+
+Equations per cell (DESIGN §2), with ``hh = W_hh h_{t-1} + b_hh``:
+
+* ``rnn``:      ``h_t = act(xw_t + hh)``, ``act = problem.activations[0]`` (tanh or relu)
+* ``lstm``:     ``i,f,g,o = split(xw_t + hh)``; ``c_t = σ(f) c_{t-1} + σ(i) tanh(g)``;
+                ``h_t = σ(o) tanh(c_t)`` (then ``h_t = W_hr h_t`` when ``weight_hr`` is given)
+* ``gru``:      ``r,z = σ(xw_r + hh_r), σ(xw_z + hh_z)``; ``n = tanh(xw_n + r * hh_n)``;
+                ``h_t = (1 - z) n + z h_{t-1}``
+* ``twostage``: ``a_t = f(xw_t + W_aa h_{t-1})``; ``h_t = g(W_ha a_t + W_hh h_{t-1} + b_h)``
+
+``lengths`` (host int64 array of B, or None) has packed-sequence semantics: at steps
+``t >= lengths[b]`` row b keeps its state and outputs zero. A reverse direction walks t from
+T-1 down to 0, so each row starts at its own end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything a backend needs to decide whether it can serve a call."""
+
+    cell: str                       # "rnn" | "lstm" | "gru" | "twostage"
+    activations: tuple[str, ...]    # rnn: (nonlinearity,); twostage: (f, g); else ()
+    dtype: str                      # "float32", "float64", "float16", "bfloat16"
+    device: str                     # "cpu" or "cuda:N"
+    input_kind: str                 # the caller's array kind: "numpy", "torch", "cupy"
+    seq_len: int
+    batch: int
+    input_size: int
+    hidden_size: int
+    proj_size: int = 0
+    num_layers: int = 1
+    bidirectional: bool = False
+    bias: bool = True
+    training: bool = False          # True when a backward pass will follow
+    has_lengths: bool = False
+
+    @property
+    def output_size(self) -> int:
+        return self.proj_size or self.hidden_size
+
+    def describe(self) -> str:
+        act = f"({','.join(self.activations)})" if self.activations else ""
+        return (f"{self.cell}{act} T={self.seq_len} B={self.batch} I={self.input_size} "
+                f"H={self.hidden_size}{f' P={self.proj_size}' if self.proj_size else ''} "
+                f"{self.dtype} on {self.device}{' training' if self.training else ''}"
+                f"{' with lengths' if self.has_lengths else ''}")
+
+
+@dataclass
+class Tape:
+    """What a backend's forward keeps for its backward. ``data`` is the backend's own business."""
+
+    backend: str
+    problem: Problem
+    reverse: bool
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend:
+    """Base class for backends. Subclass it (or duck-type it) and register the class.
+
+    Class attributes:
+      ``name``       unique registry name
+      ``priority``   auto selection takes the highest-priority backend that serves a problem
+      ``array_kind`` the array kind ``forward``/``backward`` take and return
+    """
+
+    name: str = "unnamed"
+    priority: int = 0
+    array_kind: str = "numpy"
+
+    def unavailable_reason(self) -> str | None:
+        """None when usable on this machine, else why not ("cupy is not installed")."""
+        return None
+
+    def not_supported_reasons(self, problem: Problem) -> list[str]:
+        """Why this backend declines ``problem``; empty when it can serve it."""
+        return []
+
+    def forward(
+        self,
+        problem: Problem,
+        xw: Any,
+        weights: dict[str, Any],
+        state: tuple[Any, ...],
+        lengths: np.ndarray | None,
+        *,
+        reverse: bool,
+        keep_tape: bool,
+    ) -> tuple[Any, tuple[Any, ...], Tape | None]:
+        """Run one layer and direction.
+
+        ``state`` is ``(h0,)`` or, for LSTM, ``(h0, c0)``; each (B, H_out) / (B, H).
+        Returns ``(y, final_state, tape)``: y is (T, B, H_out) with zeros at padded steps,
+        ``final_state`` has the structure of ``state``, tape is None unless ``keep_tape``.
+        """
+        raise NotImplementedError
+
+    def backward(
+        self, tape: Tape, dy: Any, dstate: tuple[Any, ...]
+    ) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+        """Reverse of :meth:`forward`: ``dy`` (T, B, H_out), ``dstate`` like the final state.
+
+        Returns ``(dxw, dstate0, dweights)``: dxw (T, B, gates*H) is the gradient of ``xw``
+        (the layer turns it into dx, dW_ih and db_ih); dweights has one entry per recurrent
+        parameter that ``forward`` received.
+        """
+        raise NotImplementedError

@@ -1,0 +1,596 @@
+"""Recurrent layers: RNN, LSTM, GRU and the seed's TwoStageRNN (DESIGN §2, §3).
+
+The layer code owns what is common to every backend: argument checking, the hoisted input GEMM
+(``W_ih x + b_ih`` for all time steps at once), stacking layers and directions, dropout between
+layers, lengths, layouts (batch_first, unbatched) and array kinds. The backend does one layer
+and direction of the recurrence (see :mod:`rnn_gpu.backend_api`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import _checks, registry
+from ._arrays import Ops, device_of, dtype_name, kind_of, parse_device, to_kind, to_numpy
+from ._dtypes import canonical_dtype
+from .backend_api import Problem, Tape
+from .cells import (
+    ACTIVATIONS,
+    GRU_SPEC,
+    LSTM_SPEC,
+    RNN_NONLINEARITIES,
+    RNN_SPEC,
+    TWOSTAGE_SPEC,
+    CellSpec,
+    parameter_name,
+    parameter_shapes,
+)
+
+
+@dataclass
+class LayerTape:
+    """What :meth:`RecurrentLayer.forward` keeps for :meth:`RecurrentLayer.backward`."""
+
+    problem: Problem
+    backend: Any
+    layout: dict[str, Any]
+    inputs: list[Any] = field(default_factory=list)          # each layer's input (T, B, ·)
+    dropout_masks: list[Any] = field(default_factory=list)   # per layer, None where unused
+    tapes: list[list[Tape]] = field(default_factory=list)    # [layer][direction]
+    input_weights: list[list[Any]] = field(default_factory=list)
+    used: bool = False
+
+
+class RecurrentLayer:
+    """Shared machinery; use :class:`RNN`, :class:`LSTM`, :class:`GRU`, :class:`TwoStageRNN`."""
+
+    _spec: CellSpec
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, *,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, proj_size: int = 0, dtype: Any = "float32",
+                 seed: int | None = None):
+        self.input_size = _checks.positive_int("input_size", input_size)
+        self.hidden_size = _checks.positive_int("hidden_size", hidden_size)
+        self.num_layers = _checks.positive_int("num_layers", num_layers)
+        self.proj_size = _checks.positive_int("proj_size", proj_size, minimum=0)
+        if self.proj_size and self._spec.kind != "lstm":
+            raise ValueError(f"proj_size: only LSTM supports a projection, got proj_size="
+                             f"{proj_size} for {type(self).__name__}")
+        if self.proj_size >= self.hidden_size:
+            raise ValueError(f"proj_size: expected less than hidden_size={hidden_size}, got "
+                             f"{proj_size}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
+                0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout: expected a float in [0, 1), got {dropout!r}")
+        for name, flag in (("bias", bias), ("batch_first", batch_first),
+                           ("bidirectional", bidirectional)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{name}: expected a bool, got {flag!r}")
+        self.bias = bool(bias)
+        self.batch_first = bool(batch_first)
+        self.dropout = float(dropout)
+        self.bidirectional = bool(bidirectional)
+        self.dtype = canonical_dtype(dtype)
+        self.seed = seed
+        self.device = "cpu"
+        self.training = True
+        self.readout = None
+        self._rng = np.random.default_rng(seed)
+        self._params: dict[str, Any] = {}
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def output_size(self) -> int:
+        """Size of h (and of each direction's slice of y): proj_size or hidden_size."""
+        return self.proj_size or self.hidden_size
+
+    def _cell_options(self) -> dict[str, Any]:
+        return {}
+
+    def _activations(self) -> tuple[str, ...]:
+        return ()
+
+    def config(self) -> dict[str, Any]:
+        """Everything needed to rebuild the layer (saved in weight files' metadata)."""
+        return {"cell": type(self).__name__, "input_size": self.input_size,
+                "hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                "bias": self.bias, "batch_first": self.batch_first, "dropout": self.dropout,
+                "bidirectional": self.bidirectional, "proj_size": self.proj_size,
+                "dtype": self.dtype, **self._cell_options()}
+
+    def __repr__(self) -> str:
+        cfg = self.config()
+        defaults = dict(num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                        bidirectional=False, proj_size=0, dtype="float32", nonlinearity="tanh",
+                        f="tanh", g="tanh")
+        extra = "".join(f", {k}={v!r}" for k, v in cfg.items() if k in defaults
+                        and v != defaults[k])
+        return f"{cfg['cell']}({self.input_size}, {self.hidden_size}{extra})"
+
+    # ------------------------------------------------------------------ parameters
+
+    def _layer_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
+        in_size = self.input_size if layer == 0 else self.output_size * self.num_directions
+        return parameter_shapes(self._spec, in_size, self.hidden_size, self.proj_size, self.bias)
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape, in torch.nn's order."""
+        shapes = {}
+        for layer in range(self.num_layers):
+            for reverse in (False, True)[: self.num_directions]:
+                for base, shape in self._layer_shapes(layer).items():
+                    shapes[parameter_name(base, layer, reverse)] = shape
+        return shapes
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        host_dtype = "float32" if self.dtype == "bfloat16" else self.dtype
+        params = {name: self._rng.uniform(-bound, bound, size=shape).astype(host_dtype)
+                  for name, shape in self.parameter_shapes().items()}
+        self._params = self._place(params, self.device)
+
+    def _place(self, params: dict[str, np.ndarray], device: str) -> dict[str, Any]:
+        """Host arrays -> this layer's storage (NumPy on the CPU, torch or CuPy on CUDA)."""
+        kind = _storage_kind(device, self.dtype)
+        if kind == "numpy":
+            return {k: np.ascontiguousarray(v, dtype=self.dtype) for k, v in params.items()}
+        if kind == "torch":
+            import torch
+
+            dt = getattr(torch, self.dtype)
+            return {k: torch.as_tensor(np.asarray(v)).to(device=device, dtype=dt)
+                    for k, v in params.items()}
+        return {k: to_kind(np.ascontiguousarray(v, dtype=self.dtype), "cupy", device)
+                for k, v in params.items()}
+
+    def parameters(self) -> dict[str, Any]:
+        """Name -> the parameter array itself (update it in place to train)."""
+        return dict(self._params)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Name -> a NumPy copy (bfloat16 parameters are returned as float32, exactly)."""
+        out = {}
+        for k, v in self._params.items():
+            if kind_of(v) == "torch" and self.dtype == "bfloat16":
+                v = v.float()
+            out[k] = np.array(to_numpy(v), copy=True)
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load NumPy arrays or torch tensors; names and shapes must match exactly."""
+        if not hasattr(state_dict, "keys"):
+            raise TypeError(f"state_dict: expected a mapping of name -> array, got "
+                            f"{type(state_dict).__name__}")
+        expected = self.parameter_shapes()
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        if missing or unexpected:
+            raise KeyError(f"state_dict does not match {self!r}: missing keys {missing}, "
+                           f"unexpected keys {unexpected}")
+        host = {}
+        for name, shape in expected.items():
+            value = state_dict[name]
+            if kind_of(value) is None:
+                raise TypeError(f"state_dict[{name!r}]: expected an array or tensor, got "
+                                f"{type(value).__name__}")
+            if kind_of(value) == "torch" and dtype_name(value) == "bfloat16":
+                value = value.float()
+            arr = to_numpy(value)
+            if tuple(arr.shape) != shape:
+                raise ValueError(f"state_dict[{name!r}]: expected shape {shape}, got "
+                                 f"{tuple(arr.shape)}")
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise TypeError(f"state_dict[{name!r}]: expected a floating dtype, got "
+                                f"{arr.dtype}")
+            host[name] = arr
+        self._params = self._place(host, self.device)
+
+    def to(self, device: Any) -> RecurrentLayer:
+        """Move the weights to ``device`` ("cpu", "cuda", "cuda:N"); returns self."""
+        device = parse_device(device)
+        if device != self.device:
+            self._params = self._place(self.state_dict(), device)
+            self.device = device
+        return self
+
+    def train(self, mode: bool = True) -> RecurrentLayer:
+        """Dropout between layers applies in :meth:`forward` while training (the default)."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> RecurrentLayer:
+        return self.train(False)
+
+    # ------------------------------------------------------------------ running
+
+    def __call__(self, x, state=None, *, lengths=None, backend: str | None = None):
+        """Inference: ``y, state``. No tape is kept and no dropout applied."""
+        y, final, _ = self._run(x, state, lengths, backend, keep_tape=False)
+        return y, final
+
+    def forward(self, x, state=None, *, lengths=None, backend: str | None = None):
+        """Training forward: ``y, state, tape``; pass the tape to :meth:`backward`."""
+        return self._run(x, state, lengths, backend, keep_tape=True)
+
+    def _run(self, x, state, lengths, backend_name, *, keep_tape: bool):
+        in_kind = _checks.array("x", x)
+        layout = self._check_input(x, in_kind)
+        T, B = layout["T"], layout["B"]
+        xt = _to_time_major(x, layout)
+        lengths_np = _check_lengths(lengths, T, B, layout["unbatched"])
+        problem = Problem(
+            cell=self._spec.kind, activations=self._activations(), dtype=self.dtype,
+            device=layout["device"], input_kind=in_kind, seq_len=T, batch=B,
+            input_size=self.input_size, hidden_size=self.hidden_size,
+            proj_size=self.proj_size, num_layers=self.num_layers,
+            bidirectional=self.bidirectional, bias=self.bias, training=keep_tape,
+            has_lengths=lengths_np is not None)
+        backend = registry.select(problem, backend_name)
+        kind, device = backend.array_kind, layout["device"]
+        ops = Ops(kind)
+        states = self._check_state(state, layout, in_kind)          # per layer*dir tuples
+        states = [tuple(to_kind(s, kind, device) for s in st) for st in states]
+        params = {k: to_kind(v, kind, device) for k, v in self._params.items()}
+        inp = to_kind(xt, kind, device)
+        tape = LayerTape(problem, backend, layout) if keep_tape else None
+        D, P = self.num_directions, self.output_size
+        finals: list[tuple[Any, ...]] = []
+        empty = T == 0 or B == 0
+        for layer in range(self.num_layers):
+            mask = None
+            if keep_tape and self.training and self.dropout > 0 and layer > 0 and not empty:
+                keep = (self._rng.random(inp.shape) >= self.dropout).astype(self.dtype)
+                mask = to_kind(keep / (1.0 - self.dropout), kind, device)
+                inp = inp * mask
+            outs, tapes, w_ihs = [], [], []
+            for d in range(D):
+                reverse = d == 1
+                init = states[layer * D + d]
+                if empty:
+                    outs.append(ops.zeros((T, B, P), self.dtype, device))
+                    finals.append(init)
+                    continue
+                w_ih, xw = self._input_projection(params, inp, layer, reverse)
+                weights = self._recurrent_weights(params, layer, reverse)
+                y, final, btape = backend.forward(problem, xw, weights, init, lengths_np,
+                                                  reverse=reverse, keep_tape=keep_tape)
+                outs.append(y)
+                finals.append(tuple(final))
+                tapes.append(btape)
+                w_ihs.append(w_ih)
+            if tape is not None:
+                tape.inputs.append(inp)
+                tape.dropout_masks.append(mask)
+                tape.tapes.append(tapes)
+                tape.input_weights.append(w_ihs)
+            inp = outs[0] if D == 1 else ops.concat(outs, axis=2)
+        y = _from_time_major(inp, layout)
+        y = to_kind(y, in_kind, device)
+        final_state = self._pack_state(finals, layout, in_kind, ops)
+        return y, final_state, tape
+
+    def _input_projection(self, params, inp, layer: int, reverse: bool):
+        """``W_ih x + b_ih`` for all T*B rows as one GEMM -> (T, B, gates*H)."""
+        spec = self._spec
+        w_ih = params[parameter_name(spec.input_weight, layer, reverse)]
+        T, B, n_in = inp.shape
+        xw = inp.reshape(T * B, n_in) @ w_ih.T
+        if self.bias:
+            xw += params[parameter_name(spec.input_bias, layer, reverse)]
+        return w_ih, xw.reshape(T, B, w_ih.shape[0])
+
+    def _recurrent_weights(self, params, layer: int, reverse: bool) -> dict[str, Any]:
+        spec = self._spec
+        names = list(spec.recurrent_weights) + (list(spec.recurrent_biases) if self.bias else [])
+        if self.proj_size:
+            names.append("weight_hr")
+        return {base: params[parameter_name(base, layer, reverse)] for base in names}
+
+    # ------------------------------------------------------------------ backward
+
+    def backward(self, tape: LayerTape, dy, dstate=None):
+        """BPTT through the whole stack: ``dx, dstate0, grads``.
+
+        ``dy`` has y's shape, kind and device; ``dstate`` has the final state's structure (or
+        None for zero). ``dx``/``dstate0`` come back in the input's kind; ``grads`` maps every
+        parameter name to its gradient, in the same kind as :meth:`parameters`.
+        """
+        if not isinstance(tape, LayerTape):
+            raise TypeError(f"tape: expected the tape returned by {type(self).__name__}.forward,"
+                            f" got {type(tape).__name__}")
+        if tape.used:
+            raise RuntimeError("tape: this tape was already used by backward(); run forward() "
+                               "again (backward consumes the saved activations)")
+        layout, problem = tape.layout, tape.problem
+        kind, device = tape.backend.array_kind, layout["device"]
+        ops = Ops(kind)
+        T, B = layout["T"], layout["B"]
+        D, P, H = self.num_directions, self.output_size, self.hidden_size
+        y_shape = _layout_shape(layout, T, B, D * P)
+        _checks.same_place("dy", dy, kind=layout["kind"], device=device, dtype=self.dtype,
+                           shape=y_shape)
+        dfinal = self._check_state(dstate, layout, layout["kind"], name="dstate")
+        dfinal = [tuple(to_kind(s, kind, device) for s in st) for st in dfinal]
+        grad = to_kind(_to_time_major(dy, layout), kind, device)
+        grads: dict[str, Any] = {}
+        dstate0: list[tuple[Any, ...]] = [()] * (self.num_layers * D)
+        empty = T == 0 or B == 0
+        for layer in reversed(range(self.num_layers)):
+            inp = tape.inputs[layer]
+            d_inp = None
+            for d in range(D):
+                reverse = d == 1
+                index = layer * D + d
+                if empty:
+                    dstate0[index] = dfinal[index]
+                    continue
+                dy_d = ops.contiguous(grad[:, :, d * P:(d + 1) * P])
+                dxw, d0, dw = tape.backend.backward(tape.tapes[layer][d], dy_d, dfinal[index])
+                dstate0[index] = tuple(d0)
+                w_ih = tape.input_weights[layer][d]
+                dxw2 = dxw.reshape(T * B, -1)
+                n_in = inp.shape[2]
+                grads[parameter_name(self._spec.input_weight, layer, reverse)] = (
+                    dxw2.T @ inp.reshape(T * B, n_in))
+                if self.bias:
+                    grads[parameter_name(self._spec.input_bias, layer, reverse)] = ops.sum_leading(
+                        dxw2)
+                for base, g in dw.items():
+                    grads[parameter_name(base, layer, reverse)] = g
+                contrib = (dxw2 @ w_ih).reshape(T, B, n_in)
+                d_inp = contrib if d_inp is None else d_inp + contrib
+            if empty:
+                d_inp = ops.zeros(inp.shape, self.dtype, device)
+            if tape.dropout_masks[layer] is not None:
+                d_inp = d_inp * tape.dropout_masks[layer]
+            grad = d_inp
+        tape.used = True
+        tape.tapes.clear()
+        dx = to_kind(_from_time_major(grad, layout), layout["kind"], device)
+        storage = {k: v for k, v in self._params.items()}
+        out_grads = {}
+        for name, shape in self.parameter_shapes().items():
+            g = grads.get(name)
+            if g is None:                       # empty batch or sequence: no gradient flows
+                g = ops.zeros(shape, self.dtype, device)
+            out_grads[name] = _like(g, storage[name])
+        return dx, self._pack_state(dstate0, layout, layout["kind"], ops), out_grads
+
+    # ------------------------------------------------------------------ input checking
+
+    def _check_input(self, x, kind: str) -> dict[str, Any]:
+        dtype = dtype_name(x)
+        if dtype != self.dtype:
+            hint = ("cast it (x.astype / x.to)" if dtype in ("float16", "bfloat16", "float32",
+                                                             "float64")
+                    else "use a floating-point array")
+            raise TypeError(f"x: expected dtype {self.dtype} (the model's dtype), got {dtype}; "
+                            f"{hint}, or build the model with dtype={dtype!r}")
+        device = device_of(x)
+        if device != self.device:
+            raise ValueError(f"x: the input is on {device} but {type(self).__name__}'s weights "
+                             f"are on {self.device}; call model.to({device!r}) or move x")
+        shape = tuple(x.shape)
+        if len(shape) not in (2, 3):
+            expected = "(B, T, input_size)" if self.batch_first else "(T, B, input_size)"
+            raise ValueError(f"x: expected a 3-D array {expected} or a 2-D unbatched array "
+                             f"(T, input_size), got shape {shape}")
+        if shape[-1] != self.input_size:
+            raise ValueError(f"x: expected last dimension input_size={self.input_size}, got "
+                             f"shape {shape}")
+        unbatched = len(shape) == 2
+        if unbatched:
+            T, B = shape[0], 1
+        elif self.batch_first:
+            B, T = shape[0], shape[1]
+        else:
+            T, B = shape[0], shape[1]
+        return {"T": T, "B": B, "unbatched": unbatched, "batch_first": self.batch_first,
+                "device": device, "kind": kind}
+
+    def _state_shapes(self, B: int, unbatched: bool) -> list[tuple[int, ...]]:
+        n = self.num_layers * self.num_directions
+        shapes = [(n, B, self.output_size)]
+        if self._spec.kind == "lstm":
+            shapes.append((n, B, self.hidden_size))
+        return [s[:1] + s[2:] if unbatched else s for s in shapes]
+
+    def _check_state(self, state, layout, kind: str, name: str = "state"):
+        """User state -> list over layer*direction of tuples of (B, ·) arrays (zeros if None)."""
+        B, unbatched, device = layout["B"], layout["unbatched"], layout["device"]
+        shapes = self._state_shapes(B, unbatched)
+        lstm = self._spec.kind == "lstm"
+        if state is None:
+            parts = [None] * len(shapes)
+        elif lstm:
+            if not isinstance(state, (tuple, list)) or len(state) != 2:
+                raise TypeError(f"{name}: LSTM expects a tuple (h, c), got "
+                                f"{type(state).__name__}")
+            parts = list(state)
+        else:
+            if isinstance(state, (tuple, list)):
+                if len(state) != 1:
+                    raise TypeError(f"{name}: {type(self).__name__} expects one array h, got a "
+                                    f"{type(state).__name__} of {len(state)}")
+                state = state[0]
+            parts = [state]
+        ops = Ops(kind)
+        full = []
+        for i, (part, shape) in enumerate(zip(parts, shapes)):
+            label = name if not lstm else f"{name}[{i}] ({'h' if i == 0 else 'c'})"
+            if part is None:
+                part = ops.zeros(shape, self.dtype, device)
+            else:
+                _checks.same_place(label, part, kind=kind, device=device, dtype=self.dtype,
+                                   shape=shape)
+            if unbatched:
+                part = part[:, None, :]
+            full.append(part)
+        n = self.num_layers * self.num_directions
+        return [tuple(p[i] for p in full) for i in range(n)]
+
+    def _pack_state(self, finals, layout, kind: str, ops: Ops):
+        device = layout["device"]
+        parts = []
+        for j in range(len(finals[0])):
+            stacked = ops.stack([f[j] for f in finals], axis=0)
+            if layout["unbatched"]:
+                stacked = stacked[:, 0, :]
+            parts.append(to_kind(stacked, kind, device))
+        return tuple(parts) if self._spec.kind == "lstm" else parts[0]
+
+
+# ---------------------------------------------------------------------- helpers
+
+def _storage_kind(device: str, dtype: str) -> str:
+    if device == "cpu":
+        if dtype == "bfloat16":
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                raise RuntimeError("dtype='bfloat16' needs torch to hold the weights (NumPy "
+                                   "has no bfloat16); pip install 'rnn-gpu[torch]'") from None
+            return "torch"
+        return "numpy"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "torch"
+    except ImportError:
+        pass
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return "cupy"
+    except Exception:
+        pass
+    raise RuntimeError(f"to({device!r}): no CUDA device is available here (neither torch nor "
+                       "cupy sees one)")
+
+
+def _like(value, reference):
+    """``value`` in the array kind, device and dtype of ``reference``."""
+    out = to_kind(value, kind_of(reference), device_of(reference))
+    if dtype_name(out) == dtype_name(reference):
+        return out
+    return out.to(reference.dtype) if kind_of(out) == "torch" else out.astype(reference.dtype)
+
+
+def _swap01(x):
+    return x.swapaxes(0, 1) if kind_of(x) != "torch" else x.transpose(0, 1)
+
+
+def _to_time_major(x, layout):
+    if layout["unbatched"]:
+        return x[:, None, :]
+    return _swap01(x) if layout["batch_first"] else x
+
+
+def _from_time_major(y, layout):
+    if layout["unbatched"]:
+        return y[:, 0, :]
+    return _swap01(y) if layout["batch_first"] else y
+
+
+def _layout_shape(layout, T: int, B: int, n: int) -> tuple[int, ...]:
+    if layout["unbatched"]:
+        return (T, n)
+    return (B, T, n) if layout["batch_first"] else (T, B, n)
+
+
+def _check_lengths(lengths, T: int, B: int, unbatched: bool) -> np.ndarray | None:
+    """-> host int64 array of B, each in [0, T], or None."""
+    if lengths is None:
+        return None
+    if kind_of(lengths) is None:
+        if isinstance(lengths, (int, np.integer)) and unbatched:
+            lengths = [lengths]
+        try:
+            arr = np.asarray(lengths)
+        except Exception:
+            raise TypeError(f"lengths: expected a 1-D array of B={B} ints, got "
+                            f"{type(lengths).__name__}") from None
+    else:
+        arr = to_numpy(lengths)
+    if arr.ndim == 0 and unbatched:
+        arr = arr.reshape(1)
+    if arr.shape != (B,):
+        raise ValueError(f"lengths: expected shape ({B},) (one length per sequence), got "
+                         f"{tuple(arr.shape)}")
+    if arr.dtype.kind not in "iu":
+        if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise TypeError(f"lengths: expected integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if B and (arr.min() < 0 or arr.max() > T):
+        bad = arr[(arr < 0) | (arr > T)]
+        raise ValueError(f"lengths: expected every length in [0, T={T}], got {bad[:5].tolist()}")
+    return arr
+
+
+# ---------------------------------------------------------------------- the public layers
+
+class LSTM(RecurrentLayer):
+    """LSTM, gates (i, f, g, o) as torch.nn.LSTM; ``proj_size`` supported."""
+
+    _spec = LSTM_SPEC
+
+
+class GRU(RecurrentLayer):
+    """GRU with the reset gate applied after the recurrent product (as cuDNN and torch)."""
+
+    _spec = GRU_SPEC
+
+
+class RNN(RecurrentLayer):
+    """Elman RNN: ``h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)``, act tanh or relu."""
+
+    _spec = RNN_SPEC
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *, nonlinearity: str = "tanh",
+                 **kwargs):
+        self.nonlinearity = _checks.choice("nonlinearity", nonlinearity, RNN_NONLINEARITIES)
+        super().__init__(input_size, hidden_size, num_layers, **kwargs)
+
+    def _cell_options(self):
+        return {"nonlinearity": self.nonlinearity}
+
+    def _activations(self):
+        return (self.nonlinearity,)
+
+
+class TwoStageRNN(RecurrentLayer):
+    """The seed's cell: ``a_t = f(W_ia x_t + W_aa h_{t-1} + b_a)``,
+    ``h_t = g(W_ha a_t + W_hh h_{t-1} + b_h)``; f, g in {tanh, sigmoid, relu}."""
+
+    _spec = TWOSTAGE_SPEC
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *, f: str = "tanh",
+                 g: str = "tanh", **kwargs):
+        self.f = _checks.choice("f", f, ACTIVATIONS)
+        self.g = _checks.choice("g", g, ACTIVATIONS)
+        super().__init__(input_size, hidden_size, num_layers, **kwargs)
+
+    def _cell_options(self):
+        return {"f": self.f, "g": self.g}
+
+    def _activations(self):
+        return (self.f, self.g)
+
+
+LAYERS = {cls.__name__: cls for cls in (LSTM, GRU, RNN, TwoStageRNN)}

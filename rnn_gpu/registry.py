@@ -1,0 +1,185 @@
+"""Backend registry and selection (DESIGN §4).
+
+Backends arrive through the entry-point group ``rnn_gpu.backends`` (the built-in ones too) or
+through :func:`register`. Entry points are loaded lazily, once, on the first question asked of
+the registry; a plugin that fails to load gives a warning naming it and is left out.
+
+Selection, first that applies: the call's ``backend=``, then :func:`use_backend`, then the
+``RNN_GPU_BACKEND`` environment variable, then auto (highest priority that is available and
+serves the problem). An explicit choice that cannot serve the call raises; it never falls back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from importlib.metadata import entry_points
+from typing import Any
+
+from .backend_api import Backend, Problem
+
+ENTRY_POINT_GROUP = "rnn_gpu.backends"
+ENV_VAR = "RNN_GPU_BACKEND"
+
+
+class BackendError(RuntimeError):
+    """No backend can serve a call, or the chosen one cannot."""
+
+
+_backends: dict[str, Backend] = {}
+_plugins_loaded = False
+_lock = threading.RLock()
+_context_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "rnn_gpu_backend", default=None
+)
+
+
+def _instantiate(factory: Callable[[], Any], origin: str) -> Backend:
+    backend = factory()
+    name = getattr(backend, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{origin} returned {backend!r}, which has no string attribute 'name'")
+    for method in ("forward", "backward", "not_supported_reasons", "unavailable_reason"):
+        if not callable(getattr(backend, method, None)):
+            raise TypeError(f"{origin} returned backend {name!r} without a {method}() method")
+    return backend
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    with _lock:
+        if _plugins_loaded:
+            return
+        _plugins_loaded = True
+        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            origin = f"backend plugin {ep.name!r} ({ep.value})"
+            try:
+                backend = _instantiate(ep.load(), origin)
+            except Exception as exc:  # a broken plugin must never break the library
+                warnings.warn(f"rnn_gpu: {origin} failed to load: {type(exc).__name__}: {exc}",
+                              RuntimeWarning, stacklevel=3)
+                continue
+            if backend.name in _backends:
+                warnings.warn(f"rnn_gpu: {origin} is named {backend.name!r}, which is already "
+                              "registered; ignoring it", RuntimeWarning, stacklevel=3)
+                continue
+            _backends[backend.name] = backend
+
+
+def register(factory: Callable[[], Any], *, override: bool = False) -> Backend:
+    """Register a backend. ``factory`` is a zero-argument callable (a backend class is one).
+
+    Returns the instance. Registering a name twice raises unless ``override=True``.
+    """
+    if not callable(factory):
+        raise TypeError(f"factory: expected a zero-argument callable, got {factory!r}")
+    _load_plugins()
+    backend = _instantiate(factory, f"factory {factory!r}")
+    with _lock:
+        if backend.name in _backends and not override:
+            raise ValueError(f"a backend named {backend.name!r} is already registered; "
+                             "pass override=True to replace it")
+        _backends[backend.name] = backend
+    return backend
+
+
+def unregister(name: str) -> None:
+    """Remove a backend (mainly for tests and for plugins replacing themselves)."""
+    _load_plugins()
+    with _lock:
+        _backends.pop(name, None)
+
+
+def names() -> list[str]:
+    """Registered backend names, sorted."""
+    _load_plugins()
+    return sorted(_backends)
+
+
+def get(name: str) -> Backend:
+    """The registered backend called ``name``."""
+    _load_plugins()
+    try:
+        return _backends[name]
+    except KeyError:
+        raise ValueError(f"backend: unknown name {name!r}; registered backends are "
+                         f"{names()}") from None
+
+
+def report() -> list[dict[str, Any]]:
+    """One row per backend: name, available, reason, priority (highest priority first)."""
+    rows = []
+    for name in names():
+        backend = _backends[name]
+        try:
+            reason = backend.unavailable_reason()
+        except Exception as exc:
+            reason = f"availability check failed: {type(exc).__name__}: {exc}"
+        rows.append({"name": name, "available": reason is None, "reason": reason or "",
+                     "priority": getattr(backend, "priority", 0)})
+    return sorted(rows, key=lambda r: (-r["priority"], r["name"]))
+
+
+def format_report(rows: list[dict[str, Any]] | None = None) -> str:
+    rows = report() if rows is None else rows
+    header = ("backend", "available", "priority", "reason")
+    table = [header] + [(r["name"], "yes" if r["available"] else "no", str(r["priority"]),
+                         r["reason"]) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3]
+             for row in table]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[Backend]:
+    """Within the block, calls without ``backend=`` use ``name``."""
+    backend = get(name)
+    token = _context_choice.set(name)
+    try:
+        yield backend
+    finally:
+        _context_choice.reset(token)
+
+
+def _reasons(backend: Backend, problem: Problem) -> list[str]:
+    reason = backend.unavailable_reason()
+    if reason:
+        return [reason]
+    return list(backend.not_supported_reasons(problem))
+
+
+def select(problem: Problem, explicit: str | None = None) -> Backend:
+    """Pick the backend for ``problem`` (see the module docstring for the order)."""
+    choice, source = explicit, "backend="
+    if choice is None:
+        choice, source = _context_choice.get(), "use_backend()"
+    if choice is None:
+        choice, source = os.environ.get(ENV_VAR) or None, f"the environment variable {ENV_VAR}"
+    if choice is not None:
+        if not isinstance(choice, str):
+            raise TypeError(f"backend: expected a backend name (str), got {choice!r}")
+        _load_plugins()
+        if choice not in _backends:
+            raise ValueError(f"backend {choice!r} (chosen by {source}) is not registered; "
+                             f"registered backends are {names()}")
+        backend = _backends[choice]
+        reasons = _reasons(backend, problem)
+        if reasons:
+            raise BackendError(f"backend {choice!r} (chosen by {source}) cannot serve "
+                               f"{problem.describe()}: {'; '.join(reasons)}")
+        return backend
+    declined = []
+    for row in report():
+        backend = _backends[row["name"]]
+        reasons = _reasons(backend, problem)
+        if not reasons:
+            return backend
+        declined.append(f"  {backend.name}: {'; '.join(reasons)}")
+    if not declined:
+        declined.append("  (no backends are registered)")
+    raise BackendError(f"no backend can serve {problem.describe()}:\n" + "\n".join(declined))

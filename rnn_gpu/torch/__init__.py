@@ -1,0 +1,1 @@
+"""torch.nn drop-ins (see rnn_gpu.torch.layers)."""

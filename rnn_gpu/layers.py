@@ -313,11 +313,11 @@ class RecurrentLayer:
         if tape.used:
             raise RuntimeError("tape: this tape was already used by backward(); run forward() "
                                "again (backward consumes the saved activations)")
-        layout, problem = tape.layout, tape.problem
+        layout = tape.layout
         kind, device = tape.backend.array_kind, layout["device"]
         ops = Ops(kind)
         T, B = layout["T"], layout["B"]
-        D, P, H = self.num_directions, self.output_size, self.hidden_size
+        D, P = self.num_directions, self.output_size
         y_shape = _layout_shape(layout, T, B, D * P)
         _checks.same_place("dy", dy, kind=layout["kind"], device=device, dtype=self.dtype,
                            shape=y_shape)

@@ -1,0 +1,148 @@
+"""Registry and dispatch (DESIGN §4): names, report, get, register, the selection order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import rnn_gpu as rg
+from rnn_gpu.backend_api import Problem
+from rnn_gpu.backends.numpy import NumpyBackend
+
+
+def _problem(**overrides) -> Problem:
+    base = dict(cell="lstm", activations=(), dtype="float32", device="cpu", input_kind="numpy",
+                seq_len=4, batch=2, input_size=3, hidden_size=5)
+    return Problem(**{**base, **overrides})
+
+
+def _backend(name: str, priority: int, *, unavailable: str | None = None,
+             declines: str | None = None):
+    """A recording backend that delegates the work to the numpy backend."""
+
+    class Recording(NumpyBackend):
+        calls = 0
+
+        def unavailable_reason(self):
+            return unavailable
+
+        def not_supported_reasons(self, problem):
+            return [declines] if declines else super().not_supported_reasons(problem)
+
+        def forward(self, *args, **kwargs):
+            type(self).calls += 1
+            return super().forward(*args, **kwargs)
+
+    Recording.name, Recording.priority = name, priority
+    return Recording
+
+
+@pytest.fixture
+def temporary():
+    added = []
+
+    def add(factory, **kwargs):
+        backend = rg.backends.register(factory, **kwargs)
+        added.append(backend.name)
+        return backend
+
+    yield add
+    for name in added:
+        rg.backends.unregister(name)
+
+
+@pytest.fixture
+def x():
+    return np.random.default_rng().standard_normal((4, 2, 3)).astype("float32")
+
+
+def test_builtin_numpy_backend_comes_from_the_entry_point():
+    assert "numpy" in rg.backends.names()
+    row = next(r for r in rg.backends.report() if r["name"] == "numpy")
+    assert row == {"name": "numpy", "available": True, "reason": "", "priority": 0}
+    assert isinstance(rg.backends.get("numpy"), NumpyBackend)
+
+
+def test_register_rejects_duplicates_unless_override(temporary):
+    temporary(_backend("tmp_dup", 1))
+    with pytest.raises(ValueError, match="'tmp_dup' is already registered.*override=True"):
+        rg.backends.register(_backend("tmp_dup", 2))
+    replaced = temporary(_backend("tmp_dup", 3), override=True)
+    assert rg.backends.get("tmp_dup") is replaced and replaced.priority == 3
+
+
+@pytest.mark.parametrize("factory, message", [
+    (42, "factory: expected a zero-argument callable"),
+    (lambda: object(), "has no string attribute 'name'"),
+])
+def test_register_rejects_things_that_are_not_backends(factory, message):
+    with pytest.raises(TypeError, match=message):
+        rg.backends.register(factory)
+
+
+def test_get_unknown_name_lists_the_registered_ones():
+    with pytest.raises(ValueError, match=r"unknown name 'nope'.*'numpy'"):
+        rg.backends.get("nope")
+
+
+def test_auto_takes_the_highest_priority_backend_that_serves(temporary, x):
+    high = temporary(_backend("tmp_high", 50, declines="tmp_high declines everything"))
+    mid = temporary(_backend("tmp_mid", 20))
+    low = temporary(_backend("tmp_unavailable", 90, unavailable="no such device here"))
+    assert rg.backends.select(_problem()) is mid
+    rg.LSTM(3, 5)(x)
+    assert type(mid).calls == 1 and type(high).calls == 0 and type(low).calls == 0
+
+
+def test_selection_order_call_then_context_then_env_then_auto(temporary, x, monkeypatch):
+    a = temporary(_backend("tmp_a", -5))
+    b = temporary(_backend("tmp_b", -5))
+    c = temporary(_backend("tmp_c", -5))
+    m = rg.GRU(3, 5)
+    monkeypatch.setenv("RNN_GPU_BACKEND", "tmp_c")
+    m(x)
+    assert type(c).calls == 1
+    with rg.use_backend("tmp_b"):
+        m(x)
+        assert type(b).calls == 1
+        m(x, backend="tmp_a")
+        assert type(a).calls == 1
+    monkeypatch.delenv("RNN_GPU_BACKEND")
+    m(x)
+    assert (type(a).calls, type(b).calls, type(c).calls) == (1, 1, 1)  # auto: numpy
+
+
+def test_explicit_choice_never_falls_back(temporary, x):
+    temporary(_backend("tmp_gone", 100, unavailable="tmp_gone needs a device"))
+    with pytest.raises(rg.BackendError, match=r"'tmp_gone' \(chosen by backend=\).*needs a dev"):
+        rg.LSTM(3, 5)(x, backend="tmp_gone")
+    temporary(_backend("tmp_picky", 100, declines="tmp_picky wants float16"))
+    with pytest.raises(rg.BackendError, match=r"use_backend\(\).*tmp_picky wants float16"):
+        with rg.use_backend("tmp_picky"):
+            rg.LSTM(3, 5)(x)
+
+
+def test_environment_variable_with_unknown_name(monkeypatch, x):
+    monkeypatch.setenv("RNN_GPU_BACKEND", "no_such_backend")
+    with pytest.raises(ValueError, match="'no_such_backend' .*RNN_GPU_BACKEND.* not registered"):
+        rg.RNN(3, 5)(x)
+
+
+def test_use_backend_checks_the_name_on_entry():
+    with pytest.raises(ValueError, match="unknown name 'nope'"), rg.use_backend("nope"):
+        pass
+
+
+def test_nothing_fits_lists_every_backends_reason():
+    with pytest.raises(rg.BackendError) as err:
+        rg.backends.select(_problem(device="cuda:0", dtype="bfloat16"))
+    text = str(err.value)
+    assert text.startswith("no backend can serve lstm T=4 B=2 I=3 H=5 bfloat16 on cuda:0")
+    assert "numpy: the numpy backend runs on the CPU" in text
+    assert "computes in float32 and float64, not bfloat16" in text
+
+
+def test_format_report_is_a_table():
+    lines = rg.backends.format_report().splitlines()
+    assert lines[0].split() == ["backend", "available", "priority", "reason"]
+    assert any(line.split()[:3] == ["numpy", "yes", "0"] for line in lines[1:])

@@ -1,0 +1,168 @@
+"""The autograd bridge: one ``torch.autograd.Function`` around a core layer's forward/backward.
+
+As in flash-linear-attention's fused_recurrent ops, the whole recurrence is one node of the
+autograd graph: ``forward`` runs the fused op and keeps the op's own tape, ``backward`` hands
+that tape to the op's own backward. torch never records the per-step graph, so time and memory
+are the backend's, not autograd's.
+
+The core layer (:class:`rnn_gpu.layers.RecurrentLayer`) computes on whatever sits in its
+``_params`` dict. :func:`bind` makes a per-call view of the Module's core layer whose ``_params``
+are the Module's parameter tensors themselves (``detach()`` shares storage; on the CPU the core
+then sees them as NumPy arrays, zero-copy). A per-call view rather than the shared instance
+because the view then belongs to one graph: backward runs with exactly the parameters, dtype
+and device that forward saw, concurrent calls from several threads do not trample each other,
+and nothing keeps an old parameter alive after ``.to()`` / ``.double()`` replaces it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from torch.autograd.function import once_differentiable
+
+from .._arrays import device_of, to_kind
+from .._dtypes import canonical_dtype
+from ..layers import LSTM as _CoreLSTM
+from ..layers import RecurrentLayer
+
+
+def bind(core: RecurrentLayer, params: dict[str, torch.Tensor], **attrs: Any) -> RecurrentLayer:
+    """A shallow copy of ``core`` that computes with ``params`` (not copies of them).
+
+    ``attrs`` (training, dropout, batch_first, ...) are set on the copy; the core's dtype and
+    device follow the parameters, so ``module.double()`` or ``module.to(...)`` need no hook.
+    """
+    first_name, first = next(iter(params.items()))
+    for name, p in params.items():
+        if p.dtype != first.dtype or p.device != first.device:
+            raise TypeError(f"parameters: every parameter must share one dtype and device; "
+                            f"{first_name} is {first.dtype} on {first.device} but {name} is "
+                            f"{p.dtype} on {p.device}")
+    view = copy.copy(core)
+    view._params = {name: p.detach() for name, p in params.items()}
+    view.dtype = canonical_dtype(first.dtype)
+    view.device = device_of(first)
+    for key, value in attrs.items():
+        setattr(view, key, value)
+    return view
+
+
+def run(core: RecurrentLayer, params: dict[str, torch.Tensor], x: torch.Tensor, hx: Any, *,
+        lengths: torch.Tensor | None = None, backend: str | None = None, **attrs: Any):
+    """``core`` with ``params`` on torch tensors: ``(y, h_n)`` or, for LSTM, ``(y, (h_n, c_n))``.
+
+    ``params`` maps every parameter name (torch.nn's order) to its tensor; ``attrs`` are set on
+    the per-call view (see :func:`bind`). Three paths: autograd through
+    :class:`RecurrentFunction` when a gradient can flow; the core's tape-free inference call
+    otherwise; and the core's ``forward`` (with its dropout) when no gradient flows but dropout
+    must still apply.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input: expected a torch.Tensor or a PackedSequence, got "
+                        f"{type(x).__name__} (the NumPy/CuPy API is rnn_gpu.{type(core).__name__})")
+    core = bind(core, params, **attrs)
+    lstm = isinstance(core, _CoreLSTM)
+    h0, c0 = _split_state(hx, lstm)
+    dropout_active = core.training and core.dropout > 0 and core.num_layers > 1
+    # Dropout masks from torch's generator, so that torch.manual_seed reproduces them as it
+    # does for torch.nn (the core draws its masks from its own NumPy generator).
+    seed = int(torch.randint(0, 2**62, ()).item()) if dropout_active else None
+    leaves = [x, h0, c0, *params.values()]
+    need_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in leaves)
+    if need_grad:
+        # The parameters go in as the Module's tensors (not the detached views in core._params)
+        # so that autograd routes their gradients; the views share their storage.
+        outs = RecurrentFunction.apply(core, (lengths, backend, seed), x, h0, c0,
+                                       *params.values())
+        return (outs[0], (outs[1], outs[2])) if lstm else (outs[0], outs[1])
+    state = None if h0 is None else ((h0, c0) if lstm else h0)
+    if dropout_active:
+        _reseed(core, seed)
+        y, final, _ = core.forward(x, state, lengths=lengths, backend=backend)
+        return y, final
+    return core(x, state, lengths=lengths, backend=backend)
+
+
+def _reseed(core: RecurrentLayer, seed: int | None) -> None:
+    if seed is not None:
+        core._rng = np.random.default_rng(seed)
+
+
+def _split_state(hx: Any, lstm: bool):
+    if hx is None:
+        return None, None
+    if lstm:
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise TypeError(f"hx: LSTM expects a tuple (h_0, c_0), got {type(hx).__name__}")
+        if not all(isinstance(h, torch.Tensor) for h in hx):
+            raise TypeError("hx: LSTM expects a tuple of two tensors (h_0, c_0)")
+        return hx[0], hx[1]
+    if not isinstance(hx, torch.Tensor):
+        raise TypeError(f"hx: expected a tensor h_0, got {type(hx).__name__}")
+    return hx, None
+
+
+class RecurrentFunction(torch.autograd.Function):
+    """``(y, h_n[, c_n]) = core(x, (h_0[, c_0]))`` as one autograd node.
+
+    Inputs: ``core`` (a view from :func:`bind`), ``call = (lengths, backend, dropout seed)``,
+    then the tensors ``x, h_0, c_0`` (h_0/c_0 may be None) and every parameter in
+    ``core._params`` order.
+    """
+
+    @staticmethod
+    def forward(ctx, core, call, x, h0, c0, *params):
+        y, final, tape = _core_forward(core, call, x, h0, c0)
+        ctx.core, ctx.call, ctx.tape = core, call, tape
+        ctx.y_meta = (y.shape, y.dtype, y.device)
+        # The tape holds what backward needs (partly as views of these very tensors); saving
+        # them as well makes autograd's version counters catch an in-place change of x, hx or
+        # a parameter between forward and backward, and lets a second backward recompute.
+        ctx.save_for_backward(x, h0, c0, *params)
+        ctx.set_materialize_grads(False)
+        return (y, *final) if isinstance(core, _CoreLSTM) else (y, final)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, *dfinal):
+        # Raises torch's own error if an input changed in place, or if this is a second
+        # backward without retain_graph=True (autograd freed the saved tensors).
+        x, h0, c0, *params = ctx.saved_tensors
+        core, tape, ctx.tape = ctx.core, ctx.tape, None     # free the activations once used
+        if tape is None:
+            # A second backward through this node (retain_graph=True, gradcheck): the core's
+            # backward consumed the first tape, so recompute it (same dropout seed).
+            tape = _core_forward(core, ctx.call, x, h0, c0)[2]
+        if dy is None:
+            shape, dtype, device = ctx.y_meta
+            dy = torch.zeros(shape, dtype=dtype, device=device)
+        lstm = isinstance(core, _CoreLSTM)
+        # Autograd may hand in expanded (stride-0) gradients, e.g. from .sum(): densify them.
+        dfinal = tuple(None if d is None else d.contiguous() for d in dfinal)
+        dx, dstate0, grads = core.backward(tape, dy.contiguous(), dfinal if lstm else dfinal[0])
+        dh0, dc0 = dstate0 if lstm else (dstate0, None)
+        needs = ctx.needs_input_grad
+        param_grads = [_as_grad(grads[name], p) if needs[5 + i] else None
+                       for i, (name, p) in enumerate(zip(core._params, params))]
+        return (None, None,
+                dx if needs[2] else None,
+                dh0 if needs[3] else None,
+                dc0 if needs[4] else None,
+                *param_grads)
+
+
+def _core_forward(core, call, x, h0, c0):
+    lengths, backend, seed = call
+    _reseed(core, seed)
+    state = None if h0 is None else ((h0, c0) if isinstance(core, _CoreLSTM) else h0)
+    return core.forward(x, state, lengths=lengths, backend=backend)
+
+
+def _as_grad(g: Any, p: torch.Tensor) -> torch.Tensor:
+    """A gradient from the core (NumPy, CuPy or torch) as a tensor like parameter ``p``."""
+    t = to_kind(g, "torch", device_of(p))
+    return t if t.dtype == p.dtype else t.to(p.dtype)

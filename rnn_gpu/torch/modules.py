@@ -1,0 +1,215 @@
+"""torch.nn.Module drop-ins for torch.nn.LSTM / GRU / RNN, and the seed's TwoStageRNN.
+
+Same constructors, parameter names, parameter order, initialisation, state_dict keys, forward
+signature and shapes as torch.nn (PackedSequence included), plus a ``backend=`` keyword. The
+Module owns the parameters (``torch.nn.Parameter``, so optimizers, ``.to()``, ``.double()``,
+hooks and ``torch.func.functional_call`` work as usual); a core layer of :mod:`rnn_gpu.layers`
+with the same configuration does the computing on those very tensors (see
+:mod:`rnn_gpu.torch.function`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .. import layers as _layers
+from .. import registry
+from .._dtypes import canonical_dtype
+from .function import run
+
+
+def _parameterless(core_class: type, qualname: str) -> type:
+    """``core_class`` minus its own weight initialisation.
+
+    The Module creates and initialises the parameters itself (torch.nn's way, from torch's
+    generator); letting the core draw a second set of the same size first would only cost
+    time and memory. The class keeps the core's ``__name__`` (its messages say "LSTM") and
+    gets a module-level ``__qualname__`` so that pickling a Module (``torch.save(model)``) works.
+    """
+    def reset_parameters(self) -> None:
+        self._params = {}
+
+    return type(core_class.__name__, (core_class,),
+                {"reset_parameters": reset_parameters, "__module__": __name__,
+                 "__qualname__": qualname, "__doc__": core_class.__doc__})
+
+
+_CORE_LSTM = _parameterless(_layers.LSTM, "_CORE_LSTM")
+_CORE_GRU = _parameterless(_layers.GRU, "_CORE_GRU")
+_CORE_RNN = _parameterless(_layers.RNN, "_CORE_RNN")
+_CORE_TWOSTAGE = _parameterless(_layers.TwoStageRNN, "_CORE_TWOSTAGE")
+
+
+class _RecurrentModule(nn.Module):
+    """What the four drop-ins share; the subclasses only fix the constructor signature."""
+
+    _core_class: type[_layers.RecurrentLayer]
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device: Any = None, dtype: Any = None, *,
+                 backend: str | None = None, cell_options: dict[str, Any] | None = None):
+        super().__init__()
+        if backend is not None:
+            if not isinstance(backend, str):
+                raise TypeError(f"backend: expected a backend name (str) or None, got "
+                                f"{backend!r}")
+            registry.get(backend)      # fail now, naming the registered backends, not later
+        if isinstance(dropout, (int, float)) and dropout > 0 and num_layers == 1:
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
+                          f"non-zero dropout expects num_layers greater than 1, but got "
+                          f"dropout={dropout} and num_layers={num_layers}", stacklevel=3)
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        # The core checks the configuration and is the single source of parameter names/shapes.
+        self._core = self._core_class(
+            input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
+            dropout=dropout, bidirectional=bidirectional, proj_size=proj_size,
+            dtype=canonical_dtype(dtype), **(cell_options or {}))
+        core = self._core
+        self.input_size, self.hidden_size = core.input_size, core.hidden_size
+        self.num_layers, self.bias, self.batch_first = core.num_layers, core.bias, core.batch_first
+        self.dropout, self.bidirectional = core.dropout, core.bidirectional
+        self.proj_size = core.proj_size
+        self.backend = backend
+        self._flat_weights_names: list[str] = []
+        groups: dict[str, list[str]] = {}               # per layer and direction, as torch.nn
+        for name, shape in core.parameter_shapes().items():
+            self.register_parameter(
+                name, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+            groups.setdefault(name[name.rindex("_l"):], []).append(name)   # "_l0_reverse"
+            self._flat_weights_names.append(name)
+        self._all_weights = list(groups.values())
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    def flatten_parameters(self) -> None:
+        """No-op, for code written for torch.nn (there is no cuDNN weight buffer to compact)."""
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def forward(self, input, hx=None, *, backend: str | None = None):
+        """``(output, h_n)``, or ``(output, (h_n, c_n))`` for LSTM, exactly as torch.nn.
+
+        ``input`` is ``(T, B, input_size)`` (``(B, T, ·)`` with batch_first), unbatched
+        ``(T, input_size)``, or a PackedSequence (then ``output`` is one too). ``backend``
+        overrides the constructor's choice for this call.
+        """
+        backend = self.backend if backend is None else backend
+        # Looked up at every call (not cached) so that .to()/.double(), parametrizations and
+        # torch.func.functional_call, which all replace these attributes, are seen.
+        params = {name: getattr(self, name) for name in self._flat_weights_names}
+        attrs = dict(training=self.training, dropout=float(self.dropout),
+                     batch_first=bool(self.batch_first))
+        if not isinstance(input, PackedSequence):
+            return run(self._core, params, input, hx, backend=backend, **attrs)
+        # Packed input: the core takes padded sequences plus lengths. pad_packed_sequence
+        # returns them in the caller's original batch order, which is also the order torch.nn
+        # expects hx in and returns h_n in; only the packed output data is in sorted order.
+        x, lengths = pad_packed_sequence(input, batch_first=self.batch_first)
+        y, state = run(self._core, params, x, hx, lengths=lengths, backend=backend, **attrs)
+        return _repack(y, lengths, input, self.batch_first), state
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size != 0:
+            s += f", proj_size={self.proj_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if self.batch_first is not False:
+            s += f", batch_first={self.batch_first}"
+        if self.dropout != 0:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional is not False:
+            s += f", bidirectional={self.bidirectional}"
+        for key, value in self._core._cell_options().items():
+            if value != "tanh":
+                s += f", {key}={value!r}"
+        if self.backend is not None:
+            s += f", backend={self.backend!r}"
+        return s
+
+
+def _repack(y: torch.Tensor, lengths: torch.Tensor, like: PackedSequence,
+            batch_first: bool) -> PackedSequence:
+    """Padded output (original order) -> PackedSequence with ``like``'s batch layout."""
+    if batch_first:
+        y = y.transpose(0, 1)
+    if like.sorted_indices is not None:
+        y = y.index_select(1, like.sorted_indices)
+        lengths = lengths.index_select(0, like.sorted_indices.cpu())
+    data = pack_padded_sequence(y, lengths, enforce_sorted=True).data
+    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
+
+
+class LSTM(_RecurrentModule):
+    """torch.nn.LSTM drop-in (gates i, f, g, o; ``proj_size`` supported)."""
+
+    _core_class = _CORE_LSTM
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device: Any = None, dtype: Any = None, *,
+                 backend: str | None = None):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, proj_size, device, dtype, backend=backend)
+        self.mode = "LSTM"
+
+
+class GRU(_RecurrentModule):
+    """torch.nn.GRU drop-in (gates r, z, n; reset applied after the recurrent product)."""
+
+    _core_class = _CORE_GRU
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device: Any = None, dtype: Any = None, *, backend: str | None = None):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, device, dtype, backend=backend)
+        self.mode = "GRU"
+
+
+class RNN(_RecurrentModule):
+    """torch.nn.RNN drop-in (Elman, tanh or relu); ``nonlinearity`` is 4th, as in torch.nn."""
+
+    _core_class = _CORE_RNN
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
+                 dropout: float = 0.0, bidirectional: bool = False, device: Any = None,
+                 dtype: Any = None, *, backend: str | None = None):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, device, dtype, backend=backend,
+                         cell_options={"nonlinearity": nonlinearity})
+        self.nonlinearity = nonlinearity
+        self.mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
+
+
+class TwoStageRNN(_RecurrentModule):
+    """The seed's two-stage cell (DESIGN §2): ``a_t = f(W_ia x_t + W_aa h_{t-1} + b_a)``,
+    ``h_t = g(W_ha a_t + W_hh h_{t-1} + b_h)``; f, g in {"tanh", "sigmoid", "relu"}."""
+
+    _core_class = _CORE_TWOSTAGE
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device: Any = None, dtype: Any = None, *, f: str = "tanh", g: str = "tanh",
+                 backend: str | None = None):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, device, dtype, backend=backend,
+                         cell_options={"f": f, "g": g})
+        self.f, self.g = f, g

@@ -1,0 +1,511 @@
+"""rnn_gpu.torch: the torch.nn.Module drop-ins against torch.nn itself (DESIGN §3, §6).
+
+Oracles: torch.nn.LSTM/GRU/RNN on the CPU in float64 with the same weights (both ways: torch's
+state_dict into ours and ours into torch's), ``torch.autograd.gradcheck`` in float64, and for
+TwoStageRNN a plain torch loop written from DESIGN §2. Fresh random inputs every run; the seed
+is printed so that a failure can be replayed.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import rnn_gpu.torch as rt
+
+F64 = torch.float64
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+# name -> (torch.nn class, our class, constructor extras)
+CELLS = {
+    "lstm": (nn.LSTM, rt.LSTM, {}),
+    "lstm_proj": (nn.LSTM, rt.LSTM, {"proj_size": 2}),
+    "gru": (nn.GRU, rt.GRU, {}),
+    "rnn_tanh": (nn.RNN, rt.RNN, {"nonlinearity": "tanh"}),
+    "rnn_relu": (nn.RNN, rt.RNN, {"nonlinearity": "relu"}),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    seed = int(np.random.SeedSequence().entropy % 2**63)
+    print(f"{request.node.nodeid}: torch seed {seed}")
+    torch.manual_seed(seed)
+
+
+def _pair(cell: str, source: str = "torch", dtype=F64, **config):
+    """(torch.nn module, our module) of the same configuration holding the same weights."""
+    ref_cls, our_cls, extra = CELLS[cell]
+    kwargs = {**extra, **config}
+    ref, ours = ref_cls(dtype=dtype, **kwargs), our_cls(dtype=dtype, **kwargs)
+    if source == "torch":
+        ours.load_state_dict(ref.state_dict())
+    else:
+        ref.load_state_dict(ours.state_dict())
+    return ref, ours
+
+
+def _state_like(m, batch: int | None, dtype=F64):
+    """A random hx for module ``m`` (None batch: unbatched)."""
+    n = m.num_layers * (2 if m.bidirectional else 1)
+    lead = (n,) if batch is None else (n, batch)
+    h = torch.randn(*lead, m.proj_size or m.hidden_size, dtype=dtype)
+    if isinstance(m, (nn.LSTM, rt.LSTM)):
+        return h, torch.randn(*lead, m.hidden_size, dtype=dtype)
+    return h
+
+
+def _flat(out) -> list[torch.Tensor]:
+    """(y, h) / (y, (h, c)) / PackedSequence outputs -> flat list of tensors."""
+    y, state = out
+    y = y.data if isinstance(y, PackedSequence) else y
+    return [y, *(state if isinstance(state, tuple) else (state,))]
+
+
+def _leaves(hx) -> list[torch.Tensor]:
+    if hx is None:
+        return []
+    return list(hx) if isinstance(hx, tuple) else [hx]
+
+
+def _outputs_and_grads(m, inp, hx, x_leaf, weights):
+    """Outputs of ``m(inp, hx)`` and the gradients of a fixed random functional of them with
+    respect to x, every part of hx and every parameter."""
+    outs = _flat(m(inp, hx))
+    loss = sum((o * w).sum() for o, w in zip(outs, weights))
+    wrt = [x_leaf, *_leaves(hx), *m.parameters()]
+    return outs, torch.autograd.grad(loss, wrt)
+
+
+def _compare(ref, ours, inp_fn, hx, **tol):
+    """Run both modules on fresh copies of the inputs; outputs and all gradients must agree."""
+    tol = tol or TOL
+    x_ref, inp_ref = inp_fn()
+    x_our, inp_our = inp_fn(x_ref)
+    hx_ref = None if hx is None else _clone_state(hx)
+    hx_our = None if hx is None else _clone_state(hx)
+    outs_ref = _flat(ref(inp_ref, hx_ref))
+    weights = [torch.randn_like(o) for o in outs_ref]
+    outs_ref, grads_ref = _outputs_and_grads(ref, inp_ref, hx_ref, x_ref, weights)
+    outs_our, grads_our = _outputs_and_grads(ours, inp_our, hx_our, x_our, weights)
+    for a, b in zip(outs_our, outs_ref):
+        torch.testing.assert_close(a, b, **tol)
+    names = ["x", *(f"hx[{i}]" for i in range(len(_leaves(hx)))),
+             *(n for n, _ in ref.named_parameters())]
+    for name, a, b in zip(names, grads_our, grads_ref):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"grad {name}: {m}")
+    return outs_our, outs_ref
+
+
+def _clone_state(hx):
+    if isinstance(hx, tuple):
+        return tuple(h.clone().requires_grad_() for h in hx)
+    return hx.clone().requires_grad_()
+
+
+# ----------------------------------------------------------------------------- parameters
+
+PARAM_CONFIGS = [
+    {},
+    {"bidirectional": True},
+    {"num_layers": 2},
+    {"bias": False},
+    {"num_layers": 2, "bidirectional": True, "bias": False},
+    {"num_layers": 3, "bidirectional": True},
+]
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("config", PARAM_CONFIGS, ids=str)
+def test_named_parameters_match_torch_nn(cell, config):
+    ref_cls, our_cls, extra = CELLS[cell]
+    kwargs = {**extra, **config}
+    ref, ours = ref_cls(5, 4, **kwargs), our_cls(5, 4, **kwargs)
+    assert [(n, p.shape) for n, p in ours.named_parameters()] == \
+        [(n, p.shape) for n, p in ref.named_parameters()]
+    assert all(isinstance(p, nn.Parameter) for p in ours.parameters())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    assert ours._flat_weights_names == ref._flat_weights_names
+    assert [[id(p) for p in ws] for ws in ours.all_weights] == \
+        [[id(getattr(ours, n)) for n in ns] for ns in ref._all_weights]
+    expected = repr(ref)                        # ours also names a non-default nonlinearity
+    if cell == "rnn_relu":
+        expected = expected[:-1] + ", nonlinearity='relu')"
+    assert repr(ours) == expected
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_initialisation_is_torch_nn_s(cell):
+    """Same torch seed, same weights: the init draws U(-1/sqrt(H), 1/sqrt(H)) in torch.nn's
+    parameter order from torch's generator."""
+    ref_cls, our_cls, extra = CELLS[cell]
+    torch.manual_seed(123)
+    ref = ref_cls(3, 7, num_layers=2, bidirectional=True, **extra)
+    torch.manual_seed(123)
+    ours = our_cls(3, 7, num_layers=2, bidirectional=True, **extra)
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.equal(a, b), name
+    bound = 1 / 7 ** 0.5
+    assert all(p.abs().max() <= bound for p in ours.parameters())
+    ours.reset_parameters()
+    assert not torch.equal(ours.weight_hh_l0, ref.weight_hh_l0)
+
+
+def test_twostage_parameter_names():
+    m = rt.TwoStageRNN(3, 4, num_layers=2, bidirectional=True)
+    expected = []
+    for layer in range(2):
+        in_size = 3 if layer == 0 else 8
+        for suffix in ("", "_reverse"):
+            expected += [(f"weight_ia_l{layer}{suffix}", (4, in_size)),
+                         (f"weight_aa_l{layer}{suffix}", (4, 4)),
+                         (f"bias_a_l{layer}{suffix}", (4,)),
+                         (f"weight_ha_l{layer}{suffix}", (4, 4)),
+                         (f"weight_hh_l{layer}{suffix}", (4, 4)),
+                         (f"bias_h_l{layer}{suffix}", (4,))]
+    assert [(n, tuple(p.shape)) for n, p in m.named_parameters()] == expected
+    no_bias = rt.TwoStageRNN(3, 4, bias=False)
+    assert list(dict(no_bias.named_parameters())) == ["weight_ia_l0", "weight_aa_l0",
+                                                      "weight_ha_l0", "weight_hh_l0"]
+    assert repr(rt.TwoStageRNN(3, 4, f="sigmoid")) == "TwoStageRNN(3, 4, f='sigmoid')"
+
+
+def test_constructor_matches_torch_nn():
+    m = rt.RNN(3, 4, 2, "relu", False, True, 0.0, True)         # torch.nn.RNN's positions
+    assert (m.num_layers, m.nonlinearity, m.bias, m.batch_first, m.bidirectional) == \
+        (2, "relu", False, True, True)
+    m = rt.LSTM(3, 4, 1, True, False, 0.0, False, 2, "cpu", F64)
+    assert m.proj_size == 2 and m.weight_hr_l0.dtype == F64
+    assert rt.GRU(3, 4, dtype=F64).weight_ih_l0.dtype == F64
+    assert rt.GRU(3, 4).weight_ih_l0.dtype == torch.get_default_dtype()
+    with pytest.raises(ValueError, match="proj_size"):
+        rt.LSTM(3, 4, proj_size=4)
+    with pytest.raises(ValueError, match="nonlinearity"):
+        rt.RNN(3, 4, nonlinearity="gelu")
+    with pytest.warns(UserWarning, match="dropout"):
+        rt.GRU(3, 4, dropout=0.5)
+    m.flatten_parameters()                                       # a no-op, for compatibility
+
+
+# ----------------------------------------------------------------------------- vs torch.nn
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("layers,bidir", [(1, False), (2, True)], ids=["1x1", "2x2"])
+@pytest.mark.parametrize("layout", ["time_major", "batch_first", "unbatched"])
+@pytest.mark.parametrize("with_hx", [False, True], ids=["hx0", "hx"])
+def test_outputs_and_gradients_match_torch_nn(cell, layers, bidir, layout, with_hx):
+    T, B, I = 5, 3, 4
+    source = "torch" if with_hx else "ours"
+    ref, ours = _pair(cell, source, input_size=I, hidden_size=3, num_layers=layers,
+                      bidirectional=bidir, batch_first=layout == "batch_first")
+    shape = {"time_major": (T, B, I), "batch_first": (B, T, I), "unbatched": (T, I)}[layout]
+
+    def inp(like=None):
+        x = (torch.randn(shape, dtype=F64) if like is None else like.detach().clone())
+        x.requires_grad_()
+        return x, x
+
+    hx = _state_like(ours, None if layout == "unbatched" else B) if with_hx else None
+    outs, _ = _compare(ref, ours, inp, hx)
+    n = layers * (2 if bidir else 1)
+    h_out = ours.proj_size or ours.hidden_size
+    assert outs[0].shape == shape[:-1] + ((2 if bidir else 1) * h_out,)
+    assert outs[1].shape == ((n, h_out) if layout == "unbatched" else (n, B, h_out))
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_packed_sequence_matches_torch_nn(cell, enforce_sorted, batch_first):
+    T, I = 6, 3
+    lengths = torch.tensor([6, 4, 4, 1]) if enforce_sorted else torch.tensor([2, 6, 1, 4, 6])
+    B = len(lengths)
+    ref, ours = _pair(cell, "torch" if enforce_sorted else "ours", input_size=I, hidden_size=3,
+                      num_layers=2, bidirectional=True, batch_first=batch_first)
+    shape = (B, T, I) if batch_first else (T, B, I)
+
+    def inp(like=None):
+        x = torch.randn(shape, dtype=F64) if like is None else like.detach().clone()
+        x.requires_grad_()
+        return x, pack_padded_sequence(x, lengths, batch_first=batch_first,
+                                       enforce_sorted=enforce_sorted)
+
+    hx = _state_like(ours, B)                 # in the caller's (original) batch order
+    _compare(ref, ours, inp, hx)
+    _compare(ref, ours, inp, None)
+    x, packed = inp()
+    y_ref, _ = ref(packed)
+    y_our, _ = ours(packed)
+    assert isinstance(y_our, PackedSequence)
+    for field in ("batch_sizes", "sorted_indices", "unsorted_indices"):
+        a, b = getattr(y_our, field), getattr(y_ref, field)
+        assert (a is None and b is None) or torch.equal(a, b), field
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gradient_through_final_state_only(cell):
+    """Only h_n in the loss: autograd hands backward no gradient for y (nor for c_n)."""
+    ref, ours = _pair(cell, input_size=2, hidden_size=3, num_layers=2)
+    x = torch.randn(4, 2, 2, dtype=F64)
+    grads = []
+    for m in (ref, ours):
+        xx = x.clone().requires_grad_()
+        _, state = m(xx)
+        h = state[0] if isinstance(state, tuple) else state
+        grads.append(torch.autograd.grad(h.pow(2).sum(), [xx, *m.parameters()]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+def test_float32_matches_torch_nn():
+    for cell in CELLS:
+        ref, ours = _pair(cell, dtype=torch.float32, input_size=6, hidden_size=8, num_layers=2,
+                          bidirectional=True)
+        x = torch.randn(7, 5, 6)
+        y_ref, _ = ref(x)
+        y_our, _ = ours(x)
+        assert y_our.dtype == torch.float32
+        assert (y_our - y_ref).norm() <= 1e-5 * y_ref.norm()
+        g_ref = torch.autograd.grad(y_ref.sum(), list(ref.parameters()))
+        g_our = torch.autograd.grad(y_our.sum(), list(ours.parameters()))
+        for a, b in zip(g_our, g_ref):
+            assert a.dtype == torch.float32
+            assert (a - b).norm() <= 1e-5 * b.norm() + 1e-7
+
+
+# ----------------------------------------------------------------------------- gradcheck
+
+GRADCHECK_CELLS = {
+    **{k: (v[1], v[2]) for k, v in CELLS.items() if k != "rnn_relu"},
+    "twostage": (rt.TwoStageRNN, {}),
+    "twostage_sigmoid_tanh": (rt.TwoStageRNN, {"f": "sigmoid", "g": "tanh"}),
+}
+
+
+def _gradcheck(m, make_input, hx, fast_mode=False):
+    """gradcheck with respect to the input, every part of hx and every parameter; the
+    parameters go in through torch.func.functional_call (the Module reads them per call)."""
+    names = [n for n, _ in m.named_parameters()]
+    n_state = len(_leaves(hx))
+
+    def f(x, *rest):
+        state = rest[:n_state]
+        hx_ = None if not state else (tuple(state) if n_state == 2 else state[0])
+        out = functional_call(m, dict(zip(names, rest[n_state:])), (make_input(x), hx_))
+        return tuple(_flat(out))
+
+    x = torch.randn(3, 2, m.input_size, dtype=F64, requires_grad=True)
+    params = [p.detach().clone().requires_grad_() for p in m.parameters()]
+    inputs = (x, *(h.requires_grad_() for h in _leaves(hx)), *params)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-6,
+                                    fast_mode=fast_mode)
+
+
+@pytest.mark.parametrize("cell", list(GRADCHECK_CELLS))
+@pytest.mark.parametrize("with_hx", [False, True], ids=["hx0", "hx"])
+def test_gradcheck(cell, with_hx):
+    cls, extra = GRADCHECK_CELLS[cell]
+    m = cls(2, 3, num_layers=2, bidirectional=True, dtype=F64, **extra)
+    # The full Jacobian with hx; without, gradcheck's fast mode (random projections) keeps
+    # the file's runtime modest.
+    _gradcheck(m, lambda x: x, _state_like(m, 2) if with_hx else None, fast_mode=not with_hx)
+
+
+@pytest.mark.parametrize("cell", list(GRADCHECK_CELLS))
+def test_gradcheck_packed(cell):
+    cls, extra = GRADCHECK_CELLS[cell]
+    m = cls(2, 3, bidirectional=True, dtype=F64, **extra)
+    lengths = torch.tensor([1, 3])
+    _gradcheck(m, lambda x: pack_padded_sequence(x, lengths, enforce_sorted=False),
+               _state_like(m, 2))
+
+
+# ----------------------------------------------------------------------------- TwoStageRNN
+
+_ACT = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu}
+
+
+def _twostage_reference(m, x, h0=None):
+    """DESIGN §2 step by step: a = f(W_ia x + W_aa h + b_a); h = g(W_ha a + W_hh h + b_h).
+    x is (T, B, I); returns (y, h_n)."""
+    f, g = _ACT[m.f], _ACT[m.g]
+    D = 2 if m.bidirectional else 1
+    T, B, _ = x.shape
+    inp, finals = x, []
+    for layer in range(m.num_layers):
+        outs = []
+        for d in range(D):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            p = {k: getattr(m, k + sfx, None) for k in ("weight_ia", "weight_aa", "bias_a",
+                                                       "weight_ha", "weight_hh", "bias_h")}
+            h = torch.zeros(B, m.hidden_size, dtype=x.dtype) if h0 is None else h0[layer * D + d]
+            ys = [None] * T
+            for t in (range(T - 1, -1, -1) if d else range(T)):
+                a = inp[t] @ p["weight_ia"].T + h @ p["weight_aa"].T
+                a = f(a + p["bias_a"] if m.bias else a)
+                pre = a @ p["weight_ha"].T + h @ p["weight_hh"].T
+                h = g(pre + p["bias_h"] if m.bias else pre)
+                ys[t] = h
+            outs.append(torch.stack(ys))
+            finals.append(h)
+        inp = torch.cat(outs, dim=2)
+    return inp, torch.stack(finals)
+
+
+@pytest.mark.parametrize("f,g", [("tanh", "tanh"), ("sigmoid", "relu")])
+@pytest.mark.parametrize("bias", [True, False])
+def test_twostage_matches_reference(f, g, bias):
+    m = rt.TwoStageRNN(3, 4, num_layers=2, bidirectional=True, bias=bias, f=f, g=g, dtype=F64)
+    x = torch.randn(5, 3, 3, dtype=F64)
+    h0 = torch.randn(4, 3, 4, dtype=F64)
+    y, h = m(x, h0)
+    y_ref, h_ref = _twostage_reference(m, x, h0)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(h, h_ref, **TOL)
+    # packed: every sequence as if run alone, truncated to its length
+    lengths = torch.tensor([5, 2, 4])
+    yp, hp = m(pack_padded_sequence(x, lengths, enforce_sorted=False), h0)
+    ys = torch.nn.utils.rnn.pad_packed_sequence(yp)[0]
+    for b, n in enumerate(lengths.tolist()):
+        y_b, h_b = _twostage_reference(m, x[:n, b:b + 1], h0[:, b:b + 1])
+        torch.testing.assert_close(ys[:n, b:b + 1], y_b, **TOL)
+        torch.testing.assert_close(hp[:, b:b + 1], h_b, **TOL)
+
+
+# ----------------------------------------------------------------------------- dropout, modes
+
+def test_dropout_follows_training_mode():
+    ref, ours = _pair("lstm", input_size=4, hidden_size=5, num_layers=3, dropout=0.5)
+    x = torch.randn(6, 3, 4, dtype=F64)
+    ref.eval()
+    ours.eval()
+    torch.testing.assert_close(ours(x)[0], ref(x)[0], **TOL)
+    ours.train()
+    y1, y2 = ours(x)[0], ours(x)[0]
+    assert not torch.allclose(y1, y2)
+    assert not torch.allclose(y1, ref(x)[0])
+    with torch.no_grad():                      # no gradient wanted, but still training
+        assert not torch.allclose(ours(x)[0], ref(x)[0])
+    torch.manual_seed(7)                       # masks come from torch's generator
+    y3 = ours(x)[0]
+    torch.manual_seed(7)
+    torch.testing.assert_close(ours(x)[0], y3, rtol=0, atol=0)
+    ours.eval()
+    torch.testing.assert_close(ours(x)[0], ref(x)[0], **TOL)
+
+
+def test_dropout_gradient_on_a_fixed_mask():
+    m = rt.GRU(3, 2, num_layers=2, dropout=0.4, dtype=F64)
+
+    def f(x):
+        torch.manual_seed(11)                 # the same masks at every evaluation
+        return m(x)[0]
+
+    x = torch.randn(3, 2, 3, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- backends
+
+def test_backend_keyword():
+    ref, ours = _pair("gru", input_size=3, hidden_size=4)
+    x = torch.randn(5, 2, 3, dtype=F64)
+    numpy_m = rt.GRU(3, 4, dtype=F64, backend="numpy")
+    numpy_m.load_state_dict(ref.state_dict())
+    assert "backend='numpy'" in repr(numpy_m)
+    torch.testing.assert_close(numpy_m(x)[0], ref(x)[0], **TOL)
+    torch.testing.assert_close(ours(x, backend="numpy")[0], ref(x)[0], **TOL)
+    with pytest.raises(ValueError, match=r"no_such_backend.*numpy"):
+        rt.LSTM(3, 4, backend="no_such_backend")
+    with pytest.raises(ValueError, match=r"no_such_backend.*not registered"):
+        ours(x, backend="no_such_backend")
+    with pytest.raises(TypeError, match="backend"):
+        rt.LSTM(3, 4, backend=3)
+
+
+def test_backend_that_cannot_serve_says_why():
+    m = rt.RNN(3, 4, dtype=torch.bfloat16, backend="numpy")
+    with pytest.raises(RuntimeError, match="numpy.*bfloat16"):
+        m(torch.randn(2, 1, 3, dtype=torch.bfloat16))
+
+
+# ----------------------------------------------------------------------------- module plumbing
+
+def test_follows_dtype_and_in_place_parameter_changes():
+    ref, ours = _pair("lstm", dtype=torch.float32, input_size=3, hidden_size=4)
+    ours.double()
+    ref.double()
+    x = torch.randn(4, 2, 3, dtype=F64)
+    torch.testing.assert_close(ours(x)[0], ref(x)[0], **TOL)
+    with torch.no_grad():                      # the core computes on the Parameters themselves
+        for a, b in zip(ours.parameters(), ref.parameters()):
+            a.mul_(0.5)
+            b.mul_(0.5)
+    torch.testing.assert_close(ours(x)[0], ref(x)[0], **TOL)
+    ours.to(torch.float32)
+    assert ours(x.float())[0].dtype == torch.float32
+    with pytest.raises(TypeError, match="dtype"):
+        ours(x)
+
+
+def test_retain_graph_backward_twice():
+    """... and with retain_graph=True the same gradients again (the tape is recomputed, with
+    the same dropout masks)."""
+    ours = rt.LSTM(3, 4, num_layers=2, dropout=0.5, dtype=F64)
+    x = torch.randn(4, 2, 3, dtype=F64, requires_grad=True)
+    y, (h, c) = ours(x)
+    loss = (y * torch.randn_like(y)).sum() + c.sum()
+    first = torch.autograd.grad(loss, [x, *ours.parameters()], retain_graph=True)
+    second = torch.autograd.grad(loss, [x, *ours.parameters()])
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_no_grad_path_and_errors():
+    ours = rt.GRU(3, 4, dtype=F64)
+    x = torch.randn(4, 2, 3, dtype=F64)
+    with torch.no_grad():
+        y, h = ours(x)
+    assert y.grad_fn is None and not y.requires_grad
+    y, h = ours(x)
+    assert y.grad_fn is not None and h.grad_fn is not None
+    # a second backward through one call: torch's error without retain_graph ...
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+    # an input changed in place between forward and backward is caught, as in torch.nn
+    xx = x.clone().requires_grad_()
+    x2 = xx * 1.0
+    y, _ = ours(x2)
+    with torch.no_grad():
+        x2.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    with pytest.raises(TypeError, match="tuple"):
+        rt.LSTM(3, 4, dtype=F64)(x, torch.zeros(1, 2, 4, dtype=F64))
+
+
+def test_pickle_deepcopy_and_state_dict_round_trip():
+    ours = rt.LSTM(3, 4, num_layers=2, proj_size=2, dtype=F64)
+    x = torch.randn(5, 2, 3, dtype=F64)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.save(ours, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+    clone = copy.deepcopy(ours)
+    fresh = rt.LSTM(3, 4, num_layers=2, proj_size=2, dtype=F64)
+    fresh.load_state_dict(ours.state_dict())
+    y = ours(x)[0]
+    for other in (loaded, clone, fresh):
+        torch.testing.assert_close(other(x)[0], y, rtol=0, atol=0)

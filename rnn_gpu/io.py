@@ -45,9 +45,18 @@ def save(model: Any, path: str | os.PathLike) -> None:
         tensors.update({_READOUT_PREFIX + k: v for k, v in readout.state_dict().items()})
         metadata["readout"] = json.dumps(readout.config())
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"path: {path!r} is a directory, expected a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"path: the directory {parent!r} of {path!r} does not exist")
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)          # a crash mid-write never leaves a torn file under `path`
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)      # a crash mid-write never leaves a torn file under `path`
+    finally:
+        if os.path.exists(tmp):    # a failed write leaves no temporary file behind either
+            os.remove(tmp)
 
 
 def _read(path: str) -> tuple[dict[str, str], dict[str, np.ndarray]]:

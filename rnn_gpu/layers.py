@@ -43,6 +43,7 @@ class LayerTape:
     tapes: list[list[Tape]] = field(default_factory=list)    # [layer][direction]
     input_weights: list[list[Any]] = field(default_factory=list)
     used: bool = False
+    owner: Any = None                                        # the layer whose forward made it
 
 
 class RecurrentLayer:
@@ -244,7 +245,7 @@ class RecurrentLayer:
         states = [tuple(to_kind(s, kind, device) for s in st) for st in states]
         params = {k: to_kind(v, kind, device) for k, v in self._params.items()}
         inp = to_kind(xt, kind, device)
-        tape = LayerTape(problem, backend, layout) if keep_tape else None
+        tape = LayerTape(problem, backend, layout, owner=self) if keep_tape else None
         D, P = self.num_directions, self.output_size
         finals: list[tuple[Any, ...]] = []
         empty = T == 0 or B == 0
@@ -310,6 +311,9 @@ class RecurrentLayer:
         if not isinstance(tape, LayerTape):
             raise TypeError(f"tape: expected the tape returned by {type(self).__name__}.forward,"
                             f" got {type(tape).__name__}")
+        if tape.owner is not None and tape.owner is not self:
+            raise ValueError(f"tape: expected a tape from this layer's forward(), got one from "
+                             f"another layer ({tape.owner!r})")
         if tape.used:
             raise RuntimeError("tape: this tape was already used by backward(); run forward() "
                                "again (backward consumes the saved activations)")
@@ -373,11 +377,12 @@ class RecurrentLayer:
     def _check_input(self, x, kind: str) -> dict[str, Any]:
         dtype = dtype_name(x)
         if dtype != self.dtype:
-            hint = ("cast it (x.astype / x.to)" if dtype in ("float16", "bfloat16", "float32",
-                                                             "float64")
-                    else "use a floating-point array")
+            if dtype in ("float16", "bfloat16", "float32", "float64"):
+                hint = f"cast it (x.astype / x.to), or build the model with dtype={dtype!r}"
+            else:
+                hint = f"use a floating-point array (x.astype({self.dtype!r}))"
             raise TypeError(f"x: expected dtype {self.dtype} (the model's dtype), got {dtype}; "
-                            f"{hint}, or build the model with dtype={dtype!r}")
+                            f"{hint}")
         device = device_of(x)
         if device != self.device:
             raise ValueError(f"x: the input is on {device} but {type(self).__name__}'s weights "
@@ -416,8 +421,9 @@ class RecurrentLayer:
             parts = [None] * len(shapes)
         elif lstm:
             if not isinstance(state, (tuple, list)) or len(state) != 2:
-                raise TypeError(f"{name}: LSTM expects a tuple (h, c), got "
-                                f"{type(state).__name__}")
+                got = (f"a {type(state).__name__} of {len(state)}"
+                       if isinstance(state, (tuple, list)) else type(state).__name__)
+                raise TypeError(f"{name}: LSTM expects a tuple (h, c), got {got}")
             parts = list(state)
         else:
             if isinstance(state, (tuple, list)):

@@ -1,0 +1,412 @@
+"""Bad arguments get clear errors: each message names the argument and says what was expected
+and what was received."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import rnn_gpu as rg
+from rnn_gpu.registry import BackendError
+
+F32 = np.float32
+
+
+@pytest.fixture
+def x():
+    return np.zeros((5, 2, 3), F32)
+
+
+@pytest.fixture
+def lstm():
+    return rg.LSTM(3, 4)
+
+
+@pytest.fixture
+def gru():
+    return rg.GRU(3, 4)
+
+
+# ---------------------------------------------------------------------- x
+
+@pytest.mark.parametrize("shape", [(3,), (1, 2, 5, 3), ()])
+def test_wrong_ndim(lstm, shape):
+    with pytest.raises(ValueError, match=r"x: expected a 3-D array .* got shape " +
+                       rf"\({', '.join(map(str, shape))}"):
+        lstm(np.zeros(shape, F32))
+
+
+def test_wrong_ndim_mentions_batch_first_layout():
+    m = rg.GRU(3, 4, batch_first=True)
+    with pytest.raises(ValueError, match=r"x: expected a 3-D array \(B, T, input_size\)"):
+        m(np.zeros(3, F32))
+
+
+@pytest.mark.parametrize("shape", [(5, 2, 4), (5, 2, 1), (5, 4)])
+def test_wrong_input_size(lstm, shape):
+    with pytest.raises(ValueError, match=rf"x: expected last dimension input_size=3, got shape "
+                       rf"\({shape[0]}, {shape[1]}"):
+        lstm(np.zeros(shape, F32))
+
+
+def test_dtype_mismatch_float64_into_float32(lstm, x):
+    with pytest.raises(TypeError, match=r"x: expected dtype float32 \(the model's dtype\), "
+                       r"got float64.*dtype='float64'"):
+        lstm(x.astype(np.float64))
+    with pytest.raises(TypeError, match=r"x: expected dtype float32.*got float64"):
+        lstm(torch.zeros(5, 2, 3, dtype=torch.float64))
+
+
+def test_dtype_mismatch_float32_into_float64(x):
+    with pytest.raises(TypeError, match=r"x: expected dtype float64 .*got float32"):
+        rg.RNN(3, 4, dtype="float64")(x)
+
+
+@pytest.mark.parametrize("make", [lambda: np.zeros((5, 2, 3), np.int64),
+                                  lambda: np.zeros((5, 2, 3), bool),
+                                  lambda: torch.zeros(5, 2, 3, dtype=torch.int32)])
+def test_integer_input(lstm, make):
+    with pytest.raises(TypeError, match=r"x: expected dtype float32 .*got (int|bool).*"
+                       r"floating-point"):
+        lstm(make())
+
+
+def test_integer_input_does_not_suggest_an_integer_model(lstm):
+    with pytest.raises(TypeError) as info:
+        lstm(np.zeros((5, 2, 3), np.int64))
+    assert "dtype='int64'" not in str(info.value)
+
+
+@pytest.mark.parametrize("value", [[[0.0, 1.0, 2.0]], None, "abc", 3.0])
+def test_not_an_array(lstm, value):
+    with pytest.raises(TypeError, match=r"x: expected a NumPy array, CuPy array or torch tensor,"
+                       r" got (list|NoneType|str|float)"):
+        lstm(value)
+
+
+# ---------------------------------------------------------------------- state
+
+def test_state_wrong_shape(gru, x):
+    with pytest.raises(ValueError, match=r"state: expected shape \(1, 2, 4\), got \(1, 3, 4\)"):
+        gru(x, np.zeros((1, 3, 4), F32))
+    with pytest.raises(ValueError, match=r"state: expected shape \(1, 2, 4\), got \(2, 4\)"):
+        gru(x, np.zeros((2, 4), F32))
+
+
+def test_state_wrong_shape_bidirectional_multilayer(x):
+    m = rg.RNN(3, 4, num_layers=2, bidirectional=True)
+    with pytest.raises(ValueError, match=r"state: expected shape \(4, 2, 4\), got \(2, 2, 4\)"):
+        m(x, np.zeros((2, 2, 4), F32))
+
+
+def test_state_unbatched_shape():
+    m = rg.GRU(3, 4)
+    with pytest.raises(ValueError, match=r"state: expected shape \(1, 4\), got \(1, 1, 4\)"):
+        m(np.zeros((5, 3), F32), np.zeros((1, 1, 4), F32))
+
+
+def test_state_wrong_kind(gru, x):
+    with pytest.raises(TypeError, match=r"state: expected a numpy array like the input, got a "
+                       r"torch array"):
+        gru(x, torch.zeros(1, 2, 4))
+    with pytest.raises(TypeError, match=r"state: expected a torch array like the input, got a "
+                       r"numpy array"):
+        gru(torch.from_numpy(x), np.zeros((1, 2, 4), F32))
+
+
+def test_state_wrong_dtype(gru, x):
+    with pytest.raises(TypeError, match=r"state: expected dtype float32 like the input, got "
+                       r"float64"):
+        gru(x, np.zeros((1, 2, 4)))
+
+
+def test_state_not_an_array(gru, x):
+    with pytest.raises(TypeError, match=r"state: expected a NumPy array.*got str"):
+        gru(x, "h0")
+
+
+def test_gru_state_tuple_of_two(gru, x):
+    h = np.zeros((1, 2, 4), F32)
+    with pytest.raises(TypeError, match=r"state: GRU expects one array h, got a tuple of 2"):
+        gru(x, (h, h))
+
+
+def test_lstm_state_not_a_tuple(lstm, x):
+    with pytest.raises(TypeError, match=r"state: LSTM expects a tuple \(h, c\), got ndarray"):
+        lstm(x, np.zeros((1, 2, 4), F32))
+    h = np.zeros((1, 2, 4), F32)
+    with pytest.raises(TypeError, match=r"state: LSTM expects a tuple \(h, c\), got a tuple "
+                       r"of 3"):
+        lstm(x, (h, h, h))
+
+
+def test_lstm_cell_state_wrong_shape(x):
+    m = rg.LSTM(3, 4, proj_size=2)
+    h, c = np.zeros((1, 2, 2), F32), np.zeros((1, 2, 4), F32)
+    m(x, (h, c))                                   # the right shapes work
+    with pytest.raises(ValueError, match=r"state\[0\] \(h\): expected shape \(1, 2, 2\), got "
+                       r"\(1, 2, 4\)"):
+        m(x, (c, c))
+    with pytest.raises(ValueError, match=r"state\[1\] \(c\): expected shape \(1, 2, 4\), got "
+                       r"\(1, 2, 2\)"):
+        m(x, (h, h))
+
+
+# ---------------------------------------------------------------------- lengths
+
+@pytest.mark.parametrize("lengths,shape", [([1, 2, 3], r"\(3,\)"), ([[1, 2]], r"\(1, 2\)"),
+                                           (np.array(3), r"\(\)"), ([], r"\(0,\)")])
+def test_lengths_wrong_shape(lstm, x, lengths, shape):
+    with pytest.raises(ValueError, match=rf"lengths: expected shape \(2,\) .*got {shape}"):
+        lstm(x, lengths=lengths)
+
+
+@pytest.mark.parametrize("lengths,bad", [([-1, 2], r"\[-1\]"), ([6, 2], r"\[6\]"),
+                                         ([2, 100], r"\[100\]")])
+def test_lengths_out_of_range(lstm, x, lengths, bad):
+    with pytest.raises(ValueError, match=rf"lengths: expected every length in \[0, T=5\], got "
+                       rf"{bad}"):
+        lstm(x, lengths=lengths)
+
+
+def test_lengths_out_of_range_torch(lstm, x):
+    with pytest.raises(ValueError, match=r"lengths: expected every length in \[0, T=5\]"):
+        lstm(torch.from_numpy(x), lengths=torch.tensor([3, -2]))
+
+
+@pytest.mark.parametrize("lengths", [[2.5, 2], np.array([np.nan, 2.0]), ["a", "b"],
+                                     np.array([True, False])])
+def test_lengths_not_integers(lstm, x, lengths):
+    with pytest.raises(TypeError, match=r"lengths: expected integers, got dtype"):
+        lstm(x, lengths=lengths)
+
+
+def test_lengths_checked_in_forward_too(lstm, x):
+    with pytest.raises(ValueError, match=r"lengths: expected every length"):
+        lstm.forward(x, lengths=[0, 9])
+
+
+# ---------------------------------------------------------------------- backends
+
+def test_unknown_backend_argument(lstm, x):
+    with pytest.raises(ValueError, match=r"backend 'nope' \(chosen by backend=\) is not "
+                       r"registered; registered backends are \[.*'numpy'.*\]"):
+        lstm(x, backend="nope")
+
+
+def test_backend_argument_not_a_string(lstm, x):
+    with pytest.raises(TypeError, match=r"backend: expected a backend name \(str\), got 3"):
+        lstm(x, backend=3)
+
+
+def test_unknown_backend_use_backend(lstm, x):
+    with pytest.raises(ValueError, match=r"backend: unknown name 'nope'; registered backends "
+                       r"are \[.*'numpy'.*\]"), rg.use_backend("nope"):
+        lstm(x)
+
+
+def test_unknown_backend_environment(lstm, x, monkeypatch):
+    monkeypatch.setenv("RNN_GPU_BACKEND", "nope")
+    with pytest.raises(ValueError, match=r"backend 'nope' \(chosen by the environment variable "
+                       r"RNN_GPU_BACKEND\) is not registered"):
+        lstm(x)
+    # the call's backend= comes first
+    y, _ = lstm(x, backend="numpy")
+    assert y.shape == (5, 2, 4)
+
+
+def test_backend_cannot_serve_dtype():
+    m = rg.GRU(3, 4, dtype="float16")
+    with pytest.raises(BackendError, match=r"numpy: the numpy backend computes in float32 and "
+                       r"float64, not float16"):
+        m(np.zeros((2, 1, 3), np.float16))
+    with pytest.raises(BackendError, match=r"backend 'numpy' \(chosen by backend=\) cannot "
+                       r"serve .*float16"):
+        m(np.zeros((2, 1, 3), np.float16), backend="numpy")
+
+
+# ---------------------------------------------------------------------- constructors
+
+@pytest.mark.parametrize("kwargs,exc,pattern", [
+    (dict(hidden_size=0), ValueError, r"hidden_size: expected an int >= 1, got 0"),
+    (dict(hidden_size=-3), ValueError, r"hidden_size: expected an int >= 1, got -3"),
+    (dict(hidden_size=2.5), TypeError, r"hidden_size: expected an int >= 1, got 2.5"),
+    (dict(hidden_size=True), TypeError, r"hidden_size: expected an int >= 1, got True"),
+    (dict(input_size=0), ValueError, r"input_size: expected an int >= 1, got 0"),
+    (dict(num_layers=0), ValueError, r"num_layers: expected an int >= 1, got 0"),
+    (dict(proj_size=4), ValueError, r"proj_size: expected less than hidden_size=4, got 4"),
+    (dict(proj_size=9), ValueError, r"proj_size: expected less than hidden_size=4, got 9"),
+    (dict(proj_size=-1), ValueError, r"proj_size: expected an int >= 0, got -1"),
+    (dict(dropout=1.5), ValueError, r"dropout: expected a float in \[0, 1\), got 1.5"),
+    (dict(dropout=1.0), ValueError, r"dropout: expected a float in \[0, 1\), got 1.0"),
+    (dict(dropout=-0.1), ValueError, r"dropout: expected a float in \[0, 1\), got -0.1"),
+    (dict(dropout="0.2"), ValueError, r"dropout: expected a float in \[0, 1\), got '0.2'"),
+    (dict(dtype="int8"), ValueError, r"dtype: expected one of \(.*'float32'.*\), got 'int8'"),
+    (dict(dtype=np.int32), ValueError, r"dtype: expected one of .*got <class 'numpy.int32'>"),
+    (dict(bias="yes"), TypeError, r"bias: expected a bool, got 'yes'"),
+    (dict(batch_first=1), TypeError, r"batch_first: expected a bool, got 1"),
+    (dict(bidirectional=None), TypeError, r"bidirectional: expected a bool, got None"),
+])
+def test_constructor_errors(kwargs, exc, pattern):
+    args = dict(input_size=3, hidden_size=4)
+    args.update(kwargs)
+    with pytest.raises(exc, match=pattern):
+        rg.LSTM(**args)
+
+
+@pytest.mark.parametrize("cls", [rg.GRU, rg.RNN, rg.TwoStageRNN])
+def test_proj_size_only_for_lstm(cls):
+    with pytest.raises(ValueError, match=rf"proj_size: only LSTM supports a projection, got "
+                       rf"proj_size=2 for {cls.__name__}"):
+        cls(3, 4, proj_size=2)
+
+
+def test_rnn_nonlinearity():
+    with pytest.raises(ValueError, match=r"nonlinearity: expected one of \('tanh', 'relu'\), "
+                       r"got 'sigmoid'"):
+        rg.RNN(3, 4, nonlinearity="sigmoid")
+
+
+@pytest.mark.parametrize("which", ["f", "g"])
+def test_twostage_activation(which):
+    with pytest.raises(ValueError, match=rf"{which}: expected one of \('tanh', 'sigmoid', "
+                       rf"'relu'\), got 'gelu'"):
+        rg.TwoStageRNN(3, 4, **{which: "gelu"})
+
+
+def test_unknown_keyword():
+    with pytest.raises(TypeError, match="nonlinearity"):
+        rg.LSTM(3, 4, nonlinearity="tanh")
+
+
+# ---------------------------------------------------------------------- load_state_dict
+
+def test_load_state_dict_missing_key(lstm):
+    sd = lstm.state_dict()
+    del sd["bias_hh_l0"]
+    with pytest.raises(KeyError, match=r"missing keys \['bias_hh_l0'\], unexpected keys \[\]"):
+        lstm.load_state_dict(sd)
+
+
+def test_load_state_dict_unexpected_key(lstm):
+    sd = lstm.state_dict()
+    sd["weight_hh_l1"] = np.zeros((16, 4), F32)
+    with pytest.raises(KeyError, match=r"missing keys \[\], unexpected keys \['weight_hh_l1'\]"):
+        lstm.load_state_dict(sd)
+
+
+def test_load_state_dict_wrong_shape(lstm):
+    before = lstm.state_dict()
+    sd = lstm.state_dict()
+    sd["weight_hh_l0"] = np.zeros((16, 5), F32)
+    with pytest.raises(ValueError, match=r"state_dict\['weight_hh_l0'\]: expected shape "
+                       r"\(16, 4\), got \(16, 5\)"):
+        lstm.load_state_dict(sd)
+    sd["weight_hh_l0"] = torch.zeros(4, 16)
+    with pytest.raises(ValueError, match=r"state_dict\['weight_hh_l0'\]: expected shape "
+                       r"\(16, 4\), got \(4, 16\)"):
+        lstm.load_state_dict(sd)
+    for k, v in lstm.state_dict().items():      # a failed load leaves the weights alone
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_load_state_dict_bad_values(lstm):
+    sd = lstm.state_dict()
+    sd["bias_ih_l0"] = np.zeros(16, np.int64)
+    with pytest.raises(TypeError, match=r"state_dict\['bias_ih_l0'\]: expected a floating "
+                       r"dtype, got int64"):
+        lstm.load_state_dict(sd)
+    sd["bias_ih_l0"] = [0.0] * 16
+    with pytest.raises(TypeError, match=r"state_dict\['bias_ih_l0'\]: expected an array or "
+                       r"tensor, got list"):
+        lstm.load_state_dict(sd)
+    with pytest.raises(TypeError, match=r"state_dict: expected a mapping"):
+        lstm.load_state_dict([("bias_ih_l0", np.zeros(16))])
+
+
+# ---------------------------------------------------------------------- backward
+
+def test_backward_wrong_dy_shape(lstm, x):
+    _, _, tape = lstm.forward(x)
+    with pytest.raises(ValueError, match=r"dy: expected shape \(5, 2, 4\), got \(5, 2, 5\)"):
+        lstm.backward(tape, np.zeros((5, 2, 5), F32))
+    with pytest.raises(ValueError, match=r"dy: expected shape \(5, 2, 4\), got \(2, 5, 4\)"):
+        lstm.backward(tape, np.zeros((2, 5, 4), F32))
+    # the failed calls did not consume the tape
+    dx, _, _ = lstm.backward(tape, np.zeros((5, 2, 4), F32))
+    assert dx.shape == x.shape
+
+
+def test_backward_wrong_dy_dtype_and_kind(lstm, x):
+    _, _, tape = lstm.forward(x)
+    with pytest.raises(TypeError, match=r"dy: expected dtype float32 like the input, got "
+                       r"float64"):
+        lstm.backward(tape, np.zeros((5, 2, 4)))
+    with pytest.raises(TypeError, match=r"dy: expected a numpy array like the input, got a "
+                       r"torch array"):
+        lstm.backward(tape, torch.zeros(5, 2, 4))
+
+
+def test_backward_wrong_dstate(lstm, x):
+    _, _, tape = lstm.forward(x)
+    dy = np.zeros((5, 2, 4), F32)
+    h = np.zeros((1, 2, 4), F32)
+    with pytest.raises(ValueError, match=r"dstate\[1\] \(c\): expected shape \(1, 2, 4\), got "
+                       r"\(1, 3, 4\)"):
+        lstm.backward(tape, dy, (h, np.zeros((1, 3, 4), F32)))
+    with pytest.raises(TypeError, match=r"dstate: LSTM expects a tuple \(h, c\)"):
+        lstm.backward(tape, dy, h)
+
+
+def test_backward_tape_used_twice(lstm, x):
+    _, _, tape = lstm.forward(x)
+    dy = np.zeros((5, 2, 4), F32)
+    lstm.backward(tape, dy)
+    with pytest.raises(RuntimeError, match=r"tape: this tape was already used by backward\(\); "
+                       r"run forward\(\) again"):
+        lstm.backward(tape, dy)
+
+
+def test_backward_not_a_tape(lstm):
+    with pytest.raises(TypeError, match=r"tape: expected the tape returned by LSTM.forward, got "
+                       r"tuple"):
+        lstm.backward((), np.zeros((5, 2, 4), F32))
+
+
+def test_backward_tape_of_another_layer(lstm, x):
+    other = rg.GRU(3, 4)
+    _, _, tape = lstm.forward(x)
+    with pytest.raises(ValueError, match=r"tape: expected a tape from this layer's forward\(\)"):
+        other.backward(tape, np.zeros((5, 2, 4), F32))
+
+
+def test_inference_call_has_no_tape(lstm, x):
+    out = lstm(x)
+    assert len(out) == 2
+
+
+# ---------------------------------------------------------------------- devices
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", 0, "CUDA"])
+def test_to_cuda_without_gpu(lstm, device):
+    before = lstm.state_dict()
+    with pytest.raises(RuntimeError, match=r"no CUDA device is available"):
+        lstm.to(device)
+    assert lstm.device == "cpu"
+    y, _ = lstm(np.zeros((2, 1, 3), F32))          # still usable
+    for k, v in lstm.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+    assert y.shape == (2, 1, 4)
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "gpu", "", None, "cpu:0:0"])
+def test_to_garbage_device(lstm, device):
+    with pytest.raises(ValueError, match=r"device: expected 'cpu', 'cuda' or 'cuda:N', got "):
+        lstm.to(device)
+
+
+def test_to_cpu_is_a_no_op(lstm):
+    assert lstm.to("cpu") is lstm
+    assert lstm.to("CPU") is lstm and lstm.device == "cpu"

@@ -66,8 +66,8 @@ class RecurrentLayer:
             raise ValueError(f"proj_size: expected less than hidden_size={hidden_size}, got "
                              f"{proj_size}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
-                0.0 <= dropout < 1.0):
-            raise ValueError(f"dropout: expected a float in [0, 1), got {dropout!r}")
+                0.0 <= dropout <= 1.0):
+            raise ValueError(f"dropout: expected a float in [0, 1], got {dropout!r}")
         for name, flag in (("bias", bias), ("batch_first", batch_first),
                            ("bidirectional", bidirectional)):
             if not isinstance(flag, (bool, np.bool_)):
@@ -253,7 +253,9 @@ class RecurrentLayer:
             mask = None
             if keep_tape and self.training and self.dropout > 0 and layer > 0 and not empty:
                 keep = (self._rng.random(inp.shape) >= self.dropout).astype(self.dtype)
-                mask = to_kind(keep / (1.0 - self.dropout), kind, device)
+                # p = 1 drops everything (as torch.nn); no 1/(1-p) scaling to divide by zero.
+                scale = 0.0 if self.dropout == 1.0 else 1.0 / (1.0 - self.dropout)
+                mask = to_kind(keep * scale, kind, device)
                 inp = inp * mask
             outs, tapes, w_ihs = [], [], []
             for d in range(D):

@@ -266,6 +266,19 @@ def test_dropout_single_layer_is_a_no_op(rng):
     np.testing.assert_array_equal(m.forward(x)[0], m(x)[0])
 
 
+def test_dropout_one_drops_every_input_between_layers(rng):
+    """p = 1 (allowed, as in torch.nn): layer 2 sees zeros, so its output ignores x."""
+    m = rg.RNN(3, 4, num_layers=2, dropout=1.0, dtype="float64", seed=int(rng.integers(2**32)))
+    x1, x2 = rng.standard_normal((4, 2, 3)), rng.standard_normal((4, 2, 3))
+    y1, _, tape = m.forward(x1)
+    y2 = m.forward(x2)[0]
+    np.testing.assert_array_equal(y1, y2)
+    assert np.isfinite(y1).all()
+    dx = m.backward(tape, np.ones_like(y1))[0]
+    np.testing.assert_array_equal(dx, np.zeros_like(dx))
+    assert not np.allclose(m(x1)[0], m(x2)[0]), "inference applies no dropout"
+
+
 def test_gradients_with_torch_gradcheck(rng):
     """torch.autograd.gradcheck on a torch.autograd.Function wrapping forward/backward."""
     import torch

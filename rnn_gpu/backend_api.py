@@ -112,6 +112,17 @@ class Backend:
         """
         raise NotImplementedError
 
+    # Optional, the "larger fused path" of DESIGN §4: a backend that can do the input
+    # projection better than the layer's one big GEMM (its own threads, no (T, B, gates*H)
+    # array in memory, biases folded) defines
+    #
+    #     forward_layer(problem, x, w_ih, b_ih, weights, state, lengths, *, reverse, keep_tape)
+    #
+    # with x the layer's input (T, B, I) in this backend's array kind, w_ih (gates*H, I) and
+    # b_ih (gates*H,) or None; it returns what forward returns, and backward is unchanged (it
+    # still returns the gradient of xw = W_ih x + b_ih). The layer calls it when present.
+    forward_layer = None
+
     def backward(
         self, tape: Tape, dy: Any, dstate: tuple[Any, ...]
     ) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:

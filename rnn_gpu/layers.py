@@ -265,10 +265,16 @@ class RecurrentLayer:
                     outs.append(ops.zeros((T, B, P), self.dtype, device))
                     finals.append(init)
                     continue
-                w_ih, xw = self._input_projection(params, inp, layer, reverse)
                 weights = self._recurrent_weights(params, layer, reverse)
-                y, final, btape = backend.forward(problem, xw, weights, init, lengths_np,
-                                                  reverse=reverse, keep_tape=keep_tape)
+                if callable(getattr(backend, "forward_layer", None)):   # fuses W_ih x (§4)
+                    w_ih, b_ih = self._input_weights(params, layer, reverse)
+                    y, final, btape = backend.forward_layer(
+                        problem, inp, w_ih, b_ih, weights, init, lengths_np, reverse=reverse,
+                        keep_tape=keep_tape)
+                else:
+                    w_ih, xw = self._input_projection(params, inp, layer, reverse)
+                    y, final, btape = backend.forward(problem, xw, weights, init, lengths_np,
+                                                      reverse=reverse, keep_tape=keep_tape)
                 outs.append(y)
                 finals.append(tuple(final))
                 tapes.append(btape)
@@ -284,14 +290,20 @@ class RecurrentLayer:
         final_state = self._pack_state(finals, layout, in_kind, ops)
         return y, final_state, tape
 
-    def _input_projection(self, params, inp, layer: int, reverse: bool):
-        """``W_ih x + b_ih`` for all T*B rows as one GEMM -> (T, B, gates*H)."""
+    def _input_weights(self, params, layer: int, reverse: bool):
+        """``(W_ih, b_ih)`` of one layer and direction; b_ih is None without biases."""
         spec = self._spec
         w_ih = params[parameter_name(spec.input_weight, layer, reverse)]
+        b_ih = params[parameter_name(spec.input_bias, layer, reverse)] if self.bias else None
+        return w_ih, b_ih
+
+    def _input_projection(self, params, inp, layer: int, reverse: bool):
+        """``W_ih x + b_ih`` for all T*B rows as one GEMM -> (T, B, gates*H)."""
+        w_ih, b_ih = self._input_weights(params, layer, reverse)
         T, B, n_in = inp.shape
         xw = inp.reshape(T * B, n_in) @ w_ih.T
-        if self.bias:
-            xw += params[parameter_name(spec.input_bias, layer, reverse)]
+        if b_ih is not None:
+            xw += b_ih
         return w_ih, xw.reshape(T, B, w_ih.shape[0])
 
     def _recurrent_weights(self, params, layer: int, reverse: bool) -> dict[str, Any]:

@@ -1,0 +1,153 @@
+"""The NumPy backend's work splits (row tiles, unit tiles with a barrier, one tile) and its
+input paths (chunks; LSTM's one GEMM on [x | h | 1]) give torch.nn's answers. The default
+thresholds only take those paths for large problems, so these tests lower them to reach every
+path with small shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import rnn_gpu as rg
+import rnn_gpu.backends.numpy as nb
+
+torch = pytest.importorskip("torch")
+
+PLANS = {
+    "rows": dict(_MIN_ROWS_PER_THREAD=1, _MIN_SMALL_ROWS=1, _MIN_TILE_MACS=0,
+                 _MIN_CONCAT_ROWS=1),
+    "units": dict(_MIN_ROWS_PER_THREAD=10**9, _MIN_SMALL_ROWS=10**9, _MIN_UNITS_PER_THREAD=1,
+                  _MIN_UNIT_TILE_MACS=0),
+    "single": dict(_MIN_ROWS_PER_THREAD=10**9, _MIN_SMALL_ROWS=10**9,
+                   _MIN_UNIT_TILE_MACS=10**18),
+}
+
+
+@pytest.fixture(params=[(plan, threads) for plan in PLANS for threads in (2, 3)],
+                ids=lambda p: f"{p[0]}-{p[1]}threads")
+def plan(request, monkeypatch):
+    name, threads = request.param
+    for key, value in PLANS[name].items():
+        monkeypatch.setattr(nb, key, value)
+    monkeypatch.setattr(nb, "_CHUNK_ROWS", 16)          # several input chunks per sequence
+    monkeypatch.setenv("RNN_GPU_NUM_THREADS", str(threads))
+    return name, threads
+
+
+def _torch_run(m, x, state, lengths, batch_first):
+    cls = getattr(torch.nn, type(m).__name__)
+    kw = {"nonlinearity": m.nonlinearity} if isinstance(m, rg.RNN) else {}
+    if m.proj_size:
+        kw["proj_size"] = m.proj_size
+    tm = cls(m.input_size, m.hidden_size, m.num_layers, bidirectional=m.bidirectional,
+             batch_first=batch_first, **kw).double()
+    tm.load_state_dict({k: torch.from_numpy(v) for k, v in m.state_dict().items()})
+    xt = torch.from_numpy(x).requires_grad_()
+    hx = (tuple(torch.from_numpy(s) for s in state) if isinstance(state, tuple)
+          else torch.from_numpy(state))
+    if lengths is not None:
+        packed = torch.nn.utils.rnn.pack_padded_sequence(
+            xt, torch.from_numpy(lengths), batch_first=batch_first, enforce_sorted=False)
+        y, st = tm(packed, hx)
+        y, _ = torch.nn.utils.rnn.pad_packed_sequence(y, batch_first=batch_first,
+                                                      total_length=x.shape[1 if batch_first
+                                                                           else 0])
+    else:
+        y, st = tm(xt, hx)
+    return xt, y, (st if isinstance(st, tuple) else (st,))
+
+
+@pytest.mark.parametrize("cell, kw", [("LSTM", {}), ("GRU", {}), ("RNN", {}),
+                                      ("RNN", {"nonlinearity": "relu"}),
+                                      ("LSTM", {"proj_size": 3})],
+                         ids=["lstm", "gru", "rnn", "rnn-relu", "lstm-proj"])
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+def test_tiles_match_torch(plan, cell, kw, lengths):
+    rng = np.random.default_rng(7)
+    T, B, I, H = 37, 9, 4, 10
+    m = getattr(rg, cell)(I, H, 2, bidirectional=True, batch_first=True, dtype="float64",
+                          **kw)
+    x = rng.standard_normal((B, T, I))
+    lens = rng.integers(1, T + 1, B) if lengths else None
+    shape = (4, B, m.output_size)
+    state = ((rng.standard_normal(shape), rng.standard_normal((4, B, H))) if cell == "LSTM"
+             else rng.standard_normal(shape))
+    y, st = m(x, state, lengths=lens)
+    y2, st2, tape = m.forward(x, state, lengths=lens)
+    xt, ty, tst = _torch_run(m, x, state, lens, batch_first=True)
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(y2, y, rtol=1e-12, atol=1e-13)
+    for a, b in zip(st if isinstance(st, tuple) else (st,), tst):
+        np.testing.assert_allclose(a, b.detach().numpy(), rtol=1e-10, atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    (ty * torch.from_numpy(dy)).sum().backward()
+    dx, _, _ = m.backward(tape, dy)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("f, g", [("tanh", "tanh"), ("sigmoid", "relu")])
+def test_twostage_tiles_match_one_thread(plan, f, g, monkeypatch):
+    rng = np.random.default_rng(3)
+    m = rg.TwoStageRNN(4, 10, 2, bidirectional=True, f=f, g=g, dtype="float64")
+    x = rng.standard_normal((37, 9, 4))
+    lens = rng.integers(0, 38, 9)
+    y, st = m(x, lengths=lens)
+    y2, _, tape = m.forward(x, lengths=lens)
+    dx, _, grads = m.backward(tape, np.ones_like(y))
+    monkeypatch.setenv("RNN_GPU_NUM_THREADS", "1")
+    y1, st1 = m(x, lengths=lens)
+    _, _, tape1 = m.forward(x, lengths=lens)
+    dx1, _, grads1 = m.backward(tape1, np.ones_like(y))
+    np.testing.assert_allclose(y, y1, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(y2, y1, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(st, st1, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(dx, dx1, rtol=1e-12, atol=1e-13)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], grads1[k], rtol=1e-10, atol=1e-12)
+
+
+def test_plain_forward_with_xw_matches_the_fused_path():
+    """Backend.forward(xw) (the contract every backend has) and forward_layer(x) agree."""
+    from rnn_gpu.backend_api import Problem
+
+    rng = np.random.default_rng(5)
+    T, B, I, H = 23, 6, 4, 8
+    backend = nb.NumpyBackend()
+    for cell, gates in (("lstm", 4), ("gru", 3), ("rnn", 1)):
+        problem = Problem(cell=cell, activations=("tanh",) if cell == "rnn" else (),
+                          dtype="float64", device="cpu", input_kind="numpy", seq_len=T,
+                          batch=B, input_size=I, hidden_size=H)
+        w_ih, b_ih = rng.standard_normal((gates * H, I)), rng.standard_normal(gates * H)
+        weights = {"weight_hh": rng.standard_normal((gates * H, H)) / 3,
+                   "bias_hh": rng.standard_normal(gates * H)}
+        state = tuple(rng.standard_normal((B, H)) for _ in range(2 if cell == "lstm" else 1))
+        x = rng.standard_normal((T, B, I))
+        lens = rng.integers(0, T + 1, B)
+        for reverse in (False, True):
+            a = backend.forward(problem, x @ w_ih.T + b_ih, weights, state, lens,
+                                reverse=reverse, keep_tape=False)
+            b = backend.forward_layer(problem, x, w_ih, b_ih, weights, state, lens,
+                                      reverse=reverse, keep_tape=False)
+            np.testing.assert_allclose(a[0], b[0], rtol=1e-12, atol=1e-13)
+            for s, t in zip(a[1], b[1]):
+                np.testing.assert_allclose(s, t, rtol=1e-12, atol=1e-13)
+
+
+def test_an_error_in_one_unit_tile_does_not_hang(monkeypatch):
+    for key, value in PLANS["units"].items():
+        monkeypatch.setattr(nb, key, value)
+    monkeypatch.setenv("RNN_GPU_NUM_THREADS", "2")
+    calls = []
+
+    def failing_exp(x, out=None):
+        calls.append(1)
+        if len(calls) == 3:
+            raise FloatingPointError("injected")
+        return np.exp(x, out=out)
+
+    monkeypatch.setattr(nb, "_tanh_via_exp", lambda x, out: failing_exp(x, out))
+    with pytest.raises(FloatingPointError, match="injected"):
+        rg.GRU(3, 8)(np.zeros((5, 4, 3), "float32"))
+    monkeypatch.undo()
+    y, _ = rg.GRU(3, 8)(np.zeros((5, 4, 3), "float32"))     # the pool still works
+    assert y.shape == (5, 4, 8)

@@ -1,0 +1,165 @@
+"""The results: one :class:`Row` per case x runner, as a text table or as JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from dataclasses import asdict, dataclass
+
+COLUMNS = ("cell", "shape T×B×H", "dtype", "runner", "ms (median)", "tokens/s", "GFLOP/s",
+           "vs torch-cpu")
+
+
+@dataclass
+class Row:
+    cell: str
+    shape: str
+    dtype: str
+    runner: str
+    device: str = "cpu"
+    pass_: str = "forward"
+    ms: float | None = None              # median milliseconds per call; None when not timed
+    best_ms: float | None = None
+    spread: float | None = None          # (max - min) / median of the samples
+    samples: int = 0
+    tokens_per_s: float | None = None    # T*B / s
+    gflops: float | None = None          # GEMM GFLOP/s (rnn_gpu.bench.flops)
+    ratio: float | None = None           # peer ms / our ms: > 1 means faster than the peer
+    floor_ms: float | None = None        # GEMM flops at the machine's peak GEMM rate
+    max_err: float | None = None         # max |ours - reference| / max(1, max |reference|)
+    error: str | None = None             # why there is no timing (wrong answer, failure)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.ms is not None
+
+
+def machine_info(threads: int) -> dict:
+    """CPU model, cores, thread count and the versions that matter, read off this machine."""
+    import numpy as np
+
+    import rnn_gpu
+
+    info = {
+        "cpu": _cpu_model(),
+        "cores": _cores(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "rnn_gpu": rnn_gpu.__version__,
+        "numpy": np.__version__,
+        "numpy_blas": _numpy_blas(),
+        "torch": None,
+        "torch_blas": None,
+    }
+    try:
+        import torch
+    except ImportError:
+        return info
+    info["torch"] = torch.__version__
+    parts = []
+    if torch.backends.mkl.is_available():
+        parts.append("MKL")
+    if torch.backends.mkldnn.is_available():
+        parts.append("oneDNN")
+    info["torch_blas"] = " + ".join(parts) or "default"
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _numpy_blas() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "unknown"
+    for lib in threadpool_info():
+        if lib.get("user_api") == "blas" and "numpy" in lib.get("filepath", ""):
+            arch = lib.get("architecture")
+            return f"{lib.get('internal_api')} {lib.get('version')}" + (f" ({arch})" if arch
+                                                                        else "")
+    return "unknown"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return format(value, spec)
+
+
+def _tokens(value: float | None) -> str:
+    if value is None:
+        return "—"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def header_lines(info: dict) -> list[str]:
+    lines = [f"CPU: {info['cpu']}, {info['cores']} cores; threads per runner: "
+             f"{info['threads']}",
+             f"numpy {info['numpy']} ({info['numpy_blas']}); python {info['python']}; "
+             f"rnn_gpu {info['rnn_gpu']}"]
+    if info.get("torch"):
+        lines.append(f"torch {info['torch']} ({info['torch_blas']})")
+    if info.get("peak_gemm_gflops"):
+        peaks = ", ".join(f"{k} {v:.0f}" for k, v in info["peak_gemm_gflops"].items())
+        lines.append(f"peak GEMM (2048³ float32, same threads), GFLOP/s: {peaks}")
+    return lines
+
+
+def format_table(rows: list[Row], info: dict | None = None, markdown: bool = False) -> str:
+    """The results as an aligned text table (or a Markdown table), one row per runner."""
+    body = []
+    for r in rows:
+        timed = r.error is None
+        cells = (r.cell, r.shape, r.dtype, r.runner,
+                 _fmt(r.ms, ".1f") if timed else "WRONG" if r.max_err is not None else "error",
+                 _tokens(r.tokens_per_s) if timed else "—",
+                 _fmt(r.gflops, ".1f") if timed else "—",
+                 _fmt(r.ratio, ".2f") if timed else "—")
+        body.append(cells)
+    if markdown:
+        lines = ["| " + " | ".join(COLUMNS) + " |",
+                 "|" + "|".join("---" if i < 4 else "---:" for i in range(len(COLUMNS))) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+    else:
+        table = [COLUMNS, *body]
+        widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+
+        def line(row):
+            return "  ".join(c.ljust(w) if i < 4 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(row, widths)))
+
+        lines = [line(COLUMNS), "  ".join("-" * w for w in widths)] + [line(r) for r in body]
+    notes = [f"  {r.cell} {r.shape} {r.runner}: {r.error}" for r in rows if r.error]
+    out = []
+    if info is not None:
+        out += header_lines(info) + [""]
+    out += lines
+    if notes:
+        out += ["", "not timed:"] + notes
+    return "\n".join(out)
+
+
+def to_json(rows: list[Row], info: dict) -> str:
+    return json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=2,
+                      ensure_ascii=False)

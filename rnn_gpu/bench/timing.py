@@ -1,0 +1,84 @@
+"""How a call is timed, and how the runners of one case share the machine fairly.
+
+:class:`CpuTimer` is ``time.perf_counter`` around a synchronous call. A GPU timer (CUDA events
+recorded on the current stream around the call, ``elapsed_time`` after a synchronize) belongs
+next to it as ``CudaEventTimer``; :func:`timer_for` is the one place that picks a timer by
+device, so the runner loop does not change when it arrives.
+
+:func:`measure` interleaves the runners call by call (A B A B ..., the order rotating), each
+timed call right after an untimed one of the same runner. On a noisy machine this spreads
+bursts of noise over all runners instead of over whichever ran during a burst. (An idle gap
+before each call instead was tried and rejected: after ~0.1 s idle this VM's scheduler needs
+tens of ms to spread two threads over the two cores again, which measures the wake-up, not
+the kernels: RNN 128x256x128 34 ms back to back, 59 ms after a 0.15 s sleep.)
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Timing:
+    """Seconds per call of one runner on one case."""
+
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def best(self) -> float:
+        return min(self.samples)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: how noisy the samples were."""
+        return (max(self.samples) - min(self.samples)) / self.median if self.samples else 0.0
+
+
+class CpuTimer:
+    """Wall-clock seconds of one synchronous call."""
+
+    device = "cpu"
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+
+def timer_for(device: str):
+    """The timer for a device: CPU wall clock; CUDA events arrive with the GPU backends."""
+    if device == "cpu":
+        return CpuTimer()
+    raise NotImplementedError(f"no timer for device {device!r} yet: a CUDA-event timer "
+                              "(torch.cuda.Event(enable_timing=True)) goes in rnn_gpu.bench."
+                              "timing next to CpuTimer")
+
+
+def measure(fns: dict[str, Callable[[], object]], *, timer, repeats: int,
+            warm_each: bool = True) -> dict[str, Timing]:
+    """Time every callable ``repeats`` times, alternating between them call by call.
+
+    With ``warm_each`` every timed call comes right after an untimed call of the same runner:
+    each runner is measured in its steady state (its own threads awake and placed on the
+    cores, as when a model processes batch after batch), and the previous runner's
+    idle-spinning worker threads (OpenBLAS spins ~0.1 s of CPU after a multi-threaded call,
+    libgomp ~10 ms) have run out during the untimed call. The order rotates per repetition.
+    """
+    names = list(fns)
+    timings = {name: Timing() for name in names}
+    for name in names:
+        fns[name]()
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            if warm_each:
+                fns[name]()
+            timings[name].samples.append(timer(fns[name]))
+    return timings

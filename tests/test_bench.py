@@ -1,0 +1,103 @@
+"""``rnn-gpu bench``: it runs, reports finite speeds, and never times a wrong answer.
+
+No timing assertions: speed is what the benchmark shows, not what unit tests check.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import rnn_gpu as rg
+from rnn_gpu.backend_api import Backend
+from rnn_gpu.bench import cases, flops
+from rnn_gpu.cli import main
+
+pytest.importorskip("torch")
+
+
+def _bench_json(capsys, *args: str) -> dict:
+    assert main(["bench", "--quick", "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_quick_bench_reports_numpy_and_torch(capsys):
+    report = _bench_json(capsys, "--repeats", "1")
+    assert report["machine"]["threads"] >= 1 and report["machine"]["numpy"] == np.__version__
+    rows = report["rows"]
+    assert {r["runner"] for r in rows} >= {"numpy", "torch-cpu"}
+    assert {r["cell"] for r in rows} == set(cases.CELLS)
+    for row in rows:
+        if row["runner"] not in ("numpy", "torch-cpu"):
+            continue
+        assert row["error"] is None, row
+        for key in ("ms", "tokens_per_s", "gflops", "ratio"):
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert row["max_err"] <= 1e-4
+        if row["runner"] == "torch-cpu":
+            assert row["ratio"] == 1.0
+
+
+class _Garbage(Backend):
+    """Right shapes, wrong numbers."""
+
+    name = "garbage_for_test"
+    priority = -100
+
+    def forward(self, problem, xw, weights, state, lengths, *, reverse, keep_tape):
+        rng = np.random.default_rng(0)
+        T, B = xw.shape[:2]
+        y = rng.standard_normal((T, B, problem.output_size)).astype(xw.dtype)
+        return y, tuple(rng.standard_normal(s.shape).astype(s.dtype) for s in state), None
+
+    def backward(self, tape, dy, dstate):
+        raise NotImplementedError
+
+
+@pytest.fixture
+def garbage():
+    rg.backends.register(_Garbage)
+    yield _Garbage.name
+    rg.backends.unregister(_Garbage.name)
+
+
+def test_a_wrong_backend_is_reported_and_not_timed(capsys, garbage):
+    report = _bench_json(capsys, "--cell", "RNN,LSTM", "--backend", f"numpy,{garbage}",
+                         "--repeats", "1")
+    wrong = [r for r in report["rows"] if r["runner"] == garbage]
+    assert len(wrong) == 4                             # 2 cells x 2 quick shapes
+    for row in wrong:
+        assert row["ms"] is None and row["tokens_per_s"] is None and row["ratio"] is None
+        assert "wrong answer" in row["error"] and row["max_err"] > 1e-4
+    assert all(r["error"] is None and r["ms"] > 0 for r in report["rows"]
+               if r["runner"] == "numpy")
+
+
+def test_the_table_says_wrong(capsys, garbage):
+    assert main(["bench", "--quick", "--cell", "GRU", "--shape", "4x8x8", "--backend",
+                 garbage, "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "WRONG" in out and "not timed" in out and "torch-cpu" in out
+
+
+def test_bad_arguments_exit_2(capsys):
+    assert main(["bench", "--shape", "12x3"]) == 2
+    assert "TxBxH" in capsys.readouterr().err
+    assert main(["bench", "--cell", "transformer"]) == 2
+    assert main(["bench", "--dtype", "int8"]) == 2
+    assert main(["bench", "--repeats", "0"]) == 2
+    assert main(["bench", "--threads", "0"]) == 2
+
+
+def test_shapes_cells_and_flops():
+    assert cases.parse_shape("128x256x128") == (128, 256, 128, 128)
+    assert cases.parse_shape("8×4×3×5") == (8, 4, 3, 5)
+    assert [cases.parse_cell(c) for c in ("lstm", "GRU", "rnn", "twostage")] == [
+        "LSTM", "GRU", "RNN", "TwoStageRNN"]
+    assert len([c for c in cases.cpu_cases() if c.cell != "TwoStageRNN"]) == 9
+    assert flops.forward_flops("LSTM", 2, 3, 5, 7) == 2 * 2 * 3 * (5 + 7) * 4 * 7
+    assert flops.forward_flops("TwoStageRNN", 2, 3, 5, 7) == 2 * 2 * 3 * 7 * (5 + 3 * 7)
+    assert flops.train_flops("GRU", 2, 3, 5, 7) == 3 * flops.forward_flops("GRU", 2, 3, 5, 7)

@@ -79,6 +79,29 @@ def _inputs(m, rng, T, B):
     return x, parts
 
 
+def _check_backward(m, x, parts, forward_result, run, rng, picks):
+    """backward() of ``forward_result`` against central differences of the scalar loss
+    sum(y*dy) + sum(state*dstate), where ``run()`` recomputes (y, state); ``picks`` is how many
+    random entries of x, of each initial state and of each parameter to check."""
+    y, final, tape = forward_result
+    dy = rng.standard_normal(y.shape)
+    dstate = tuple(rng.standard_normal(s.shape) for s in as_tuple(final))
+    dstate = dstate if isinstance(m, rg.LSTM) else dstate[0]
+    dx, dstate0, grads = m.backward(tape, dy, dstate)
+
+    def loss():
+        return _loss(*run(), dy, dstate)
+
+    for idx in _pick(rng, x.shape, picks[0]):
+        _check_fd(dx[idx], loss, x, idx, f"dx{idx}")
+    for k, (p, g) in enumerate(zip(parts, as_tuple(dstate0))):
+        for idx in _pick(rng, p.shape, picks[1]):
+            _check_fd(g[idx], loss, p, idx, f"dstate0[{k}]{idx}")
+    for name, p in m.parameters().items():
+        for idx in _pick(rng, p.shape, picks[2]):
+            _check_fd(grads[name][idx], loss, p, idx, f"grads[{name!r}]{idx}")
+
+
 @pytest.mark.parametrize("cell,opts", CONFIGS, ids=IDS)
 def test_backward_matches_finite_differences(cell, opts, rng):
     m = _model(cell, opts, rng, num_layers=2, bidirectional=True)
@@ -87,25 +110,9 @@ def test_backward_matches_finite_differences(cell, opts, rng):
     state = tuple(parts) if cell == "LSTM" else parts[0]
     lengths = np.array([5, 3, 0])
     rng.shuffle(lengths)
-    y, final, tape = m.forward(x, state, lengths=lengths)
-    dy = rng.standard_normal(y.shape)
-    dstate = tuple(rng.standard_normal(s.shape) for s in as_tuple(final))
-    dstate = dstate if cell == "LSTM" else dstate[0]
-    dx, dstate0, grads = m.backward(tape, dy, dstate)
-
-    def loss():
-        y2, f2 = m(x, state, lengths=lengths)          # the inference path, independently
-        return _loss(y2, f2, dy, dstate)
-
-    for idx in _pick(rng, x.shape, 6):
-        _check_fd(dx[idx], loss, x, idx, f"dx{idx}")
-    for k, (p, g) in enumerate(zip(parts, as_tuple(dstate0))):
-        for idx in _pick(rng, p.shape, 5):
-            _check_fd(g[idx], loss, p, idx, f"dstate0[{k}]{idx}")
-    params = m.parameters()
-    for name, p in params.items():
-        for idx in _pick(rng, p.shape, 2):
-            _check_fd(grads[name][idx], loss, p, idx, f"grads[{name!r}]{idx}")
+    # the loss re-runs the inference path, independently of forward()'s tape
+    _check_backward(m, x, parts, m.forward(x, state, lengths=lengths),
+                    lambda: m(x, state, lengths=lengths), rng, picks=(6, 5, 2))
 
 
 @pytest.mark.parametrize("cell,opts", CONFIGS, ids=IDS)
@@ -157,23 +164,8 @@ def test_dropout_backward_matches_finite_differences(cell, opts, rng):
     np.testing.assert_array_equal(y, y_again)
     y_inf, _ = m(x, state, lengths=lengths)
     assert not np.allclose(y, y_inf), "dropout=0.4 in training changed nothing"
-    dy = rng.standard_normal(y.shape)
-    dstate = tuple(rng.standard_normal(s.shape) for s in as_tuple(final))
-    dstate = dstate if cell == "LSTM" else dstate[0]
-    dx, dstate0, grads = m.backward(tape, dy, dstate)
-
-    def loss():
-        y2, f2, _ = forward()
-        return _loss(y2, f2, dy, dstate)
-
-    for idx in _pick(rng, x.shape, 5):
-        _check_fd(dx[idx], loss, x, idx, f"dx{idx}")
-    for k, (p, g) in enumerate(zip(parts, as_tuple(dstate0))):
-        for idx in _pick(rng, p.shape, 3):
-            _check_fd(g[idx], loss, p, idx, f"dstate0[{k}]{idx}")
-    for name, p in m.parameters().items():
-        for idx in _pick(rng, p.shape, 1):
-            _check_fd(grads[name][idx], loss, p, idx, f"grads[{name!r}]{idx}")
+    _check_backward(m, x, parts, (y, final, tape), lambda: forward()[:2], rng,
+                    picks=(5, 3, 1))
 
 
 @pytest.mark.parametrize("cell,opts", DROPOUT_CELLS, ids=DROPOUT_IDS)

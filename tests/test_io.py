@@ -252,36 +252,20 @@ def test_config_contradicts_tensors(saved, change, pattern):
         rg.load(bad)
 
 
-def test_missing_tensor(saved):
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda t: {k: v for k, v in t.items() if k != "weight_hh_l1"},
+     r"tensors do not match its config: .*missing keys \['weight_hh_l1'\], unexpected keys \[\]"),
+    (lambda t: {**t, "weight_hh_l7": np.zeros((16, 4), np.float32)},
+     r"tensors do not match its config: .*missing keys \[\], unexpected keys \['weight_hh_l7'\]"),
+    (lambda t: {**t, "bias_ih_l0": np.zeros(16, np.int32)},
+     r"state_dict\['bias_ih_l0'\]: expected a floating dtype, got int32"),
+    (lambda t: {**t, "readout.weight": np.zeros((3, 4), np.float32)},
+     r"holds readout tensors \['weight'\] but no 'readout' metadata"),
+], ids=["missing-tensor", "extra-tensor", "integer-tensor", "readout-without-metadata"])
+def test_tensors_that_contradict_the_config(saved, edit, pattern):
     _, path = saved
-    bad = _rewrite(path, tensors=lambda t: {k: v for k, v in t.items() if k != "weight_hh_l1"})
-    with pytest.raises(WeightsFileError, match=r"tensors do not match its config: .*missing keys "
-                       r"\['weight_hh_l1'\], unexpected keys \[\]"):
-        rg.load(bad)
-
-
-def test_extra_tensor(saved):
-    _, path = saved
-    bad = _rewrite(path, tensors=lambda t: {**t, "weight_hh_l7": np.zeros((16, 4), np.float32)})
-    with pytest.raises(WeightsFileError, match=r"tensors do not match its config: .*missing keys "
-                       r"\[\], unexpected keys \['weight_hh_l7'\]"):
-        rg.load(bad)
-
-
-def test_integer_tensor(saved):
-    _, path = saved
-    bad = _rewrite(path, tensors=lambda t: {**t, "bias_ih_l0": np.zeros(16, np.int32)})
-    with pytest.raises(WeightsFileError, match=r"state_dict\['bias_ih_l0'\]: expected a floating "
-                       r"dtype, got int32"):
-        rg.load(bad)
-
-
-def test_readout_tensors_without_readout_metadata(saved):
-    _, path = saved
-    bad = _rewrite(path, tensors=lambda t: {**t, "readout.weight": np.zeros((3, 4), np.float32)})
-    with pytest.raises(WeightsFileError, match=r"holds readout tensors \['weight'\] but no "
-                       r"'readout' metadata"):
-        rg.load(bad)
+    with pytest.raises(WeightsFileError, match=pattern):
+        rg.load(_rewrite(path, tensors=edit))
 
 
 def test_readout_metadata_contradicts_tensors(tmp_path):

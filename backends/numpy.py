@@ -864,14 +864,6 @@ class NumpyBackend(Backend):
     def forward_layer(self, problem, x, w_ih, b_ih, weights, state, lengths, *, reverse,
                       keep_tape):
         """The fused path (DESIGN §4): the tiles project their own rows of x."""
-        if type(self).forward is not NumpyBackend.forward:
-            # A subclass customised forward() (to wrap or record it): route through it.
-            T, B, n_in = x.shape
-            xw = (np.asarray(x).reshape(T * B, n_in) @ np.asarray(w_ih).T).reshape(T, B, -1)
-            if b_ih is not None:
-                xw += np.asarray(b_ih)
-            return self.forward(problem, xw, weights, state, lengths, reverse=reverse,
-                                keep_tape=keep_tape)
         return self._forward(problem, np.asarray(x), np.asarray(w_ih),
                              None if b_ih is None else np.asarray(b_ih), None, weights, state,
                              lengths, reverse=reverse, keep_tape=keep_tape)

@@ -161,6 +161,3 @@ class Ops:
     def sum_leading(self, x):
         """Sum over every axis but the last (bias gradients)."""
         return x.reshape(-1, x.shape[-1]).sum(0)
-
-    def from_numpy(self, x: np.ndarray, device: str):
-        return to_kind(x, self.kind, device)

@@ -101,3 +101,17 @@ def test_shapes_cells_and_flops():
     assert flops.forward_flops("LSTM", 2, 3, 5, 7) == 2 * 2 * 3 * (5 + 7) * 4 * 7
     assert flops.forward_flops("TwoStageRNN", 2, 3, 5, 7) == 2 * 2 * 3 * 7 * (5 + 3 * 7)
     assert flops.train_flops("GRU", 2, 3, 5, 7) == 3 * flops.forward_flops("GRU", 2, 3, 5, 7)
+
+
+def test_without_the_peer_no_row_claims_a_ratio(capsys, monkeypatch):
+    """torch missing: numpy is still timed, but a ratio against itself would read as 'level
+    with torch', so no row gets one, and the peer row says why it did not run."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)          # `import torch` now fails
+    rows = _bench_json(capsys, "--repeats", "1", "--cell", "RNN")["rows"]
+    ours = [r for r in rows if r["runner"] == "numpy"]
+    peers = [r for r in rows if r["runner"] == "torch-cpu"]
+    assert ours and all(r["error"] is None and r["ms"] > 0 for r in ours)
+    assert all(r["ratio"] is None for r in rows)
+    assert peers and all("torch is not installed" in r["error"] for r in peers)

@@ -69,9 +69,10 @@ def run_case(case: Case, runners: list[Runner], *, repeats: int,
             row.error = f"failed: {type(exc).__name__}: {exc}"
             continue
         calls[runner.name] = call
-    reference = next((r.name for r in runners if r.is_peer and r.name in results), None)
-    if reference is None:                       # no peer: check against the first that ran
-        reference = next(iter(results), None)
+    peer_name = next((r.name for r in runners if r.is_peer and r.name in results), None)
+    # No peer (torch missing): our runners are still checked against each other, but no row
+    # gets a ratio, since a ratio against ourselves would read as "level with the peer".
+    reference = peer_name or next(iter(results), None)
     tol = TOLERANCE.get(case.dtype, 1e-4)
     for row in rows:
         if row.runner not in results:
@@ -97,7 +98,7 @@ def run_case(case: Case, runners: list[Runner], *, repeats: int,
         row.gflops = flops / seconds / 1e9
         if peak_gflops:
             row.floor_ms = flops / peak_gflops / 1e6
-    peer = next((r for r in rows if r.runner == reference and r.ok), None)
+    peer = next((r for r in rows if r.runner == peer_name and r.ok), None)
     for row in rows:
         if peer is not None and row.ok:
             row.ratio = peer.ms / row.ms

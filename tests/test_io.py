@@ -189,44 +189,28 @@ def test_safetensors_without_our_metadata(tmp_path):
         rg.load(path)
 
 
-def test_wrong_format_version(saved):
+def _with_config(m, **change):
+    return {**m, "config": json.dumps({**json.loads(m["config"]), **change})}
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda m: {**m, "format": "rnn_gpu/999"},
+     r"metadata 'format' is 'rnn_gpu/999', expected 'rnn_gpu/1'"),
+    (lambda m: {"format": m["format"]}, r"has no 'config' entry in its metadata"),
+    (lambda m: {**m, "config": "{not json"}, r"metadata 'config' is not valid JSON"),
+    (lambda m: {**m, "config": ""}, r"metadata 'config' is not valid JSON"),
+    (lambda m: {**m, "config": "{\"cell\": \"LSTM\",}"}, r"metadata 'config' is not valid JSON"),
+    (lambda m: {**m, "config": "[1, 2]"},
+     r"metadata 'config' should be a JSON object, got list"),
+    (lambda m: _with_config(m, cell="Transformer"),
+     r"metadata names cell 'Transformer', expected one of \['GRU', 'LSTM', 'RNN', "
+     r"'TwoStageRNN'\] or 'Readout'"),
+], ids=["format-version", "missing-config", "json-garbage", "json-empty", "json-trailing-comma",
+        "config-not-object", "unknown-cell"])
+def test_metadata_that_is_wrong(saved, edit, pattern):
     _, path = saved
-    bad = _rewrite(path, metadata=lambda m: {**m, "format": "rnn_gpu/999"})
-    with pytest.raises(WeightsFileError, match=r"metadata 'format' is 'rnn_gpu/999', expected "
-                       r"'rnn_gpu/1'"):
-        rg.load(bad)
-
-
-def test_missing_config(saved):
-    _, path = saved
-    bad = _rewrite(path, metadata=lambda m: {"format": m["format"]})
-    with pytest.raises(WeightsFileError, match=r"has no 'config' entry in its metadata"):
-        rg.load(bad)
-
-
-@pytest.mark.parametrize("text", ["{not json", "", "{\"cell\": \"LSTM\",}"])
-def test_invalid_json_config(saved, text):
-    _, path = saved
-    bad = _rewrite(path, metadata=lambda m: {**m, "config": text})
-    with pytest.raises(WeightsFileError, match=r"metadata 'config' is not valid JSON"):
-        rg.load(bad)
-
-
-def test_config_not_an_object(saved):
-    _, path = saved
-    bad = _rewrite(path, metadata=lambda m: {**m, "config": "[1, 2]"})
-    with pytest.raises(WeightsFileError, match=r"metadata 'config' should be a JSON object, got "
-                       r"list"):
-        rg.load(bad)
-
-
-def test_unknown_cell(saved):
-    _, path = saved
-    bad = _rewrite(path, metadata=lambda m: {**m, "config": json.dumps(
-        {**json.loads(m["config"]), "cell": "Transformer"})})
-    with pytest.raises(WeightsFileError, match=r"metadata names cell 'Transformer', expected one "
-                       r"of \['GRU', 'LSTM', 'RNN', 'TwoStageRNN'\] or 'Readout'"):
-        rg.load(bad)
+    with pytest.raises(WeightsFileError, match=pattern):
+        rg.load(_rewrite(path, metadata=edit))
 
 
 @pytest.mark.parametrize("change,pattern", [
@@ -246,8 +230,7 @@ def test_unknown_cell(saved):
 ])
 def test_config_contradicts_tensors(saved, change, pattern):
     _, path = saved
-    bad = _rewrite(path, metadata=lambda m: {**m, "config": json.dumps(
-        {**json.loads(m["config"]), **change})})
+    bad = _rewrite(path, metadata=lambda m: _with_config(m, **change))
     with pytest.raises(WeightsFileError, match=pattern):
         rg.load(bad)
 

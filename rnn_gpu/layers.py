@@ -377,13 +377,12 @@ class RecurrentLayer:
         tape.used = True
         tape.tapes.clear()
         dx = to_kind(_from_time_major(grad, layout), layout["kind"], device)
-        storage = {k: v for k, v in self._params.items()}
         out_grads = {}
         for name, shape in self.parameter_shapes().items():
             g = grads.get(name)
             if g is None:                       # empty batch or sequence: no gradient flows
                 g = ops.zeros(shape, self.dtype, device)
-            out_grads[name] = _like(g, storage[name])
+            out_grads[name] = _like(g, self._params[name])
         return dx, self._pack_state(dstate0, layout, layout["kind"], ops), out_grads
 
     # ------------------------------------------------------------------ input checking

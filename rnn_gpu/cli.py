@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions and the backend table")
     info.set_defaults(func=_info)
+    from .batch.cli import add_parser as add_run_parser
+
+    add_run_parser(sub)
     bench = sub.add_parser(
         "bench", help="forward throughput of our backends next to torch.nn, checked first",
         description="Time one-layer forward passes of our backends and of torch.nn on the "

@@ -1,0 +1,435 @@
+"""The loop of ``rnn-gpu run``: plan chunks, read batches, run them, write chunks, resume.
+
+Chunks. The N sequences are cut into chunks of ``chunk_rows`` consecutive rows. A chunk is the
+unit of writing and of the manifest: it is written in one piece, then recorded as done. On a
+rerun of the same job, chunks recorded as done are skipped and the others computed again.
+
+Batches and bucketing. Within a chunk, sequences are sorted by length (stable) and cut into
+batches of ``batch_size``; each batch is padded only to its own longest sequence, so similar
+lengths travel together and little time goes into padding. Outputs are scattered back to their
+input positions in the chunk's buffer, so the file is in input order. The chunk is the
+bucketing window, which bounds the sort's memory and keeps order-restoring local.
+
+Memory. At any time the process holds one chunk of input (the window being cut into batches),
+the few batches queued by the reader thread, the batch being computed and the output buffers
+of chunks in flight (one for the local executor). The chunk size is chosen so that a chunk of
+input or output is at most ``CHUNK_BUDGET`` bytes (or one batch, if a batch is larger), so
+peak memory does not depend on N.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import registry
+from .._arrays import device_of, kind_of
+from ..backend_api import Problem
+from .apply import EMITS, apply_batch, output_shape
+from .errors import RunFailure, UsageError
+from .executors import LocalExecutor, OutOfMemory, _HostStaging, is_out_of_memory
+from .prefetch import prefetch
+from .sinks import (
+    Manifest,
+    OutputLock,
+    manifest_path,
+    open_writer,
+    output_matches,
+    remove_output,
+    remove_stale_temporaries,
+)
+from .sources import lengths_beside, open_input, open_lengths
+
+CHUNK_BUDGET = 32 * 2**20          # bytes of input or output per chunk, at most 8 batches
+MAX_BATCHES_PER_CHUNK = 8
+PREFETCH_DEPTH = 2                 # batches read ahead of the one being computed
+
+
+@dataclass
+class RunOptions:
+    model: str
+    input: str
+    output: str
+    batch_size: int = 256
+    emit: str = "last"
+    backend: str | None = None
+    dtype: str | None = None            # None: the model's own dtype
+    device: str = "cpu"
+    lengths: str | None = None          # a path; None: look beside INPUT (see lengths_beside)
+    find_lengths: bool = True
+    chunk_rows: int | None = None       # None: derived from CHUNK_BUDGET
+    bucket: bool = True
+    overwrite: bool = False
+    quiet: bool = False
+    scheduler: str | None = None        # a Dask scheduler address: run there
+
+
+def run(opts: RunOptions, *, executor=None, log: Callable[[str], None] | None = None
+        ) -> dict[str, Any]:
+    """Run the job; returns the summary. Raises UsageError / RunFailure for the errors a user
+    can act on (see :mod:`rnn_gpu.batch.errors`)."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    note = (lambda msg: None) if opts.quiet else log
+    # Everything that can be checked is checked before the output is touched.
+    _check_options(opts)
+    model = _load_model(opts)
+    source = open_input(opts.input)
+    N, T, input_size = source.shape
+    if input_size != model.input_size:
+        raise UsageError(f"INPUT: expected sequences of input_size {model.input_size} (the "
+                         f"model's), shape (N, T, {model.input_size}); got shape {source.shape}")
+    lengths, lengths_identity = _lengths(opts, N, T, note)
+    try:
+        out_shape = output_shape(model, N, T, opts.emit)
+    except ValueError as exc:
+        raise UsageError(f"--emit: {exc}") from None
+    out_dtype = _output_dtype(model, opts.emit)
+    chunk_rows = opts.chunk_rows or _chunk_rows(opts.batch_size, source, out_shape, out_dtype)
+    chunk_rows = max(1, min(chunk_rows, N))
+    backend_name = _preflight(model, opts, input_size, lengths is not None)
+    job = _job(opts, model, source, lengths_identity, chunk_rows, out_shape, out_dtype)
+    parent = os.path.dirname(os.path.abspath(opts.output))
+    if not os.path.isdir(parent):
+        raise UsageError(f"OUTPUT: the directory {parent!r} does not exist")
+    executor = executor or _executor(opts, log)
+    plan = _Plan(source, lengths, chunk_rows, opts.batch_size, opts.bucket, model.dtype)
+    lock = OutputLock(opts.output)
+    try:
+        remove_stale_temporaries(opts.output)
+        manifest, fresh = _open_manifest(opts, job, -(-N // chunk_rows), out_shape, out_dtype,
+                                         note)
+        counts = _execute(opts, model, plan, manifest, fresh, executor, out_shape, out_dtype,
+                          note)
+    finally:
+        lock.release()
+        executor.close()
+    return {
+        "sequences": N, "computed": counts["computed"],
+        "seconds": round(time.perf_counter() - started, 3),
+        "sequences_per_s": (round(counts["computed"] / counts["seconds"], 1)
+                            if counts["computed"] else None),
+        "backend": backend_name, "device": opts.device, "executor": executor.name,
+        "emit": opts.emit, "output": opts.output, "shape": list(out_shape),
+        "batches": counts["batches"],
+        "batches_retried": getattr(executor, "batches_retried", 0),
+        "chunks": manifest.chunks, "chunks_written": counts["written"],
+        "chunks_skipped": counts["skipped"],
+    }
+
+
+def _execute(opts, model, plan, manifest, fresh, executor, out_shape, out_dtype, note
+             ) -> dict[str, Any]:
+    """The loop: batches to the executor, outputs into chunk buffers, full chunks to disk."""
+    from tqdm import tqdm
+
+    n_chunks, chunk_rows = manifest.chunks, manifest.chunk_rows
+    try:
+        writer = open_writer(opts.output, out_shape, out_dtype, chunk_rows, create=fresh)
+    except OSError as exc:
+        raise RunFailure(f"OUTPUT: cannot {'create' if fresh else 'open'} {opts.output!r}: "
+                         f"{exc}") from None
+    skipped = len(manifest.done)
+    if skipped == n_chunks and n_chunks:
+        note(f"rnn-gpu run: nothing to do: all {n_chunks} chunks of {opts.output} are written")
+    elif skipped:
+        note(f"rnn-gpu run: resuming: {skipped} of {n_chunks} chunks already written")
+    pending = [c for c in range(n_chunks) if c not in manifest.done]
+    bar = tqdm(total=plan.source.shape[0], initial=sum(plan.rows(c) for c in manifest.done),
+               unit="seq", unit_scale=True, file=sys.stderr, disable=opts.quiet,
+               dynamic_ncols=True, desc="rnn-gpu run")
+    counts = {"written": 0, "batches": 0, "computed": 0, "skipped": skipped}
+    started = time.perf_counter()
+    buffers: dict[int, np.ndarray] = {}       # chunks in flight (one, locally)
+    received: dict[int, int] = {}
+    try:
+        results = executor.map(model, prefetch(plan.batches(pending), PREFETCH_DEPTH),
+                               emit=opts.emit, backend=opts.backend)
+        for (chunk, number), out in results:
+            counts["batches"] += 1
+            if chunk not in buffers:
+                buffers[chunk] = np.zeros((plan.rows(chunk), *out_shape[1:]), out_dtype)
+            positions = plan.positions.pop((chunk, number))
+            if out.ndim == 3:         # padded to this batch's longest sequence only
+                buffers[chunk][positions, :out.shape[1]] = out
+            else:
+                buffers[chunk][positions] = out
+            received[chunk] = received.get(chunk, 0) + 1
+            bar.update(len(positions))
+            if received[chunk] == plan.batch_count[chunk]:
+                _write_chunk(writer, manifest, chunk, buffers.pop(chunk), opts)
+                del received[chunk]
+                counts["written"] += 1
+                counts["computed"] += plan.rows(chunk)
+    except OutOfMemory as exc:
+        raise RunFailure(f"{exc}. {_kept(manifest)}") from None
+    except registry.BackendError as exc:
+        raise RunFailure(f"--backend: {exc}") from None
+    except OSError as exc:             # writing errors are RunFailures already: this is reading
+        raise RunFailure(f"INPUT: reading {opts.input!r} failed: {exc}. {_kept(manifest)}"
+                         ) from None
+    except Exception as exc:
+        # A batch that failed on a Dask worker (rnn_gpu.dask.BatchFailedError, matched by name
+        # so that the local path never imports it): the worker's error, without a traceback.
+        if type(exc).__name__ != "BatchFailedError":
+            raise
+        raise RunFailure(f"{exc}. {_kept(manifest)}") from None
+    finally:
+        bar.close()
+        writer.close()
+    counts["seconds"] = time.perf_counter() - started
+    return counts
+
+
+class _Plan:
+    """Cuts chunks into batches (bucketed by length) and remembers where each batch goes."""
+
+    def __init__(self, source, lengths, chunk_rows, batch_size, bucket, model_dtype):
+        self.source, self.lengths, self.chunk_rows = source, lengths, chunk_rows
+        self.batch_size, self.bucket = batch_size, bucket
+        # cast on the host to the model's dtype (float64 data into a float32 model, say);
+        # NumPy has no bfloat16, so such data goes as it is and the backend decides.
+        self.dtype = np.dtype(model_dtype) if model_dtype != "bfloat16" else None
+        self.positions: dict[tuple[int, int], np.ndarray] = {}
+        self.batch_count: dict[int, int] = {}
+
+    def rows(self, chunk: int) -> int:
+        start = chunk * self.chunk_rows
+        return min(self.source.shape[0], start + self.chunk_rows) - start
+
+    def batches(self, chunks) -> Iterator[tuple[tuple[int, int], np.ndarray, Any]]:
+        for chunk in chunks:
+            start = chunk * self.chunk_rows
+            stop = start + self.rows(chunk)
+            window = self.source.read(start, stop)
+            lengths = None if self.lengths is None else self.lengths[start:stop]
+            order = (np.argsort(lengths, kind="stable") if self.bucket and lengths is not None
+                     else np.arange(stop - start))
+            cuts = range(0, stop - start, self.batch_size)
+            self.batch_count[chunk] = len(cuts)
+            for number, cut in enumerate(cuts):
+                positions = order[cut:cut + self.batch_size]
+                steps = window.shape[1] if lengths is None else int(lengths[positions].max())
+                x = window[positions, :steps]
+                if self.dtype is not None:
+                    x = x.astype(self.dtype, copy=False)
+                self.positions[(chunk, number)] = positions
+                yield ((chunk, number), np.ascontiguousarray(x),
+                       None if lengths is None else lengths[positions])
+            del window
+
+
+def _write_chunk(writer, manifest: Manifest, chunk: int, rows: np.ndarray, opts: RunOptions
+                 ) -> None:
+    start = chunk * manifest.chunk_rows
+    try:
+        writer.write(start, rows)
+        manifest.mark_done(chunk)          # only after the rows are on disk
+    except OSError as exc:
+        what = ("no space left on device" if exc.errno == errno.ENOSPC
+                else f"{type(exc).__name__}: {exc.strerror or exc}")
+        raise RunFailure(f"OUTPUT: {what} while writing chunk {chunk} (rows "
+                         f"{start}:{start + len(rows)}) of {opts.output!r}. "
+                         f"{_kept(manifest)}") from None
+
+
+def _kept(manifest: Manifest) -> str:
+    n = len(manifest.done)
+    return (f"The {n} chunk{'s' if n != 1 else ''} recorded in {manifest.path!r} "
+            f"{'are' if n != 1 else 'is'} kept; rerun the same command to resume.")
+
+
+def _check_options(opts: RunOptions) -> None:
+    if opts.emit not in EMITS:
+        raise UsageError(f"--emit: expected one of {', '.join(EMITS)}, got {opts.emit!r}")
+    if opts.batch_size < 1:
+        raise UsageError(f"--batch-size: expected a positive number, got {opts.batch_size}")
+    if opts.chunk_rows is not None and opts.chunk_rows < 1:
+        raise UsageError(f"--chunk-size: expected a positive number, got {opts.chunk_rows}")
+    if opts.dtype is not None and opts.dtype not in ("float16", "bfloat16", "float32",
+                                                     "float64"):
+        raise UsageError(f"--dtype: expected float16, bfloat16, float32 or float64, got "
+                         f"{opts.dtype!r}")
+
+
+def _load_model(opts: RunOptions):
+    import rnn_gpu as rg
+    from rnn_gpu.io import WeightsFileError
+    from rnn_gpu.layers import RecurrentLayer
+
+    try:
+        model = rg.load(opts.model)
+    except FileNotFoundError:
+        raise UsageError(f"MODEL: no such file {opts.model!r}") from None
+    except (WeightsFileError, OSError) as exc:
+        raise UsageError(f"MODEL: expected a file written by rnn_gpu.save: {exc}") from None
+    if not isinstance(model, RecurrentLayer):
+        raise UsageError(f"MODEL: expected a recurrent layer (RNN, LSTM, GRU, TwoStageRNN), "
+                         f"{opts.model!r} holds a {type(model).__name__}")
+    if opts.dtype is not None and opts.dtype != model.dtype:
+        config = model.config()
+        config.pop("cell")
+        recast = type(model)(**{**config, "dtype": opts.dtype})
+        recast.load_state_dict(model.state_dict())
+        recast.readout = model.readout
+        if model.readout is not None and opts.dtype in ("float32", "float64"):
+            recast.readout = _recast_readout(model.readout, opts.dtype)
+        model = recast
+    model.eval()
+    try:
+        model.to(opts.device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise UsageError(f"--device: cannot use {opts.device!r}: {exc}") from None
+    return model
+
+
+def _recast_readout(readout, dtype: str):
+    """The readout in ``dtype`` (it computes in NumPy, so only float32 and float64 exist)."""
+    from rnn_gpu.readout import Readout
+
+    recast = Readout(**{**readout.config(), "dtype": dtype})
+    recast.load_state_dict(readout.state_dict())
+    return recast
+
+
+def _output_dtype(model, emit: str) -> np.dtype:
+    if emit == "probs":                 # the readout's own dtype
+        return np.dtype(model.readout.dtype)
+    return np.dtype("float32" if model.dtype == "bfloat16" else model.dtype)  # NumPy has no bf16
+
+
+def _lengths(opts: RunOptions, N: int, T: int, note) -> tuple[np.ndarray | None, dict | None]:
+    path = opts.lengths
+    if path is None and opts.find_lengths:
+        path = lengths_beside(opts.input)
+        if path is not None:
+            note(f"rnn-gpu run: lengths from {path} (found beside INPUT; --lengths PATH picks "
+                 "another file, --no-lengths none)")
+    if path is None:
+        return None, None
+    return open_lengths(path, N, T)
+
+
+def _chunk_rows(batch_size: int, source, out_shape, out_dtype) -> int:
+    in_row = int(np.prod(source.shape[1:])) * source.dtype.itemsize
+    out_row = int(np.prod(out_shape[1:])) * out_dtype.itemsize
+    per_batch = batch_size * max(in_row, out_row, 1)
+    return batch_size * max(1, min(MAX_BATCHES_PER_CHUNK, CHUNK_BUDGET // per_batch))
+
+
+def _preflight(model, opts: RunOptions, input_size: int, has_lengths: bool) -> str:
+    """Run one tiny batch before anything is written: an unknown backend, a device nothing
+    serves or a dtype the backend declines fail here, as usage errors. Returns the name of the
+    backend that serves the job."""
+    dtype = "float32" if model.dtype == "bfloat16" else model.dtype
+    x = np.zeros((1, 1, input_size), dtype)
+    lengths = np.ones(1, np.int64) if has_lengths else None
+    staged = _HostStaging(opts.device).to_device(x)
+    try:
+        apply_batch(model, staged, lengths, emit=opts.emit, backend=opts.backend)
+    except registry.BackendError as exc:
+        arg = "--backend" if opts.backend else "--device/--dtype"
+        raise UsageError(f"{arg}: {exc}") from None
+    except ValueError as exc:        # --backend (or RNN_GPU_BACKEND) names no backend
+        if "not registered" not in str(exc):
+            raise
+        raise UsageError(f"--backend: {exc}") from None
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise RunFailure(f"out of memory ({type(exc).__name__}) running a single one-step "
+                         "sequence: the model does not fit this device") from None
+    problem = Problem(cell=model._spec.kind, activations=model._activations(),
+                      dtype=model.dtype, device=device_of(staged), input_kind=kind_of(staged),
+                      seq_len=1, batch=1, input_size=input_size, hidden_size=model.hidden_size,
+                      proj_size=model.proj_size, num_layers=model.num_layers,
+                      bidirectional=model.bidirectional, bias=model.bias,
+                      has_lengths=has_lengths)
+    return registry.select(problem, opts.backend).name
+
+
+def _job(opts, model, source, lengths_identity, chunk_rows, out_shape, out_dtype) -> dict:
+    """What the output depends on. Where it runs (--backend, --device, --scheduler) is left
+    out on purpose: a job started on one machine may be finished on another."""
+    job = {
+        "model_sha256": _model_fingerprint(model),
+        "model_config": model.config(),
+        "input": source.identity(),
+        "lengths": lengths_identity,
+        "emit": opts.emit, "batch_size": opts.batch_size, "bucket": opts.bucket,
+        "chunk_rows": chunk_rows, "output_shape": list(out_shape), "output_dtype": out_dtype.str,
+    }
+    return json.loads(json.dumps(job))       # the form it takes after a round trip to disk
+
+
+def _open_manifest(opts, job, n_chunks, out_shape, out_dtype, note) -> tuple[Manifest, bool]:
+    """The job's manifest, and whether the output has to be created afresh."""
+    path, chunk_rows = manifest_path(opts.output), job["chunk_rows"]
+    if opts.overwrite:
+        remove_output(opts.output)
+    stored = Manifest.read(path)
+    exists = os.path.lexists(opts.output)
+    if stored is None and exists:
+        raise UsageError(f"OUTPUT: {opts.output!r} exists and was not written by this job "
+                         f"(no manifest {path!r} beside it); pass --overwrite to replace it")
+    if stored is not None and stored.get("job") != job:
+        differs = sorted(k for k in set(job) | set(stored.get("job") or {})
+                         if (stored.get("job") or {}).get(k) != job.get(k))
+        raise UsageError(f"OUTPUT: {opts.output!r} belongs to a different job (it differs in: "
+                         f"{', '.join(differs)}); rerun with the same arguments to resume it, "
+                         "or pass --overwrite to start again")
+    if stored is not None and exists and output_matches(opts.output, out_shape, out_dtype,
+                                                         chunk_rows):
+        return Manifest.from_dict(path, stored), False
+    if stored is not None and stored.get("done"):
+        note(f"rnn-gpu run: OUTPUT {opts.output!r} is missing or damaged; starting again")
+    if exists:
+        remove_output(opts.output)
+    manifest = Manifest(path, job, chunk_rows, n_chunks)
+    try:
+        manifest.save()          # first the manifest: a crash now leaves a job with no chunks
+    except OSError as exc:
+        raise RunFailure(f"OUTPUT: cannot write the manifest {path!r}: {exc}") from None
+    return manifest, True
+
+
+def _executor(opts: RunOptions, log):
+    if opts.scheduler is None:
+        return LocalExecutor(device=opts.device, log=log)
+    try:
+        from rnn_gpu.dask import DaskExecutor
+
+        return DaskExecutor(opts.scheduler, device=opts.device)
+    except ImportError as exc:              # rnn_gpu.dask imports dask only when it is used
+        raise UsageError(f"--scheduler: running on Dask needs dask and distributed ({exc}); "
+                         'pip install "rnn-gpu[dask]"') from None
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise UsageError(f"--scheduler: cannot connect to {opts.scheduler!r}: {exc}") from None
+
+
+def _model_fingerprint(model) -> str:
+    """SHA-256 of the model's config and weights (and its readout's).
+
+    Not of the file: safetensors writes its metadata in no fixed order, so saving the same
+    model twice can give different bytes, and that must not turn the job into another one.
+    """
+    digest = hashlib.sha256()
+    parts = [("", model)] + ([("readout.", model.readout)] if model.readout is not None else [])
+    for prefix, part in parts:
+        digest.update(json.dumps(part.config(), sort_keys=True).encode())
+        for name, value in sorted(part.state_dict().items()):
+            value = np.ascontiguousarray(value)
+            digest.update(f"{prefix}{name} {value.dtype.str} {value.shape}".encode())
+            digest.update(value.tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,285 @@
+"""Outputs of ``rnn-gpu run`` and the manifest that makes a run resumable.
+
+The output is written one chunk (a contiguous range of rows) at a time. A chunk counts as done
+only once its bytes are on disk (written, then fsync'ed) *and* the manifest says so; the
+manifest itself is replaced atomically (temporary file, fsync, ``os.replace``, fsync of the
+directory). A crash at any moment therefore leaves either the old manifest or the new one, and
+every chunk that either names is complete. Chunks not named are simply computed again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+
+from .errors import UsageError
+from .sources import NpyFile, _import_zarr
+
+MANIFEST_FORMAT = "rnn_gpu.run/1"
+MANIFEST_SUFFIX = ".manifest.json"
+
+
+def manifest_path(output: str) -> str:
+    return os.path.normpath(output) + MANIFEST_SUFFIX
+
+
+class NpyWriter:
+    """A ``.npy`` output: created at full size, then filled with ``pwrite`` at row offsets.
+
+    No memory map: dirty and cached pages of a map count as resident memory of the process.
+    """
+
+    def __init__(self, path: str, shape: tuple[int, ...], dtype: np.dtype, *, create: bool):
+        self.path, self.shape, self.dtype = path, tuple(shape), np.dtype(dtype)
+        if create:
+            tmp = f"{path}.tmp-{os.getpid()}"
+            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype, shape=self.shape)
+            del mm                      # header written, file sized (sparse), map released
+            os.replace(tmp, path)
+        self.offset = _npy_offset(path, self.shape, self.dtype)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._fd = os.open(path, os.O_WRONLY)
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(rows, dtype=self.dtype).reshape(-1).view(np.uint8))
+        offset, done = self.offset + start * self.row_bytes, 0
+        while done < len(data):
+            done += os.pwrite(self._fd, data[done:], offset + done)
+        os.fsync(self._fd)              # on disk before the manifest may name the chunk
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def matches(path: str, shape, dtype) -> bool:
+        try:
+            _npy_offset(path, tuple(shape), np.dtype(dtype))
+        except (UsageError, OSError):
+            return False
+        return True
+
+
+class ZarrWriter:
+    """A zarr output whose chunks along N are exactly the run's chunks, so that writing one
+    run chunk writes one zarr chunk and never touches another."""
+
+    def __init__(self, path: str, shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int, *,
+                 create: bool):
+        zarr = _import_zarr("OUTPUT")
+        self.path, self.shape, self.dtype = path, tuple(shape), np.dtype(dtype)
+        chunks = (chunk_rows, *self.shape[1:])
+        if create:
+            self.array = zarr.open_array(store=path, mode="w", shape=self.shape, chunks=chunks,
+                                         dtype=self.dtype, fill_value=0)
+        else:
+            self.array = zarr.open_array(store=path, mode="r+")
+        self.chunk_rows = chunk_rows
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        self.array[start:start + len(rows)] = rows
+        # zarr does not fsync; flush the chunk's file ourselves, or everything if we cannot
+        # tell which file it is (another store layout).
+        chunk_file = self._chunk_file(start // self.chunk_rows)
+        if chunk_file is None:
+            os.sync()
+        else:
+            _fsync_file(chunk_file)
+
+    def close(self) -> None:
+        pass
+
+    def _chunk_file(self, index: int) -> str | None:
+        rest = ["0"] * (len(self.shape) - 1)
+        for candidate in (os.path.join(self.path, "c", str(index), *rest),     # zarr format 3
+                          os.path.join(self.path, ".".join([str(index), *rest]))):  # format 2
+            if os.path.isfile(candidate):
+                return candidate
+        return None
+
+    @staticmethod
+    def matches(path: str, shape, dtype, chunk_rows: int) -> bool:
+        try:
+            zarr = _import_zarr("OUTPUT")
+            array = zarr.open_array(store=path, mode="r")
+        except Exception:
+            return False
+        return (tuple(array.shape) == tuple(shape) and np.dtype(str(array.dtype)) == dtype
+                and tuple(array.chunks)[0] == chunk_rows)
+
+
+class OutputLock:
+    """An exclusive lock on OUTPUT for the length of a run, so that two runs never write the
+    same output at once. ``flock`` locks die with their process, so a killed run leaves no
+    stale lock behind. Where ``fcntl`` does not exist (Windows) there is no lock."""
+
+    def __init__(self, output: str):
+        self.path = os.path.normpath(output) + ".lock"
+        self._fd = None
+        try:
+            import fcntl
+        except ImportError:
+            return
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._fd)
+            self._fd = None
+            raise UsageError(f"OUTPUT: another rnn-gpu run is writing {output!r} (it holds "
+                             f"{self.path!r}); wait for it or stop it first") from None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)          # releases the lock
+            self._fd = None
+
+
+def remove_stale_temporaries(output: str) -> None:
+    """Temporary files of a run that was killed while writing them (under the lock, so no
+    live run owns them)."""
+    for stem in (os.path.normpath(output), manifest_path(output)):
+        folder, name = os.path.split(stem)
+        for entry in os.listdir(folder or "."):
+            if entry.startswith(name + ".tmp-"):
+                os.remove(os.path.join(folder, entry))
+
+
+def is_zarr_output(path: str) -> bool:
+    return os.path.normpath(path).endswith(".zarr")
+
+
+def open_writer(path: str, shape, dtype, chunk_rows: int, *, create: bool):
+    if is_zarr_output(path):
+        return ZarrWriter(path, shape, dtype, chunk_rows, create=create)
+    return NpyWriter(path, shape, dtype, create=create)
+
+
+def output_matches(path: str, shape, dtype, chunk_rows: int) -> bool:
+    if is_zarr_output(path):
+        return ZarrWriter.matches(path, shape, np.dtype(dtype), chunk_rows)
+    return NpyWriter.matches(path, shape, dtype)
+
+
+def remove_output(path: str) -> None:
+    """Delete an output (file or zarr directory) and its manifest, for ``--overwrite``."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+    if os.path.lexists(manifest_path(path)):
+        os.remove(manifest_path(path))
+
+
+class Manifest:
+    """Which chunks of which job are done. Stored as JSON beside the output::
+
+        {"format": "rnn_gpu.run/1", "job": {...}, "chunk_rows": 512, "chunks": 40,
+         "done": [[0, 12], [14, 15]], "complete": false}
+
+    ``done`` lists half-open ranges of chunk indices, which stays a few numbers long however
+    many chunks there are (the local runner finishes them in order).
+    """
+
+    def __init__(self, path: str, job: dict[str, Any], chunk_rows: int, chunks: int,
+                 done: set[int] | None = None):
+        self.path, self.job, self.chunk_rows, self.chunks = path, job, chunk_rows, chunks
+        self.done = set(done or ())
+
+    @classmethod
+    def read(cls, path: str) -> dict[str, Any] | None:
+        """The stored manifest as a dict, None if there is none; raises UsageError if it is
+        not one of ours."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"OUTPUT: its manifest {path!r} is unreadable ({exc}); pass "
+                             "--overwrite to start the job again") from None
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            raise UsageError(f"OUTPUT: {path!r} is not a manifest of rnn-gpu run; pass "
+                             "--overwrite to replace it")
+        return data
+
+    @classmethod
+    def from_dict(cls, path: str, data: dict[str, Any]) -> Manifest:
+        done = {i for a, b in data.get("done", []) for i in range(a, b)}
+        return cls(path, data["job"], data["chunk_rows"], data["chunks"], done)
+
+    def mark_done(self, index: int) -> None:
+        self.done.add(index)
+        try:
+            self.save()
+        except BaseException:
+            self.done.discard(index)        # as on disk: the old manifest still stands
+            raise
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done) == self.chunks
+
+    def save(self) -> None:
+        data = {"format": MANIFEST_FORMAT, "job": self.job, "chunk_rows": self.chunk_rows,
+                "chunks": self.chunks, "done": _ranges(self.done), "complete": self.complete}
+        atomic_write_text(self.path, json.dumps(data, indent=1) + "\n")
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Replace ``path`` by ``text`` so that a crash leaves the old file or the new one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):     # the write failed (disk full): the old file stands
+            os.remove(tmp)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _ranges(indices: set[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i in sorted(indices):
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
+
+
+def _npy_offset(path: str, shape: tuple[int, ...], dtype: np.dtype) -> int:
+    f = NpyFile(path, "OUTPUT")
+    if f.shape != shape or f.dtype != dtype or f.fortran:
+        raise UsageError(f"OUTPUT: {path!r} holds shape {f.shape} {f.dtype}, expected "
+                         f"{shape} {dtype}")
+    return f.offset
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:         # not possible everywhere (Windows); the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,93 @@
+"""A run killed midway (SIGKILL: no clean-up at all; SIGINT: Ctrl-C) and rerun with the same
+arguments ends with exactly the output of an uninterrupted run, each chunk written once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import rnn_gpu as rg
+
+N, T, I, H = 2000, 20, 4, 8
+CHUNK, BATCH = 100, 50                 # 20 chunks of 2 batches
+
+# The interrupted run goes through a backend that sleeps a little per batch, so that there is
+# a "midway" to kill it in; its arithmetic is the NumPy backend's, so the outputs are
+# bit-for-bit those of the plain runs. Where the job runs is not part of the job, so the rerun
+# may resume it with the default backend.
+SLOW_RUN = """
+import sys, time
+import rnn_gpu as rg
+from rnn_gpu.backends.numpy import NumpyBackend
+from rnn_gpu.cli import main
+
+class Slow(NumpyBackend):
+    name = "test_slow"
+    def forward_layer(self, *args, **kwargs):
+        time.sleep(0.06)       # 40 batches: >= 2.4 s to interrupt it in, even on a busy CI box
+        return super().forward_layer(*args, **kwargs)
+
+rg.backends.register(Slow)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def cli(*args):
+    return [sys.executable, "-m", "rnn_gpu.cli", "run", *map(str, args)]
+
+
+@pytest.fixture
+def job(tmp_path):
+    rg.save(rg.RNN(I, H, seed=1), tmp_path / "model.safetensors")
+    rng = np.random.default_rng(2)
+    np.save(tmp_path / "x.npy", rng.standard_normal((N, T, I)).astype("float32"))
+    np.save(tmp_path / "x.lengths.npy", rng.integers(0, T + 1, N))
+    return tmp_path
+
+
+def done_chunks(manifest) -> int:
+    try:
+        data = json.loads(manifest.read_text())
+    except (FileNotFoundError, ValueError):
+        return 0
+    return sum(b - a for a, b in data["done"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_interrupted_run_resumes_to_the_uninterrupted_result(job, sig):
+    args = [job / "model.safetensors", job / "x.npy", job / "out.npy", "--emit", "sequence",
+            "--batch-size", BATCH, "--chunk-size", CHUNK]
+    manifest = job / "out.npy.manifest.json"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN, "run", *map(str, args),
+                             "--backend", "test_slow", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while done_chunks(manifest) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0, "the run finished before it could be interrupted"
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "rerun the same command to resume" in err
+        assert "Traceback" not in err
+    before = done_chunks(manifest)
+    assert 3 <= before < N // CHUNK
+
+    resumed = subprocess.run(cli(*args, "--quiet"), capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["chunks_skipped"] == before                         # none done twice
+    assert summary["chunks_written"] == N // CHUNK - before            # none left out
+    assert summary["computed"] == N - before * CHUNK
+    assert not list(job.glob("*.tmp-*"))                               # stale temporaries gone
+
+    straight = subprocess.run(cli(*args[:2], job / "ref.npy", *args[3:], "--quiet"),
+                              capture_output=True, text=True, timeout=120)
+    assert straight.returncode == 0, straight.stderr
+    np.testing.assert_array_equal(np.load(job / "out.npy"), np.load(job / "ref.npy"))

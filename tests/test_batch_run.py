@@ -1,0 +1,345 @@
+"""``rnn-gpu run`` in process: results against the model itself, inputs and outputs of every
+kind, bucketing, resume bookkeeping, out-of-memory halving, a full disk and bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+
+import rnn_gpu as rg
+from rnn_gpu.backends.numpy import NumpyBackend
+from rnn_gpu.batch import apply_batch
+from rnn_gpu.batch import sinks as batch_sinks
+from rnn_gpu.batch.executors import LocalExecutor, is_out_of_memory
+from rnn_gpu.batch.prefetch import prefetch
+from rnn_gpu.cli import main
+
+N, T, I, H = 300, 12, 5, 8
+
+
+@pytest.fixture
+def job(tmp_path):
+    """A bidirectional LSTM with a Readout, N sequences with lengths in [0, T]."""
+    model = rg.LSTM(I, H, num_layers=2, bidirectional=True, seed=3)
+    model.readout = rg.Readout(2 * H, 3, seed=4)
+    rg.save(model, tmp_path / "model.safetensors")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((N, T, I)).astype("float32")
+    lengths = rng.integers(0, T + 1, N)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "lengths.npy", lengths)
+    return tmp_path, model, x, lengths
+
+
+def run_cli(capsys, *args) -> tuple[int, dict | None, str]:
+    code = main(["run", *map(str, args)])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, (json.loads(out) if code == 0 else None), err
+
+
+def job_args(d, output="out.npy", *extra):
+    return [d / "model.safetensors", d / "x.npy", d / output, "--lengths", d / "lengths.npy",
+            "--quiet", *extra]
+
+
+@pytest.mark.parametrize("emit", ["last", "sequence", "probs"])
+def test_outputs_equal_the_model_on_the_whole_dataset(job, capsys, emit):
+    d, model, x, lengths = job
+    code, summary, _ = run_cli(capsys, *job_args(d, "out.npy", "--emit", emit,
+                                                  "--batch-size", "32", "--chunk-size", "96"))
+    assert code == 0
+    expected = apply_batch(model.eval(), x, lengths, emit=emit)
+    got = np.load(d / "out.npy")
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    if emit != "last":      # zeros past each length, up to the dataset's T
+        steps = np.arange(T)[None, :]
+        assert not got[steps >= lengths[:, None]].any()
+    assert summary["sequences"] == summary["computed"] == N
+    assert summary["chunks"] == summary["chunks_written"] == 4 and summary["chunks_skipped"] == 0
+    assert summary["backend"] == "numpy" and summary["batches_retried"] == 0
+
+
+def test_shards_zarr_and_npy_inputs_and_outputs_agree(job, capsys):
+    zarr = pytest.importorskip("zarr")
+    d, _, x, lengths = job
+    shards = d / "shards"
+    shards.mkdir()
+    for i, (a, b) in enumerate([(0, 100), (100, 110), (110, N)]):   # part10 sorts after part2
+        np.save(shards / f"part{[1, 2, 10][i]}.npy", x[a:b])
+    np.save(shards / "lengths.npy", lengths)                        # found beside the shards
+    z = zarr.open_array(store=str(d / "x.zarr"), mode="w", shape=x.shape, chunks=(64, T, I),
+                        dtype="float32")
+    z[:] = x
+    base = ["--emit", "sequence", "--batch-size", "50", "--quiet"]
+    model = d / "model.safetensors"
+    assert run_cli(capsys, *job_args(d, "ref.npy", *base[:-1]))[0] == 0
+    code, _, err = run_cli(capsys, model, shards, d / "from_shards.zarr", *base[:-1])
+    assert code == 0 and "lengths from" in err
+    assert run_cli(capsys, model, d / "x.zarr", d / "from_zarr.npy", "--lengths",
+                   shards / "lengths.npy", *base)[0] == 0
+    ref = np.load(d / "ref.npy")
+    np.testing.assert_array_equal(np.asarray(zarr.open_array(str(d / "from_shards.zarr"))), ref)
+    np.testing.assert_array_equal(np.load(d / "from_zarr.npy"), ref)
+
+
+def test_batches_are_padded_to_their_own_longest_sequence(job, capsys):
+    d, model, x, _ = job
+    lengths = np.where(np.arange(N) % 2, 2, T)          # alternating short and long
+    np.save(d / "lengths.npy", lengths)
+    seen = []
+
+    class Recording(NumpyBackend):
+        name = "test_recording"
+
+        def forward_layer(self, problem, *args, **kwargs):
+            seen.append((problem.batch, problem.seq_len))
+            return super().forward_layer(problem, *args, **kwargs)
+
+    rg.backends.register(Recording)
+    try:
+        for bucket in ([], ["--no-bucket"]):
+            seen.clear()
+            code, _, _ = run_cli(capsys, *job_args(d, f"out{len(bucket)}.npy", "--batch-size",
+                                                   "50", "--chunk-size", "100", "--backend",
+                                                   "test_recording", "--overwrite", *bucket))
+            assert code == 0
+            # minus the preflight: one row, one step, in each of the 4 layer-directions
+            padded = sum(b * t for b, t in seen) - 4
+            if bucket:
+                assert padded == 4 * N * T              # 2 layers x 2 directions, all at T
+            else:
+                assert padded == 4 * (N // 2) * (T + 2)  # short batches run 2 steps only
+    finally:
+        rg.backends.unregister("test_recording")
+    np.testing.assert_allclose(np.load(d / "out0.npy"), np.load(d / "out1.npy"), atol=1e-6)
+
+
+def test_rerun_of_a_finished_job_computes_nothing(job, capsys):
+    d = job[0]
+    assert run_cli(capsys, *job_args(d, "out.npy", "--chunk-size", "100"))[0] == 0
+    before = np.load(d / "out.npy")
+    code, summary, _ = run_cli(capsys, *job_args(d, "out.npy", "--chunk-size", "100"))
+    assert code == 0 and summary["computed"] == 0 and summary["chunks_skipped"] == 3
+    np.testing.assert_array_equal(np.load(d / "out.npy"), before)
+    manifest = json.loads((d / "out.npy.manifest.json").read_text())
+    assert manifest["done"] == [[0, 3]] and manifest["complete"] is True
+
+
+def test_another_job_on_the_same_output_is_refused_unless_overwrite(job, capsys):
+    d = job[0]
+    assert run_cli(capsys, *job_args(d))[0] == 0
+    code, _, err = run_cli(capsys, *job_args(d, "out.npy", "--emit", "sequence"))
+    assert code == 2 and "different job" in err and "emit" in err and "--overwrite" in err
+    code, summary, _ = run_cli(capsys, *job_args(d, "out.npy", "--emit", "sequence",
+                                                  "--overwrite"))
+    assert code == 0 and summary["computed"] == N
+    assert np.load(d / "out.npy").shape == (N, T, 2 * H)
+
+
+def test_an_output_not_written_by_a_job_is_refused(job, capsys):
+    d = job[0]
+    np.save(d / "out.npy", np.ones(3))
+    code, _, err = run_cli(capsys, *job_args(d))
+    assert code == 2 and "OUTPUT" in err and "no manifest" in err
+    np.testing.assert_array_equal(np.load(d / "out.npy"), np.ones(3))   # untouched
+
+
+class _OutOfMemoryAbove(NumpyBackend):
+    """Fails like a device out of memory for batches larger than ``limit``."""
+
+    name = "test_oom"
+    limit = 20
+
+    def forward_layer(self, problem, *args, **kwargs):
+        if problem.batch > self.limit:
+            raise MemoryError(f"test: no room for a batch of {problem.batch}")
+        return super().forward_layer(problem, *args, **kwargs)
+
+
+def test_out_of_memory_halves_the_batch_and_says_so(job, capsys):
+    d, model, x, lengths = job
+    rg.backends.register(_OutOfMemoryAbove)
+    try:
+        code, summary, err = run_cli(capsys, *job_args(d, "out.npy", "--batch-size", "64",
+                                                       "--backend", "test_oom"))
+    finally:
+        rg.backends.unregister("test_oom")
+    assert code == 0
+    assert "out of memory on a batch of 64 sequences; retrying it in batches of 32" in err
+    assert "batches of 16" in err
+    assert summary["batches_retried"] == 2       # 64 -> 32 -> 16, then 16 is the ceiling
+    np.testing.assert_allclose(np.load(d / "out.npy"), apply_batch(model.eval(), x, lengths),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_memory_is_recognised_by_type_name():
+    class OutOfMemoryError(RuntimeError):      # what torch.cuda and cupy raise, by name
+        pass
+
+    assert is_out_of_memory(MemoryError()) and is_out_of_memory(OutOfMemoryError())
+    assert not is_out_of_memory(RuntimeError("out of memory"))
+
+
+def test_out_of_memory_for_one_sequence_is_a_runtime_failure(job, capsys):
+    d = job[0]
+    rg.backends.register(_OutOfMemoryAbove)
+    _OutOfMemoryAbove.limit = 0
+    try:
+        executor = LocalExecutor(log=lambda msg: None)
+        with pytest.raises(Exception, match="even for a batch of one sequence"):
+            list(executor.map(rg.load(d / "model.safetensors").eval(),
+                              [(0, np.zeros((4, 3, I), "float32"), None)], emit="last",
+                              backend="test_oom"))
+    finally:
+        _OutOfMemoryAbove.limit = 20
+        rg.backends.unregister("test_oom")
+
+
+def test_full_disk_keeps_what_was_written_and_a_rerun_resumes(job, capsys, monkeypatch):
+    d, model, x, lengths = job
+    real_write, calls = batch_sinks.NpyWriter.write, []
+
+    def write_until_full(self, start, rows):
+        calls.append(start)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, start, rows)
+
+    monkeypatch.setattr(batch_sinks.NpyWriter, "write", write_until_full)
+    args = job_args(d, "out.npy", "--chunk-size", "50")
+    code, _, err = run_cli(capsys, *args)
+    assert code == 1
+    assert "no space left on device while writing chunk 2 (rows 100:150)" in err
+    assert "2 chunks recorded" in err and "rerun the same command" in err
+    manifest = json.loads((d / "out.npy.manifest.json").read_text())
+    assert manifest["done"] == [[0, 2]]                 # untouched by the failed chunk
+    monkeypatch.setattr(batch_sinks.NpyWriter, "write", real_write)
+    code, summary, _ = run_cli(capsys, *args)
+    assert code == 0 and summary["chunks_skipped"] == 2 and summary["chunks_written"] == 4
+    np.testing.assert_allclose(np.load(d / "out.npy"), apply_batch(model.eval(), x, lengths),
+                               rtol=1e-5, atol=1e-6)
+
+
+def _bad(d, name):
+    """Arguments for one bad case, and words the error must contain."""
+    model, x, lengths = d / "model.safetensors", d / "x.npy", d / "lengths.npy"
+    out = d / "out.npy"
+    cases = {
+        "missing model": ([d / "nope.safetensors", x, out], ["MODEL", "no such file"]),
+        "model not safetensors": ([lengths, x, out], ["MODEL", "rnn_gpu.save"]),
+        "missing input": ([model, d / "nope.npy", out], ["INPUT", "no such file"]),
+        "input not npy": ([model, model, out], ["INPUT", "expected a .npy file"]),
+        "input_size mismatch": ([model, d / "wrong_i.npy", out],
+                                ["INPUT", f"input_size {I}", f"got shape (4, {T}, 3)"]),
+        "input ndim": ([model, d / "two_d.npy", out], ["INPUT", "(N, T, I)", "2 dimensions"]),
+        "input not float": ([model, d / "ints.npy", out], ["INPUT", "floating", "int64"]),
+        "lengths count": ([model, x, out, "--lengths", d / "short_lengths.npy"],
+                          ["--lengths", f"expected {N} lengths", "got 7"]),
+        "lengths range": ([model, x, out, "--lengths", d / "long_lengths.npy"],
+                          ["--lengths", f"[0, {T}]", f"got {T + 1}"]),
+        "batch size": ([model, x, out, "--batch-size", "0"], ["--batch-size", "got 0"]),
+        "probs without readout": ([d / "bare.safetensors", x, out, "--emit", "probs"],
+                                  ["--emit", "Readout"]),
+        "unknown backend": ([model, x, out, "--backend", "nosuch"], ["--backend", "nosuch"]),
+        "no cuda": ([model, x, out, "--device", "cuda"], ["--device"]),
+        "output folder missing": ([model, x, d / "no" / "out.npy"], ["OUTPUT", "does not exist"]),
+    }
+    return cases[name]
+
+
+@pytest.mark.parametrize("name", [
+    "missing model", "model not safetensors", "missing input", "input not npy",
+    "input_size mismatch", "input ndim", "input not float", "lengths count", "lengths range",
+    "batch size", "probs without readout", "unknown backend", "no cuda",
+    "output folder missing"])
+def test_bad_input_is_a_usage_error_that_names_the_argument(job, capsys, name):
+    d = job[0]
+    np.save(d / "wrong_i.npy", np.zeros((4, T, 3), "float32"))
+    np.save(d / "two_d.npy", np.zeros((4, T), "float32"))
+    np.save(d / "ints.npy", np.zeros((4, T, I), "int64"))
+    np.save(d / "short_lengths.npy", np.ones(7, "int64"))
+    np.save(d / "long_lengths.npy", np.full(N, T + 1))
+    rg.save(rg.GRU(I, H), d / "bare.safetensors")
+    args, words = _bad(d, name)
+    code, _, err = run_cli(capsys, *args, "--quiet")
+    assert code == 2, err
+    for word in words:
+        assert word in err
+    assert not os.path.exists(d / "out.npy")            # nothing written before the check
+
+
+def test_scheduler_without_dask_says_how_to_install_it(job, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "rnn_gpu.dask", None)    # import fails as if missing
+    code, _, err = run_cli(capsys, *job_args(job[0], "out.npy", "--scheduler", "tcp://x:1"))
+    assert code == 2 and "--scheduler" in err and 'pip install "rnn-gpu[dask]"' in err
+
+
+def test_prefetch_keeps_order_and_reraises_the_producers_error():
+    assert list(prefetch(iter(range(10)), depth=2)) == list(range(10))
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in prefetch(failing()):
+            got.append(item)
+    assert got == [1]
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(job, capsys):
+    from rnn_gpu.batch.sinks import OutputLock
+
+    d = job[0]
+    lock = OutputLock(str(d / "out.npy"))         # as a run in progress holds it
+    try:
+        code, _, err = run_cli(capsys, *job_args(d))
+    finally:
+        lock.release()
+    assert code == 2 and "another rnn-gpu run is writing" in err
+    assert run_cli(capsys, *job_args(d))[0] == 0  # released: free again
+
+
+def test_full_disk_while_recording_a_chunk_leaves_the_old_manifest(job, capsys, monkeypatch):
+    d = job[0]
+    real_replace, calls = os.replace, []
+
+    def replace_until_full(src, dst):
+        if str(dst).endswith(".manifest.json"):
+            calls.append(dst)
+            if len(calls) == 3:          # the fresh manifest, chunk 0, then chunk 1 fails
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_until_full)
+    code, _, err = run_cli(capsys, *job_args(d, "out.npy", "--chunk-size", "100"))
+    assert code == 1 and "no space left on device while writing chunk 1" in err
+    assert "The 1 chunk recorded" in err
+    assert json.loads((d / "out.npy.manifest.json").read_text())["done"] == [[0, 1]]
+    assert not list(d.glob("*.tmp-*"))                  # no temporary left behind
+
+
+def test_an_input_that_fails_while_reading_is_a_runtime_failure(job, capsys, monkeypatch):
+    from rnn_gpu.batch import sources
+
+    d = job[0]
+    real_read = sources.NpyFile.read
+
+    def read_then_fail(self, start, stop):
+        if start >= 100:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_read(self, start, stop)
+
+    monkeypatch.setattr(sources.NpyFile, "read", read_then_fail)
+    code, _, err = run_cli(capsys, *job_args(d, "out.npy", "--chunk-size", "100"))
+    assert code == 1 and "INPUT: reading" in err and "Input/output error" in err
+    assert "The 1 chunk recorded" in err

@@ -32,18 +32,55 @@ def _split(values: list[str] | None) -> list[str]:
     return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _default_device() -> str:
+    """``cuda`` when torch sees a GPU, else ``cpu``."""
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def _bench_cases(args: argparse.Namespace, device: str):
+    """The cases the arguments ask for; ValueError naming the argument if they are bad."""
     from . import bench
     from .bench import cases as bench_cases
+
+    cells = [bench_cases.parse_cell(c) for c in _split(args.cell)] or None
+    shapes = [bench.parse_shape(s) for s in _split(args.shape)] or None
+    on_gpu = device.startswith("cuda")
+    allowed = bench_cases.GPU_DTYPES if on_gpu else ("float32", "float64")
+    dtypes = _split(args.dtype) or (list(bench_cases.GPU_DTYPES) if on_gpu and not args.quick
+                                    else ["float32"])
+    for dtype in dtypes:
+        if dtype not in allowed:
+            raise ValueError(f"dtype: expected one of {', '.join(allowed)} on {device}, "
+                             f"got {dtype!r}")
+    passes = _split(args.pass_) or (list(bench_cases.PASSES) if on_gpu else ["forward"])
+    if passes == ["all"]:
+        passes = list(bench_cases.PASSES)
+    for pass_ in passes:
+        if pass_ not in bench_cases.PASSES:
+            raise ValueError(f"pass: expected forward, train or all, got {pass_!r}")
+    if args.quick:
+        return bench.quick_cases(cells, shapes, dtypes, passes, device)
+    if on_gpu:
+        return bench_cases.gpu_cases(cells, shapes, dtypes, passes, device)
+    return bench.cpu_cases(cells, shapes, dtypes, passes)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+    from ._arrays import parse_device
     from .bench import peers, threads
 
     try:
-        cells = [bench_cases.parse_cell(c) for c in _split(args.cell)] or None
-        shapes = [bench.parse_shape(s) for s in _split(args.shape)] or None
-        dtypes = _split(args.dtype) or ["float32"]
-        for dtype in dtypes:
-            if dtype not in ("float32", "float64"):      # the CPU set; GPU dtypes come later
-                raise ValueError(f"dtype: expected float32 or float64, got {dtype!r}")
+        device = parse_device(args.device) if args.device else _default_device()
+        if device.startswith("cuda") and _default_device() == "cpu":
+            raise ValueError(f"device: {device!r} asked for, but torch sees no CUDA device "
+                             "here (torch.cuda.is_available() is False, or torch is missing)")
+        cases = _bench_cases(args, device)
         n = threads.available_cores() if args.threads is None else args.threads
         if n < 1:
             raise ValueError(f"threads: expected a positive count, got {n}")
@@ -52,16 +89,14 @@ def _bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"rnn-gpu bench: {exc}", file=sys.stderr)
         return 2
-    make = bench.quick_cases if args.quick else bench.cpu_cases
-    cases = make(cells, shapes, dtypes)
     repeats = args.repeats or (3 if args.quick else 10)
-    runners = peers.our_runners(_split(args.backend) or None) + peers.peer_runners()
+    runners = peers.our_runners(_split(args.backend) or None) + peers.peer_runners(device)
     to_stdout = args.json == "-"
     log = None if to_stdout else (lambda msg: print(msg, file=sys.stderr, flush=True))
     with threads.same_threads(n):
-        info = bench.machine_info(n)
+        info = bench.machine_info(n, device)
         peak = None
-        if not args.quick:
+        if not args.quick and device == "cpu":
             from .bench.peak import peak_gemm_gflops
 
             info["peak_gemm_gflops"] = peak_gemm_gflops()
@@ -88,21 +123,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_run_parser(sub)
     bench = sub.add_parser(
-        "bench", help="forward throughput of our backends next to torch.nn, checked first",
-        description="Time one-layer forward passes of our backends and of torch.nn on the "
-                    "CPU with the same weights and the same thread count. Every runner's "
-                    "output is checked against torch.nn first; a wrong one is reported, not "
-                    "timed. Default: LSTM, GRU, RNN (and TwoStageRNN for information) at "
-                    "T×B×H = 128×256×128, 64×1024×256, 256×32×512, float32.")
+        "bench", help="throughput of our backends next to torch.nn (cuDNN on a GPU), checked "
+                      "first",
+        description="Time one-layer passes of every available backend and of torch.nn with "
+                    "the same weights in one process: on the CPU with the same thread count, "
+                    "on a GPU with CUDA events against cuDNN. Every runner's output (and, for "
+                    "--pass train, every gradient) is checked against torch.nn first; a wrong "
+                    "one is reported, not timed. CPU default: LSTM, GRU, RNN, TwoStageRNN at "
+                    "T×B×H = 128×256×128, 64×1024×256, 256×32×512, float32, forward. GPU "
+                    "default: the same cells at 256×4096×256, 256×1024×512, 512×64×1024, "
+                    "128×16384×128 and 4096×64×256 in float32, float16 and bfloat16, "
+                    "forward and train.")
     bench.add_argument("--quick", action="store_true",
-                       help="small shapes and 3 repeats: a smoke run of well under a minute")
+                       help="small shapes, float32, forward and 3 repeats: a smoke run of well "
+                            "under a minute")
+    bench.add_argument("--device", metavar="DEVICE",
+                       help="cpu, cuda or cuda:N (default: cuda when torch sees a GPU)")
+    bench.add_argument("--pass", dest="pass_", action="append", metavar="PASS",
+                       help="forward, train (forward + backward) or all (default: forward on "
+                            "the CPU, all on a GPU)")
     bench.add_argument("--cell", action="append", metavar="CELL",
                        help="LSTM, GRU, RNN, TwoStageRNN (comma-separated or repeated)")
     bench.add_argument("--backend", action="append", metavar="NAME",
                        help="our backends to run (default: every registered one that can "
                             "serve the case); torch.nn always runs as the peer")
     bench.add_argument("--dtype", action="append", metavar="DTYPE",
-                       help="float32 (default) or float64")
+                       help="CPU: float32 (default) or float64; GPU: float32, float16, "
+                            "bfloat16 (default: all three)")
     bench.add_argument("--shape", action="append", metavar="TxBxH",
                        help="T×B×H with I = H, or T×B×I×H (comma-separated or repeated)")
     bench.add_argument("--repeats", type=int, metavar="N",

@@ -115,3 +115,45 @@ def test_without_the_peer_no_row_claims_a_ratio(capsys, monkeypatch):
     assert ours and all(r["error"] is None and r["ms"] > 0 for r in ours)
     assert all(r["ratio"] is None for r in rows)
     assert peers and all("torch is not installed" in r["error"] for r in peers)
+
+
+def test_train_pass_checks_gradients_too(capsys):
+    """A backend whose forward is right and whose gradients are doubled: timed for forward,
+    reported as wrong (and not timed) for train."""
+    from test_asv_suite import _WrongGrads
+
+    rg.backends.register(_WrongGrads)
+    try:
+        rows = _bench_json(capsys, "--cell", "GRU", "--shape", "8x16x12", "--pass", "all",
+                           "--backend", f"numpy,{_WrongGrads.name}", "--repeats", "1")["rows"]
+    finally:
+        rg.backends.unregister(_WrongGrads.name)
+    by = {(r["runner"], r["pass_"]): r for r in rows}
+    assert by[(_WrongGrads.name, "forward")]["error"] is None
+    assert "wrong answer" in by[(_WrongGrads.name, "train")]["error"]
+    assert by[(_WrongGrads.name, "train")]["ms"] is None
+    for runner in ("numpy", "torch-cpu"):
+        row = by[(runner, "train")]
+        assert row["error"] is None and row["ms"] > 0 and row["max_err"] <= 1e-4
+
+
+def test_gpu_options_without_a_gpu_exit_2(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    assert main(["bench", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--dtype", "bfloat16"]) == 2      # CPU: float32/64 only
+    assert "float32, float64 on cpu" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--pass", "sideways"]) == 2
+    assert main(["bench", "--device", "tpu"]) == 2
+
+
+def test_gpu_set_is_design_section_5():
+    gpu = cases.gpu_cases()
+    shapes = {(c.T, c.B, c.H) for c in gpu}
+    assert shapes == {*cases.GPU_SHAPES, cases.LONG_SHAPE} and max(c.B for c in gpu) == 16384
+    assert max(c.T for c in gpu) >= 4096
+    assert {c.dtype for c in gpu} == {"float32", "float16", "bfloat16"}
+    assert {c.pass_ for c in gpu} == {"forward", "train"} and all(c.on_gpu for c in gpu)

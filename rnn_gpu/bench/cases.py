@@ -1,8 +1,13 @@
-"""What is measured: one :class:`Case` per cell x shape x dtype (x device, x pass).
+"""What is measured: one :class:`Case` per cell x shape x dtype x device x pass.
 
-The CPU set is the NumPy backend's acceptance set (LSTM/GRU/RNN at the three shapes below,
-float32, forward). GPU sets (DESIGN §5's shapes, fp16/bf16, forward+backward) are added here
-when the GPU backends arrive; nothing else needs to change for them.
+* The CPU set is the NumPy backend's acceptance set: LSTM/GRU/RNN (and TwoStageRNN for
+  information) at three shapes, float32. It finishes in minutes on a 2-core machine.
+* The GPU set is DESIGN §5's large batched sequences (up to B = 16384), where the cuDNN numbers
+  were measured, plus one long sequence (T = 4096), in float32, float16 and bfloat16.
+* The quick sets are small shapes for smoke runs (CI, ``--quick``).
+
+``pass_`` is ``"forward"`` (inference) or ``"train"`` (forward, then backward of a loss on
+every output and the final state: what a training step costs).
 """
 
 from __future__ import annotations
@@ -13,7 +18,18 @@ from dataclasses import dataclass
 CELLS = ("LSTM", "GRU", "RNN", "TwoStageRNN")
 CPU_CELLS = ("LSTM", "GRU", "RNN")              # the acceptance set; TwoStageRNN is informative
 CPU_SHAPES = ((128, 256, 128), (64, 1024, 256), (256, 32, 512))      # (T, B, H), I = H
+# asv's CPU set: the same three regimes (mid batch, large batch, small batch with large H) at
+# 1/8-1/16 of the work, because asv starts one process per benchmark and parameter set (144
+# on the CPU): at the acceptance shapes a quick pass took 16 min on 2 cores (0.7 s per LSTM
+# 64x1024x256 call), at these about 5.
+ASV_CPU_SHAPES = ((64, 128, 128), (32, 256, 256), (64, 16, 512))
 QUICK_SHAPES = ((32, 64, 64), (16, 256, 32))    # seconds, not minutes: a smoke run
+GPU_SHAPES = ((256, 4096, 256), (256, 1024, 512), (512, 64, 1024), (128, 16384, 128))
+LONG_SHAPE = (4096, 64, 256)        # T >= 4096: the sequential path dominates, launches add up
+GPU_QUICK_SHAPES = ((64, 256, 128), (32, 64, 256))
+CPU_DTYPES = ("float32",)
+GPU_DTYPES = ("float32", "float16", "bfloat16")
+PASSES = ("forward", "train")
 
 
 @dataclass(frozen=True)
@@ -27,7 +43,7 @@ class Case:
     H: int
     dtype: str = "float32"
     device: str = "cpu"
-    pass_: str = "forward"  # "forward"; "train" (forward + backward) comes with the GPU work
+    pass_: str = "forward"  # "forward", or "train" (forward + backward)
 
     @property
     def shape(self) -> str:
@@ -41,6 +57,10 @@ class Case:
 
     def label(self) -> str:
         return f"{self.cell} {self.shape} {self.dtype} {self.pass_} on {self.device}"
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
 
 
 def parse_cell(name: str) -> str:
@@ -65,21 +85,30 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
     return T, B, I, H
 
 
-def _cases(cells, shapes, dtypes) -> list[Case]:
+def _cases(cells, shapes, dtypes, device="cpu", passes=("forward",)) -> list[Case]:
     out = []
-    for cell in cells:
-        for shape in shapes:
-            T, B, I, H = shape if len(shape) == 4 else (shape[0], shape[1], shape[2], shape[2])
-            for dtype in dtypes:
-                out.append(Case(cell, T, B, I, H, dtype))
+    for pass_ in passes:
+        for cell in cells:
+            for shape in shapes:
+                T, B, I, H = shape if len(shape) == 4 else (*shape[:2], shape[2], shape[2])
+                for dtype in dtypes:
+                    out.append(Case(cell, T, B, I, H, dtype, device, pass_))
     return out
 
 
-def cpu_cases(cells=None, shapes=None, dtypes=("float32",)) -> list[Case]:
+def cpu_cases(cells=None, shapes=None, dtypes=CPU_DTYPES, passes=("forward",)) -> list[Case]:
     """The CPU acceptance set plus TwoStageRNN for information (or the filtered subset)."""
-    return _cases(cells or CELLS, shapes or CPU_SHAPES, dtypes)
+    return _cases(cells or CELLS, shapes or CPU_SHAPES, dtypes, "cpu", passes)
 
 
-def quick_cases(cells=None, shapes=None, dtypes=("float32",)) -> list[Case]:
+def gpu_cases(cells=None, shapes=None, dtypes=GPU_DTYPES, passes=PASSES,
+              device="cuda") -> list[Case]:
+    """DESIGN §5's shapes and the long sequence, every GPU dtype, forward and train."""
+    return _cases(cells or CELLS, shapes or (*GPU_SHAPES, LONG_SHAPE), dtypes, device, passes)
+
+
+def quick_cases(cells=None, shapes=None, dtypes=CPU_DTYPES, passes=("forward",),
+                device="cpu") -> list[Case]:
     """Small shapes for a smoke run (``rnn-gpu bench --quick``)."""
-    return _cases(cells or CELLS, shapes or QUICK_SHAPES, dtypes)
+    default = GPU_QUICK_SHAPES if device.startswith("cuda") else QUICK_SHAPES
+    return _cases(cells or CELLS, shapes or default, dtypes, device, passes)

@@ -1,20 +1,37 @@
 """Who runs a case: our backends through the public layers, and the peers they are compared
-with (torch.nn on the CPU now; torch.nn on cuDNN with the GPU backends).
+with: torch.nn on the CPU, and torch.nn on cuDNN when a GPU is there.
 
-A runner turns (case, parameters, input) into a zero-argument callable that returns
-``(y, state)`` as NumPy arrays, so that the runner loop can check the answer before timing the
-very same callable. Parameters come from one rnn_gpu layer's ``state_dict()``: every runner
-computes with the same weights.
+``prepare(case, params, x)`` returns a :class:`Prepared`: ``call()`` is what gets timed (it
+returns the runner's own arrays, so that no device-to-host copy is timed) and ``result()``
+runs it once and returns NumPy arrays for the check: ``(y, [final state..., and for a train
+pass dx and every parameter gradient, in a fixed order])``. Parameters come from one rnn_gpu
+layer's ``state_dict()``: every runner computes with the same weights, and a train pass
+back-propagates the same output and state gradients (:func:`train_grads`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 PEER_TORCH_CPU = "torch-cpu"
+PEER_TORCH_CUDNN = "torch-cudnn"
+
+
+@dataclass
+class Prepared:
+    """``call`` is timed; ``result`` is checked. ``result`` defaults to ``convert(call())``."""
+
+    call: Callable[[], Any]
+    convert: Callable[[Any], tuple[np.ndarray, list[np.ndarray]]]
+
+    def result(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        return self.convert(self.call())
 
 
 class Runner:
@@ -27,16 +44,33 @@ class Runner:
     def unavailable_reason(self, case) -> str | None:
         return None
 
-    def prepare(self, case, params: dict[str, np.ndarray],
-                x: np.ndarray) -> Callable[[], tuple[np.ndarray, list[np.ndarray]]]:
+    def prepare(self, case, params: dict[str, np.ndarray], x: np.ndarray) -> Prepared:
         raise NotImplementedError
+
+
+def train_grads(case, seed: int = 2):
+    """The output and final-state gradients a train pass back-propagates (float32, seeded):
+    the gradient of ``sum(y * dy) + sum(h_n * dh) (+ sum(c_n * dc))``. NumPy on the CPU; on a
+    GPU drawn there (a 128x16384x128 dy is 1 GiB: drawing it on the host took seconds)."""
+    shapes = [(case.T, case.B, case.H)] + [(1, case.B, case.H)] * (2 if case.cell == "LSTM"
+                                                                   else 1)
+    if case.on_gpu:
+        import torch
+
+        gen = torch.Generator(device=case.device).manual_seed(seed)
+        dy, *dstate = (torch.randn(s, generator=gen, device=case.device) for s in shapes)
+        return dy, dstate
+    rng = np.random.default_rng(seed)
+    dy, *dstate = (rng.standard_normal(s).astype(np.float32) for s in shapes)
+    return dy, dstate
 
 
 class BackendRunner(Runner):
     """One of our backends, called through the public layer with ``backend=name``.
 
     ``explicit``: the user asked for this backend, so a case it cannot serve is shown with the
-    reason instead of being left out silently.
+    reason instead of being left out silently. On a GPU the input is a torch CUDA tensor (the
+    layer hands each backend its own kind, zero-copy).
     """
 
     def __init__(self, backend: str, explicit: bool = False):
@@ -64,56 +98,144 @@ class BackendRunner(Runner):
         if case.device != "cpu":
             layer.to(case.device)
         name = self.name
+        x = _on_device(x, case)
+        if case.pass_ == "forward":
+            def call():
+                return layer(x, backend=name)
 
-        def call():
-            y, state = layer(x, backend=name)
-            return _numpy(y), [_numpy(s) for s in _as_tuple(state)]
+            return Prepared(call, lambda out: (_numpy(out[0]), [_numpy(s) for s in
+                                                                _as_tuple(out[1])]))
+        dy, dstate = (_on_device(a, case) for a in train_grads(case))
+        names = list(layer.parameter_shapes())
 
-        return call
+        def train():
+            y, state, tape = layer.forward(x, backend=name)
+            dx, _, grads = layer.backward(tape, dy, dstate[0] if len(dstate) == 1
+                                          else tuple(dstate))
+            return y, state, dx, grads
+
+        def convert(out):
+            y, state, dx, grads = out
+            return _numpy(y), [*(_numpy(s) for s in _as_tuple(state)), _numpy(dx),
+                               *(_numpy(grads[k]) for k in names)]
+
+        return Prepared(train, convert)
 
 
-class TorchCpuRunner(Runner):
-    """torch.nn on the CPU with the same weights, under ``torch.no_grad()``.
+class TorchRunner(Runner):
+    """torch.nn with the same weights: on the CPU (``torch-cpu``) or on cuDNN
+    (``torch-cudnn``), inference under ``torch.inference_mode()``.
+
+    Fair to the peer (DESIGN §7): on a GPU the module is moved and cast first and then
+    ``flatten_parameters()`` is called (otherwise cuDNN compacts the weights on every call),
+    and TF32 is off for float32, as for our kernels unless the user allows it.
 
     torch.nn has no TwoStageRNN: its peer is a plain torch loop (input GEMM for all steps,
     then three matmuls and two activations per step), what a user would write without us.
     """
 
-    name = PEER_TORCH_CPU
     is_peer = True
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self.name = PEER_TORCH_CPU if device == "cpu" else PEER_TORCH_CUDNN
 
     def unavailable_reason(self, case) -> str | None:
         try:
-            import torch  # noqa: F401
+            import torch
         except ImportError:
             return "torch is not installed"
-        if case.device != "cpu":
-            return "torch-cpu runs on the CPU"
-        if case.dtype not in ("float32", "float64"):
-            return f"torch.nn on the CPU is not benchmarked in {case.dtype}"
+        if case.on_gpu != self.device.startswith("cuda"):
+            return f"{self.name} does not run on {case.device}"
+        if not case.on_gpu:
+            if case.dtype not in ("float32", "float64"):
+                return f"torch.nn on the CPU is not benchmarked in {case.dtype}"
+            return None
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device"
+        if case.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+            return "bfloat16 needs compute capability 8.0"
         return None
 
     def prepare(self, case, params, x):
         import torch
 
-        dtype = getattr(torch, case.dtype)
-        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dtype)
+        dtype, device = getattr(torch, case.dtype), case.device
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device=device, dtype=dtype)
                    for k, v in params.items()}
-        xt = torch.from_numpy(x)
+        xt = _on_device(x, case, torch_on_cpu=True)
+        names = list(params)
         if case.cell == "TwoStageRNN":
-            step = _torch_twostage(tensors)
+            step, weights = _torch_twostage(tensors), [tensors[k] for k in names]
         else:
-            module = getattr(torch.nn, case.cell)(case.I, case.H).to(dtype)
+            module = getattr(torch.nn, case.cell)(case.I, case.H, device=device, dtype=dtype)
             module.load_state_dict(tensors)
-            module.eval()
-            step = module
+            if case.on_gpu:
+                # No-op for bfloat16: torch's cudnn.is_acceptable() excludes it, so cuDNN
+                # compacts bf16 weights on every call, as it does for any torch.nn user.
+                module.flatten_parameters()
+            # cuDNN's RNN backward refuses a module in eval mode; dropout is 0 either way.
+            module.train(case.pass_ == "train")
+            step, weights = module, [getattr(module, k) for k in names]
+        if case.pass_ == "forward":
+            def call():
+                with _no_tf32(), torch.inference_mode():
+                    return step(xt)
 
-        def call():
-            with torch.no_grad():
-                y, state = step(xt)
-            return y.numpy(), [s.numpy() for s in _as_tuple(state)]
+            return Prepared(call, lambda out: (_numpy(out[0]),
+                                               [_numpy(s) for s in _as_tuple(out[1])]))
+        dy, dstate = (_on_device(a, case, torch_on_cpu=True) for a in train_grads(case))
+        for w in weights:
+            w.requires_grad_(True)
+        xg = xt.clone().requires_grad_(True)
 
-        return call
+        def train():
+            with _no_tf32():
+                y, state = step(xg)
+                state = _as_tuple(state)
+                grads = torch.autograd.grad([y, *state], [xg, *weights], [dy, *dstate])
+            return y, state, grads
+
+        def convert(out):
+            y, state, grads = out
+            return _numpy(y), [*(_numpy(s) for s in state), *(_numpy(g) for g in grads)]
+
+        return Prepared(train, convert)
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """float32 means IEEE float32 for the peer as for us (DESIGN §3, §7)."""
+    import torch
+
+    from rnn_gpu import tf32_allowed
+
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    allow = tf32_allowed()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        with warnings.catch_warnings():
+            # bfloat16 weights cannot be flattened (see TorchRunner.prepare): torch warns on
+            # every call; the cost is in the timing, the warning would only flood the table.
+            warnings.filterwarnings("ignore", message="RNN module weights are not part")
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _on_device(a, case, torch_on_cpu: bool = False):
+    """Host or device data -> the case's device and dtype: NumPy on the CPU (a torch CPU tensor
+    with ``torch_on_cpu``), a torch tensor on CUDA."""
+    if isinstance(a, list):
+        return [_on_device(v, case, torch_on_cpu) for v in a]
+    from rnn_gpu._arrays import kind_of
+
+    if not case.on_gpu and not torch_on_cpu:
+        return a.astype(case.dtype) if a.dtype != np.dtype(case.dtype) else a
+    import torch
+
+    t = a if kind_of(a) == "torch" else torch.from_numpy(np.ascontiguousarray(a))
+    return t.to(device=case.device, dtype=getattr(torch, case.dtype))
 
 
 def _problem(case):
@@ -138,12 +260,12 @@ def _torch_twostage(p: dict[str, Any]):
         T, B, _ = x.shape
         xa = torch.addmm(b_a, x.reshape(T * B, -1), w_ia.T).reshape(T, B, -1)
         h = x.new_zeros(B, w_hh.shape[0])
-        ys = torch.empty(T, B, w_hh.shape[0], dtype=x.dtype)
+        ys = []
         for t in range(T):
             a = torch.tanh(torch.addmm(xa[t], h, w_aa.T))
-            h = torch.tanh(torch.addmm(b_h, a, w_ha.T).addmm_(h, w_hh.T))
-            ys[t] = h
-        return ys, h[None]
+            h = torch.tanh(torch.addmm(b_h, a, w_ha.T) + h @ w_hh.T)
+            ys.append(h)
+        return torch.stack(ys), h[None]
 
     return forward
 
@@ -152,10 +274,18 @@ def _as_tuple(state) -> tuple:
     return tuple(state) if isinstance(state, (tuple, list)) else (state,)
 
 
-def _numpy(a) -> np.ndarray:
-    from rnn_gpu._arrays import to_numpy
+def _numpy(a):
+    """A result ready for the check: NumPy, or a torch tensor left on its device (copying a
+    GiB-sized GPU output to the host would cost more than the check), detached, half
+    precisions widened to float32."""
+    from rnn_gpu._arrays import kind_of, to_numpy
 
-    return to_numpy(a)
+    if kind_of(a) == "torch":
+        a = a.detach()
+        if a.dtype.is_floating_point and a.element_size() < 4:
+            a = a.float()
+        return a if a.is_cuda else a.numpy()
+    return np.asarray(to_numpy(a))
 
 
 def our_runners(names: list[str] | None = None) -> list[Runner]:
@@ -167,5 +297,6 @@ def our_runners(names: list[str] | None = None) -> list[Runner]:
     return [BackendRunner(name) for name in registry.names()]
 
 
-def peer_runners() -> list[Runner]:
-    return [TorchCpuRunner()]
+def peer_runners(device: str = "cpu") -> list[Runner]:
+    """The peers of a device: torch.nn on the CPU there, torch.nn on cuDNN on a GPU."""
+    return [TorchRunner(device)]

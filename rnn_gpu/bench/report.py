@@ -8,8 +8,9 @@ import os
 import platform
 from dataclasses import asdict, dataclass
 
-COLUMNS = ("cell", "shape T×B×H", "dtype", "runner", "ms (median)", "tokens/s", "GFLOP/s",
-           "vs torch-cpu")
+COLUMNS = ("cell", "shape T×B×H", "dtype", "pass", "runner", "ms (median)", "tokens/s",
+           "TFLOP/s", "vs peer")
+TEXT_COLUMNS = 5            # left-aligned; the numbers after them are right-aligned
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Row:
     gflops: float | None = None          # GEMM GFLOP/s (rnn_gpu.bench.flops)
     ratio: float | None = None           # peer ms / our ms: > 1 means faster than the peer
     floor_ms: float | None = None        # GEMM flops at the machine's peak GEMM rate
+    peak_bytes: int | None = None        # GPU: memory the call needed beyond its inputs
     max_err: float | None = None         # max |ours - reference| / max(1, max |reference|)
     error: str | None = None             # why there is no timing (wrong answer, failure)
 
@@ -36,8 +38,9 @@ class Row:
         return self.error is None and self.ms is not None
 
 
-def machine_info(threads: int) -> dict:
-    """CPU model, cores, thread count and the versions that matter, read off this machine."""
+def machine_info(threads: int, device: str = "cpu") -> dict:
+    """CPU model, cores, thread count and the versions that matter, read off this machine
+    (and the GPU, CUDA, cuDNN, Triton and CuPy versions when ``device`` is a GPU)."""
     import numpy as np
 
     import rnn_gpu
@@ -64,6 +67,17 @@ def machine_info(threads: int) -> dict:
     if torch.backends.mkldnn.is_available():
         parts.append("oneDNN")
     info["torch_blas"] = " + ".join(parts) or "default"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, " \
+                      f"sm_{props.major}{props.minor}, {props.multi_processor_count} SMs"
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        for mod in ("triton", "cupy"):
+            try:
+                info[mod] = __import__(mod).__version__
+            except Exception:
+                info[mod] = None
     return info
 
 
@@ -120,37 +134,54 @@ def header_lines(info: dict) -> list[str]:
              f"rnn_gpu {info['rnn_gpu']}"]
     if info.get("torch"):
         lines.append(f"torch {info['torch']} ({info['torch_blas']})")
+    if info.get("gpu"):
+        extra = "".join(f"; {m} {info[m]}" for m in ("triton", "cupy") if info.get(m))
+        lines.append(f"GPU: {info['gpu']}; CUDA {info['cuda']}, cuDNN {info['cudnn']}{extra}")
     if info.get("peak_gemm_gflops"):
         peaks = ", ".join(f"{k} {v:.0f}" for k, v in info["peak_gemm_gflops"].items())
         lines.append(f"peak GEMM (2048³ float32, same threads), GFLOP/s: {peaks}")
     return lines
 
 
+def _tflops(gflops: float | None) -> str:
+    if gflops is None:
+        return "—"
+    return _fmt(gflops / 1e3, ".3f" if gflops < 1e3 else ".1f")
+
+
 def format_table(rows: list[Row], info: dict | None = None, markdown: bool = False) -> str:
-    """The results as an aligned text table (or a Markdown table), one row per runner."""
+    """The results as an aligned text table (or a Markdown table), one row per runner.
+    The ratio is the peer's time over ours (> 1: faster than the peer); the peer is torch.nn
+    on the same device (torch-cpu, or torch-cudnn on a GPU)."""
+    columns = COLUMNS + (("peak MiB",) if any(r.peak_bytes is not None for r in rows) else ())
     body = []
     for r in rows:
         timed = r.error is None
-        cells = (r.cell, r.shape, r.dtype, r.runner,
-                 _fmt(r.ms, ".1f") if timed else "WRONG" if r.max_err is not None else "error",
+        cells = (r.cell, r.shape, r.dtype, r.pass_, r.runner,
+                 _fmt(r.ms, ".2f" if (r.ms or 0) < 10 else ".1f") if timed
+                 else "WRONG" if r.max_err is not None else "error",
                  _tokens(r.tokens_per_s) if timed else "—",
-                 _fmt(r.gflops, ".1f") if timed else "—",
+                 _tflops(r.gflops) if timed else "—",
                  _fmt(r.ratio, ".2f") if timed else "—")
+        if len(columns) > len(COLUMNS):
+            cells += (_fmt(None if r.peak_bytes is None else r.peak_bytes / 2**20, ".0f"),)
         body.append(cells)
     if markdown:
-        lines = ["| " + " | ".join(COLUMNS) + " |",
-                 "|" + "|".join("---" if i < 4 else "---:" for i in range(len(COLUMNS))) + "|"]
+        lines = ["| " + " | ".join(columns) + " |",
+                 "|" + "|".join("---" if i < TEXT_COLUMNS else "---:"
+                                for i in range(len(columns))) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in body]
     else:
-        table = [COLUMNS, *body]
-        widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+        table = [columns, *body]
+        widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
 
         def line(row):
-            return "  ".join(c.ljust(w) if i < 4 else c.rjust(w)
+            return "  ".join(c.ljust(w) if i < TEXT_COLUMNS else c.rjust(w)
                              for i, (c, w) in enumerate(zip(row, widths)))
 
-        lines = [line(COLUMNS), "  ".join("-" * w for w in widths)] + [line(r) for r in body]
-    notes = [f"  {r.cell} {r.shape} {r.runner}: {r.error}" for r in rows if r.error]
+        lines = [line(columns), "  ".join("-" * w for w in widths)] + [line(r) for r in body]
+    notes = [f"  {r.cell} {r.shape} {r.dtype} {r.pass_} {r.runner}: {r.error}"
+             for r in rows if r.error]
     out = []
     if info is not None:
         out += header_lines(info) + [""]

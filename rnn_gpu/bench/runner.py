@@ -1,6 +1,11 @@
 """The benchmark loop: for each case, build one set of weights and one input, run every runner
 once and check its answer against the reference (the peer), then time the runners that were
-right, interleaved (:func:`rnn_gpu.bench.timing.measure`)."""
+right, interleaved (:func:`rnn_gpu.bench.timing.measure`). On a GPU each runner's peak memory
+is read off torch's allocator around one call.
+
+The asv suite (``asv_benchmarks/``) uses the same pieces: :func:`make_inputs`,
+:func:`check_against_peer` and the runners, so the two cannot disagree on what they measure.
+"""
 
 from __future__ import annotations
 
@@ -10,39 +15,84 @@ import numpy as np
 
 from .cases import Case
 from .flops import case_flops
+from .memory import peak_bytes
 from .peers import Runner
 from .report import Row
 from .timing import measure, timer_for
 
 # max |ours - reference| / max(1, max |reference|): loose enough for float32 rounding that
 # accumulates over 256 steps (~1e-6 seen), tight enough that any real bug fails by far.
+# Half precisions: both sides round every step, so they drift apart by a few ulps of 2^-8
+# (bf16) or 2^-11 (fp16) per step before the gates squash it.
 TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 
 
 def make_inputs(case: Case, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The weights (from an rnn_gpu layer, torch.nn's initialisation) and x, both seeded."""
+    """The weights (from an rnn_gpu layer, torch.nn's initialisation) and x, both seeded, in
+    float32 (float64 for a float64 case); each runner casts them to the case's dtype."""
     import rnn_gpu
 
-    layer = getattr(rnn_gpu, case.cell)(case.I, case.H, dtype=case.dtype, seed=seed)
-    x = np.random.default_rng(seed + 1).standard_normal((case.T, case.B, case.I))
-    return layer.state_dict(), x.astype(case.dtype)
+    host = "float64" if case.dtype == "float64" else "float32"
+    layer = getattr(rnn_gpu, case.cell)(case.I, case.H, dtype=host, seed=seed)
+    shape = (case.T, case.B, case.I)
+    if case.on_gpu:          # drawn on the device: 1 GiB of x took seconds on the host
+        import torch
+
+        gen = torch.Generator(device=case.device).manual_seed(seed + 1)
+        return layer.state_dict(), torch.randn(shape, generator=gen, device=case.device)
+    x = np.random.default_rng(seed + 1).standard_normal(shape)
+    return layer.state_dict(), x.astype(host)
 
 
 def compare(out, ref) -> float:
-    """Scaled max error between two ``(y, [state...])`` results (inf if shapes differ)."""
-    pairs = [(out[0], ref[0])] + list(zip(out[1], ref[1]))
+    """Scaled max error between two ``(y, [state...])`` results (inf if shapes differ or a
+    value is not finite). Results are NumPy arrays or torch tensors (compared on their device
+    in float64, without a copy to the host)."""
     if len(out[1]) != len(ref[1]):
         return float("inf")
     worst = 0.0
-    for a, b in pairs:
-        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-        if a.shape != b.shape:
+    for a, b in [(out[0], ref[0]), *zip(out[1], ref[1])]:
+        a, b = _float64_pair(a, b)
+        if tuple(a.shape) != tuple(b.shape):
             return float("inf")
-        if not np.all(np.isfinite(a)):
-            return float("inf")
-        scale = max(1.0, float(np.abs(b).max(initial=0.0)))
-        worst = max(worst, float(np.abs(a - b).max(initial=0.0)) / scale)
+        if a.numel() if hasattr(a, "numel") else a.size:
+            if not bool(_isfinite(a).all()):
+                return float("inf")
+            scale = max(1.0, float(abs(b).max()))
+            worst = max(worst, float(abs(a - b).max()) / scale)
     return worst
+
+
+def _float64_pair(a, b):
+    """Both as float64 NumPy arrays, or both as float64 torch tensors on the device of
+    whichever is a CUDA tensor."""
+    from rnn_gpu._arrays import kind_of
+
+    if "torch" not in (kind_of(a), kind_of(b)):
+        return np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    import torch
+
+    device = next((t.device for t in (a, b) if kind_of(t) == "torch"), "cpu")
+    return tuple(torch.as_tensor(t).to(device=device, dtype=torch.float64) for t in (a, b))
+
+
+def _isfinite(a):
+    return a.isfinite() if hasattr(a, "isfinite") else np.isfinite(a)
+
+
+class WrongAnswer(AssertionError):
+    """A runner's output disagrees with the peer's beyond the dtype's tolerance."""
+
+
+def check_against_peer(case: Case, result, reference, *, runner: str, peer: str) -> float:
+    """The scaled max error of ``result`` against ``reference``; raises :class:`WrongAnswer`
+    beyond the dtype's tolerance."""
+    err = compare(result, reference)
+    tol = TOLERANCE.get(case.dtype, 1e-4)
+    if not err <= tol:
+        raise WrongAnswer(f"{runner} on {case.label()}: max error {err:.2e} against {peer} "
+                          f"(tolerance {tol:g})")
+    return err
 
 
 def run_case(case: Case, runners: list[Runner], *, repeats: int,
@@ -63,12 +113,14 @@ def run_case(case: Case, runners: list[Runner], *, repeats: int,
                 rows.pop()
             continue
         try:
-            call = runner.prepare(case, params, x)
-            results[runner.name] = call()
+            prepared = runner.prepare(case, params, x)
+            results[runner.name] = prepared.result()
+            if case.on_gpu:
+                row.peak_bytes = peak_bytes(prepared.call, case.device)
         except Exception as exc:
             row.error = f"failed: {type(exc).__name__}: {exc}"
             continue
-        calls[runner.name] = call
+        calls[runner.name] = prepared.call
     peer_name = next((r.name for r in runners if r.is_peer and r.name in results), None)
     # No peer (torch missing): our runners are still checked against each other, but no row
     # gets a ratio, since a ratio against ourselves would read as "level with the peer".

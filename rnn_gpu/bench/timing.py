@@ -1,9 +1,11 @@
 """How a call is timed, and how the runners of one case share the machine fairly.
 
-:class:`CpuTimer` is ``time.perf_counter`` around a synchronous call. A GPU timer (CUDA events
-recorded on the current stream around the call, ``elapsed_time`` after a synchronize) belongs
-next to it as ``CudaEventTimer``; :func:`timer_for` is the one place that picks a timer by
-device, so the runner loop does not change when it arrives.
+:class:`CpuTimer` is ``time.perf_counter`` around a synchronous call. :class:`CudaEventTimer`
+records CUDA events on the current stream around the call and reads ``elapsed_time`` after
+synchronising on the end event, so it measures the GPU's time for the work the call queued,
+not the Python that queued it. :class:`CudaEventClock` is the same events as a clock (seconds
+since a reference event), which is what asv's ``timer`` attribute wants. :func:`timer_for` is
+the one place that picks a timer by device.
 
 :func:`measure` interleaves the runners call by call (A B A B ..., the order rotating), each
 timed call right after an untimed one of the same runner. On a noisy machine this spreads
@@ -52,13 +54,66 @@ class CpuTimer:
         return time.perf_counter() - start
 
 
+class CudaEventTimer:
+    """GPU seconds of the work one call queues on the current stream of ``device``.
+
+    The stream is synchronised before the start event, so work queued earlier (the untimed
+    warm-up call) is not billed to this call.
+    """
+
+    def __init__(self, device: str = "cuda"):
+        import torch
+
+        self.device = device
+        self._torch = torch
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        torch = self._torch
+        with torch.cuda.device(self.device):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+
+
+class CudaEventClock:
+    """A monotonic clock read off CUDA events: seconds since a reference event.
+
+    Each reading records an event on the current stream and waits for it, so the difference of
+    two readings is the GPU time of everything queued in between: asv's ``timer`` attribute
+    turns its own repeat loop into CUDA-event timings this way.
+    """
+
+    def __init__(self, device: str = "cuda"):
+        import torch
+
+        self._torch = torch
+        self.device = device
+        with torch.cuda.device(device):
+            torch.cuda.synchronize()
+            self._origin = torch.cuda.Event(enable_timing=True)
+            self._origin.record()
+
+    def __call__(self) -> float:
+        torch = self._torch
+        with torch.cuda.device(self.device):
+            now = torch.cuda.Event(enable_timing=True)
+            now.record()
+            now.synchronize()
+            return self._origin.elapsed_time(now) / 1e3
+
+
 def timer_for(device: str):
-    """The timer for a device: CPU wall clock; CUDA events arrive with the GPU backends."""
+    """The timer for a device: CPU wall clock, or CUDA events on ``cuda``/``cuda:N``."""
     if device == "cpu":
         return CpuTimer()
-    raise NotImplementedError(f"no timer for device {device!r} yet: a CUDA-event timer "
-                              "(torch.cuda.Event(enable_timing=True)) goes in rnn_gpu.bench."
-                              "timing next to CpuTimer")
+    if device.startswith("cuda"):
+        return CudaEventTimer(device)
+    raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {device!r}")
 
 
 def measure(fns: dict[str, Callable[[], object]], *, timer, repeats: int,

@@ -1,0 +1,99 @@
+"""The benchmark harness on a GPU: CUDA-event timing, the cuDNN peer (fair: flattened weights,
+no TF32, checked against torch.nn in float64 on the CPU), peak memory, ``rnn-gpu bench`` on
+CUDA and the asv GPU benchmarks. Marked ``gpu``: skipped without a CUDA device."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from rnn_gpu.bench import cases, memory, peers, runner, timing
+from rnn_gpu.cli import main
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+
+
+def test_cuda_event_timer_measures_gpu_time_not_launch_time():
+    a = torch.randn(4096, 4096, device="cuda")
+    timer = timing.CudaEventTimer("cuda")
+
+    def work():
+        for _ in range(20):
+            a @ a                                    # ~55 GFLOP: milliseconds, queued fast
+
+    work()
+    seconds = timer(work)
+    start = time.perf_counter()
+    work()                                           # the launches alone return at once
+    launch = time.perf_counter() - start
+    torch.cuda.synchronize()
+    assert seconds > 0 and seconds > 2 * launch
+    clock = timing.CudaEventClock("cuda")
+    t0 = clock()
+    work()
+    t1 = clock()
+    assert 0.3 * seconds < t1 - t0 < 3 * seconds
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN", "TwoStageRNN"])
+@pytest.mark.parametrize("pass_", ["forward", "train"])
+def test_cudnn_peer_agrees_with_torch_in_float64(cell, pass_):
+    """float32 on the GPU against float64 on the CPU, outputs and every gradient: 1e-4 fails
+    if TF32 were left on (its 10-bit mantissa gives ~1e-3)."""
+    gpu = cases.Case(cell, 40, 24, 48, 64, "float32", "cuda", pass_)
+    params, x = runner.make_inputs(gpu)
+    result = peers.TorchRunner("cuda").prepare(gpu, params, x).result()
+    w = {k: torch.from_numpy(v).double().requires_grad_(True) for k, v in params.items()}
+    if cell == "TwoStageRNN":
+        step = peers._torch_twostage(w)
+    else:
+        module = getattr(torch.nn, cell)(48, 64, dtype=torch.float64)
+        module.load_state_dict({k: v.detach() for k, v in w.items()})
+        step, w = module, {k: getattr(module, k) for k in params}
+    xc = x.cpu().double().requires_grad_(True)
+    y, state = step(xc)
+    state = state if isinstance(state, tuple) else (state,)
+    reference = [y, *state]
+    if pass_ == "train":
+        dy, dstate = peers.train_grads(gpu)
+        reference += torch.autograd.grad([y, *state], [xc, *w.values()],
+                                         [g.cpu().double() for g in (dy, *dstate)])
+    reference = [t.detach() for t in reference]
+    assert runner.compare(result, (reference[0], reference[1:])) < 1e-4
+
+
+def test_peak_memory_counts_what_a_call_allocates():
+    n = 1 << 26                                      # 256 MiB of float32
+    assert memory.peak_bytes(lambda: torch.empty(n, device="cuda"), "cuda") >= 4 * n
+
+
+def test_bench_on_cuda_reports_cudnn_rows_with_memory(capsys):
+    assert main(["bench", "--quick", "--device", "cuda", "--pass", "all", "--dtype",
+                 "float32,float16,bfloat16", "--repeats", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    cudnn = [r for r in rows if r["runner"] == "torch-cudnn"]
+    assert len(cudnn) == len(cases.CELLS) * 2 * 3 * 2         # cells x shapes x dtypes x passes
+    for row in cudnn:
+        assert row["error"] is None, row
+        assert row["ms"] > 0 and row["ratio"] == 1.0 and row["peak_bytes"] > 0
+    assert not [r for r in rows if r["runner"] == "numpy"]    # not a CUDA backend: left out
+
+
+def test_asv_gpu_benchmarks_run_on_cudnn():
+    from asv_suite import load_recurrent
+
+    recurrent = load_recurrent()
+    for cls in (recurrent.GpuForward, recurrent.GpuForwardBackward):
+        bench = cls()
+        bench.setup("LSTM", "torch-cudnn", "512x64x1024", "bfloat16")
+        assert recurrent.gpu_clock() > 0
+        assert bench.track_tokens_per_s() > 0 and bench.track_tflops() > 0
+        assert bench.track_peak_memory() > 0
+        getattr(bench, "time_forward" if cls is recurrent.GpuForward
+                else "time_forward_backward")()
+    assert np.isfinite(recurrent.gpu_clock())

@@ -115,7 +115,7 @@ def test_a_wrong_answer_fails_the_benchmark(wrong_grads):
 def test_quick_asv_run_over_the_cpu_set(tmp_path):
     """What CI relies on: ``asv run --python=same --quick`` over every CPU benchmark, failing
     (asv exits 2) if any benchmark errors. forkserver instead of the configured spawn: torch is
-    imported once, not in each of 144 processes (9.5 min -> about 2 on 2 cores)."""
+    imported once, not in each of 144 processes (9.5 min -> about 3 on 2 cores)."""
     asv = shutil.which("asv")
     if asv is None:
         pytest.skip("asv is not installed (pip install -e '.[bench]')")

@@ -14,7 +14,7 @@ import rnn_gpu as rg
 from rnn_gpu.backends.numpy import NumpyBackend
 from rnn_gpu.batch import apply_batch
 from rnn_gpu.batch import sinks as batch_sinks
-from rnn_gpu.batch.executors import LocalExecutor, is_out_of_memory
+from rnn_gpu.batch.executors import LocalExecutor, _HostStaging, is_out_of_memory
 from rnn_gpu.batch.prefetch import prefetch
 from rnn_gpu.cli import main
 
@@ -199,6 +199,50 @@ def test_out_of_memory_for_one_sequence_is_a_runtime_failure(job, capsys):
     finally:
         _OutOfMemoryAbove.limit = 20
         rg.backends.unregister("test_oom")
+
+
+class _RecordingLookahead(_HostStaging):
+    """The CUDA staging's protocol on the CPU: ``stage`` starts a copy, ``ready`` waits for it;
+    records the order, so that the lookahead of LocalExecutor.map can be checked here."""
+
+    def __init__(self, events):
+        super().__init__("cpu")
+        self.lookahead, self.events = True, events
+
+    def stage(self, x):
+        self.events.append(("stage", len(x)))
+        return x.copy()
+
+    def ready(self, staged):
+        self.events.append(("ready", len(staged)))
+        return staged
+
+
+def test_lookahead_stages_the_next_batch_first_and_survives_out_of_memory(job):
+    d, model, x, lengths = job
+    model = model.eval()
+    events: list = []
+    executor = LocalExecutor(log=lambda msg: None)
+    executor._staging = _RecordingLookahead(events)
+    sizes = [8, 24, 24, 5, 24]           # the limit is 20: the 24s go in halves of 12
+    cuts = np.cumsum([0, *sizes])
+    batches = [(i, x[a:b], lengths[a:b]) for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+    rg.backends.register(_OutOfMemoryAbove)
+    try:
+        got = list(executor.map(model, iter(batches), emit="last", backend="test_oom"))
+    finally:
+        rg.backends.unregister("test_oom")
+    assert [key for key, _ in got] == list(range(len(sizes)))
+    for (_, out), (_, xb, lb) in zip(got, batches):
+        np.testing.assert_allclose(out, apply_batch(model, xb, lb), rtol=1e-5, atol=1e-6)
+    assert executor.batches_retried == 1
+    halves = [("stage", 12), ("ready", 12)] * 2           # copied one at a time, no lookahead
+    assert events == [
+        ("stage", 8), ("stage", 24), ("ready", 8),        # batch 1 is staged before 0 runs
+        ("stage", 24), ("ready", 24), *halves,            # batch 2 too; batch 1 runs out of
+        ("stage", 5), *halves,                            # memory: ceiling 12, batch 2's copy
+        ("ready", 5),                                     # is dropped; batch 4 is above the
+        *halves]                                          # ceiling, so not staged whole
 
 
 def test_full_disk_keeps_what_was_written_and_a_rerun_resumes(job, capsys, monkeypatch):

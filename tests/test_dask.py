@@ -296,3 +296,46 @@ def test_cli_run_with_scheduler_writes_what_a_local_run_writes(cluster, model, d
     local, remote = np.load(tmp_path / "local.npy"), np.load(tmp_path / "dask.npy")
     np.testing.assert_allclose(remote, local, **TOL)
     np.testing.assert_allclose(remote, apply_batch(model, x, lengths, emit="sequence"), **TOL)
+
+
+def test_cli_run_with_scheduler_and_cuda_does_not_touch_cuda_on_the_client(
+        cluster, model, data, tmp_path, capsys, monkeypatch):
+    # The client may have no GPU while the workers have one: the client keeps the model on the
+    # CPU and leaves the device to the workers. Here the workers have no GPU either, so the
+    # executor records the device it is given and runs on the CPU instead.
+    import json
+
+    from rnn_gpu.cli import main
+    from rnn_gpu.layers import RecurrentLayer
+
+    x, lengths = data
+    rg.save(model, tmp_path / "model.safetensors")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "lengths.npy", lengths)
+    real_to, devices = RecurrentLayer.to, []
+
+    def cpu_only_to(self, device):
+        assert str(device) == "cpu", f"the client moved the model to {device}"
+        return real_to(self, device)
+
+    def executor_on_cpu(address, *, device):
+        devices.append(device)
+        return real_executor(address, device="cpu")
+
+    real_executor = rgd.DaskExecutor
+    monkeypatch.setattr(RecurrentLayer, "to", cpu_only_to)
+    monkeypatch.setattr(rgd, "DaskExecutor", executor_on_cpu)
+    args = [str(tmp_path / "model.safetensors"), str(tmp_path / "x.npy"),
+            str(tmp_path / "out.npy"), "--lengths", str(tmp_path / "lengths.npy"), "--emit",
+            "sequence", "--batch-size", "4", "--quiet", "--scheduler",
+            cluster.scheduler_address, "--device", "cuda"]
+    assert main(["run", *args]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert devices == ["cuda"] and summary["device"] == "cuda"
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"),
+                               apply_batch(model, x, lengths, emit="sequence"), **TOL)
+    # a misspelt device or an unknown backend is still a usage error, found on the client
+    assert main(["run", *args[:-1], "gpu", "--overwrite"]) == 2
+    assert main(["run", *args, "--backend", "no_such_backend", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "--device: cannot use 'gpu'" in err and "--backend: unknown name" in err

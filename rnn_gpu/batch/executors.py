@@ -38,6 +38,11 @@ class OutOfMemory(RuntimeError):
 class LocalExecutor:
     """Runs batches in this process, one after another, in order.
 
+    On CUDA with torch, ``map`` looks one batch ahead: the host-to-device copy of batch i+1 is
+    issued on a copy stream before batch i computes, so the transfer runs during batch i's
+    compute instead of before batch i+1's (see :class:`_HostStaging`). That holds one more
+    batch in host and device memory. On the CPU batches are used as they are, without lookahead.
+
     On an out-of-memory error the batch is split in halves and each half retried (recursively,
     down to one sequence). The size that worked becomes the ceiling for later batches, so that
     a batch size too large for the device costs one failed attempt, not one per batch.
@@ -54,18 +59,45 @@ class LocalExecutor:
 
     def map(self, model, batches: Iterable[tuple[Any, np.ndarray, Any]], *, emit: str,
             backend: str | None) -> Iterator[tuple[Any, np.ndarray]]:
-        for key, x, lengths in batches:          # lazily: one batch in flight at a time
-            yield key, self._run(model, x, lengths, emit, backend)
+        if not self._staging.lookahead:
+            for key, x, lengths in batches:      # lazily: one batch in flight at a time
+                yield key, self._run(model, x, lengths, emit, backend)
+            return
+        batches = iter(batches)
+        item = next(batches, None)
+        ahead = self._stage(item)
+        while item is not None:
+            following = next(batches, None)
+            # issued before batch i is computed: the copy overlaps that compute
+            current, ahead = [ahead], self._stage(following)
+            key, x, lengths = item
+            # pop(): only _run holds the staged batch, so it can free it before retrying halves
+            yield key, self._run(model, x, lengths, emit, backend, current.pop())
+            item = following
 
     def close(self) -> None:
         self._staging = _HostStaging(self.device)
 
-    def _run(self, model, x, lengths, emit, backend) -> np.ndarray:
+    def _stage(self, item):
+        """Start the copy of a batch ahead of its turn; None when it will be sent in parts
+        anyway (above the ceiling) or the device has no room for it now (``_run`` then copies
+        it itself, and halves it if it really does not fit)."""
+        if item is None or (self._ceiling is not None and len(item[1]) > self._ceiling):
+            return None
+        try:
+            return self._staging.stage(item[1])
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            return None
+
+    def _run(self, model, x, lengths, emit, backend, staged=None) -> np.ndarray:
         size = len(x)
         if self._ceiling is not None and size > self._ceiling:
             return self._in_parts(model, x, lengths, emit, backend, self._ceiling)
         try:
-            return apply_batch(model, self._staging.to_device(x), lengths, emit=emit,
+            return apply_batch(model, self._staging.to_device(x) if staged is None
+                               else self._staging.ready(staged), lengths, emit=emit,
                                backend=backend)
         except Exception as exc:
             if not is_out_of_memory(exc):
@@ -74,6 +106,7 @@ class LocalExecutor:
                 raise OutOfMemory(f"out of memory ({type(exc).__name__}) even for a batch of "
                                   "one sequence; the model or the sequence length is too "
                                   "large for this device") from exc
+        staged = None              # free the whole batch on the device before its halves go
         self.batches_retried += 1
         half = (size + 1) // 2
         self._ceiling = half if self._ceiling is None else min(self._ceiling, half)
@@ -82,6 +115,8 @@ class LocalExecutor:
         return self._in_parts(model, x, lengths, emit, backend, half)
 
     def _in_parts(self, model, x, lengths, emit, backend, size: int) -> np.ndarray:
+        # the parts are copied from the host slices one by one, without lookahead: simple, and
+        # a retry is rare
         parts = [self._run(model, x[i:i + size], None if lengths is None else lengths[i:i + size],
                            emit, backend)
                  for i in range(0, len(x), size)]
@@ -91,33 +126,82 @@ class LocalExecutor:
 class _HostStaging:
     """Host-to-device copies for a CUDA run.
 
-    On the CPU, batches go to the model as they are. On CUDA with torch present, a batch is
-    copied into a reused page-locked (pinned) host buffer and sent with ``non_blocking=True``;
-    the disk read of the next batch already overlaps the compute through the reader thread
-    (:mod:`rnn_gpu.batch.prefetch`). The buffer is reused only after ``apply_batch`` returned a
-    host array, which synchronises the device, so the copy out of it has finished by then.
-    Without torch (a CuPy-only machine) the batch is copied with ``cupy.asarray``, unpinned.
+    On the CPU, batches go to the model as they are. Without torch (a CuPy-only machine) a
+    batch is copied with ``cupy.asarray``, unpinned and synchronously. On CUDA with torch:
+
+    * A batch is copied into a page-locked (pinned) host buffer, the only memory the GPU's copy
+      engine can read while the host goes on (from pageable memory the copy is synchronous).
+    * The copy to the device is issued on a dedicated copy stream, so that it runs while the
+      compute stream works on the previous batch; an event recorded after it marks it done.
+    * Two pinned buffers take turns (double buffering): batch i+1 is written into one while the
+      copy of batch i may still be reading the other. Before a buffer is written again, the host
+      waits for the event of the copy that last read it.
+    * :meth:`ready` makes the compute stream wait for that event, and calls ``record_stream``:
+      the device tensor was allocated on the copy stream, and without it the caching allocator
+      could hand its memory out again as soon as it is freed, while kernels queued on the
+      compute stream still read it.
+
+    The disk read of the next batch overlaps the compute through the reader thread
+    (:mod:`rnn_gpu.batch.prefetch`).
     """
 
     def __init__(self, device: str):
         self.device = device
-        self._pinned = None
+        self.lookahead = False         # True when stage() is asynchronous (CUDA through torch)
+        self.copy_stream = None
+        self.copies = 0                # asynchronous copies issued (the GPU tests look)
+        self._pinned: list[Any] = [None, None]
+        self._events: list[Any] = [None, None]   # per buffer: the last copy that read it
+        self._turn = 0
+        if device.startswith("cuda"):
+            try:
+                import torch
+            except ImportError:        # the model is on CUDA through CuPy then
+                return
+            self._torch = torch
+            self.lookahead = True
 
     def to_device(self, x: np.ndarray):
+        """``x`` on the device, ready for the compute stream."""
+        return self.ready(self.stage(x))
+
+    def stage(self, x: np.ndarray):
+        """Start copying ``x`` to the device; pass the result to :meth:`ready`."""
         if not self.device.startswith("cuda"):
             return x
-        try:
-            import torch
-        except ImportError:          # the model is on CUDA through CuPy then; no pinning here
+        if not self.lookahead:
             import cupy
 
             index = int(self.device.partition(":")[2] or 0)
             with cupy.cuda.Device(index):
                 return cupy.asarray(x)
+        torch = self._torch
+        if self.copy_stream is None:
+            self.copy_stream = torch.cuda.Stream(device=self.device)
         src = torch.from_numpy(np.ascontiguousarray(x))
-        if self._pinned is None or self._pinned.numel() < src.numel() or (
-                self._pinned.dtype != src.dtype):
-            self._pinned = torch.empty(src.numel(), dtype=src.dtype, pin_memory=True)
-        staged = self._pinned[:src.numel()].view(src.shape)
-        staged.copy_(src)
-        return staged.to(self.device, non_blocking=True)
+        turn, self._turn = self._turn, 1 - self._turn
+        if self._events[turn] is not None:
+            self._events[turn].synchronize()     # its last copy has read the buffer
+        pinned = self._pinned[turn]
+        if pinned is None or pinned.numel() < src.numel() or pinned.dtype != src.dtype:
+            pinned = self._pinned[turn] = torch.empty(src.numel(), dtype=src.dtype,
+                                                      pin_memory=True)
+        host = pinned[:src.numel()].view(src.shape)
+        host.copy_(src)
+        with torch.cuda.stream(self.copy_stream):
+            on_device = host.to(self.device, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(self.copy_stream)
+        self._events[turn] = done
+        self.copies += 1
+        return on_device, done
+
+    def ready(self, staged):
+        """The staged batch, usable by work queued on the current (compute) stream."""
+        if not self.lookahead:
+            return staged
+        on_device, done = staged
+        compute = self._torch.cuda.current_stream(self.device)
+        compute.wait_event(done)
+        on_device.record_stream(compute)
+        return on_device

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from .. import registry
-from .._arrays import device_of, kind_of
+from .._arrays import device_of, kind_of, parse_device
 from ..backend_api import Problem
 from .apply import EMITS, apply_batch, output_shape
 from .errors import RunFailure, UsageError
@@ -288,10 +288,20 @@ def _load_model(opts: RunOptions):
         model = recast
     model.eval()
     try:
-        model.to(opts.device)
+        if _on_workers(opts):
+            parse_device(opts.device)       # only its spelling: the workers have the device
+        else:
+            model.to(opts.device)
     except (RuntimeError, ValueError, TypeError) as exc:
         raise UsageError(f"--device: cannot use {opts.device!r}: {exc}") from None
     return model
+
+
+def _on_workers(opts: RunOptions) -> bool:
+    """Whether the device is only the Dask workers' business: the client (this process) may
+    have no GPU, so it keeps the model on the CPU (DaskExecutor ships it, and each worker moves
+    it to ``--device``) and cannot try the device or a GPU backend out itself."""
+    return opts.scheduler is not None and opts.device.strip().lower() != "cpu"
 
 
 def _recast_readout(readout, dtype: str):
@@ -332,6 +342,13 @@ def _preflight(model, opts: RunOptions, input_size: int, has_lengths: bool) -> s
     """Run one tiny batch before anything is written: an unknown backend, a device nothing
     serves or a dtype the backend declines fail here, as usage errors. Returns the name of the
     backend that serves the job."""
+    if _on_workers(opts):
+        # The shapes were checked by the caller; what the device and backend can do only the
+        # workers can tell, and a batch they cannot run fails the run there (exit code 1).
+        if opts.backend is not None and opts.backend not in registry.names():
+            raise UsageError(f"--backend: unknown name {opts.backend!r}; registered backends "
+                             f"are {registry.names()}")
+        return opts.backend or "auto"
     dtype = "float32" if model.dtype == "bfloat16" else model.dtype
     x = np.zeros((1, 1, input_size), dtype)
     lengths = np.ones(1, np.int64) if has_lengths else None

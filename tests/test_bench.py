@@ -157,3 +157,26 @@ def test_gpu_set_is_design_section_5():
     assert max(c.T for c in gpu) >= 4096
     assert {c.dtype for c in gpu} == {"float32", "float16", "bfloat16"}
     assert {c.pass_ for c in gpu} == {"forward", "train"} and all(c.on_gpu for c in gpu)
+
+
+def test_a_backend_that_declines_training_is_unavailable_for_the_train_pass():
+    """Its reason shows as 'unavailable' (asv: skipped), not as a failure of the run."""
+    from rnn_gpu.bench import peers
+
+    class InferenceOnly(rg.backends.get("numpy").__class__):
+        name = "inference_only_for_test"
+        priority = -100
+
+        def not_supported_reasons(self, problem):
+            return super().not_supported_reasons(problem) + (
+                ["no backward here"] if problem.training else [])
+
+    rg.backends.register(InferenceOnly)
+    try:
+        runner = peers.BackendRunner(InferenceOnly.name, explicit=True)
+        forward = cases.Case("GRU", 4, 3, 5, 6)
+        assert runner.unavailable_reason(forward) is None
+        train = cases.Case("GRU", 4, 3, 5, 6, pass_="train")
+        assert runner.unavailable_reason(train) == "no backward here"
+    finally:
+        rg.backends.unregister(InferenceOnly.name)

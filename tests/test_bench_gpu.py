@@ -97,3 +97,31 @@ def test_asv_gpu_benchmarks_run_on_cudnn():
         getattr(bench, "time_forward" if cls is recurrent.GpuForward
                 else "time_forward_backward")()
     assert np.isfinite(recurrent.gpu_clock())
+
+
+def test_one_of_our_backends_on_cuda_gets_a_checked_row_against_cudnn(capsys):
+    """The path the Triton and CuPy rows will take, exercised now with the plain-torch CUDA
+    test backend: the layer on CUDA, torch inputs, the answer checked against cuDNN, timed with
+    CUDA events, a ratio; and the same backend as an asv parameter."""
+    from asv_suite import load_recurrent
+    from torch_cuda_backend import TorchCudaTestBackend
+
+    import rnn_gpu as rg
+
+    rg.backends.register(TorchCudaTestBackend)
+    try:
+        assert main(["bench", "--quick", "--device", "cuda", "--cell", "RNN", "--pass",
+                     "forward", "--backend", TorchCudaTestBackend.name, "--repeats", "2",
+                     "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)["rows"]
+        ours = [r for r in rows if r["runner"] == TorchCudaTestBackend.name]
+        assert ours and all(r["error"] is None and r["max_err"] < 1e-4 and r["ratio"] > 0
+                            and r["peak_bytes"] is not None for r in ours), ours
+        bench = load_recurrent().GpuForward()
+        bench.setup("RNN", TorchCudaTestBackend.name, "512x64x1024", "float32")
+        assert bench.track_tokens_per_s() > 0
+        with pytest.raises(NotImplementedError, match="inference only"):
+            load_recurrent().GpuForwardBackward().setup(
+                "RNN", TorchCudaTestBackend.name, "512x64x1024", "float32")
+    finally:
+        rg.backends.unregister(TorchCudaTestBackend.name)

@@ -245,8 +245,9 @@ def _problem(case):
 
     activations = {"RNN": ("tanh",), "TwoStageRNN": ("tanh", "tanh")}.get(case.cell, ())
     return Problem(cell=LAYERS[case.cell]._spec.kind, activations=activations, dtype=case.dtype,
-                   device=case.device, input_kind="numpy", seq_len=case.T, batch=case.B,
-                   input_size=case.I, hidden_size=case.H)
+                   device=case.device, input_kind="torch" if case.on_gpu else "numpy",
+                   seq_len=case.T, batch=case.B, input_size=case.I, hidden_size=case.H,
+                   training=case.pass_ == "train")
 
 
 def _torch_twostage(p: dict[str, Any]):

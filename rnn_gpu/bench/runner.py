@@ -83,6 +83,10 @@ def _isfinite(a):
 class WrongAnswer(AssertionError):
     """A runner's output disagrees with the peer's beyond the dtype's tolerance."""
 
+    def __init__(self, message: str, max_err: float, tolerance: float):
+        super().__init__(message)
+        self.max_err, self.tolerance = max_err, tolerance
+
 
 def check_against_peer(case: Case, result, reference, *, runner: str, peer: str) -> float:
     """The scaled max error of ``result`` against ``reference``; raises :class:`WrongAnswer`
@@ -91,7 +95,7 @@ def check_against_peer(case: Case, result, reference, *, runner: str, peer: str)
     tol = TOLERANCE.get(case.dtype, 1e-4)
     if not err <= tol:
         raise WrongAnswer(f"{runner} on {case.label()}: max error {err:.2e} against {peer} "
-                          f"(tolerance {tol:g})")
+                          f"(tolerance {tol:g})", err, tol)
     return err
 
 
@@ -125,14 +129,16 @@ def run_case(case: Case, runners: list[Runner], *, repeats: int,
     # No peer (torch missing): our runners are still checked against each other, but no row
     # gets a ratio, since a ratio against ourselves would read as "level with the peer".
     reference = peer_name or next(iter(results), None)
-    tol = TOLERANCE.get(case.dtype, 1e-4)
     for row in rows:
         if row.runner not in results:
             continue
-        row.max_err = compare(results[row.runner], results[reference])
-        if not row.max_err <= tol:
-            row.error = (f"wrong answer: max error {row.max_err:.2e} against {reference} "
-                         f"(tolerance {tol:g}); not timed")
+        try:
+            row.max_err = check_against_peer(case, results[row.runner], results[reference],
+                                             runner=row.runner, peer=reference)
+        except WrongAnswer as wrong:
+            row.max_err = wrong.max_err
+            row.error = (f"wrong answer: max error {wrong.max_err:.2e} against {reference} "
+                         f"(tolerance {wrong.tolerance:g}); not timed")
             calls.pop(row.runner)
     results.clear()                             # free the outputs before timing
     if log:

@@ -103,8 +103,7 @@ class BackendRunner(Runner):
             def call():
                 return layer(x, backend=name)
 
-            return Prepared(call, lambda out: (_numpy(out[0]), [_numpy(s) for s in
-                                                                _as_tuple(out[1])]))
+            return Prepared(call, _forward_result)
         dy, dstate = (_on_device(a, case) for a in train_grads(case))
         names = list(layer.parameter_shapes())
 
@@ -161,8 +160,7 @@ class TorchRunner(Runner):
         import torch
 
         dtype, device = getattr(torch, case.dtype), case.device
-        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device=device, dtype=dtype)
-                   for k, v in params.items()}
+        tensors = {k: _on_device(v, case, torch_on_cpu=True) for k, v in params.items()}
         xt = _on_device(x, case, torch_on_cpu=True)
         names = list(params)
         if case.cell == "TwoStageRNN":
@@ -182,8 +180,7 @@ class TorchRunner(Runner):
                 with _no_tf32(), torch.inference_mode():
                     return step(xt)
 
-            return Prepared(call, lambda out: (_numpy(out[0]),
-                                               [_numpy(s) for s in _as_tuple(out[1])]))
+            return Prepared(call, _forward_result)
         dy, dstate = (_on_device(a, case, torch_on_cpu=True) for a in train_grads(case))
         for w in weights:
             w.requires_grad_(True)
@@ -269,6 +266,11 @@ def _torch_twostage(p: dict[str, Any]):
         return torch.stack(ys), h[None]
 
     return forward
+
+
+def _forward_result(out):
+    """``(y, state)`` of a forward call -> ``(y, [state...])`` ready for the check."""
+    return _numpy(out[0]), [_numpy(s) for s in _as_tuple(out[1])]
 
 
 def _as_tuple(state) -> tuple:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
+from .. import _config
 from .._arrays import device_of, to_kind
 from .._dtypes import canonical_dtype
 from ..layers import LSTM as _CoreLSTM
@@ -70,21 +71,25 @@ def run(core: RecurrentLayer, params: dict[str, torch.Tensor], x: torch.Tensor, 
     # Dropout masks from torch's generator, so that torch.manual_seed reproduces them as it
     # does for torch.nn (the core draws its masks from its own NumPy generator).
     seed = int(torch.randint(0, 2**62, ()).item()) if dropout_active else None
+    # TF32 for float32 follows torch.backends.cudnn.allow_tf32, as torch.nn's RNNs do (cuDNN
+    # obeys that flag); the flag is read per call and kept for the backward of this call.
+    tf32 = bool(torch.backends.cudnn.allow_tf32)
     leaves = [x, h0, c0, *params.values()]
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in leaves)
     if need_grad:
         # The parameters go in as the Module's tensors (not the detached views in core._params)
         # so that autograd routes their gradients; the views share their storage.
-        outs = RecurrentFunction.apply(core, (lengths, backend, seed), x, h0, c0,
+        outs = RecurrentFunction.apply(core, (lengths, backend, seed, tf32), x, h0, c0,
                                        *params.values())
         return (outs[0], (outs[1], outs[2])) if lstm else (outs[0], outs[1])
     state = None if h0 is None else ((h0, c0) if lstm else h0)
-    if dropout_active:
-        _reseed(core, seed)
-        y, final, _ = core.forward(x, state, lengths=lengths, backend=backend)
-        return y, final
-    return core(x, state, lengths=lengths, backend=backend)
+    with _config.tf32_scope(tf32):
+        if dropout_active:
+            _reseed(core, seed)
+            y, final, _ = core.forward(x, state, lengths=lengths, backend=backend)
+            return y, final
+        return core(x, state, lengths=lengths, backend=backend)
 
 
 def _reseed(core: RecurrentLayer, seed: int | None) -> None:
@@ -109,7 +114,8 @@ def _split_state(hx: Any, lstm: bool):
 class RecurrentFunction(torch.autograd.Function):
     """``(y, h_n[, c_n]) = core(x, (h_0[, c_0]))`` as one autograd node.
 
-    Inputs: ``core`` (a view from :func:`bind`), ``call = (lengths, backend, dropout seed)``,
+    Inputs: ``core`` (a view from :func:`bind`), ``call = (lengths, backend, dropout seed,
+    tf32)``,
     then the tensors ``x, h_0, c_0`` (h_0/c_0 may be None) and every parameter in
     ``core._params`` order.
     """
@@ -156,10 +162,11 @@ class RecurrentFunction(torch.autograd.Function):
 
 
 def _core_forward(core, call, x, h0, c0):
-    lengths, backend, seed = call
+    lengths, backend, seed, tf32 = call
     _reseed(core, seed)
     state = None if h0 is None else ((h0, c0) if isinstance(core, _CoreLSTM) else h0)
-    return core.forward(x, state, lengths=lengths, backend=backend)
+    with _config.tf32_scope(tf32):
+        return core.forward(x, state, lengths=lengths, backend=backend)
 
 
 def _as_grad(g: Any, p: torch.Tensor) -> torch.Tensor:

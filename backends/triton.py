@@ -1,0 +1,203 @@
+"""Triton backend: the fused recurrence of every cell as persistent Triton kernels.
+
+The kernels (``rnn_gpu.kernels.triton``) run the whole sequence in one launch, forward and
+backward, for RNN (tanh, relu), LSTM, GRU and TwoStageRNN in float32 (IEEE unless TF32 is
+allowed), float16 and bfloat16, with fp32 accumulation and fp32 state. It takes torch CUDA
+tensors; CuPy arrays reach it through DLPack without a copy (the layer code converts), and
+results go back in the caller's kind.
+
+With ``TRITON_INTERPRET=1`` in the environment (before triton is imported) the same kernels
+run on the CPU through Triton's interpreter, on CPU torch tensors: that is how CI tests them
+and how a kernel can be debugged without a GPU. Auto selection then ranks this backend below
+numpy (the interpreter is slow); choose it by name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import numpy as np
+
+from rnn_gpu import _config
+from rnn_gpu.backend_api import Backend, Problem, Tape
+
+DTYPES = ("float32", "float16", "bfloat16")
+PRIORITY = 100                    # above cupy (the next GPU backend) and numpy
+INTERPRETED_PRIORITY = -10        # below numpy: the interpreter is for tests and debugging
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    array_kind = "torch"
+
+    @property
+    def priority(self) -> int:                       # type: ignore[override]
+        return INTERPRETED_PRIORITY if _interpreting() else PRIORITY
+
+    def unavailable_reason(self) -> str | None:
+        for module, extra in (("torch", "torch"), ("triton", "triton")):
+            if importlib.util.find_spec(module) is None:
+                return f"{module} is not installed (pip install 'rnn-gpu[{extra}]')"
+        if _interpreting():
+            return None
+        import torch
+
+        if not torch.cuda.is_available():
+            return ("no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU "
+                    "through Triton's interpreter)")
+        return None
+
+    def not_supported_reasons(self, problem: Problem) -> list[str]:
+        reasons = []
+        interpreting = _interpreting()
+        if interpreting and problem.device != "cpu":
+            reasons.append(f"TRITON_INTERPRET=1 runs the kernels on the CPU, but the input is "
+                           f"on {problem.device}; unset it to run them on the GPU")
+        elif not interpreting and problem.device == "cpu":
+            reasons.append("the triton backend runs on CUDA, but the input is on the CPU (move "
+                           "it with .to('cuda'), or set TRITON_INTERPRET=1 to run the kernels "
+                           "through Triton's interpreter)")
+        if problem.dtype not in DTYPES:
+            reasons.append(f"the triton backend computes in {', '.join(DTYPES)}, not "
+                           f"{problem.dtype} (use the numpy backend for float64)")
+        elif problem.dtype == "bfloat16" and problem.device.startswith("cuda") and (
+                not interpreting):
+            major, minor = _capability(problem.device)
+            if major < 8:
+                reasons.append(f"bfloat16 needs compute capability 8.0, {problem.device} has "
+                               f"{major}.{minor} (use float16 or float32)")
+        if problem.proj_size:
+            reasons.append("the triton backend has no LSTM projection (proj_size > 0); use the "
+                           "numpy backend")
+        if problem.cell not in ("rnn", "lstm", "gru", "twostage"):
+            reasons.append(f"the triton backend has no cell {problem.cell!r}")
+        return reasons
+
+    # ------------------------------------------------------------------ running
+
+    def forward(self, problem: Problem, xw, weights, state, lengths, *, reverse: bool,
+                keep_tape: bool):
+        from rnn_gpu.kernels.triton import launch
+
+        launch.check_mode()
+        xw = xw.contiguous()
+        T, B, _ = xw.shape
+        H = problem.hidden_size
+        w = {k: v.contiguous() for k, v in weights.items()}
+        lens = _lengths(lengths, xw.device)
+        precision = _precision(problem.dtype)
+        with _on(xw.device):
+            if problem.cell == "twostage":
+                from rnn_gpu.kernels.triton.twostage import twostage_forward
+
+                acts = _act_ids(problem.activations)
+                args = (w["weight_aa"], w["weight_ha"], w["weight_hh"], w.get("bias_h"))
+
+                def run(xw_, tiles, sync, keep):
+                    return twostage_forward(acts, xw_, *args, state[0], lens, reverse=reverse,
+                                            keep_tape=keep, precision=precision, tiles=tiles,
+                                            grid_sync=sync)
+                gates = 2
+            else:
+                from rnn_gpu.kernels.triton.gated import gated_forward
+
+                cell = _CELL_IDS[problem.cell]
+                act = _act_ids(problem.activations)[0] if problem.cell == "rnn" else 0
+                c0 = state[1] if problem.cell == "lstm" else None
+
+                def run(xw_, tiles, sync, keep):
+                    y_, h_, c_, tape_ = gated_forward(
+                        cell, act, xw_, w["weight_hh"], w.get("bias_hh"), state[0], c0, lens,
+                        reverse=reverse, keep_tape=keep, precision=precision, tiles=tiles,
+                        grid_sync=sync)
+                    return y_, (h_, c_), tape_
+                gates = {"rnn": 1, "lstm": 4, "gru": 3}[problem.cell]
+
+            def time_call(tiles, sync):
+                short = xw[: min(T, launch.TIMED_STEPS)]
+                return launch.time_cuda(lambda: run(short, tiles, sync, False))
+
+            tiles, sync = launch.choose(problem.cell, gates, B, H, problem.dtype, xw.device,
+                                        time_call)
+            y, final, ktape = run(xw, tiles, sync, keep_tape)
+        dt = xw.dtype
+        if problem.cell == "twostage":
+            final_state = (final.to(dt),)
+        elif problem.cell == "lstm":
+            final_state = (final[0].to(dt), final[1].to(dt))
+        else:
+            final_state = (final[0].to(dt),)
+        tape = None
+        if keep_tape:
+            tape = Tape(self.name, problem, reverse, {"kernel_tape": ktape})
+        return y, final_state, tape
+
+    def backward(self, tape: Tape, dy, dstate):
+        problem = tape.problem
+        ktape = tape.data.pop("kernel_tape", None)
+        if ktape is None:
+            raise RuntimeError("tape: this triton tape was already used by backward()")
+        dy = dy.contiguous()
+        dt = dy.dtype
+        with _on(dy.device):
+            if problem.cell == "twostage":
+                from rnn_gpu.kernels.triton.twostage import twostage_backward
+
+                dxw, dh0, (daa, dha, dhh, dbh) = twostage_backward(ktape, dy, dstate[0])
+                grads = {"weight_aa": daa, "weight_ha": dha, "weight_hh": dhh}
+                if dbh is not None:
+                    grads["bias_h"] = dbh
+                return dxw, (dh0.to(dt),), grads
+            from rnn_gpu.kernels.triton.gated import gated_backward
+
+            dc = dstate[1] if problem.cell == "lstm" else None
+            dxw, dh0, dc0, dw, db = gated_backward(ktape, dy, dstate[0], dc)
+        grads: dict[str, Any] = {"weight_hh": dw}
+        if db is not None:
+            grads["bias_hh"] = db
+        d0 = (dh0.to(dt), dc0.to(dt)) if problem.cell == "lstm" else (dh0.to(dt),)
+        return dxw, d0, grads
+
+
+_CELL_IDS = {"rnn": 0, "lstm": 1, "gru": 2}
+
+
+def _act_ids(activations: tuple[str, ...]) -> tuple[int, ...]:
+    from rnn_gpu.kernels.triton.common import ACTIVATION_IDS
+
+    return tuple(ACTIVATION_IDS[a] for a in activations)
+
+
+def _precision(dtype: str) -> str:
+    """IEEE float32 unless the caller allowed TF32 (DESIGN §3); ignored for fp16/bf16."""
+    return "tf32" if dtype == "float32" and _config.tf32_allowed() else "ieee"
+
+
+def _lengths(lengths: np.ndarray | None, device):
+    if lengths is None:
+        return None
+    import torch
+
+    return torch.as_tensor(np.asarray(lengths, dtype=np.int32)).to(device)
+
+
+def _on(device):
+    import contextlib
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _capability(device: str) -> tuple[int, int]:
+    import torch
+
+    return torch.cuda.get_device_capability(int(device.split(":")[1]))

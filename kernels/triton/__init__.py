@@ -1,0 +1,13 @@
+"""Triton kernels: the fused recurrence of every cell, persistent in time (DESIGN §5).
+
+One op per module, in flash-linear-attention's ``fused_recurrent`` style: the kernels, their
+launcher and a naive torch reference live together.
+
+* :mod:`.gated` serves the cells whose step is one recurrent product: RNN, LSTM and GRU.
+* :mod:`.twostage` serves the seed's TwoStageRNN (two products per step, a barrier between).
+* :mod:`.common` holds the jit helpers both share (activations, the grid-wide step barrier).
+* :mod:`.launch` chooses tiles per shape (and times candidates once per shape on a GPU).
+
+Importing this package imports triton; set ``TRITON_INTERPRET=1`` before that to run the very
+same kernels on the CPU through Triton's interpreter.
+"""

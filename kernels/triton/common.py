@@ -1,0 +1,131 @@
+"""Jit helpers shared by the recurrence kernels.
+
+Activations are written with ``exp2`` rather than libdevice's ``tanh`` so that one source runs
+both compiled and under Triton's interpreter. Cell ids and activation ids are constexpr ints so
+that every branch on them is resolved at compile time.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Cell ids (constexpr in the kernels).
+RNN, LSTM, GRU = 0, 1, 2
+# Activation ids (RNN nonlinearity, TwoStageRNN's f and g).
+TANH, SIGMOID, RELU = 0, 1, 2
+ACTIVATION_IDS = {"tanh": TANH, "sigmoid": SIGMOID, "relu": RELU}
+
+_LOG2E = tl.constexpr(1.4426950408889634)   # a constexpr: jit code may only read those
+
+
+def _interpreter_fixes() -> None:
+    """Two bugs of Triton's interpreter (3.6 to 3.9) that the kernels would trip over under
+    ``TRITON_INTERPRET=1``; both patches only touch the interpreter, never compiled kernels.
+
+    * Triton 3.6 turns a scalar into an index with ``int(array_of_one)``, which NumPy >= 2.4
+      refuses, so ``for i in range(n_steps)`` failed. Triton 3.9 squeezes first; so do we.
+    * ``tl.dot`` on bfloat16 multiplies the raw uint16 storage as integers (LSTM outputs were
+      off by 1.3). We widen bfloat16 operands to float32 first, exactly (bf16 is the top half of
+      an fp32), which is what the tensor cores compute with fp32 accumulation.
+    """
+    try:
+        import numpy as np
+        from triton.runtime import interpreter
+    except ImportError:                                   # pragma: no cover - layout changed
+        return
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is not None and not getattr(patch, "_rnn_gpu_fixed", False):
+        def patched(tensor, scope):
+            patch(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+        patched._rnn_gpu_fixed = True
+        interpreter._patch_lang_tensor = patched
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    dot = getattr(builder, "create_dot", None)
+    if dot is not None and not getattr(dot, "_rnn_gpu_fixed", False):
+        def widen(h):
+            if h.dtype.scalar == tl.bfloat16:
+                data = (h.data.astype(np.uint32) << 16).view(np.float32)
+                return interpreter.TensorHandle(data, tl.float32)
+            return h
+
+        def create_dot(self, a, b, d, *args, **kwargs):
+            return dot(self, widen(a), widen(b), d, *args, **kwargs)
+
+        create_dot._rnn_gpu_fixed = True
+        builder.create_dot = create_dot
+
+
+_interpreter_fixes()
+
+
+@triton.jit
+def sigmoid(x):
+    return 1.0 / (1.0 + tl.exp2(-_LOG2E * x))
+
+
+@triton.jit
+def tanh(x):
+    # 1 - 2 / (e^{2x} + 1): exact limits at +-inf (e^{2x} -> inf gives 1, -> 0 gives -1).
+    return 1.0 - 2.0 / (tl.exp2((2.0 * _LOG2E) * x) + 1.0)
+
+
+@triton.jit
+def activate(x, ACT: tl.constexpr):
+    if ACT == 0:
+        y = tanh(x)
+    elif ACT == 1:
+        y = sigmoid(x)
+    else:
+        y = tl.maximum(x, 0.0)
+    return y
+
+
+@triton.jit
+def activation_grad(y, ACT: tl.constexpr):
+    """d act / d x written in terms of the output y = act(x)."""
+    if ACT == 0:
+        d = 1.0 - y * y
+    elif ACT == 1:
+        d = y * (1.0 - y)
+    else:
+        d = tl.where(y > 0.0, 1.0, 0.0)
+    return d
+
+
+@triton.jit
+def step_barrier(counter_ptr, target, GRID_SYNC: tl.constexpr):
+    """Wait until every program of this row block has reached this point.
+
+    With ``GRID_SYNC`` the programs that split one row block's hidden units meet at an atomic
+    counter (release on arrival, acquire while spinning); ``target`` is the count that means
+    "all arrived" for this barrier (barriers so far times programs per row block), so the
+    counter is never reset inside a launch. The launcher guarantees that every program is
+    resident (grid no larger than the SM count). Without it only this program's threads meet:
+    its own stores become visible to its own loads of the next step.
+    """
+    tl.debug_barrier()
+    if GRID_SYNC:
+        tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+        arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+        while arrived < target:
+            arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+
+
+@triton.jit
+def row_block_dot(acc, a_ptr, a_rows, row_ok, K, w_ptr, stride_wk, stride_wj, cols, col_ok,
+                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + A[rows, :K] @ W[:K, cols]``: A's rows start at ``a_ptr + a_rows`` (contiguous
+    along k); W's element (k, j) sits at ``w_ptr + k*stride_wk + j*stride_wj``."""
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(a_ptr + a_rows[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wj,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    return acc

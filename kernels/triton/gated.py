@@ -1,0 +1,450 @@
+"""Fused recurrence of the one-product cells (RNN, LSTM, GRU): kernels, launcher, reference.
+
+One launch runs the whole sequence (persistent in time); the sequence length, the batch size
+and the step range are not specialised on (``do_not_specialize``), so a new T or B never
+compiles a new kernel (and B=1 is not turned into a constant that has no ``.to()``).
+Program ``(pb, ph)`` owns the rows ``pb*BLOCK_B ...`` of the batch and the hidden units
+``ph*UNITS ...`` of every gate, which it walks in blocks of ``BLOCK_H``. Each step it reads
+the full ``h_{t-1}`` of its rows (``hbuf``, in the compute dtype), multiplies it by its
+columns of ``W_hh`` with ``tl.dot`` (fp32 accumulation, ``W_hh`` streamed from L2), applies the
+gate math, and writes its units of ``h_t`` to the other half of ``hbuf``. Then the programs of
+one row block meet at a barrier: within the program only when one program holds all units
+(large batch: no cross-program synchronisation at all), or across the grid when the units are
+split (small batch, where one program per row block would leave most SMs idle; DESIGN §5
+measured 0.04x of cuDNN without the split at 512x64x1024).
+
+State: the fp32 state of a program's own units lives in ``h``/``c`` (fp32, (B, H)), which it
+alone reads and writes; ``hbuf`` holds three (B, H) slots in the compute dtype: slot 0 is
+``h_0`` (never written by the kernel, so a launch can be repeated, e.g. when timing tiles),
+slots 1 and 2 alternate as ``h_t``. Double buffering lets one barrier per step suffice.
+
+Backward runs the fused step in reverse: each step's recurrent gradient
+``dh_{t-1} += dgates_t @ W_hh`` is the same kind of product over the full ``dgates_t`` (the
+previous iteration's output, read back after the barrier); the weight gradients are two large
+GEMMs after the loop (``dW_hh = dgatesᵀ · h_prev``, ``db_hh = Σ dgates``).
+
+Tape (what backward reads), indexed by time t: ``gates`` (T, B, TAPE_GATES*H) fp32 holds the
+activated gates (LSTM i, f, g, o; GRU r, z, n and ``W_hn h + b_hn``; RNN h_t), ``c`` (T, B, H)
+fp32 the LSTM cell state after each step, ``hprev`` (T, B, H) the state before each step in the
+compute dtype (the operand of ``dW_hh``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import GRU, LSTM, RNN, activate, activation_grad, sigmoid, step_barrier, tanh
+
+GATES = {RNN: 1, LSTM: 4, GRU: 3}
+TAPE_GATES = {RNN: 1, LSTM: 4, GRU: 4}
+
+
+@triton.jit
+def _time_index(s, T, REVERSE: tl.constexpr):
+    if REVERSE:
+        t = T - 1 - s
+    else:
+        t = s
+    return t
+
+
+@triton.jit(do_not_specialize=["T", "B", "t_begin", "n_steps"])
+def _gated_fwd_kernel(
+    xw_ptr, w_ptr, b_ptr, h0_ptr, c0_ptr, len_ptr,
+    y_ptr, hbuf_ptr, h_ptr, c_ptr, gates_ptr, ctape_ptr, hprev_ptr, sync_ptr,
+    T, B, H, t_begin, n_steps,
+    CELL: tl.constexpr, G: tl.constexpr, TG: tl.constexpr, ACT: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    KEEP_TAPE: tl.constexpr, GRID_SYNC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, UNITS: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    dtype = y_ptr.dtype.element_ty
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    if HAS_LENGTHS:
+        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+    GH = G * H
+    BH = B.to(tl.int64) * H
+    unit_end = tl.minimum((pid_h + 1) * UNITS, H)
+    for i in range(n_steps):
+        s = t_begin + i
+        t = _time_index(s, T, REVERSE)
+        if HAS_LENGTHS:
+            valid = row_ok & (t < lens)
+        else:
+            valid = row_ok
+        src_slot = tl.where(s == 0, 0, 1 + (s + 1) % 2)
+        src = hbuf_ptr + src_slot * BH
+        dst = hbuf_ptr + (1 + s % 2) * BH
+        x_rows = (t.to(tl.int64) * B + rows64) * GH          # row starts in xw (T, B, G*H)
+        s_rows = (t.to(tl.int64) * B + rows64) * H           # row starts in (T, B, H) arrays
+        for j0 in range(pid_h * UNITS, unit_end, BLOCK_H):
+            cols = j0 + tl.arange(0, BLOCK_H)
+            col_ok = cols < unit_end
+            m2 = row_ok[:, None] & col_ok[None, :]
+            own = rows64[:, None] * H + cols[None, :]
+            acc0 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
+            acc1 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
+            acc2 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
+            acc3 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < H
+                hk = tl.load(src + rows64[:, None] * H + ks[None, :],
+                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                wmask = k_ok[:, None] & col_ok[None, :]
+                w_cols = w_ptr + cols[None, :] * H + ks[:, None]    # W_hhᵀ block (k, unit)
+                acc0 = tl.dot(hk, tl.load(w_cols, mask=wmask, other=0.0), acc0,
+                              input_precision=PRECISION)
+                if G > 1:
+                    acc1 = tl.dot(hk, tl.load(w_cols + H * H, mask=wmask, other=0.0), acc1,
+                                  input_precision=PRECISION)
+                    acc2 = tl.dot(hk, tl.load(w_cols + 2 * H * H, mask=wmask, other=0.0), acc2,
+                                  input_precision=PRECISION)
+                if G > 3:
+                    acc3 = tl.dot(hk, tl.load(w_cols + 3 * H * H, mask=wmask, other=0.0), acc3,
+                                  input_precision=PRECISION)
+            if HAS_BIAS:
+                acc0 += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                if G > 1:
+                    acc1 += tl.load(b_ptr + H + cols, mask=col_ok,
+                                    other=0.0).to(tl.float32)[None, :]
+                    acc2 += tl.load(b_ptr + 2 * H + cols, mask=col_ok,
+                                    other=0.0).to(tl.float32)[None, :]
+                if G > 3:
+                    acc3 += tl.load(b_ptr + 3 * H + cols, mask=col_ok,
+                                    other=0.0).to(tl.float32)[None, :]
+            xg = xw_ptr + x_rows[:, None] + cols[None, :]
+            x0 = tl.load(xg, mask=m2, other=0.0).to(tl.float32)
+            if s == 0:
+                h_prev = tl.load(h0_ptr + own, mask=m2, other=0.0)
+            else:
+                h_prev = tl.load(h_ptr + own, mask=m2, other=0.0)
+            if CELL == 0:                                     # RNN
+                h_new = activate(acc0 + x0, ACT)
+                g0 = h_new
+            elif CELL == 1:                                   # LSTM
+                if s == 0:
+                    c_prev = tl.load(c0_ptr + own, mask=m2, other=0.0)
+                else:
+                    c_prev = tl.load(c_ptr + own, mask=m2, other=0.0)
+                g0 = sigmoid(acc0 + x0)
+                g1 = sigmoid(acc1 + tl.load(xg + H, mask=m2, other=0.0).to(tl.float32))
+                g2 = tanh(acc2 + tl.load(xg + 2 * H, mask=m2, other=0.0).to(tl.float32))
+                g3 = sigmoid(acc3 + tl.load(xg + 3 * H, mask=m2, other=0.0).to(tl.float32))
+                c_new = g1 * c_prev + g0 * g2
+                h_new = g3 * tanh(c_new)
+                c_keep = tl.where(valid[:, None], c_new, c_prev)
+                tl.store(c_ptr + own, c_keep, mask=m2)
+            else:                                             # GRU
+                g0 = sigmoid(acc0 + x0)
+                g1 = sigmoid(acc1 + tl.load(xg + H, mask=m2, other=0.0).to(tl.float32))
+                g3 = acc2                                     # W_hn h + b_hn, kept for backward
+                g2 = tanh(tl.load(xg + 2 * H, mask=m2, other=0.0).to(tl.float32) + g0 * g3)
+                h_new = (1.0 - g1) * g2 + g1 * h_prev
+            h_keep = tl.where(valid[:, None], h_new, h_prev)
+            tl.store(h_ptr + own, h_keep, mask=m2)
+            tl.store(dst + own, h_keep.to(dtype), mask=m2)
+            tl.store(y_ptr + s_rows[:, None] + cols[None, :],
+                     tl.where(valid[:, None], h_new, 0.0).to(dtype), mask=m2)
+            if KEEP_TAPE:
+                tl.store(hprev_ptr + s_rows[:, None] + cols[None, :], h_prev.to(dtype), mask=m2)
+                gt = gates_ptr + (t.to(tl.int64) * B + rows64)[:, None] * (TG * H) + cols[None, :]
+                tl.store(gt, g0, mask=m2)
+                if TG > 1:
+                    tl.store(gt + H, g1, mask=m2)
+                    tl.store(gt + 2 * H, g2, mask=m2)
+                    tl.store(gt + 3 * H, g3, mask=m2)
+                if CELL == 1:
+                    tl.store(ctape_ptr + s_rows[:, None] + cols[None, :], c_keep, mask=m2)
+        step_barrier(sync_ptr + pid_b, (i + 1) * n_split, GRID_SYNC)
+
+
+@triton.jit(do_not_specialize=["T", "B", "t_begin", "n_steps"])
+def _gated_bwd_kernel(
+    dy_ptr, w_ptr, len_ptr, gates_ptr, ctape_ptr, hprev_ptr, c0_ptr, dhT_ptr, dcT_ptr,
+    dxw_ptr, dhh_ptr, dh_ptr, dc_ptr, sync_ptr,
+    T, B, H, t_begin, n_steps,
+    CELL: tl.constexpr, G: tl.constexpr, TG: tl.constexpr, ACT: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, GRID_SYNC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, UNITS: tl.constexpr,
+):
+    """Iteration i (0..T) handles forward step s = T-1-i: it first adds the recurrent gradient
+    of step s+1 (``dgates_{s+1} @ W_hh``, i > 0), then back-propagates step s (i < T).
+    Iteration T only finishes ``dh_0``. ``dh``/``dc`` carry each program's own units."""
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    dtype = dxw_ptr.dtype.element_ty
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    if HAS_LENGTHS:
+        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+    GH = G * H
+    unit_end = tl.minimum((pid_h + 1) * UNITS, H)
+    for i in range(t_begin, t_begin + n_steps):
+        s = T - 1 - i
+        t = _time_index(s, T, REVERSE)
+        t_next = _time_index(s + 1, T, REVERSE)
+        if HAS_LENGTHS:
+            valid = row_ok & (t < lens)
+            valid_next = row_ok & (t_next < lens)
+        else:
+            valid = row_ok
+            valid_next = row_ok
+        next_rows = (t_next.to(tl.int64) * B + rows64) * GH
+        x_rows = (t.to(tl.int64) * B + rows64) * GH
+        s_rows = (t.to(tl.int64) * B + rows64) * H
+        for j0 in range(pid_h * UNITS, unit_end, BLOCK_H):
+            cols = j0 + tl.arange(0, BLOCK_H)
+            col_ok = cols < unit_end
+            m2 = row_ok[:, None] & col_ok[None, :]
+            own = rows64[:, None] * H + cols[None, :]
+            if i == 0:
+                dh = tl.load(dhT_ptr + own, mask=m2, other=0.0)
+                dc = tl.load(dcT_ptr + own, mask=m2, other=0.0)
+            else:
+                dh = tl.load(dh_ptr + own, mask=m2, other=0.0)
+                dc = tl.load(dc_ptr + own, mask=m2, other=0.0)
+                rec = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
+                for m0 in range(0, GH, BLOCK_K):
+                    ms = m0 + tl.arange(0, BLOCK_K)
+                    m_ok = ms < GH
+                    a = tl.load(dhh_ptr + next_rows[:, None] + ms[None, :],
+                                mask=row_ok[:, None] & m_ok[None, :], other=0.0)
+                    w = tl.load(w_ptr + ms[:, None] * H + cols[None, :],
+                                mask=m_ok[:, None] & col_ok[None, :], other=0.0)
+                    rec = tl.dot(a, w, rec, input_precision=PRECISION)
+                dh += tl.where(valid_next[:, None], rec, 0.0)
+            if i < T:
+                dh_new = dh + tl.load(dy_ptr + s_rows[:, None] + cols[None, :], mask=m2,
+                                      other=0.0).to(tl.float32)
+                vm = valid[:, None] & m2
+                gt = gates_ptr + (t.to(tl.int64) * B + rows64)[:, None] * (TG * H) + cols[None, :]
+                dx_out = dxw_ptr + x_rows[:, None] + cols[None, :]
+                g0 = tl.load(gt, mask=m2, other=0.0)
+                carry = dh
+                if CELL == 0:                                 # RNN
+                    d0 = tl.where(vm, dh_new * activation_grad(g0, ACT), 0.0)
+                    tl.store(dx_out, d0.to(dtype), mask=m2)
+                    carry = tl.where(valid[:, None], 0.0, dh)
+                elif CELL == 1:                               # LSTM
+                    g1 = tl.load(gt + H, mask=m2, other=0.0)
+                    g2 = tl.load(gt + 2 * H, mask=m2, other=0.0)
+                    g3 = tl.load(gt + 3 * H, mask=m2, other=0.0)
+                    c_t = tl.load(ctape_ptr + s_rows[:, None] + cols[None, :], mask=m2, other=0.0)
+                    if s == 0:
+                        c_prev = tl.load(c0_ptr + own, mask=m2, other=0.0)
+                    else:
+                        t_prev = _time_index(s - 1, T, REVERSE)
+                        c_prev = tl.load(ctape_ptr + (t_prev.to(tl.int64) * B + rows64)[:, None] * H
+                                         + cols[None, :], mask=m2, other=0.0)
+                    tc = tanh(c_t)
+                    dct = dc + dh_new * g3 * (1.0 - tc * tc)
+                    d0 = tl.where(vm, dct * g2 * g0 * (1.0 - g0), 0.0)
+                    d1 = tl.where(vm, dct * c_prev * g1 * (1.0 - g1), 0.0)
+                    d2 = tl.where(vm, dct * g0 * (1.0 - g2 * g2), 0.0)
+                    d3 = tl.where(vm, dh_new * tc * g3 * (1.0 - g3), 0.0)
+                    tl.store(dx_out, d0.to(dtype), mask=m2)
+                    tl.store(dx_out + H, d1.to(dtype), mask=m2)
+                    tl.store(dx_out + 2 * H, d2.to(dtype), mask=m2)
+                    tl.store(dx_out + 3 * H, d3.to(dtype), mask=m2)
+                    dc = tl.where(valid[:, None], dct * g1, dc)
+                    carry = tl.where(valid[:, None], 0.0, dh)
+                else:                                         # GRU
+                    g1 = tl.load(gt + H, mask=m2, other=0.0)
+                    g2 = tl.load(gt + 2 * H, mask=m2, other=0.0)
+                    g3 = tl.load(gt + 3 * H, mask=m2, other=0.0)
+                    h_prev = tl.load(hprev_ptr + s_rows[:, None] + cols[None, :], mask=m2,
+                                     other=0.0).to(tl.float32)
+                    dn = dh_new * (1.0 - g1) * (1.0 - g2 * g2)
+                    d1 = tl.where(vm, dh_new * (h_prev - g2) * g1 * (1.0 - g1), 0.0)
+                    d0 = tl.where(vm, dn * g3 * g0 * (1.0 - g0), 0.0)
+                    d2 = tl.where(vm, dn, 0.0)
+                    tl.store(dx_out, d0.to(dtype), mask=m2)
+                    tl.store(dx_out + H, d1.to(dtype), mask=m2)
+                    tl.store(dx_out + 2 * H, d2.to(dtype), mask=m2)
+                    dhh_out = dhh_ptr + x_rows[:, None] + cols[None, :]
+                    tl.store(dhh_out, d0.to(dtype), mask=m2)
+                    tl.store(dhh_out + H, d1.to(dtype), mask=m2)
+                    tl.store(dhh_out + 2 * H, (d2 * g0).to(dtype), mask=m2)
+                    carry = tl.where(valid[:, None], dh_new * g1, dh)
+                tl.store(dh_ptr + own, carry, mask=m2)
+                if CELL == 1:
+                    tl.store(dc_ptr + own, dc, mask=m2)
+            else:
+                tl.store(dh_ptr + own, dh, mask=m2)
+                if CELL == 1:
+                    tl.store(dc_ptr + own, dc, mask=m2)
+        if i < T:
+            step_barrier(sync_ptr + pid_b, (i - t_begin + 1) * n_split, GRID_SYNC)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+@dataclass(frozen=True)
+class Tiles:
+    """How one call is cut into programs (see :mod:`.launch`)."""
+
+    block_b: int
+    block_h: int
+    block_k: int
+    units: int          # hidden units per program (a multiple of block_h)
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def grid(self, B: int, H: int) -> tuple[int, int]:
+        return triton.cdiv(B, self.block_b), triton.cdiv(H, self.units)
+
+
+@dataclass
+class GatedTape:
+    cell: int
+    act: int
+    reverse: bool
+    precision: str
+    tiles: Tiles
+    grid_sync: bool
+    w_hh: torch.Tensor
+    has_bias: bool
+    lengths: torch.Tensor | None
+    c0: torch.Tensor
+    gates: torch.Tensor
+    ctape: torch.Tensor
+    hprev: torch.Tensor
+
+
+def _constexprs(cell, act, tiles: Tiles, precision, grid_sync):
+    return dict(CELL=cell, G=GATES[cell], TG=TAPE_GATES[cell], ACT=act, GRID_SYNC=grid_sync,
+                PRECISION=precision, BLOCK_B=tiles.block_b, BLOCK_H=tiles.block_h,
+                BLOCK_K=tiles.block_k, UNITS=tiles.units, num_warps=tiles.num_warps,
+                num_stages=tiles.num_stages)
+
+
+def _spans(T: int, grid_sync: bool, split: bool):
+    """(t_begin, n_steps) launches: one for the whole sequence, or one per step when the units
+    are split without a grid barrier (Triton's interpreter runs programs one after another, so
+    there the kernel boundary is the barrier)."""
+    if grid_sync or not split:
+        return [(0, T)]
+    return [(s, 1) for s in range(T)]
+
+
+def gated_forward(cell: int, act: int, xw: torch.Tensor, w_hh: torch.Tensor,
+                  b_hh: torch.Tensor | None, h0: torch.Tensor, c0: torch.Tensor | None,
+                  lengths: torch.Tensor | None, *, reverse: bool, keep_tape: bool,
+                  precision: str, tiles: Tiles, grid_sync: bool):
+    """One layer and direction. ``xw`` (T, B, G*H) contiguous; ``h0``/``c0`` (B, H) any float
+    dtype. Returns ``y`` (T, B, H) in xw's dtype, ``h_T`` and ``c_T`` (fp32) and a tape."""
+    T, B, GH = xw.shape
+    H = w_hh.shape[1]
+    dev, dt = xw.device, xw.dtype
+    f32 = torch.float32
+    y = torch.empty((T, B, H), device=dev, dtype=dt)
+    hbuf = torch.empty((3, B, H), device=dev, dtype=dt)
+    hbuf[0].copy_(h0)
+    h0f = h0.to(f32).contiguous()
+    c0f = (c0 if c0 is not None else torch.zeros((1,), device=dev)).to(f32).contiguous()
+    h = torch.empty((B, H), device=dev, dtype=f32)
+    c = torch.empty((B, H), device=dev, dtype=f32) if cell == LSTM else h
+    if keep_tape:
+        gates = torch.empty((T, B, TAPE_GATES[cell] * H), device=dev, dtype=f32)
+        ctape = torch.empty((T, B, H), device=dev, dtype=f32) if cell == LSTM else gates
+        hprev = torch.empty((T, B, H), device=dev, dtype=dt)
+    else:
+        gates = ctape = hprev = y                    # never written (KEEP_TAPE is off)
+    grid = tiles.grid(B, H)
+    split = grid[1] > 1
+    consts = _constexprs(cell, act, tiles, precision, grid_sync and split)
+    for t_begin, n in _spans(T, grid_sync, split):
+        sync = torch.zeros((grid[0],), device=dev, dtype=torch.int32)
+        _gated_fwd_kernel[grid](
+            xw, w_hh, b_hh if b_hh is not None else w_hh, h0f, c0f,
+            lengths if lengths is not None else sync,
+            y, hbuf, h, c, gates, ctape, hprev, sync, T, B, H, t_begin, n,
+            REVERSE=reverse, HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None,
+            KEEP_TAPE=keep_tape, **consts)
+    tape = None
+    if keep_tape:
+        tape = GatedTape(cell, act, reverse, precision, tiles, grid_sync, w_hh,
+                         b_hh is not None, lengths, c0f if cell == LSTM else h0f, gates, ctape,
+                         hprev)
+    return y, h, (c if cell == LSTM else None), tape
+
+
+def gated_backward(tape: GatedTape, dy: torch.Tensor, dhT: torch.Tensor,
+                   dcT: torch.Tensor | None):
+    """Returns ``dxw`` (T, B, G*H), ``dh0``, ``dc0`` (fp32, dc0 None unless LSTM),
+    ``dW_hh`` and ``db_hh`` (None without bias), the last two in W_hh's dtype."""
+    T, B, H = dy.shape
+    cell, w_hh = tape.cell, tape.w_hh
+    dev, dt = dy.device, dy.dtype
+    f32 = torch.float32
+    GH = GATES[cell] * H
+    dxw = torch.empty((T, B, GH), device=dev, dtype=dt)
+    dhh = torch.empty((T, B, GH), device=dev, dtype=dt) if cell == GRU else dxw
+    dhTf = dhT.to(f32).contiguous()
+    dcTf = (dcT if dcT is not None else torch.zeros((1,), device=dev)).to(f32).contiguous()
+    dh = torch.empty((B, H), device=dev, dtype=f32)
+    dc = torch.empty((B, H), device=dev, dtype=f32) if cell == LSTM else dh
+    grid = tape.tiles.grid(B, H)
+    split = grid[1] > 1
+    consts = _constexprs(cell, tape.act, tape.tiles, tape.precision, tape.grid_sync and split)
+    spans = [(0, T + 1)] if (tape.grid_sync or not split) else [(i, 1) for i in range(T + 1)]
+    for t_begin, n in spans:
+        sync = torch.zeros((grid[0],), device=dev, dtype=torch.int32)
+        _gated_bwd_kernel[grid](
+            dy, w_hh, tape.lengths if tape.lengths is not None else sync, tape.gates,
+            tape.ctape, tape.hprev, tape.c0, dhTf, dcTf, dxw, dhh, dh, dc, sync,
+            T, B, H, t_begin, n,
+            REVERSE=tape.reverse, HAS_LENGTHS=tape.lengths is not None, **consts)
+    flat = dhh.reshape(T * B, GH)
+    dw = (flat.t() @ tape.hprev.reshape(T * B, H)).to(w_hh.dtype)
+    db = flat.sum(0, dtype=f32).to(w_hh.dtype) if tape.has_bias else None
+    return dxw, dh, (dc if cell == LSTM else None), dw, db
+
+
+# ----------------------------------------------------------------------------- reference
+
+def naive_gated(cell: int, act: int, xw, w_hh, b_hh, h0, c0, lengths, *, reverse: bool):
+    """Plain torch, one step at a time, straight from DESIGN §2 (for tests; differentiable)."""
+    T, B, _ = xw.shape
+    H = w_hh.shape[1]
+    h, c = h0, c0
+    ys = [None] * T
+    acts = {0: torch.tanh, 1: torch.sigmoid, 2: torch.relu}
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        hh = h @ w_hh.t() + (b_hh if b_hh is not None else 0)
+        x = xw[t]
+        if cell == RNN:
+            h_new, c_new = acts[act](x + hh), None
+        elif cell == LSTM:
+            i, f, g, o = (x + hh).split(H, dim=1)
+            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        else:
+            xr, xz, xn = x.split(H, dim=1)
+            hr, hz, hn = hh.split(H, dim=1)
+            r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+            n = torch.tanh(xn + r * hn)
+            h_new, c_new = (1 - z) * n + z * h, None
+        if lengths is None:
+            valid = torch.ones((B, 1), dtype=torch.bool, device=xw.device)
+        else:
+            valid = (t < lengths.to(xw.device))[:, None]
+        ys[t] = torch.where(valid, h_new, torch.zeros_like(h_new))
+        h = torch.where(valid, h_new, h)
+        if c_new is not None:
+            c = torch.where(valid, c_new, c)
+    return torch.stack(ys), h, c

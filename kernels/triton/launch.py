@@ -1,0 +1,180 @@
+"""Choosing tiles per shape: which programs own which rows and units (DESIGN §5).
+
+Two designs, one kernel (:mod:`.gated`, :mod:`.twostage`):
+
+* **batch-tiled**: each program owns ``block_b`` rows and all H units, so programs never wait
+  for each other. Right when the batch alone gives enough programs (DESIGN §5: 2.0-3.3x
+  cuDNN at 128x16384x128 with a plain kernel of this kind).
+* **split**: the units of a row block are split over programs that meet at a grid-wide
+  barrier each step (one barrier ~1.2 us on an H100). Right when the batch is small: at
+  512x64x1024 one program per row block ran at 0.04x cuDNN. The grid is kept to at most one
+  program per SM so that every program is resident and the barrier cannot deadlock.
+
+On a GPU the candidates for a shape are timed once (a few steps of the real call, CUDA
+events) and the fastest is remembered per (cell, dtype, B, H, device) for the process: the
+sequence length is a runtime argument, so a new T never recompiles or re-tunes. Under Triton's
+interpreter one small fixed tiling is used (speed is meaningless there). With
+``RNN_GPU_TUNE_LOG=1`` each choice and the candidates' timings are printed to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator
+
+import triton
+
+from .gated import Tiles
+
+_cache: dict[tuple, tuple[Tiles, bool]] = {}
+_lock = threading.Lock()
+_forced: tuple[Tiles, bool] | None = None
+TIMED_STEPS = 8          # steps per timing run; enough to amortise launch cost (~10 us)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_mode() -> None:
+    """The kernels are compiled or interpreted as decided when they were imported; refuse a
+    mismatch with the environment now rather than crash inside Triton. (``tl.zeros`` is
+    avoided in the kernels for the same reason: it is itself a jit function whose mode is fixed
+    when triton is imported.)"""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .gated import _gated_fwd_kernel
+
+    compiled_as_interpreted = isinstance(_gated_fwd_kernel, InterpretedFunction)
+    if compiled_as_interpreted != interpreting():
+        now = "set" if interpreting() else "unset"
+        raise RuntimeError(
+            f"TRITON_INTERPRET is {now} now but was not when rnn_gpu's Triton kernels were "
+            f"imported; set or unset it before the first call that uses the triton backend")
+
+
+@contextlib.contextmanager
+def forced_tiles(tiles: Tiles, grid_sync: bool = False) -> Iterator[None]:
+    """Use these tiles for every call in the block (tests use it to cover the split path
+    under the interpreter, where the split runs one launch per step)."""
+    global _forced
+    previous, _forced = _forced, (tiles, grid_sync)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def _round_up(n: int, m: int) -> int:
+    return triton.cdiv(n, m) * m
+
+
+def _block_h(units: int) -> int:
+    for b in (64, 32, 16):
+        if units % b == 0:
+            return b
+    return 16
+
+
+def candidates(gates: int, B: int, H: int, dtype: str, n_sm: int) -> list[tuple[Tiles, bool]]:
+    """Tilings worth timing for this shape, best guess first."""
+    block_k = 32 if dtype == "float32" else 64
+    rows_cap = max(16, triton.next_power_of_2(B))
+
+    def warps(bb: int, bh: int) -> int:
+        # accumulators: gates*bb*bh fp32 values spread over the threads; 8 warps above
+        # 8K values keeps them at <= 64 registers per thread.
+        return 8 if gates * bb * bh >= 8192 else 4
+
+    out: list[tuple[Tiles, bool]] = []
+    for bb in (128, 64, 32, 16):
+        if bb > rows_cap:
+            continue
+        n_blocks = triton.cdiv(B, bb)
+        max_split = n_sm // n_blocks
+        if max_split < 2:
+            continue
+        units = _round_up(triton.cdiv(H, max_split), 16)
+        if triton.cdiv(H, units) < 2:
+            continue
+        bh = _block_h(units)
+        out.append((Tiles(bb, bh, block_k, units, warps(bb, bh)), True))
+    for bb in (64, 128):
+        bb = min(bb, rows_cap)
+        bh = 64 if H > 32 else max(16, triton.next_power_of_2(H))
+        tiling = (Tiles(bb, bh, block_k, _round_up(H, bh), warps(bb, bh)), False)
+        # batch-tiled only pays when the batch alone fills a good part of the card
+        if triton.cdiv(B, bb) * 4 >= n_sm and tiling not in out:
+            out.append(tiling)
+    if not out:                                   # tiny problem: one small program is fine
+        return [(Tiles(16, 16, 16, _round_up(H, 16)), False)]
+    # At most three: each candidate is compiled (~1-2 s) and timed on first use of a shape.
+    # Split tilings with more programs first (more SMs busy), then larger row blocks.
+    def programs(option):
+        tiles = option[0]
+        return triton.cdiv(B, tiles.block_b) * triton.cdiv(H, tiles.units)
+
+    split = sorted((o for o in out if o[1]), key=lambda o: (-programs(o), -o[0].block_b))
+    tiled = [o for o in out if not o[1]]
+    return (split[:2] + tiled)[:3]
+
+
+def choose(kind: str, gates: int, B: int, H: int, dtype: str, device,
+           time_call: Callable[[Tiles, bool], float]) -> tuple[Tiles, bool]:
+    """``(tiles, grid_sync)`` for one call. ``time_call(tiles, grid_sync)`` runs a few steps
+    of the real call with that tiling and returns milliseconds."""
+    if _forced is not None:
+        return _forced
+    if interpreting():
+        return Tiles(16, 16, 16, _round_up(H, 16)), False
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    key = (kind, gates, B, H, dtype, props.name, str(device))
+    with _lock:
+        if key in _cache:
+            return _cache[key]
+    options = candidates(gates, B, H, dtype, props.multi_processor_count)
+    if len(options) == 1:
+        best = options[0]
+    else:
+        timings = [(time_call(*option), i) for i, option in enumerate(options)]
+        best = options[min(timings)[1]]
+        if os.environ.get("RNN_GPU_TUNE_LOG"):
+            shown = ", ".join(f"{_describe(options[i])}: {ms:.3f} ms" for ms, i in timings)
+            print(f"rnn_gpu triton tiles for {kind} {dtype} B={B} H={H} "
+                  f"({TIMED_STEPS} steps): {shown} -> {_describe(best)}", file=sys.stderr)
+    with _lock:
+        _cache[key] = best
+    return best
+
+
+def _describe(option: tuple[Tiles, bool]) -> str:
+    t, sync = option
+    return (f"{'split' if sync else 'tiled'} b{t.block_b} h{t.block_h} k{t.block_k} "
+            f"u{t.units} w{t.num_warps}")
+
+
+def time_cuda(run: Callable[[], object], repeats: int = 3) -> float:
+    """Median milliseconds of ``run()`` by CUDA events, after one untimed call (compiles)."""
+    import torch
+
+    run()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def tuned() -> dict[tuple, tuple[Tiles, bool]]:
+    """What was chosen so far in this process (for reports)."""
+    with _lock:
+        return dict(_cache)

@@ -1,0 +1,195 @@
+"""The Triton backend's kernels, run on the CPU through Triton's interpreter (DESIGN §6).
+
+``TRITON_INTERPRET=1`` makes ``@triton.jit`` kernels run as Python over NumPy, program by
+program; the backend then serves CPU torch tensors with the very same kernel source that runs on
+a GPU. Every cell, direction, lengths, layers, the split-units tiling, float32, float16 and
+bfloat16, forward and backward, against the float64 oracles (torch.nn, and the naive TwoStageRNN
+reference). Small shapes: the interpreter runs at ~1 ms per kernel op.
+
+The variable is set around each test (not for the whole run), so that the other test modules
+see a machine without a GPU backend. On a machine with a GPU these tests are skipped: the
+``gpu`` tests (tests/test_triton_gpu.py) run the compiled kernels there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from oracles import Result, as_tuple, assert_close, ours, reference
+from test_layers_vs_torch import Case, build
+
+import rnn_gpu as rg
+from rnn_gpu.registry import BackendError
+
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="a GPU is present: the gpu tests run the compiled kernels instead")
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def split_units():
+    """Cut the hidden units into programs of 16 (the small-batch design), one launch per step
+    (the interpreter runs programs one after another, so a grid barrier could not be met)."""
+    from rnn_gpu.kernels.triton.gated import Tiles
+    from rnn_gpu.kernels.triton.launch import forced_tiles
+
+    with forced_tiles(Tiles(block_b=16, block_h=16, block_k=16, units=16)):
+        yield
+
+
+CELL_OPTS = [("LSTM", None), ("GRU", None), ("RNN", {"nonlinearity": "tanh"}),
+             ("RNN", {"nonlinearity": "relu"}), ("TwoStageRNN", {"f": "sigmoid", "g": "relu"}),
+             ("TwoStageRNN", {"f": "tanh", "g": "tanh"})]
+LAYOUTS = {
+    "plain": dict(T=5, B=3, I=4, H=20, with_state=True),
+    "bidirectional_lengths": dict(T=6, B=4, I=3, H=17, bidirectional=True, lengths="zero",
+                                  with_state=True),
+    "two_layers_batch_first_nobias": dict(T=4, B=3, I=5, H=12, num_layers=2, batch_first=True,
+                                          bias=False, lengths="full"),
+}
+TOL = {"float32": 2e-5, "float16": 2e-2, "bfloat16": 3e-2}
+
+
+def check(case: Case, seed: int, tol: float):
+    rng = np.random.default_rng(seed)
+    m, x, state, lengths, dy, dstate = build(case, rng)
+    want = reference(m, x, state, lengths, dy, dstate)
+    got = ours(m, x, state, lengths, dy, dstate, backend="triton")
+    assert_close(got, want, rtol=tol, atol=tol, what=f"{case}: ")
+    inference = ours(m, x, state, lengths, backend="triton")
+    assert_close(inference, type(want)(want.y, want.state), rtol=tol, atol=tol,
+                 what=f"{case} m(x): ")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("cell,opts", CELL_OPTS, ids=lambda v: str(v) if v else "")
+def test_float32_matches_float64_oracle(interpret, cell, opts, layout, rng):
+    case = Case(cell=cell, opts=opts, dtype="float32", **LAYOUTS[layout])
+    check(case, int(rng.integers(2**32)), TOL["float32"])
+
+
+@pytest.mark.parametrize("cell,opts", CELL_OPTS[:3] + CELL_OPTS[4:5])
+def test_split_units_match_oracle(interpret, split_units, cell, opts, rng):
+    # H=40 over programs of 16 units: three programs per row block, the last one partial.
+    case = Case(cell=cell, opts=opts, dtype="float32", T=5, B=3, I=4, H=40,
+                bidirectional=True, lengths="zero", with_state=True)
+    check(case, int(rng.integers(2**32)), TOL["float32"])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("cell,opts", CELL_OPTS[:3] + CELL_OPTS[5:])
+def test_half_precision_matches_oracle(interpret, cell, opts, dtype, rng):
+    """fp16/bf16 inputs and weights, fp32 accumulation and state inside the kernels. Smooth
+    activations only: with relu, a pre-activation within rounding of 0 flips its gradient
+    between 0 and 1 (bf16 TwoStageRNN(sigmoid, relu): dstate0 off by 0.2 in one run)."""
+    case = Case(cell=cell, opts=opts, dtype="float32", T=5, B=3, I=4, H=20,
+                bidirectional=True, lengths="full", with_state=True)
+    seed = int(rng.integers(2**32))
+    m, x, state, lengths, dy, dstate = build(case, np.random.default_rng(seed))
+    want = reference(m, x, state, lengths, dy, dstate)
+    half = getattr(rg, cell)(case.I, case.H, bidirectional=True, dtype=dtype, **(opts or {}))
+    half.load_state_dict(m.state_dict())
+    tdt = getattr(torch, dtype)
+
+    def cast(a):
+        return None if a is None else (tuple(cast(p) for p in a) if isinstance(a, tuple)
+                                       else torch.as_tensor(a).to(tdt))
+
+    y, final, tape = half.forward(cast(x), cast(state), lengths=lengths, backend="triton")
+    dx, dstate0, grads = half.backward(tape, cast(dy), cast(dstate))
+    got = Result(_f64(y), tuple(_f64(s) for s in as_tuple(final)), _f64(dx),
+                 tuple(_f64(s) for s in as_tuple(dstate0)), {k: _f64(v) for k, v in grads.items()})
+    # the oracle ran on the same weights (exact in fp16/bf16? no: rounded), so half-precision
+    # tolerances cover both the weight rounding and the kernels' fp16/bf16 operands
+    assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype], what=f"{dtype} {cell}: ")
+
+
+def _f64(a) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().float().double().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+@pytest.mark.parametrize("cell,T,B,H", [("LSTM", 1, 1, 1), ("GRU", 3, 17, 63),
+                                        ("RNN", 2, 33, 5), ("TwoStageRNN", 1, 2, 1)])
+def test_odd_shapes(interpret, cell, T, B, H, rng):
+    # B=17, 33: a second row block with one or a few live rows; H=1, 5, 63: masked columns
+    case = Case(cell=cell, dtype="float32", T=T, B=B, I=3, H=H, with_state=True,
+                lengths="zero" if B > 1 else "none")
+    check(case, int(rng.integers(2**32)), TOL["float32"])
+
+
+def test_torch_dropin_trains_through_the_kernels(interpret, rng):
+    """rnn_gpu.torch.LSTM on CPU tensors with backend='triton': outputs and every gradient
+    match torch.nn.LSTM run in float64 with the same weights."""
+    from rnn_gpu.torch import LSTM
+
+    torch.manual_seed(int(rng.integers(2**31)))
+    ours_m = LSTM(4, 12, num_layers=2, bidirectional=True, backend="triton")
+    ref = torch.nn.LSTM(4, 12, num_layers=2, bidirectional=True).double()
+    ref.load_state_dict({k: v.double() for k, v in ours_m.state_dict().items()})
+    x = torch.randn(5, 3, 4)
+    y, (h, c) = ours_m(x)
+    (y.square().sum() + h.sum() + c.sum()).backward()
+    x64 = x.double()
+    y64, (h64, c64) = ref(x64)
+    (y64.square().sum() + h64.sum() + c64.sum()).backward()
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    for (name, p), p64 in zip(ours_m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.double(), p64.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_interpreter_ranks_below_numpy_and_serves_what_numpy_cannot(interpret):
+    row = {r["name"]: r for r in rg.backends.report()}["triton"]
+    assert row["available"], row
+    assert row["priority"] < {r["name"]: r for r in rg.backends.report()}["numpy"]["priority"]
+    m32 = rg.GRU(3, 8)
+    x = torch.randn(4, 2, 3)
+    assert rg.registry.select(_problem(m32, x)).name == "numpy"       # auto: numpy first
+    m16 = rg.GRU(3, 8, dtype="float16")
+    x16 = x.half()
+    assert rg.registry.select(_problem(m16, x16)).name == "triton"    # numpy declines fp16
+    y, _ = m16(x16)
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+
+
+def _problem(m, x):
+    from rnn_gpu.backend_api import Problem
+
+    return Problem(cell=m._spec.kind, activations=m._activations(), dtype=m.dtype,
+                   device="cpu", input_kind="torch", seq_len=x.shape[0], batch=x.shape[1],
+                   input_size=m.input_size, hidden_size=m.hidden_size)
+
+
+def test_declines_with_reasons(interpret):
+    x = np.zeros((3, 2, 4))
+    with pytest.raises(BackendError, match="float64.*numpy backend"):
+        rg.LSTM(4, 8, dtype="float64")(x, backend="triton")
+    with pytest.raises(BackendError, match="proj_size"):
+        rg.LSTM(4, 8, proj_size=3)(x.astype(np.float32), backend="triton")
+
+
+def test_without_interpreter_or_gpu_the_reason_names_the_fix(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    row = {r["name"]: r for r in rg.backends.report()}["triton"]
+    assert not row["available"]
+    assert "no CUDA device" in row["reason"] and "TRITON_INTERPRET=1" in row["reason"]
+    with pytest.raises(BackendError, match="triton.*no CUDA device"):
+        rg.RNN(3, 4)(np.zeros((2, 1, 3), np.float32), backend="triton")
+
+
+def test_tape_is_used_once(interpret):
+    m = rg.RNN(3, 4)
+    x = torch.randn(2, 2, 3)
+    y, _, tape = m.forward(x, backend="triton")
+    m.backward(tape, torch.ones_like(y))
+    with pytest.raises(RuntimeError, match="already used"):
+        m.backward(tape, torch.ones_like(y))

@@ -319,3 +319,28 @@ def assert_close(got: Result, want: Result, *, rtol: float, atol: float, what: s
         assert set(got.grads) == set(want.grads), f"{what}grad names"
         for k in want.grads:
             check(got.grads[k], want.grads[k], f"grads[{k!r}]")
+
+
+def assert_close_rms(got: Result, want: Result, *, tol: float, what: str = "") -> None:
+    """Half-precision comparison (DESIGN §6): every field's relative RMS error
+    ``||got - want|| / ||want||`` at most ``tol``. Element-wise bounds do not fit fp16/bf16:
+    a gradient summed over T*B rounded terms (a bias gradient) carries an absolute error that
+    grows with sqrt(T*B) while single elements of it may be small."""
+    def check(a, b, name):
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        assert a.shape == b.shape, f"{what}{name}: shape {a.shape} != expected {b.shape}"
+        assert np.isfinite(a).all(), f"{what}{name}: not finite"
+        scale = max(float(np.sqrt(np.mean(b * b))), 1e-3) if b.size else 1.0
+        err = float(np.sqrt(np.mean((a - b) ** 2))) / scale if b.size else 0.0
+        assert err <= tol, f"{what}{name}: relative RMS error {err:.2e} > {tol:.0e}"
+
+    check(got.y, want.y, "y")
+    for i, (a, b) in enumerate(zip(got.state, want.state)):
+        check(a, b, f"state[{i}]")
+    if want.dx is not None:
+        check(got.dx, want.dx, "dx")
+        for i, (a, b) in enumerate(zip(got.dstate0, want.dstate0)):
+            check(a, b, f"dstate0[{i}]")
+        assert set(got.grads) == set(want.grads), f"{what}grad names"
+        for k in want.grads:
+            check(got.grads[k], want.grads[k], f"grads[{k!r}]")

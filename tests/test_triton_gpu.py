@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from oracles import Result, as_tuple, assert_close, reference
+from oracles import Result, as_tuple, assert_close, assert_close_rms, reference
 from test_layers_vs_torch import Case, build
 
 import rnn_gpu as rg
@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
-TOL = {"float32": 2e-5, "float16": 2e-2, "bfloat16": 3e-2}
+TOL = {"float32": 2e-5, "float16": 1e-2, "bfloat16": 2e-2}   # fp16/bf16: relative RMS
 CELL_OPTS = [("LSTM", None), ("GRU", None), ("RNN", {"nonlinearity": "tanh"}),
              ("RNN", {"nonlinearity": "relu"}), ("TwoStageRNN", {"f": "tanh", "g": "tanh"})]
 
@@ -57,9 +57,15 @@ def run_on_gpu(case: Case, dtype: str, seed: int, tiles=None):
     got = Result(_f64(y), tuple(_f64(s) for s in as_tuple(final)), _f64(dx),
                  tuple(_f64(s) for s in as_tuple(d0)), {k: _f64(v) for k, v in grads.items()})
     tol = TOL[dtype]
-    assert_close(got, want, rtol=tol, atol=tol, what=f"{case} {dtype}: ")
-    assert_close(Result(_f64(y_inf), tuple(_f64(s) for s in as_tuple(final_inf))),
-                 Result(want.y, want.state), rtol=tol, atol=tol, what=f"{case} {dtype} m(x): ")
+    inference = Result(_f64(y_inf), tuple(_f64(s) for s in as_tuple(final_inf)))
+    if dtype == "float32":
+        assert_close(got, want, rtol=tol, atol=tol, what=f"{case} {dtype}: ")
+        assert_close(inference, Result(want.y, want.state), rtol=tol, atol=tol,
+                     what=f"{case} {dtype} m(x): ")
+    else:
+        assert_close_rms(got, want, tol=tol, what=f"{case} {dtype}: ")
+        assert_close_rms(inference, Result(want.y, want.state), tol=tol,
+                         what=f"{case} {dtype} m(x): ")
 
 
 def _clone(m, dtype):

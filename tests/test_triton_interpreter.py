@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from oracles import Result, as_tuple, assert_close, ours, reference
+from oracles import Result, as_tuple, assert_close, assert_close_rms, ours, reference
 from test_layers_vs_torch import Case, build
 
 import rnn_gpu as rg
@@ -55,7 +55,7 @@ LAYOUTS = {
     "two_layers_batch_first_nobias": dict(T=4, B=3, I=5, H=12, num_layers=2, batch_first=True,
                                           bias=False, lengths="full"),
 }
-TOL = {"float32": 2e-5, "float16": 2e-2, "bfloat16": 3e-2}
+TOL = {"float32": 2e-5, "float16": 1e-2, "bfloat16": 2e-2}   # fp16/bf16: relative RMS
 
 
 def check(case: Case, seed: int, tol: float):
@@ -107,9 +107,9 @@ def test_half_precision_matches_oracle(interpret, cell, opts, dtype, rng):
     dx, dstate0, grads = half.backward(tape, cast(dy), cast(dstate))
     got = Result(_f64(y), tuple(_f64(s) for s in as_tuple(final)), _f64(dx),
                  tuple(_f64(s) for s in as_tuple(dstate0)), {k: _f64(v) for k, v in grads.items()})
-    # the oracle ran on the same weights (exact in fp16/bf16? no: rounded), so half-precision
-    # tolerances cover both the weight rounding and the kernels' fp16/bf16 operands
-    assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype], what=f"{dtype} {cell}: ")
+    # The oracle saw the float32 weights, the kernels their fp16/bf16 rounding: relative RMS
+    # per field (DESIGN §6), which an element of a gradient summed over T*B terms cannot trip.
+    assert_close_rms(got, want, tol=TOL[dtype], what=f"{dtype} {cell}: ")
 
 
 def _f64(a) -> np.ndarray:

@@ -1,0 +1,978 @@
+"""CuPy backend: the fused recurrence as CUDA C++ kernels (``kernels/cuda/*.cu``) loaded with
+``cupy.RawModule``, for RNN (tanh, relu), LSTM, GRU and TwoStageRNN in float32, float16 and
+bfloat16, with fp32 accumulation and fp32 state; results come back in the input dtype.
+
+Two paths (DESIGN §5), the same tape layout for both:
+
+``"graph"`` (every cell, forward and backward; large batch)
+    Per time step, the recurrent GEMM ``h_{t-1} W_hhᵀ`` through cuBLAS ``gemmEx`` (A and B in the
+    compute dtype, C in float32, compute type ``CUBLAS_COMPUTE_32F``, or ``..._FAST_TF32`` for
+    float32 when TF32 is allowed; fp16/bf16 use the tensor cores that way), then ONE fused
+    pointwise kernel (``recurrent.cu``): gate math, state update, lengths mask, y and tape. The
+    time loop is recorded as a list of operations; the first time a given list is seen (same
+    kernels, same pointers, same sizes) it runs as plain launches, the second time it is
+    captured as a CUDA graph, and from then on the graph is replayed (``USE_GRAPH``,
+    ``GRAPH_CACHE_SIZE``). Capturing on first sight would cost more than it saves: the Python
+    work of a capture equals that of plain launches, and the GPU would wait for all of it. A
+    capture that fails falls back to plain launches with a warning, never to a wrong result.
+    Backward: the reverse-time pointwise kernel, then ``dh += dgates_t W_hh`` (cuBLAS, beta 1)
+    per step; the weight gradients are large GEMMs after the loop (``dW_hh = dgatesᵀ h_prev``
+    over all T*B rows, ``db_hh = 1ᵀ dgates``).
+
+``"persistent"`` (forward of every cell; small batch)
+    One cooperative kernel (``persistent.cu``) for the whole sequence, ``grid.sync()`` once per
+    step (twice for TwoStageRNN), hidden units split across blocks, each block's slice of the
+    recurrent weights in shared memory when it fits. No tensor cores: it wins only where the
+    per-step product is too small for a GEMM launch to pay off. Training forwards take it too
+    (it writes the same tape); backward always takes the graph path.
+
+Heuristic (``choose_path``): persistent when ``B <= PERSISTENT_MAX_BATCH`` (16) and the
+per-step multiply-adds ``B * n_mat * H * H <= PERSISTENT_MAX_STEP_MACS`` (2**23, e.g. LSTM
+H=512 B=8; n_mat = gates, 3 for TwoStageRNN), else graph. Why: DESIGN §5 measured one
+``grid.sync()`` over 132 blocks at ~1.2 µs, while a step of the graph path costs a GEMM launch
+plus a pointwise launch (~5-10 µs of fixed cost even inside a graph); the persistent kernel's
+CUDA-core dot products (~10-30 TFLOP/s at best) fall behind cuBLAS's tensor cores once a step
+is more than ~10 M multiply-adds. The thresholds are a first estimate, to be measured; set
+``FORCE_PATH = "graph" | "persistent"`` to override. When the persistent grid cannot be
+co-resident (occupancy × SMs), it falls back to the graph path with a warning.
+
+Everything runs on the caller's current CuPy stream, on the input's device; the kernels are
+compiled lazily by NVRTC, once per device, dtype and source file (and cached on disk by CuPy).
+The backend never asks CuPy to compute on bfloat16 arrays (CuPy needs ml_dtypes for that type
+at all): conversions are kernels of ``recurrent.cu`` and GEMMs are direct ``gemmEx`` calls.
+
+The algorithms below talk to the GPU only through ``_CupyDevice`` (allocate, launch, GEMM,
+copy), so that tests/test_cupy_backend.py can run them on the CPU against an emulation that
+executes the real kernel source compiled as C++ and interprets the cuBLAS calls with NumPy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import importlib.util
+import math
+import re
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rnn_gpu import _config
+from rnn_gpu.backend_api import Backend, Problem, Tape
+
+# ---------------------------------------------------------------------- switches (see above)
+
+FORCE_PATH: str | None = None          # "graph" | "persistent" | None (the heuristic)
+USE_GRAPH = True                       # capture repeated time loops as CUDA graphs
+GRAPH_CACHE_SIZE = 16                  # time loops remembered (seen once, or captured)
+PERSISTENT_MAX_BATCH = 16
+PERSISTENT_MAX_STEP_MACS = 1 << 23
+
+PATHS = ("graph", "persistent")
+DTYPES = ("float32", "float16", "bfloat16")
+CELLS = ("rnn", "lstm", "gru", "twostage")
+PRIORITY = 90                          # below triton (100), above numpy (0)
+INSTALL_HINT = "pip install 'rnn-gpu[cupy-cuda13]'"
+
+THREADS = 256                          # block size of the pointwise kernels
+PERSISTENT_THREADS = 256               # = PERSISTENT_THREADS in persistent.cu
+COMPILE_OPTIONS: tuple[str, ...] = ()  # CuPy >= 14 compiles RawModules as C++17 by default
+
+# Template arguments, as in common.cuh.
+CELL_IDS = {"rnn": 0, "lstm": 1, "gru": 2}
+ACT_IDS = {"tanh": 0, "sigmoid": 1, "relu": 2}
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+TAPE_GATES = {"rnn": 1, "lstm": 4, "gru": 4}
+GATED_VARIANTS = ((0, 0), (0, 2), (1, 0), (2, 0))      # (cell, activation) instantiated
+CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+
+# cuBLAS / CUDA enums (cublas_api.h, library_types.h).
+CUDA_DATA_TYPES = {"float32": 0, "float16": 2, "bfloat16": 14}
+CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
+CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77
+CUBLAS_GEMM_DEFAULT = -1
+CUBLAS_POINTER_MODE_HOST = 0
+
+# gemmEx reads alpha and beta through host pointers (float32 for the 32F compute types).
+_ONE = np.ones(1, np.float32)
+_ZERO = np.zeros(1, np.float32)
+
+
+# ---------------------------------------------------------------------- the backend
+
+class CupyBackend(Backend):
+    """Fused recurrence in CUDA C++ through CuPy (see the module docstring)."""
+
+    name = "cupy"
+    priority = PRIORITY
+    array_kind = "cupy"
+
+    def unavailable_reason(self) -> str | None:
+        return _unavailable_reason()
+
+    def not_supported_reasons(self, problem: Problem) -> list[str]:
+        reasons = []
+        if not problem.device.startswith("cuda"):
+            reasons.append(f"the cupy backend runs on CUDA, but the input is on "
+                           f"{problem.device} (move it with .to('cuda') or cupy.asarray)")
+        if problem.dtype not in DTYPES:
+            reasons.append(f"the cupy backend computes in {', '.join(DTYPES)}, not "
+                           f"{problem.dtype} (use the numpy backend for float64)")
+        elif problem.dtype == "bfloat16":
+            reasons.extend(_bfloat16_reasons(problem.device))
+        if problem.proj_size:
+            reasons.append("the cupy backend has no LSTM projection (proj_size > 0); use the "
+                           "numpy backend")
+        if problem.cell not in CELLS:
+            reasons.append(f"the cupy backend has no cell {problem.cell!r}")
+        else:
+            allowed = {"rnn": ("tanh", "relu"), "twostage": tuple(ACT_IDS)}.get(problem.cell, ())
+            bad = [a for a in problem.activations if a not in allowed]
+            if bad:
+                reasons.append(f"the cupy backend has no activation {bad[0]!r} for "
+                               f"{problem.cell}")
+        return reasons
+
+    def forward(self, problem: Problem, xw, weights, state, lengths, *, reverse: bool,
+                keep_tape: bool):
+        import cupy
+
+        with cupy.cuda.Device(xw.device.id):
+            dev = _CupyDevice(xw.device.id, xw.dtype)
+            y, final, ktape = run_forward(dev, problem, xw, weights, state, lengths,
+                                          reverse=reverse, keep_tape=keep_tape)
+        tape = None
+        if keep_tape:     # "path": which forward path ran (kept after backward, for tests)
+            tape = Tape(self.name, problem, reverse, {"kernel_tape": ktape, "path": ktape.path})
+        return y, final, tape
+
+    def backward(self, tape: Tape, dy, dstate):
+        import cupy
+
+        ktape = tape.data.pop("kernel_tape", None)
+        if ktape is None:
+            raise RuntimeError("tape: this cupy tape was already used by backward()")
+        with cupy.cuda.Device(dy.device.id):
+            dev = _CupyDevice(dy.device.id, dy.dtype)
+            return run_backward(dev, tape.problem, ktape, dy, dstate)
+
+
+# ---------------------------------------------------------------------- availability
+
+_availability_lock = threading.Lock()
+_availability: list[str | None] = []          # [reason] once computed
+
+
+def _unavailable_reason() -> str | None:
+    """Computed once per process: whether CuPy imports, sees a device and loads cuBLAS."""
+    with _availability_lock:
+        if not _availability:
+            _availability.append(_probe())
+        return _availability[0]
+
+
+def _probe() -> str | None:
+    if importlib.util.find_spec("cupy") is None:
+        return f"cupy is not installed ({INSTALL_HINT})"
+    try:
+        import cupy
+    except Exception as exc:               # a broken install must not break the registry
+        return f"cupy failed to import ({type(exc).__name__}: {exc}); reinstall it ({INSTALL_HINT})"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:               # CUDARuntimeError: no driver, driver too old, ...
+        return f"no CUDA device ({type(exc).__name__}: {exc})"
+    if count < 1:
+        return "no CUDA device"
+    try:
+        from cupy_backends.cuda.libs import cublas
+
+        cublas.gemmEx                      # noqa: B018 (loads libcublas, lazily loaded by CuPy)
+    except Exception as exc:
+        return (f"CuPy cannot load cuBLAS ({type(exc).__name__}: {exc}); install the CUDA "
+                f"libraries for CuPy ({INSTALL_HINT})")
+    return None
+
+
+def _bfloat16_reasons(device: str) -> list[str]:
+    reasons = []
+    if importlib.util.find_spec("ml_dtypes") is None:
+        reasons.append("bfloat16 arrays need ml_dtypes with CuPy (CuPy >= 14 represents "
+                       "bfloat16 through it): pip install ml_dtypes")
+    try:
+        import cupy
+
+        major = int(cupy.__version__.split(".")[0])
+    except Exception:                      # not installed: unavailable_reason says so
+        return reasons
+    if major < 14:
+        reasons.append(f"bfloat16 needs CuPy >= 14, this is CuPy {cupy.__version__}")
+    if device.startswith("cuda"):
+        try:
+            cc = int(cupy.cuda.Device(int(device.split(":")[1])).compute_capability)
+        except Exception as exc:
+            reasons.append(f"could not read the compute capability of {device} "
+                           f"({type(exc).__name__}: {exc})")
+        else:
+            if cc < 80:
+                reasons.append(f"bfloat16 needs compute capability 8.0, {device} has "
+                               f"{cc // 10}.{cc % 10} (use float16 or float32)")
+    return reasons
+
+
+# ---------------------------------------------------------------------- kernel sources
+
+def name_expressions(module: str, dtype: str) -> list[str]:
+    """The template instantiations the backend asks NVRTC for, per source file and dtype
+    (the ``RNN_GPU_NVCC_CHECK`` blocks of the .cu files list the same)."""
+    ct = CTYPES[dtype]
+    if module == "recurrent":
+        names = [f"{k}<{ct}, {c}, {a}>" for k in ("gated_fwd_step", "gated_bwd_step")
+                 for c, a in GATED_VARIANTS]
+        names += [f"{k}<{ct}, {a}>" for k in ("twostage_fwd_a", "twostage_fwd_b",
+                                              "twostage_bwd_a", "twostage_bwd_b")
+                  for a in range(3)]
+        return names + [f"{k}<{ct}>" for k in ("cast_to_f32", "cast_from_f32", "fill_value")]
+    if module == "persistent":
+        names = [f"gated_fwd_persistent<{ct}, {c}, {a}>" for c, a in GATED_VARIANTS]
+        return names + [f"twostage_fwd_persistent<{ct}, {f}, {g}>" for f in range(3)
+                        for g in range(3)]
+    raise ValueError(f"unknown kernel source {module!r}")
+
+
+def kernel_name(base: str, ctype: str, *template_args: int) -> str:
+    return f"{base}<{', '.join([ctype, *map(str, template_args)])}>"
+
+
+def kernel_source(module: str) -> str:
+    """``kernels/cuda/{module}.cu`` with its ``#include "..."`` lines replaced by the files
+    (NVRTC then needs no include path into the package)."""
+    root = importlib.resources.files("rnn_gpu.kernels").joinpath("cuda")
+    text = root.joinpath(f"{module}.cu").read_text(encoding="utf-8")
+    return re.sub(r'^#include "([\w.]+)"[ \t]*$',
+                  lambda m: root.joinpath(m.group(1)).read_text(encoding="utf-8"),
+                  text, flags=re.MULTILINE)
+
+
+_modules: dict[tuple[int, str, str], dict[str, Any]] = {}
+_modules_lock = threading.Lock()
+
+
+def _compiled(index: int, module: str, dtype: str) -> dict[str, Any]:
+    """name expression -> ``cupy.RawKernel`` for one device, source file and dtype."""
+    key = (index, module, dtype)
+    with _modules_lock:
+        kernels = _modules.get(key)
+        if kernels is None:
+            kernels = _modules[key] = _compile(module, dtype)
+        return kernels
+
+
+def _compile(module: str, dtype: str) -> dict[str, Any]:
+    import cupy
+
+    names = name_expressions(module, dtype)
+    raw = cupy.RawModule(code=kernel_source(module), options=COMPILE_OPTIONS,
+                         name_expressions=names)
+    try:
+        return {n: raw.get_function(n) for n in names}
+    except cupy.cuda.compiler.CompileException as exc:
+        raise RuntimeError(f"cupy backend: NVRTC failed to compile kernels/cuda/{module}.cu "
+                           f"for {dtype} (kernels {', '.join(names)}); NVRTC's log:\n"
+                           f"{exc.get_message()}") from exc
+
+
+# ---------------------------------------------------------------------- operations
+
+def _arg_key(dev, a) -> Any:
+    if a is None:
+        return 0
+    if isinstance(a, np.generic):
+        return (a.dtype.char, a.item())
+    return ("p", dev.ptr(a))
+
+
+def _check_arg(a) -> None:
+    # Kernel parameters are `long long`, `float` or pointers (see recurrent.cu): a Python int
+    # or a numpy.int32 would reach the kernel with the wrong size, so only these are accepted.
+    if a is None or isinstance(a, (np.int64, np.float32)):
+        return
+    if not isinstance(a, (np.generic, int, float)) and hasattr(a, "shape"):
+        return
+    raise TypeError(f"kernel argument {a!r} ({type(a).__name__}): expected an array, None, "
+                    "numpy.int64 or numpy.float32")
+
+
+@dataclass(frozen=True, eq=False)
+class _Launch:
+    """One kernel launch: ``grid`` blocks of ``block`` threads on the current stream."""
+
+    name: str
+    fn: Any                       # cupy.RawKernel (the emulation: the name)
+    grid: int
+    block: int
+    args: tuple
+    shared_mem: int = 0
+    cooperative: bool = False
+
+    def __post_init__(self):
+        for a in self.args:
+            _check_arg(a)
+
+    def key(self, dev) -> tuple:
+        return ("k", self.name, self.grid, self.block, self.shared_mem, self.cooperative,
+                tuple(_arg_key(dev, a) for a in self.args))
+
+    def run(self, dev) -> None:
+        dev.launch(self)
+
+
+@dataclass(frozen=True)
+class _Gemm:
+    """Row-major ``C (m×n) = op(A) (m×k) · op(B) (k×n) + beta·C``, op(X) = Xᵀ when trans_x.
+    a, b, c are device addresses of contiguous row-major matrices (slices of larger arrays)."""
+
+    m: int
+    n: int
+    k: int
+    a: int
+    trans_a: bool
+    b: int
+    trans_b: bool
+    c: int
+    ab_type: int                  # cudaDataType of A and B
+    c_type: int
+    beta: int                     # 0 or 1
+    compute: int                  # cublasComputeType_t
+
+    def cublas_args(self) -> tuple:
+        """gemmEx's arguments after the handle. cuBLAS is column-major, where a row-major X is
+        Xᵀ: C = op(A)·op(B) is computed as Cᵀ = op(B)ᵀ·op(A)ᵀ, i.e. with A and B swapped."""
+        transa = CUBLAS_OP_T if self.trans_b else CUBLAS_OP_N
+        transb = CUBLAS_OP_T if self.trans_a else CUBLAS_OP_N
+        lda = self.k if self.trans_b else self.n
+        ldb = self.m if self.trans_a else self.k
+        beta = _ONE if self.beta else _ZERO
+        return (transa, transb, self.n, self.m, self.k, _ONE.ctypes.data, self.b, self.ab_type,
+                lda, self.a, self.ab_type, ldb, beta.ctypes.data, self.c, self.c_type, self.n,
+                self.compute, CUBLAS_GEMM_DEFAULT)
+
+    def key(self, dev) -> tuple:
+        return ("g", self)
+
+    def run(self, dev) -> None:
+        dev.gemm(self)
+
+
+_NEW, _SEEN, _FAILED = "new", "seen", "failed"
+
+
+class _GraphCache:
+    """What to do with a time loop (a tuple of operation keys): ``_NEW`` the first time (run
+    it plainly), ``_SEEN`` the second (capture it), then the captured graph (replay it), or
+    ``_FAILED`` after a capture that failed (run it plainly, without retrying)."""
+
+    def __init__(self):
+        self._entries: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def lookup(self, key) -> Any:
+        with self._lock:
+            if key not in self._entries:
+                self._put(key, _SEEN)
+                return _NEW
+            self._entries.move_to_end(key)
+            return self._entries[key]
+
+    def store(self, key, value) -> None:
+        with self._lock:
+            self._put(key, value)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def _put(self, key, value) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > max(GRAPH_CACHE_SIZE, 0):
+            self._entries.popitem(last=False)
+
+
+_graphs = _GraphCache()
+_capture_streams: dict[int, Any] = {}
+
+
+def _capture_stream(index: int):
+    """A non-blocking stream per device for captures (the legacy default stream cannot
+    capture); the captured graph is launched on the caller's stream."""
+    import cupy
+
+    stream = _capture_streams.get(index)
+    if stream is None:
+        stream = _capture_streams[index] = cupy.cuda.Stream(non_blocking=True)
+    return stream
+
+
+# ---------------------------------------------------------------------- the device
+
+@dataclass(frozen=True)
+class _PersistentPlan:
+    blocks: int
+    units: int                    # hidden units per block
+    shared_mem: int               # bytes of dynamic shared memory (0 without the weights)
+    use_smem: bool
+
+
+class _CupyDevice:
+    """One call's view of the GPU: its device, the caller's stream, the compute dtype."""
+
+    def __init__(self, index: int, dtype):
+        import cupy
+
+        self.cupy = cupy
+        self.index = index
+        self.dtype = dtype
+        self.dtype_name = str(np.dtype(dtype))
+        self.ctype = CTYPES[self.dtype_name]
+        self.itemsize = np.dtype(dtype).itemsize
+        self.stream = cupy.cuda.get_current_stream()
+        self.compute = _compute_type(self.dtype_name)
+
+    # ------------------------------------------------------------ memory
+    def ptr(self, a) -> int:
+        return a.data.ptr
+
+    def empty(self, shape, dtype, what: str):
+        try:
+            return self.cupy.empty(shape, dtype=dtype)
+        except self.cupy.cuda.memory.OutOfMemoryError as exc:
+            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+            raise MemoryError(
+                f"cupy backend: out of GPU memory on cuda:{self.index} allocating {what}, "
+                f"shape {tuple(shape)} {np.dtype(dtype)} ({nbytes / 2**20:.1f} MiB); use a "
+                f"smaller batch or shorter sequences ({exc})") from exc
+
+    def contiguous(self, a):
+        return self.cupy.ascontiguousarray(a)
+
+    def lengths(self, lengths: np.ndarray | None):
+        if lengths is None:
+            return None
+        return self.cupy.asarray(np.ascontiguousarray(lengths, dtype=np.int64))
+
+    def copy_raw(self, dst: int, src: int, nbytes: int) -> None:
+        """Device-to-device bytes on the caller's stream (dtype-agnostic, bfloat16 included)."""
+        runtime = self.cupy.cuda.runtime
+        runtime.memcpyAsync(dst, src, nbytes, runtime.memcpyDeviceToDevice, self.stream.ptr)
+
+    # ------------------------------------------------------------ kernels
+    def kernel(self, module: str, base: str, *template_args: int):
+        name = kernel_name(base, self.ctype, *template_args)
+        return name, _compiled(self.index, module, self.dtype_name)[name]
+
+    def launch(self, op: _Launch) -> None:
+        if not op.cooperative:
+            op.fn((op.grid,), (op.block,), op.args, shared_mem=op.shared_mem)
+            return
+        # RawKernel.kernel is the cupy.cuda.Function of the current device; its __call__
+        # takes enable_cooperative_groups (cuLaunchCooperativeKernel). CuPy shrinks a
+        # cooperative grid that is too large, with a warning; the kernels need every block,
+        # so that must never pass silently (persistent_plan prevents it).
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            op.fn.kernel((op.grid,), (op.block,), op.args, shared_mem=op.shared_mem,
+                         enable_cooperative_groups=True)
+        for w in caught:
+            if "grid size" in str(w.message):
+                raise RuntimeError(f"cupy backend: {op.name} was launched with fewer blocks "
+                                   f"than the {op.grid} it needs ({w.message})")
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    def gemm(self, op: _Gemm) -> None:
+        from cupy_backends.cuda.libs import cublas
+
+        cublas.gemmEx(self.cupy.cuda.device.get_cublas_handle(), *op.cublas_args())
+
+    def persistent_plan(self, fn, n_mat: int, hidden: int) -> _PersistentPlan | str:
+        """Blocks, units per block and shared memory for a persistent kernel, or why none fits.
+        The grid must be co-resident (grid.sync()): at most occupancy × SMs blocks. The weights
+        go to shared memory when ``n_mat * units * H`` elements fit, else they stay in L2."""
+        if not self._attribute("cudaDevAttrCooperativeLaunch"):
+            return f"cuda:{self.index} does not support cooperative launches"
+        sms = self._attribute("cudaDevAttrMultiProcessorCount")
+        optin = self._attribute("cudaDevAttrMaxSharedMemoryPerBlockOptin")
+        units = -(-hidden // min(sms, hidden))
+        blocks = -(-hidden // units)
+        smem = n_mat * units * hidden * self.itemsize
+        for use_smem, size in ((True, smem), (False, 0)):
+            if size > optin:
+                continue
+            if self._occupancy(fn, size) * sms >= blocks:
+                return _PersistentPlan(blocks, units, size, use_smem)
+        return (f"{blocks} blocks of {PERSISTENT_THREADS} threads cannot all be resident on "
+                f"cuda:{self.index} ({sms} SMs)")
+
+    def _attribute(self, name: str) -> int:
+        runtime = self.cupy.cuda.runtime
+        return runtime.deviceGetAttribute(getattr(runtime, name), self.index)
+
+    def _occupancy(self, fn, shared_mem: int) -> int:
+        """Resident blocks per SM of ``fn`` (a RawKernel) with that much dynamic shared memory."""
+        from cupy_backends.cuda.api import driver
+
+        fn.max_dynamic_shared_size_bytes = shared_mem      # opts in beyond 48 KiB
+        return driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr,
+                                                                PERSISTENT_THREADS, shared_mem)
+
+    # ------------------------------------------------------------ running
+    def run(self, ops: list, *, graph: bool = False) -> None:
+        """Run ``ops`` on the caller's stream: plainly, or (``graph``) through the graph cache."""
+        if not ops:
+            return
+        if graph and USE_GRAPH and GRAPH_CACHE_SIZE > 0 and self._run_graph(ops):
+            return
+        with self._cublas_on(self.stream):
+            for op in ops:
+                op.run(self)
+
+    def _run_graph(self, ops: list) -> bool:
+        key = (self.index, tuple(op.key(self) for op in ops))
+        entry = _graphs.lookup(key)
+        if entry in (_NEW, _FAILED):
+            return False
+        if entry == _SEEN:
+            entry = self._capture(ops)
+            _graphs.store(key, _FAILED if entry is None else entry)
+            if entry is None:
+                return False
+        entry.launch(stream=self.stream)
+        return True
+
+    def _capture(self, ops: list):
+        stream = _capture_stream(self.index)
+        try:
+            with stream, self._cublas_on(stream):
+                stream.begin_capture()
+                try:
+                    for op in ops:
+                        op.run(self)
+                finally:
+                    graph = stream.end_capture()
+        except Exception as exc:
+            warnings.warn(f"rnn_gpu cupy backend: capturing the time loop as a CUDA graph "
+                          f"failed ({type(exc).__name__}: {exc}); running the steps as plain "
+                          f"launches (rnn_gpu.backends.cupy.USE_GRAPH = False skips the "
+                          f"attempt)", RuntimeWarning, stacklevel=2)
+            return None
+        return graph
+
+    @contextlib.contextmanager
+    def _cublas_on(self, stream) -> Iterator[None]:
+        """cuBLAS on ``stream`` with host-side alpha/beta; the handle's stream is restored."""
+        from cupy_backends.cuda.libs import cublas
+
+        handle = self.cupy.cuda.device.get_cublas_handle()
+        previous = cublas.getStream(handle)
+        cublas.setStream(handle, stream.ptr)
+        cublas.setPointerMode(handle, CUBLAS_POINTER_MODE_HOST)
+        try:
+            yield
+        finally:
+            cublas.setStream(handle, previous)
+
+
+def _compute_type(dtype: str) -> int:
+    """IEEE float32 unless the caller allowed TF32 (DESIGN §3); fp16/bf16 accumulate in fp32."""
+    if dtype == "float32" and _config.tf32_allowed():
+        return CUBLAS_COMPUTE_32F_FAST_TF32
+    return CUBLAS_COMPUTE_32F
+
+
+# ---------------------------------------------------------------------- building blocks
+
+def _i64(v: int) -> np.int64:
+    return np.int64(v)
+
+
+def _blocks(n: int) -> int:
+    return max(1, -(-n // THREADS))
+
+
+def _contiguous(dev, a):
+    return a if a.flags.c_contiguous else dev.contiguous(a)
+
+
+def _time(s: int, T: int, reverse: bool) -> int:
+    return T - 1 - s if reverse else s
+
+
+def _row(dev, a, t: int) -> int:
+    """Address of a[t] for a contiguous (T, ...) array."""
+    return dev.ptr(a) + t * a.strides[0]
+
+
+def _pointwise(dev, base: str, *template_args: int, n: int, args: tuple) -> _Launch:
+    name, fn = dev.kernel("recurrent", base, *template_args)
+    return _Launch(name, fn, _blocks(n), THREADS, tuple(args))
+
+
+def _gemm(dev, m: int, n: int, k: int, a: int, b: int, c: int, *, trans_a: bool = False,
+          trans_b: bool = False, beta: int = 0) -> _Gemm:
+    """A and B in the compute dtype, C in float32."""
+    return _Gemm(m, n, k, a, trans_a, b, trans_b, c, CUDA_DATA_TYPES[dev.dtype_name],
+                 CUDA_DATA_TYPES["float32"], beta, dev.compute)
+
+
+def _to_f32(dev, a, what: str, out=None):
+    out = dev.empty(a.shape, np.float32, what) if out is None else out
+    dev.run([_pointwise(dev, "cast_to_f32", n=a.size, args=(a, out, _i64(a.size)))])
+    return out
+
+
+def _from_f32(dev, a32, what: str):
+    out = dev.empty(a32.shape, dev.dtype, what)
+    dev.run([_pointwise(dev, "cast_from_f32", n=a32.size, args=(a32, out, _i64(a32.size)))])
+    return out
+
+
+def _filled(dev, n: int, value: float, what: str):
+    out = dev.empty((n,), dev.dtype, what)
+    dev.run([_pointwise(dev, "fill_value", n=n, args=(out, np.float32(value), _i64(n)))])
+    return out
+
+
+def _copy(dev, a, what: str):
+    out = dev.empty(a.shape, a.dtype, what)
+    dev.copy_raw(dev.ptr(out), dev.ptr(a), a.nbytes)
+    return out
+
+
+def _stacked(dev, mats: list, what: str):
+    """Row-wise concatenation of contiguous (r_i, H) matrices, by raw copies."""
+    rows = sum(m.shape[0] for m in mats)
+    out = dev.empty((rows, mats[0].shape[1]), dev.dtype, what)
+    offset = 0
+    for m in mats:
+        dev.copy_raw(dev.ptr(out) + offset, dev.ptr(m), m.nbytes)
+        offset += m.nbytes
+    return out
+
+
+def _outer_grad(dev, d, x, what: str):
+    """``dᵀ x`` over all T*B rows -> (cols of d, cols of x) in the compute dtype."""
+    rows, n_d, n_x = d.size // d.shape[-1], d.shape[-1], x.shape[-1]
+    out = dev.empty((n_d, n_x), np.float32, what)
+    dev.run([_gemm(dev, n_d, n_x, rows, dev.ptr(d), dev.ptr(x), dev.ptr(out), trans_a=True)])
+    return _from_f32(dev, out, what)
+
+
+def _bias_grad(dev, d, ones, what: str):
+    """``1ᵀ d`` over all T*B rows (a GEMM with a ones vector: fp32 accumulation for every
+    dtype without asking CuPy to reduce bfloat16)."""
+    rows, n_d = d.size // d.shape[-1], d.shape[-1]
+    out = dev.empty((n_d,), np.float32, what)
+    dev.run([_gemm(dev, 1, n_d, rows, dev.ptr(ones), dev.ptr(d), dev.ptr(out))])
+    return _from_f32(dev, out, what)
+
+
+def choose_path(cell: str, batch: int, hidden: int) -> str:
+    """``"persistent"`` or ``"graph"`` for one call (see the module docstring)."""
+    if FORCE_PATH is not None:
+        if FORCE_PATH not in PATHS:
+            raise ValueError(f"rnn_gpu.backends.cupy.FORCE_PATH: expected one of {PATHS} or "
+                             f"None, got {FORCE_PATH!r}")
+        return FORCE_PATH
+    n_mat = 3 if cell == "twostage" else GATES[cell]
+    if batch <= PERSISTENT_MAX_BATCH and batch * n_mat * hidden * hidden <= (
+            PERSISTENT_MAX_STEP_MACS):
+        return "persistent"
+    return "graph"
+
+
+# ---------------------------------------------------------------------- tapes
+
+@dataclass
+class GatedTape:
+    """What backward reads (the Triton backend's layout): ``gates`` (T, B, TG*H) fp32, the
+    activated gates (LSTM i, f, g, o; GRU r, z, n, W_hn h + b_hn; RNN h_t); ``ctape`` (T, B, H)
+    fp32 the LSTM cell state after each step; ``hprev`` (T, B, H) h_{t-1} in the compute dtype;
+    ``c0`` the LSTM's initial cell state in fp32."""
+
+    cell: str
+    act: int
+    reverse: bool
+    w_hh: Any
+    has_bias: bool
+    lengths: Any
+    c0: Any
+    gates: Any
+    ctape: Any
+    hprev: Any
+    path: str
+
+
+@dataclass
+class TwoStageTape:
+    """``atape`` a_t and ``htape`` h_t (before the mask), both (T, B, H) fp32; ``hprev``
+    h_{t-1} in the compute dtype."""
+
+    acts: tuple[int, int]
+    reverse: bool
+    w_aa: Any
+    w_ha: Any
+    w_hh: Any
+    has_bias: bool
+    lengths: Any
+    atape: Any
+    htape: Any
+    hprev: Any
+    path: str
+
+
+# ---------------------------------------------------------------------- forward
+
+def run_forward(dev, problem: Problem, xw, weights, state, lengths, *, reverse: bool,
+                keep_tape: bool):
+    """One layer and direction (rnn_gpu.backend_api's contract); returns y, final state and
+    the kernel tape (None without keep_tape)."""
+    xw = _contiguous(dev, xw)
+    w = {k: _contiguous(dev, v) for k, v in weights.items()}
+    state = tuple(_contiguous(dev, s) for s in state)
+    lens = dev.lengths(lengths)
+    T, B, _ = xw.shape
+    H = problem.hidden_size
+    path = choose_path(problem.cell, B, H)
+    if problem.cell == "twostage":
+        return _twostage_forward(dev, problem, xw, w, state[0], lens, path, reverse, keep_tape)
+    return _gated_forward(dev, problem, xw, w, state, lens, path, reverse, keep_tape)
+
+
+def _gated_forward(dev, problem, xw, w, state, lens, path, reverse, keep_tape):
+    cell = problem.cell
+    T, B, _ = xw.shape
+    H = problem.hidden_size
+    lstm = cell == "lstm"
+    act = ACT_IDS[problem.activations[0]] if cell == "rnn" else 0
+    y = dev.empty((T, B, H), dev.dtype, "the output y")
+    gates = ctape = hprev = None
+    if keep_tape:
+        gates = dev.empty((T, B, TAPE_GATES[cell] * H), np.float32, "the gates tape")
+        ctape = dev.empty((T, B, H), np.float32, "the cell-state tape") if lstm else None
+        hprev = dev.empty((T, B, H), dev.dtype, "the h_{t-1} tape")
+    c0 = _to_f32(dev, state[1], "the fp32 cell state c0") if lstm else None
+    c = _copy(dev, c0, "the fp32 cell state c") if lstm else None
+    outs = (y, gates, ctape, hprev)
+    h = None
+    if path == "persistent":
+        h = _gated_persistent(dev, cell, act, xw, w, state[0], c, lens, outs, reverse)
+    if h is None:
+        path = "graph"
+        h = _gated_graph(dev, cell, act, xw, w, state[0], c, lens, outs, reverse)
+    final = (_from_f32(dev, h, "the final h"),)
+    if lstm:
+        final += (_from_f32(dev, c, "the final c"),)
+    tape = None
+    if keep_tape:
+        tape = GatedTape(cell, act, reverse, w["weight_hh"], "bias_hh" in w, lens, c0, gates,
+                         ctape, hprev, path)
+    return y, final, tape
+
+
+def _gated_graph(dev, cell, act, xw, w, h0, c, lens, outs, reverse):
+    """Path (a): per step one GEMM into ``hh`` and one pointwise kernel; returns h_T (fp32)."""
+    T, B, GH = xw.shape
+    H = GH // GATES[cell]
+    h = _to_f32(dev, h0, "the fp32 state h")
+    hc = _copy(dev, h0, "the state h in the compute dtype")
+    hh = dev.empty((B, GH), np.float32, "the recurrent product h W_hh^T")
+    product = _gemm(dev, B, GH, H, dev.ptr(hc), dev.ptr(w["weight_hh"]), dev.ptr(hh),
+                    trans_b=True)
+    ops = []
+    for s in range(T):
+        t = _time(s, T, reverse)
+        ops.append(product)
+        ops.append(_pointwise(dev, "gated_fwd_step", CELL_IDS[cell], act, n=B * H,
+                              args=(xw, hh, w.get("bias_hh"), lens, h, c, hc, *outs, _i64(t),
+                                    _i64(B), _i64(H))))
+    dev.run(ops, graph=True)
+    return h
+
+
+def _persistent_launch(dev, base: str, template_args: tuple, n_mat: int, H: int, args_of):
+    """Plans and launches a persistent kernel; returns False (after a warning) when it
+    cannot run, so that the caller takes the graph path. ``args_of(plan)`` gives the args."""
+    name, fn = dev.kernel("persistent", base, *template_args)
+    plan = dev.persistent_plan(fn, n_mat, H)
+    if isinstance(plan, str):
+        warnings.warn(f"rnn_gpu cupy backend: the persistent kernel {name} cannot run here "
+                      f"({plan}); taking the graph path", RuntimeWarning, stacklevel=4)
+        return False
+    dev.run([_Launch(name, fn, plan.blocks, PERSISTENT_THREADS, args_of(plan),
+                     shared_mem=plan.shared_mem, cooperative=True)])
+    return True
+
+
+def _gated_persistent(dev, cell, act, xw, w, h0, c, lens, outs, reverse):
+    """Path (b); returns h_T (fp32), or None when the kernel cannot run here."""
+    T, B, GH = xw.shape
+    H = GH // GATES[cell]
+    hbuf = dev.empty((2, B, H), np.float32, "the fp32 state buffers")
+    _to_f32(dev, h0, "the fp32 state h", out=hbuf)          # slot 0 = h0
+
+    def args_of(plan):
+        return (xw, w["weight_hh"], w.get("bias_hh"), lens, hbuf, c, *outs, _i64(T), _i64(B),
+                _i64(H), _i64(plan.units), _i64(int(reverse)), _i64(int(plan.use_smem)))
+
+    if not _persistent_launch(dev, "gated_fwd_persistent", (CELL_IDS[cell], act), GATES[cell],
+                              H, args_of):
+        return None
+    return hbuf[T % 2]
+
+
+def _twostage_forward(dev, problem, xw, w, h0, lens, path, reverse, keep_tape):
+    T, B, H = xw.shape
+    acts = (ACT_IDS[problem.activations[0]], ACT_IDS[problem.activations[1]])
+    y = dev.empty((T, B, H), dev.dtype, "the output y")
+    atape = htape = hprev = None
+    if keep_tape:
+        atape = dev.empty((T, B, H), np.float32, "the a_t tape")
+        htape = dev.empty((T, B, H), np.float32, "the h_t tape")
+        hprev = dev.empty((T, B, H), dev.dtype, "the h_{t-1} tape")
+    outs = (y, atape, htape, hprev)
+    h = None
+    if path == "persistent":
+        h = _twostage_persistent(dev, acts, xw, w, h0, lens, outs, reverse)
+    if h is None:
+        path = "graph"
+        h = _twostage_graph(dev, acts, xw, w, h0, lens, outs, reverse)
+    final = (_from_f32(dev, h, "the final h"),)
+    tape = None
+    if keep_tape:
+        tape = TwoStageTape(acts, reverse, w["weight_aa"], w["weight_ha"], w["weight_hh"],
+                            "bias_h" in w, lens, atape, htape, hprev, path)
+    return y, final, tape
+
+
+def _twostage_graph(dev, acts, xw, w, h0, lens, outs, reverse):
+    """Per step: pa = h [W_aa; W_hh]ᵀ, a = f(xw + pa[:, :H]), pb = a W_haᵀ, h = g(pb + pa[:, H:]
+    + b_h): two GEMMs and two pointwise kernels."""
+    T, B, H = xw.shape
+    y, atape, htape, hprev = outs
+    w_cat = _stacked(dev, [w["weight_aa"], w["weight_hh"]], "[W_aa; W_hh]")
+    h = _to_f32(dev, h0, "the fp32 state h")
+    hc = _copy(dev, h0, "the state h in the compute dtype")
+    a_c = dev.empty((B, H), dev.dtype, "a_t in the compute dtype")
+    pa = dev.empty((B, 2 * H), np.float32, "h [W_aa; W_hh]^T")
+    pb = dev.empty((B, H), np.float32, "a W_ha^T")
+    first = _gemm(dev, B, 2 * H, H, dev.ptr(hc), dev.ptr(w_cat), dev.ptr(pa), trans_b=True)
+    second = _gemm(dev, B, H, H, dev.ptr(a_c), dev.ptr(w["weight_ha"]), dev.ptr(pb),
+                   trans_b=True)
+    ops = []
+    for s in range(T):
+        t = _time(s, T, reverse)
+        ops.append(first)
+        ops.append(_pointwise(dev, "twostage_fwd_a", acts[0], n=B * H,
+                              args=(xw, pa, a_c, atape, _i64(t), _i64(B), _i64(H))))
+        ops.append(second)
+        ops.append(_pointwise(dev, "twostage_fwd_b", acts[1], n=B * H,
+                              args=(pa, pb, w.get("bias_h"), lens, h, hc, y, htape, hprev,
+                                    _i64(t), _i64(B), _i64(H))))
+    dev.run(ops, graph=True)
+    return h
+
+
+def _twostage_persistent(dev, acts, xw, w, h0, lens, outs, reverse):
+    T, B, H = xw.shape
+    y, atape, htape, hprev = outs
+    w_all = _stacked(dev, [w["weight_aa"], w["weight_ha"], w["weight_hh"]],
+                     "[W_aa; W_ha; W_hh]")
+    hbuf = dev.empty((2, B, H), np.float32, "the fp32 state buffers")
+    _to_f32(dev, h0, "the fp32 state h", out=hbuf)
+    abuf = dev.empty((B, H), np.float32, "the fp32 a_t buffer")
+
+    def args_of(plan):
+        return (xw, w_all, w.get("bias_h"), lens, hbuf, abuf, y, atape, htape, hprev, _i64(T),
+                _i64(B), _i64(H), _i64(plan.units), _i64(int(reverse)),
+                _i64(int(plan.use_smem)))
+
+    if not _persistent_launch(dev, "twostage_fwd_persistent", acts, 3, H, args_of):
+        return None
+    return hbuf[T % 2]
+
+
+# ---------------------------------------------------------------------- backward
+
+def run_backward(dev, problem: Problem, ktape, dy, dstate):
+    """Returns ``(dxw, dstate0, dweights)`` (rnn_gpu.backend_api's contract)."""
+    dy = _contiguous(dev, dy)
+    dstate = tuple(_contiguous(dev, d) for d in dstate)
+    if isinstance(ktape, TwoStageTape):
+        return _twostage_backward(dev, ktape, dy, dstate[0])
+    return _gated_backward(dev, ktape, dy, dstate)
+
+
+def _gated_backward(dev, tape: GatedTape, dy, dstate):
+    T, B, H = dy.shape
+    cell, lstm = tape.cell, tape.cell == "lstm"
+    GH = GATES[cell] * H
+    dh = _to_f32(dev, dstate[0], "the fp32 gradient dh")
+    dc = _to_f32(dev, dstate[1], "the fp32 gradient dc") if lstm else None
+    dxw = dev.empty((T, B, GH), dev.dtype, "the gradient of xw")
+    dhh = dev.empty((T, B, GH), dev.dtype, "the gradient of h W_hh^T") if cell == "gru" else dxw
+    ops = []
+    for s in reversed(range(T)):
+        t = _time(s, T, tape.reverse)
+        t_prev = _time(s - 1, T, tape.reverse) if s > 0 else -1
+        ops.append(_pointwise(dev, "gated_bwd_step", CELL_IDS[cell], tape.act, n=B * H,
+                              args=(dy, tape.gates, tape.ctape, tape.c0, tape.hprev,
+                                    tape.lengths, dh, dc, dxw, dhh, _i64(t), _i64(t_prev),
+                                    _i64(B), _i64(H))))
+        ops.append(_gemm(dev, B, H, GH, _row(dev, dhh, t), dev.ptr(tape.w_hh), dev.ptr(dh),
+                         beta=1))
+    dev.run(ops, graph=True)
+    grads = {"weight_hh": _outer_grad(dev, dhh, tape.hprev, "the gradient of W_hh")}
+    if tape.has_bias:
+        ones = _filled(dev, T * B, 1.0, "a ones vector")
+        grads["bias_hh"] = _bias_grad(dev, dhh, ones, "the gradient of b_hh")
+    d0 = (_from_f32(dev, dh, "the gradient of h0"),)
+    if lstm:
+        d0 += (_from_f32(dev, dc, "the gradient of c0"),)
+    return dxw, d0, grads
+
+
+def _twostage_backward(dev, tape: TwoStageTape, dy, dh_T):
+    T, B, H = dy.shape
+    f, g = tape.acts
+    dh = _to_f32(dev, dh_T, "the fp32 gradient dh")
+    dxw = dev.empty((T, B, H), dev.dtype, "the gradient of xw")
+    dph = dev.empty((T, B, H), dev.dtype, "the gradient of the second stage")
+    da = dev.empty((B, H), np.float32, "dph W_ha")
+    ops = []
+    for s in reversed(range(T)):
+        t = _time(s, T, tape.reverse)
+        ops.append(_pointwise(dev, "twostage_bwd_a", g, n=B * H,
+                              args=(dy, tape.htape, tape.lengths, dh, dph, _i64(t), _i64(B),
+                                    _i64(H))))
+        ops.append(_gemm(dev, B, H, H, _row(dev, dph, t), dev.ptr(tape.w_ha), dev.ptr(da)))
+        ops.append(_pointwise(dev, "twostage_bwd_b", f, n=B * H,
+                              args=(da, tape.atape, tape.lengths, dxw, _i64(t), _i64(B),
+                                    _i64(H))))
+        ops.append(_gemm(dev, B, H, H, _row(dev, dxw, t), dev.ptr(tape.w_aa), dev.ptr(dh),
+                         beta=1))
+        ops.append(_gemm(dev, B, H, H, _row(dev, dph, t), dev.ptr(tape.w_hh), dev.ptr(dh),
+                         beta=1))
+    dev.run(ops, graph=True)
+    a_c = _from_f32(dev, tape.atape, "the a_t tape in the compute dtype")
+    grads = {"weight_aa": _outer_grad(dev, dxw, tape.hprev, "the gradient of W_aa"),
+             "weight_ha": _outer_grad(dev, dph, a_c, "the gradient of W_ha"),
+             "weight_hh": _outer_grad(dev, dph, tape.hprev, "the gradient of W_hh")}
+    if tape.has_bias:
+        ones = _filled(dev, T * B, 1.0, "a ones vector")
+        grads["bias_h"] = _bias_grad(dev, dph, ones, "the gradient of b_h")
+    return dxw, (_from_f32(dev, dh, "the gradient of h0"),), grads

@@ -1,0 +1,289 @@
+// Per-step kernels of the cupy backend's CUDA-graph path (backends/cupy.py, path "graph").
+//
+// Each time step is one cuBLAS GEMM (h_{t-1} W_hh^T into an fp32 buffer, fp32 accumulation)
+// followed by ONE of these kernels, which does everything else of the step: gate math, state
+// update, the lengths mask, the y write and the tape write. One thread per (row, unit) element:
+// simple and obviously right; the GEMM is where the flops are. The state lives in fp32 (h, c)
+// and, for the next GEMM, in the compute dtype T (hc). Backward runs the reverse-time kernels
+// below, each followed by the recurrent GEMM dgates_t W_hh accumulated into dh (beta = 1).
+//
+// Index arithmetic is int64 throughout (T*B*G*H exceeds 2^31 at realistic sizes). Every integer
+// parameter is `long long` and every real parameter `float`: the launcher passes numpy.int64 /
+// numpy.float32 scalars, and a size mismatch there would corrupt the arguments silently.
+#include "common.cuh"
+
+__device__ __forceinline__ long long thread_index() {
+    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
+}
+
+// ---------------------------------------------------------------- RNN / LSTM / GRU, forward
+
+// One step at time t. hh = h_{t-1} W_hh^T (B, G*H) fp32 without the bias; h, c are the fp32
+// state (B, H), updated in place (each thread reads then writes its own element); hc receives
+// h_t in T for the next step's GEMM. gates == nullptr: no tape (inference).
+template <typename T, int CELL, int ACT>
+__global__ void gated_fwd_step(const T* __restrict__ xw, const float* __restrict__ hh,
+                               const T* __restrict__ bias, const long long* __restrict__ lengths,
+                               float* __restrict__ h, float* __restrict__ c, T* __restrict__ hc,
+                               T* __restrict__ y, float* __restrict__ gates,
+                               float* __restrict__ ctape, T* __restrict__ hprev, long long t,
+                               long long B, long long H) {
+    const long long idx = thread_index();
+    if (idx >= B * H) return;
+    const long long b = idx / H, u = idx - b * H;
+    constexpr int G = rg::CellShape<CELL>::G;
+    const T* xrow = xw + rg::time_row(t, b, B) * (G * H);
+    const float* hrow = hh + b * (G * H);
+    float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float pre[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int g = 0; g < G; ++g) {
+        x[g] = rg::to_f32(xrow[g * H + u]);
+        pre[g] = hrow[g * H + u] + (bias != nullptr ? rg::to_f32(bias[g * H + u]) : 0.0f);
+    }
+    const bool valid = rg::is_valid(lengths, t, b);
+    const float h_prev = h[idx];
+    const float c_prev = CELL == rg::LSTM ? c[idx] : 0.0f;
+    const rg::GatedStep r = rg::gated_math<CELL, ACT>(x, pre, h_prev, c_prev);
+    const float h_keep = rg::gated_store<T, CELL>(r, valid, h_prev, c_prev, t, b, u, B, H,
+                                                  CELL == rg::LSTM ? c + idx : nullptr, y, gates,
+                                                  ctape, hprev);
+    h[idx] = h_keep;
+    hc[idx] = rg::from_f32<T>(h_keep);
+}
+
+// ---------------------------------------------------------------- RNN / LSTM / GRU, backward
+
+// Step at time t (t_prev: the time of the step before it, -1 for the first step, whose c_{t-1}
+// is c0). dh, dc (B, H) fp32 hold dL/dh_t and dL/dc_t on entry; on exit dh holds the part of
+// dL/dh_{t-1} that does not go through W_hh (the launcher's GEMM then adds dhh_t W_hh) and dc
+// holds dL/dc_{t-1}. dxw[t] receives the pre-activation gradients (the gradient of xw); dhh[t]
+// the gradient of h_{t-1} W_hh^T + b_hh (the same array as dxw except for GRU, whose n gate
+// differs by the reset factor r). Rows past their length pass dh, dc through and get zeros.
+template <typename T, int CELL, int ACT>
+__global__ void gated_bwd_step(const T* __restrict__ dy, const float* __restrict__ gates,
+                               const float* __restrict__ ctape, const float* __restrict__ c0,
+                               const T* __restrict__ hprev, const long long* __restrict__ lengths,
+                               float* __restrict__ dh, float* __restrict__ dc, T* __restrict__ dxw,
+                               T* __restrict__ dhh, long long t, long long t_prev, long long B,
+                               long long H) {
+    const long long idx = thread_index();
+    if (idx >= B * H) return;
+    const long long b = idx / H, u = idx - b * H;
+    constexpr int G = rg::CellShape<CELL>::G;
+    constexpr int TG = rg::CellShape<CELL>::TG;
+    const long long row = rg::time_row(t, b, B);
+    const bool valid = rg::is_valid(lengths, t, b);
+    const float dh_in = dh[idx];
+    const float dh_new = dh_in + rg::to_f32(dy[row * H + u]);
+    const float* gt = gates + row * (TG * H) + u;
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};   // gradients of the pre-activations (xw's gates)
+    float d_rec_n = 0.0f;                     // GRU: gradient of W_hn h + b_hn
+    float carry = 0.0f;                       // dL/dh_{t-1} not through W_hh
+    if (CELL == rg::RNN) {
+        d[0] = dh_new * rg::activation_grad<ACT>(gt[0]);
+    } else if (CELL == rg::LSTM) {
+        const float i = gt[0], f = gt[H], g = gt[2 * H], o = gt[3 * H];
+        const float c_t = ctape[row * H + u];
+        const float c_prev =
+            t_prev < 0 ? c0[idx] : ctape[rg::time_row(t_prev, b, B) * H + u];
+        const float tc = tanhf(c_t);
+        const float dct = dc[idx] + dh_new * o * (1.0f - tc * tc);
+        d[0] = dct * g * i * (1.0f - i);
+        d[1] = dct * c_prev * f * (1.0f - f);
+        d[2] = dct * i * (1.0f - g * g);
+        d[3] = dh_new * tc * o * (1.0f - o);
+        if (valid) dc[idx] = dct * f;
+    } else {                                  // GRU
+        const float r = gt[0], z = gt[H], n = gt[2 * H], hn = gt[3 * H];
+        const float hp = rg::to_f32(hprev[row * H + u]);
+        const float dn = dh_new * (1.0f - z) * (1.0f - n * n);
+        d[0] = dn * hn * r * (1.0f - r);
+        d[1] = dh_new * (hp - n) * z * (1.0f - z);
+        d[2] = dn;
+        d_rec_n = dn * r;
+        carry = dh_new * z;
+    }
+    if (!valid) {
+        d[0] = d[1] = d[2] = d[3] = 0.0f;
+        d_rec_n = 0.0f;
+        carry = dh_in;
+    }
+    T* dx = dxw + row * (G * H) + u;
+    for (int g = 0; g < G; ++g) dx[g * H] = rg::from_f32<T>(d[g]);
+    if (CELL == rg::GRU) {
+        T* dr = dhh + row * (G * H) + u;
+        dr[0] = rg::from_f32<T>(d[0]);
+        dr[H] = rg::from_f32<T>(d[1]);
+        dr[2 * H] = rg::from_f32<T>(d_rec_n);
+    }
+    dh[idx] = carry;
+}
+
+// ---------------------------------------------------------------- TwoStageRNN
+
+// First stage at time t: a_t = f(xw_t + W_aa h_{t-1}). pa (B, 2H) fp32 is h_{t-1} [W_aa; W_hh]^T
+// (one GEMM for both products of h_{t-1}); a_c receives a_t in T for the W_ha GEMM.
+template <typename T, int F>
+__global__ void twostage_fwd_a(const T* __restrict__ xw, const float* __restrict__ pa,
+                               T* __restrict__ a_c, float* __restrict__ atape, long long t,
+                               long long B, long long H) {
+    const long long idx = thread_index();
+    if (idx >= B * H) return;
+    const long long b = idx / H, u = idx - b * H;
+    const long long at = rg::time_row(t, b, B) * H + u;
+    const float a = rg::activate<F>(rg::to_f32(xw[at]) + pa[b * (2 * H) + u]);
+    a_c[idx] = rg::from_f32<T>(a);
+    if (atape != nullptr) atape[at] = a;
+}
+
+// Second stage: h_t = g(W_ha a_t + W_hh h_{t-1} + b_h) with pb = a_t W_ha^T (B, H) fp32 and
+// W_hh h_{t-1} the second half of pa.
+template <typename T, int G>
+__global__ void twostage_fwd_b(const float* __restrict__ pa, const float* __restrict__ pb,
+                               const T* __restrict__ bias, const long long* __restrict__ lengths,
+                               float* __restrict__ h, T* __restrict__ hc, T* __restrict__ y,
+                               float* __restrict__ htape, T* __restrict__ hprev, long long t,
+                               long long B, long long H) {
+    const long long idx = thread_index();
+    if (idx >= B * H) return;
+    const long long b = idx / H, u = idx - b * H;
+    const float pre = pb[idx] + pa[b * (2 * H) + H + u] +
+                      (bias != nullptr ? rg::to_f32(bias[u]) : 0.0f);
+    const float h_keep = rg::twostage_store<T, G>(pre, rg::is_valid(lengths, t, b), h[idx], t, b,
+                                                  u, B, H, y, htape, hprev);
+    h[idx] = h_keep;
+    hc[idx] = rg::from_f32<T>(h_keep);
+}
+
+// Backward, second stage first: dph_t = (dh + dy_t) g'(h_t), the gradient of W_ha a + W_hh h + b.
+// On exit dh holds dL/dh_{t-1} not through the weights (zero for valid rows, whose gradient
+// flows only through W_aa and W_hh; the launcher's GEMMs add those).
+template <typename T, int G>
+__global__ void twostage_bwd_a(const T* __restrict__ dy, const float* __restrict__ htape,
+                               const long long* __restrict__ lengths, float* __restrict__ dh,
+                               T* __restrict__ dph, long long t, long long B, long long H) {
+    const long long idx = thread_index();
+    if (idx >= B * H) return;
+    const long long b = idx / H, u = idx - b * H;
+    const long long at = rg::time_row(t, b, B) * H + u;
+    const bool valid = rg::is_valid(lengths, t, b);
+    const float dh_in = dh[idx];
+    const float d = (dh_in + rg::to_f32(dy[at])) * rg::activation_grad<G>(htape[at]);
+    dph[at] = rg::from_f32<T>(valid ? d : 0.0f);
+    dh[idx] = valid ? 0.0f : dh_in;
+}
+
+// Then the first stage: dpa_t = (dph_t W_ha) f'(a_t) with da = dph_t W_ha (B, H) fp32; dpa_t is
+// the gradient of xw_t.
+template <typename T, int F>
+__global__ void twostage_bwd_b(const float* __restrict__ da, const float* __restrict__ atape,
+                               const long long* __restrict__ lengths, T* __restrict__ dxw,
+                               long long t, long long B, long long H) {
+    const long long idx = thread_index();
+    if (idx >= B * H) return;
+    const long long b = idx / H, u = idx - b * H;
+    const long long at = rg::time_row(t, b, B) * H + u;
+    const float d = da[idx] * rg::activation_grad<F>(atape[at]);
+    dxw[at] = rg::from_f32<T>(rg::is_valid(lengths, t, b) ? d : 0.0f);
+}
+
+// ---------------------------------------------------------------- conversions
+
+// The backend never asks CuPy to compute on bfloat16 arrays (CuPy handles that type only through
+// ml_dtypes); every conversion it needs is one of these.
+template <typename T>
+__global__ void cast_to_f32(const T* __restrict__ src, float* __restrict__ dst, long long n) {
+    const long long i = thread_index();
+    if (i < n) dst[i] = rg::to_f32(src[i]);
+}
+
+template <typename T>
+__global__ void cast_from_f32(const float* __restrict__ src, T* __restrict__ dst, long long n) {
+    const long long i = thread_index();
+    if (i < n) dst[i] = rg::from_f32<T>(src[i]);
+}
+
+template <typename T>
+__global__ void fill_value(T* __restrict__ dst, float value, long long n) {
+    const long long i = thread_index();
+    if (i < n) dst[i] = rg::from_f32<T>(value);
+}
+
+// ---------------------------------------------------------------- nvcc check
+// `nvcc -DRNN_GPU_NVCC_CHECK -c recurrent.cu` instantiates every template the backend asks
+// NVRTC for (tests/test_cupy_backend.py checks that this list equals the backend's name
+// expressions), so that the CPU-only test suite type-checks and compiles all of them.
+#ifdef RNN_GPU_NVCC_CHECK
+#define RNN_GPU_CHECK(...) (void)&__VA_ARGS__;
+void rnn_gpu_nvcc_check_recurrent() {
+    RNN_GPU_CHECK(gated_fwd_step<float, 0, 0>)
+    RNN_GPU_CHECK(gated_fwd_step<float, 0, 2>)
+    RNN_GPU_CHECK(gated_fwd_step<float, 1, 0>)
+    RNN_GPU_CHECK(gated_fwd_step<float, 2, 0>)
+    RNN_GPU_CHECK(gated_bwd_step<float, 0, 0>)
+    RNN_GPU_CHECK(gated_bwd_step<float, 0, 2>)
+    RNN_GPU_CHECK(gated_bwd_step<float, 1, 0>)
+    RNN_GPU_CHECK(gated_bwd_step<float, 2, 0>)
+    RNN_GPU_CHECK(twostage_fwd_a<float, 0>)
+    RNN_GPU_CHECK(twostage_fwd_a<float, 1>)
+    RNN_GPU_CHECK(twostage_fwd_a<float, 2>)
+    RNN_GPU_CHECK(twostage_fwd_b<float, 0>)
+    RNN_GPU_CHECK(twostage_fwd_b<float, 1>)
+    RNN_GPU_CHECK(twostage_fwd_b<float, 2>)
+    RNN_GPU_CHECK(twostage_bwd_a<float, 0>)
+    RNN_GPU_CHECK(twostage_bwd_a<float, 1>)
+    RNN_GPU_CHECK(twostage_bwd_a<float, 2>)
+    RNN_GPU_CHECK(twostage_bwd_b<float, 0>)
+    RNN_GPU_CHECK(twostage_bwd_b<float, 1>)
+    RNN_GPU_CHECK(twostage_bwd_b<float, 2>)
+    RNN_GPU_CHECK(cast_to_f32<float>)
+    RNN_GPU_CHECK(cast_from_f32<float>)
+    RNN_GPU_CHECK(fill_value<float>)
+    RNN_GPU_CHECK(gated_fwd_step<__half, 0, 0>)
+    RNN_GPU_CHECK(gated_fwd_step<__half, 0, 2>)
+    RNN_GPU_CHECK(gated_fwd_step<__half, 1, 0>)
+    RNN_GPU_CHECK(gated_fwd_step<__half, 2, 0>)
+    RNN_GPU_CHECK(gated_bwd_step<__half, 0, 0>)
+    RNN_GPU_CHECK(gated_bwd_step<__half, 0, 2>)
+    RNN_GPU_CHECK(gated_bwd_step<__half, 1, 0>)
+    RNN_GPU_CHECK(gated_bwd_step<__half, 2, 0>)
+    RNN_GPU_CHECK(twostage_fwd_a<__half, 0>)
+    RNN_GPU_CHECK(twostage_fwd_a<__half, 1>)
+    RNN_GPU_CHECK(twostage_fwd_a<__half, 2>)
+    RNN_GPU_CHECK(twostage_fwd_b<__half, 0>)
+    RNN_GPU_CHECK(twostage_fwd_b<__half, 1>)
+    RNN_GPU_CHECK(twostage_fwd_b<__half, 2>)
+    RNN_GPU_CHECK(twostage_bwd_a<__half, 0>)
+    RNN_GPU_CHECK(twostage_bwd_a<__half, 1>)
+    RNN_GPU_CHECK(twostage_bwd_a<__half, 2>)
+    RNN_GPU_CHECK(twostage_bwd_b<__half, 0>)
+    RNN_GPU_CHECK(twostage_bwd_b<__half, 1>)
+    RNN_GPU_CHECK(twostage_bwd_b<__half, 2>)
+    RNN_GPU_CHECK(cast_to_f32<__half>)
+    RNN_GPU_CHECK(cast_from_f32<__half>)
+    RNN_GPU_CHECK(fill_value<__half>)
+    RNN_GPU_CHECK(gated_fwd_step<__nv_bfloat16, 0, 0>)
+    RNN_GPU_CHECK(gated_fwd_step<__nv_bfloat16, 0, 2>)
+    RNN_GPU_CHECK(gated_fwd_step<__nv_bfloat16, 1, 0>)
+    RNN_GPU_CHECK(gated_fwd_step<__nv_bfloat16, 2, 0>)
+    RNN_GPU_CHECK(gated_bwd_step<__nv_bfloat16, 0, 0>)
+    RNN_GPU_CHECK(gated_bwd_step<__nv_bfloat16, 0, 2>)
+    RNN_GPU_CHECK(gated_bwd_step<__nv_bfloat16, 1, 0>)
+    RNN_GPU_CHECK(gated_bwd_step<__nv_bfloat16, 2, 0>)
+    RNN_GPU_CHECK(twostage_fwd_a<__nv_bfloat16, 0>)
+    RNN_GPU_CHECK(twostage_fwd_a<__nv_bfloat16, 1>)
+    RNN_GPU_CHECK(twostage_fwd_a<__nv_bfloat16, 2>)
+    RNN_GPU_CHECK(twostage_fwd_b<__nv_bfloat16, 0>)
+    RNN_GPU_CHECK(twostage_fwd_b<__nv_bfloat16, 1>)
+    RNN_GPU_CHECK(twostage_fwd_b<__nv_bfloat16, 2>)
+    RNN_GPU_CHECK(twostage_bwd_a<__nv_bfloat16, 0>)
+    RNN_GPU_CHECK(twostage_bwd_a<__nv_bfloat16, 1>)
+    RNN_GPU_CHECK(twostage_bwd_a<__nv_bfloat16, 2>)
+    RNN_GPU_CHECK(twostage_bwd_b<__nv_bfloat16, 0>)
+    RNN_GPU_CHECK(twostage_bwd_b<__nv_bfloat16, 1>)
+    RNN_GPU_CHECK(twostage_bwd_b<__nv_bfloat16, 2>)
+    RNN_GPU_CHECK(cast_to_f32<__nv_bfloat16>)
+    RNN_GPU_CHECK(cast_from_f32<__nv_bfloat16>)
+    RNN_GPU_CHECK(fill_value<__nv_bfloat16>)
+}
+#endif

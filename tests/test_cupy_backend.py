@@ -1,0 +1,865 @@
+"""The cupy backend (backends/cupy.py, kernels/cuda/*.cu).
+
+CPU-only, always run:
+
+* nvcc compiles every ``kernels/cuda/*.cu`` for sm_80 and sm_90 with every template the
+  backend asks NVRTC for instantiated (the ``RNN_GPU_NVCC_CHECK`` blocks), and those blocks
+  list exactly the backend's name expressions;
+* the graph path's whole algorithm runs on the CPU: the float32 step kernels of recurrent.cu
+  compiled as C++ by the host compiler (blockIdx/threadIdx emulated), the cuBLAS ``gemmEx``
+  calls interpreted column-major by NumPy, buffers poisoned with NaN; forward and backward of
+  every cell against the numpy backend in float64. This checks the kernel math, the kernels'
+  argument order, the time indexing, the pointer offsets and the cuBLAS argument mapping;
+* the persistent kernels likewise, with one host thread per CUDA thread (barriers for
+  ``__syncthreads``, ``grid.sync()`` and the warp shuffles);
+* availability reporting and the problems the backend declines, without a GPU.
+
+GPU (marked ``gpu``; skipped unless the backend is available): every cell, dtype, direction
+and lengths, forward and backward, CuPy arrays and torch tensors, both paths, against the
+float64 oracle (tests/oracles.py); graph capture and replay; ``rnn_gpu.torch.LSTM`` training
+against torch.nn; the triton backend at a larger shape. Kept short (small shapes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rnn_gpu as rg
+import rnn_gpu.backends.cupy as cb
+from rnn_gpu.backend_api import Problem
+from rnn_gpu.backends.numpy import NumpyBackend
+from rnn_gpu.registry import BackendError
+
+KERNELS = Path(cb.__file__).resolve().parent.parent / "kernels" / "cuda"
+SOURCES = ("recurrent", "persistent")
+ARCHS = ("sm_80", "sm_90")
+
+
+@pytest.fixture
+def registered():
+    """The cupy backend in the registry (through its entry point, or registered here)."""
+    added = "cupy" not in rg.backends.names()
+    if added:
+        rg.backends.register(cb.CupyBackend)
+    yield rg.backends.get("cupy")
+    if added:
+        rg.backends.unregister("cupy")
+
+
+@pytest.fixture
+def force_path():
+    saved = cb.FORCE_PATH
+    yield
+    cb.FORCE_PATH = saved
+
+
+def problem(cell="lstm", acts=(), dtype="float32", device="cuda:0", T=5, B=3, H=4, **kw):
+    return Problem(cell=cell, activations=acts, dtype=dtype, device=device, input_kind="cupy",
+                   seq_len=T, batch=B, input_size=3, hidden_size=H, **kw)
+
+
+# ---------------------------------------------------------------------- nvcc
+
+@pytest.fixture(scope="module")
+def nvcc_builds(tmp_path_factory):
+    """Every (source, arch) compile, started together (each takes 5-25 s)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH (the CUDA toolkit is needed to compile the kernels)")
+    out = tmp_path_factory.mktemp("nvcc")
+    procs = {}
+    for src in SOURCES:
+        for arch in ARCHS:
+            cmd = [nvcc, "-std=c++17", f"-arch={arch}", "-DRNN_GPU_NVCC_CHECK", "-c", "-o",
+                   str(out / f"{src}_{arch}.o"), str(KERNELS / f"{src}.cu")]
+            procs[src, arch] = subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                                stderr=subprocess.STDOUT, text=True)
+    return {key: (p.wait(timeout=600), p.stdout.read()) for key, p in procs.items()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("src", SOURCES)
+def test_nvcc_compiles_every_instantiation(nvcc_builds, src, arch):
+    code, log = nvcc_builds[src, arch]
+    assert code == 0, f"nvcc failed on {src}.cu for {arch}:\n{log}"
+    assert "warning" not in log.lower(), log
+
+
+@pytest.mark.parametrize("src", SOURCES)
+def test_nvcc_check_block_lists_the_name_expressions(src):
+    text = (KERNELS / f"{src}.cu").read_text()
+    block = text[text.index("#ifdef RNN_GPU_NVCC_CHECK"):]
+    listed = {re.sub(r"\s+", "", m)
+              for m in re.findall(r"^\s+RNN_GPU_CHECK\((.+)\)\s*$", block, re.MULTILINE)}
+    wanted = {re.sub(r"\s+", "", n) for d in cb.DTYPES for n in cb.name_expressions(src, d)}
+    assert listed == wanted
+
+
+def test_kernel_source_inlines_the_shared_header():
+    for src in SOURCES:
+        text = cb.kernel_source(src)
+        assert not re.search(r'^#include "', text, re.MULTILINE)
+        assert "struct GatedStep" in text
+
+
+# ---------------------------------------------------------------------- cuBLAS mapping
+
+def colmajor(ptr: int, rows: int, cols: int, ld: int) -> np.ndarray:
+    """A column-major float32 matrix at a raw address, as cuBLAS sees it."""
+    n = ld * (cols - 1) + rows
+    buf = np.ctypeslib.as_array((ctypes.c_float * n).from_address(ptr))
+    return np.lib.stride_tricks.as_strided(buf, (rows, cols), (4, 4 * ld))
+
+
+def emulated_gemm_ex(args: tuple) -> None:
+    """cublasGemmEx's documented semantics (column-major, argument checks), float32 only."""
+    ta, tb, m, n, k, alpha_p, a, a_type, lda, b, b_type, ldb, beta_p, c, c_type, ldc, compute, \
+        algo = args
+    assert (a_type, b_type, c_type) == (0, 0, 0)
+    assert compute in (cb.CUBLAS_COMPUTE_32F, cb.CUBLAS_COMPUTE_32F_FAST_TF32)
+    assert algo == cb.CUBLAS_GEMM_DEFAULT and min(m, n, k) >= 1
+    assert lda >= (m if ta == cb.CUBLAS_OP_N else k)
+    assert ldb >= (k if tb == cb.CUBLAS_OP_N else n)
+    assert ldc >= m
+    op_a = colmajor(a, m, k, lda) if ta == cb.CUBLAS_OP_N else colmajor(a, k, m, lda).T
+    op_b = colmajor(b, k, n, ldb) if tb == cb.CUBLAS_OP_N else colmajor(b, n, k, ldb).T
+    out = colmajor(c, m, n, ldc)
+    alpha = ctypes.c_float.from_address(alpha_p).value
+    beta = ctypes.c_float.from_address(beta_p).value
+    result = alpha * (op_a.astype(np.float64) @ op_b.astype(np.float64))
+    out[...] = result + beta * out if beta else result
+
+
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("beta", [0, 1])
+def test_gemm_arguments_compute_the_row_major_product(trans_a, trans_b, beta):
+    rng = np.random.default_rng(0)
+    m, n, k = 5, 3, 7
+    a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
+    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
+    c = rng.standard_normal((m, n)).astype(np.float32)
+    want = (a.T if trans_a else a) @ (b.T if trans_b else b) + beta * c
+    op = cb._Gemm(m, n, k, a.ctypes.data, trans_a, b.ctypes.data, trans_b, c.ctypes.data, 0, 0,
+                  beta, cb.CUBLAS_COMPUTE_32F)
+    emulated_gemm_ex(op.cublas_args())
+    np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- CPU emulation
+
+EMULATION_PRELUDE = r"""
+#define RNN_GPU_HOST_EMULATION 1
+#include <math.h>
+#include <cstddef>
+#include <functional>
+#include <map>
+#include <string>
+#include <type_traits>
+#include <utility>
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+"""
+
+STEP_EMULATION = r"""
+struct Dim3 { unsigned int x = 0, y = 1, z = 1; };
+static Dim3 blockIdx, threadIdx, blockDim, gridDim;
+#include "{kernels}/recurrent.cu"
+
+template <typename... P, std::size_t... I>
+static void call(void (*f)(P...), void** args, std::index_sequence<I...>) {
+    f(*static_cast<std::remove_cv_t<P>*>(args[I])...);
+}
+// The step kernels have no barriers: running the threads one after another is exact.
+template <typename... P>
+static void emulate(void (*f)(P...), long long grid, long long block, long long /*smem*/,
+                    void** args) {
+    blockDim.x = (unsigned)block;
+    gridDim.x = (unsigned)grid;
+    for (long long b = 0; b < grid; ++b)
+        for (long long t = 0; t < block; ++t) {
+            blockIdx.x = (unsigned)b;
+            threadIdx.x = (unsigned)t;
+            call(f, args, std::index_sequence_for<P...>{});
+        }
+}
+"""
+
+PERSISTENT_EMULATION = r"""
+#include <barrier>
+#include <thread>
+#include <vector>
+struct Dim3 { unsigned int x = 0, y = 1, z = 1; };
+static thread_local Dim3 blockIdx, threadIdx;
+static Dim3 blockDim, gridDim;
+// One host thread per CUDA thread: __syncthreads, grid.sync and each warp's shuffles are
+// barriers over the block, the grid and the warp.
+static std::vector<std::barrier<>*> block_barriers, warp_barriers;
+static std::barrier<>* grid_barrier;
+static std::vector<float> shuffle_slots;
+static std::vector<std::vector<unsigned char>> shared_buffers;
+static thread_local unsigned char* this_shared;
+#define __syncthreads() block_barriers[blockIdx.x]->arrive_and_wait()
+#define RNN_GPU_DYNAMIC_SHARED(name) unsigned char* name = this_shared
+#define __launch_bounds__(n)
+static float __shfl_xor_sync(unsigned, float v, int offset) {
+    const size_t warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const size_t lane = threadIdx.x % 32;
+    std::barrier<>* wb = warp_barriers[warp];
+    shuffle_slots[warp * 32 + lane] = v;
+    wb->arrive_and_wait();
+    const float other = shuffle_slots[warp * 32 + (lane ^ offset)];
+    wb->arrive_and_wait();
+    return other;
+}
+namespace cooperative_groups {
+struct grid_group { void sync() { grid_barrier->arrive_and_wait(); } };
+inline grid_group this_grid() { return {}; }
+}
+#include "{kernels}/persistent.cu"
+
+template <typename... P, std::size_t... I>
+static void call(void (*f)(P...), void** args, std::index_sequence<I...>) {
+    f(*static_cast<std::remove_cv_t<P>*>(args[I])...);
+}
+template <typename... P>
+static void emulate(void (*f)(P...), long long grid, long long block, long long smem,
+                    void** args) {
+    blockDim.x = (unsigned)block;
+    gridDim.x = (unsigned)grid;
+    const long long n = grid * block;
+    std::barrier<> gb((std::ptrdiff_t)n);
+    grid_barrier = &gb;
+    std::vector<std::barrier<>*> bbs, wbs;
+    for (long long b = 0; b < grid; ++b) bbs.push_back(new std::barrier<>((std::ptrdiff_t)block));
+    for (long long w = 0; w < n / 32; ++w) wbs.push_back(new std::barrier<>(32));
+    block_barriers = bbs;
+    warp_barriers = wbs;
+    shuffle_slots.assign((size_t)n, 0.0f);
+    shared_buffers.assign((size_t)grid, std::vector<unsigned char>((size_t)smem + 16, 0xff));
+    std::vector<std::thread> threads;
+    for (long long b = 0; b < grid; ++b)
+        for (long long t = 0; t < block; ++t)
+            threads.emplace_back([=] {
+                blockIdx.x = (unsigned)b;
+                threadIdx.x = (unsigned)t;
+                this_shared = shared_buffers[(size_t)b].data();
+                call(f, args, std::index_sequence_for<P...>{});
+            });
+    for (auto& th : threads) th.join();
+    for (auto* p : bbs) delete p;
+    for (auto* p : wbs) delete p;
+}
+"""
+
+REGISTRY = r"""
+using Launcher = std::function<void(long long, long long, long long, void**)>;
+#define EMU(...) {#__VA_ARGS__, [](long long g, long long b, long long s, void** a) { \
+    emulate(&__VA_ARGS__, g, b, s, a); }},
+static const std::map<std::string, Launcher> kernels = {
+{entries}
+};
+extern "C" int emu_launch(const char* name, long long grid, long long block, long long smem,
+                          void** args) {
+    auto it = kernels.find(name);
+    if (it == kernels.end()) return 1;
+    it->second(grid, block, smem, args);
+    return 0;
+}
+"""
+
+
+def build_emulation(tmp_path: Path, source: str) -> ctypes.CDLL:
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler (g++) to build the CPU emulation of the kernels")
+    body = STEP_EMULATION if source == "recurrent" else PERSISTENT_EMULATION
+    entries = "\n".join(f"    EMU({n})" for n in cb.name_expressions(source, "float32"))
+    code = (EMULATION_PRELUDE + body.replace("{kernels}", str(KERNELS))
+            + REGISTRY.replace("{entries}", entries))
+    cpp, lib = tmp_path / f"emulate_{source}.cpp", tmp_path / f"emulate_{source}.so"
+    cpp.write_text(code)
+    run = subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall",
+                          "-Wno-unused-function", "-o", str(lib), str(cpp)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and "warning" not in run.stderr, run.stderr
+    dll = ctypes.CDLL(str(lib))
+    dll.emu_launch.restype = ctypes.c_int
+    dll.emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_longlong, ctypes.c_longlong,
+                               ctypes.c_longlong, ctypes.POINTER(ctypes.c_void_p)]
+    return dll
+
+
+@pytest.fixture(scope="module")
+def emulation(tmp_path_factory):
+    path = tmp_path_factory.mktemp("emulation")
+    return {src: build_emulation(path, src) for src in SOURCES}
+
+
+class EmulatedDevice:
+    """``_CupyDevice``'s interface on the CPU: NumPy buffers (NaN-poisoned, so that reading
+    memory nobody wrote shows), the kernels through the emulation library, gemmEx through
+    :func:`emulated_gemm_ex`. ``sms`` plays the multiprocessor count for persistent plans."""
+
+    dtype, dtype_name, ctype, itemsize, index = np.float32, "float32", "float", 4, 0
+    compute = cb.CUBLAS_COMPUTE_32F
+
+    def __init__(self, libs=None, sms: int = 3, smem_limit: int = 1 << 16, occupancy: int = 1):
+        self.libs, self.sms, self.smem_limit, self.occupancy = libs, sms, smem_limit, occupancy
+        self.launched: list[str] = []
+
+    def ptr(self, a):
+        return a.ctypes.data
+
+    def empty(self, shape, dtype, what):
+        return np.full(shape, np.nan, dtype)
+
+    def contiguous(self, a):
+        return np.ascontiguousarray(a)
+
+    def lengths(self, lengths):
+        return None if lengths is None else np.ascontiguousarray(lengths, np.int64)
+
+    def copy_raw(self, dst, src, nbytes):
+        ctypes.memmove(dst, src, nbytes)
+
+    def kernel(self, module, base, *template_args):
+        name = cb.kernel_name(base, self.ctype, *template_args)
+        assert name in cb.name_expressions(module, "float32")
+        return name, module
+
+    def launch(self, op):
+        holders = []
+        for a in op.args:
+            if a is None:
+                holders.append(ctypes.c_void_p(0))
+            elif isinstance(a, np.int64):
+                holders.append(ctypes.c_longlong(int(a)))
+            elif isinstance(a, np.float32):
+                holders.append(ctypes.c_float(float(a)))
+            else:
+                assert a.dtype in (np.float32, np.int64) and a.flags.c_contiguous
+                holders.append(ctypes.c_void_p(a.ctypes.data))
+        argv = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
+        assert op.cooperative == (op.fn == "persistent")
+        assert self.libs[op.fn].emu_launch(op.name.encode(), op.grid, op.block, op.shared_mem,
+                                           argv) == 0, op.name
+        self.launched.append(op.name)
+
+    def gemm(self, op):
+        emulated_gemm_ex(op.cublas_args())
+
+    persistent_plan = cb._CupyDevice.persistent_plan      # the real planning code
+
+    def _attribute(self, name):
+        return {"cudaDevAttrCooperativeLaunch": 1, "cudaDevAttrMultiProcessorCount": self.sms,
+                "cudaDevAttrMaxSharedMemoryPerBlockOptin": self.smem_limit}[name]
+
+    def _occupancy(self, fn, shared_mem):
+        return self.occupancy
+
+    def run(self, ops, *, graph=False):
+        for op in ops:
+            op.run(self)
+
+
+CELL_CASES = [("rnn", ("tanh",)), ("rnn", ("relu",)), ("lstm", ()), ("gru", ()),
+              ("twostage", ("tanh", "tanh")), ("twostage", ("sigmoid", "relu")),
+              ("twostage", ("relu", "sigmoid"))]
+
+
+def layer_inputs(cell, T, B, H, bias, rng):
+    G = 1 if cell == "twostage" else cb.GATES[cell]
+    xw = rng.standard_normal((T, B, G * H))
+    if cell == "twostage":
+        w = {k: rng.uniform(-0.6, 0.6, (H, H)) for k in ("weight_aa", "weight_ha", "weight_hh")}
+        if bias:
+            w["bias_h"] = rng.uniform(-0.6, 0.6, H)
+    else:
+        w = {"weight_hh": rng.uniform(-0.6, 0.6, (G * H, H))}
+        if bias:
+            w["bias_hh"] = rng.uniform(-0.6, 0.6, G * H)
+    n_state = 2 if cell == "lstm" else 1
+    state = tuple(0.5 * rng.standard_normal((B, H)) for _ in range(n_state))
+    dy = rng.standard_normal((T, B, H))
+    dstate = tuple(rng.standard_normal((B, H)) for _ in range(n_state))
+    return xw, w, state, dy, dstate
+
+
+def relative_error(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    return float(np.abs(got - want).max() / max(1.0, np.abs(want).max()))
+
+
+def check_against_numpy(dev, cell, acts, T, B, H, *, reverse, lengths, bias, seed=0, tol=2e-5):
+    """One layer and direction through the backend's algorithms on ``dev`` (float32) against
+    the numpy backend (float64): y, final state, dxw, dstate0 and every weight gradient."""
+    rng = np.random.default_rng(seed)
+    xw, w, state, dy, dstate = layer_inputs(cell, T, B, H, bias, rng)
+    pr = problem(cell, acts, T=T, B=B, H=H, training=True, has_lengths=lengths is not None)
+    ref = NumpyBackend()
+    y64, final64, tape64 = ref.forward(pr, xw, w, state, lengths, reverse=reverse,
+                                       keep_tape=True)
+    dxw64, d064, grads64 = ref.backward(tape64, dy, dstate)
+
+    def f32(a):
+        return np.ascontiguousarray(a, np.float32)
+
+    w32, state32 = {k: f32(v) for k, v in w.items()}, tuple(map(f32, state))
+    y, final, ktape = cb.run_forward(dev, pr, f32(xw), w32, state32, lengths, reverse=reverse,
+                                     keep_tape=True)
+    y_inf, final_inf, no_tape = cb.run_forward(dev, pr, f32(xw), w32, state32, lengths,
+                                               reverse=reverse, keep_tape=False)
+    assert no_tape is None
+    dxw, d0, grads = cb.run_backward(dev, pr, ktape, f32(dy), tuple(map(f32, dstate)))
+    assert set(grads) == set(grads64)
+    pairs = {"y": (y, y64), "y (no tape)": (y_inf, y64), "dxw": (dxw, dxw64)}
+    for i in range(len(state)):
+        pairs[f"final[{i}]"] = (final[i], final64[i])
+        pairs[f"final[{i}] (no tape)"] = (final_inf[i], final64[i])
+        pairs[f"dstate0[{i}]"] = (d0[i], d064[i])
+    pairs.update({f"grads[{k}]": (grads[k], grads64[k]) for k in grads64})
+    errors = {k: relative_error(*v) for k, v in pairs.items()}
+    assert all(e < tol for e in errors.values()), errors
+    return ktape
+
+
+LENGTHS = {"none": None, "with zeros": np.array([5, 0, 2])}
+
+
+@pytest.mark.parametrize("lengths", list(LENGTHS))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("cell,acts", CELL_CASES)
+def test_graph_path_on_emulated_kernels_matches_numpy(emulation, force_path, cell, acts,
+                                                     reverse, lengths):
+    cb.FORCE_PATH = "graph"
+    dev = EmulatedDevice(emulation)
+    tape = check_against_numpy(dev, cell, acts, 5, 3, 4, reverse=reverse,
+                               lengths=LENGTHS[lengths], bias=not reverse)
+    assert tape.path == "graph" and not any("persistent" in n for n in dev.launched)
+
+
+@pytest.mark.parametrize("cell,acts", CELL_CASES[:5])
+def test_graph_path_on_emulated_kernels_several_blocks(emulation, force_path, cell, acts):
+    cb.FORCE_PATH = "graph"                        # B*H = 315 > 256 threads: two blocks
+    check_against_numpy(EmulatedDevice(emulation), cell, acts, 3, 7, 45, reverse=True,
+                        lengths=np.array([3, 1, 0, 2, 3, 3, 1]), bias=True)
+
+
+@pytest.mark.parametrize("reverse,smem", [(False, "shared"), (True, "global")])
+@pytest.mark.parametrize("cell,acts", CELL_CASES)
+def test_persistent_path_on_emulated_kernels_matches_numpy(emulation, force_path, cell, acts,
+                                                          reverse, smem):
+    """H=7 over 3 emulated SMs: blocks of 3, 3 and 1 units; the weights in shared memory or
+    read from global memory. (One host thread per CUDA thread: ~2 s a case.)"""
+    cb.FORCE_PATH = "persistent"
+    dev = EmulatedDevice(emulation, sms=3, smem_limit=(1 << 16) if smem == "shared" else 0)
+    tape = check_against_numpy(dev, cell, acts, 4, 3, 7, reverse=reverse,
+                               lengths=np.array([4, 0, 2]), bias=reverse)
+    assert tape.path == "persistent"
+    assert sum("persistent" in n for n in dev.launched) == 2     # taped and tape-free forward
+
+
+@pytest.mark.parametrize("path", cb.PATHS)
+@pytest.mark.parametrize("cell,acts", CELL_CASES[:5])
+def test_emulated_kernels_at_tiny_shapes(emulation, force_path, cell, acts, path):
+    cb.FORCE_PATH = path
+    for T, B, H in ((1, 1, 1), (2, 1, 3)):
+        check_against_numpy(EmulatedDevice(emulation), cell, acts, T, B, H, reverse=True,
+                            lengths=None, bias=True)
+
+
+def test_persistent_plan_splits_units_and_falls_back_to_global_memory():
+    plan = EmulatedDevice(sms=132, smem_limit=227 * 1024).persistent_plan(None, 4, 1024)
+    assert plan == cb._PersistentPlan(128, 8, 4 * 8 * 1024 * 4, True)   # 128 KiB of fp32
+    plan = EmulatedDevice(sms=132, smem_limit=100 * 1024).persistent_plan(None, 4, 1024)
+    assert plan == cb._PersistentPlan(128, 8, 0, False)
+    plan = EmulatedDevice(sms=4, smem_limit=1 << 20).persistent_plan(None, 1, 3)
+    assert plan == cb._PersistentPlan(3, 1, 12, True)
+    reason = EmulatedDevice(sms=132, occupancy=0).persistent_plan(None, 4, 1024)
+    assert "cannot all be resident" in reason
+
+
+def test_persistent_path_falls_back_to_the_graph_path_with_a_warning(emulation, force_path):
+    cb.FORCE_PATH = "persistent"
+    dev = EmulatedDevice(emulation, occupancy=0)
+    with pytest.warns(RuntimeWarning, match="cannot run here.*taking the graph path"):
+        tape = check_against_numpy(dev, "lstm", (), 3, 2, 5, reverse=False, lengths=None,
+                                   bias=True)
+    assert tape.path == "graph"
+
+
+def test_graph_cache_runs_plainly_then_captures_then_replays(monkeypatch):
+    monkeypatch.setattr(cb, "GRAPH_CACHE_SIZE", 2)
+    cache = cb._GraphCache()
+    assert cache.lookup("a") == cb._NEW
+    assert cache.lookup("a") == cb._SEEN
+    cache.store("a", "graph-a")
+    assert cache.lookup("a") == "graph-a"
+    assert cache.lookup("b") == cb._NEW
+    assert cache.lookup("c") == cb._NEW             # evicts the least recently used, "a"
+    assert cache.lookup("a") == cb._NEW
+
+
+def test_choose_path_heuristic_and_force(force_path):
+    assert cb.choose_path("lstm", 8, 256) == "persistent"
+    assert cb.choose_path("lstm", 4096, 256) == "graph"
+    assert cb.choose_path("lstm", 16, 1024) == "graph"        # too many MACs per step
+    cb.FORCE_PATH = "graph"
+    assert cb.choose_path("lstm", 1, 8) == "graph"
+    cb.FORCE_PATH = "persistent"
+    assert cb.choose_path("gru", 4096, 1024) == "persistent"
+    cb.FORCE_PATH = "fast"
+    with pytest.raises(ValueError, match="FORCE_PATH"):
+        cb.choose_path("gru", 1, 1)
+
+
+def test_float32_gemms_use_tf32_only_when_allowed():
+    assert cb._compute_type("float32") == cb.CUBLAS_COMPUTE_32F
+    assert cb._compute_type("float16") == cb.CUBLAS_COMPUTE_32F
+    rg.allow_tf32(True)
+    try:
+        assert cb._compute_type("float32") == cb.CUBLAS_COMPUTE_32F_FAST_TF32
+        assert cb._compute_type("bfloat16") == cb.CUBLAS_COMPUTE_32F
+    finally:
+        rg.allow_tf32(False)
+
+
+def test_kernel_arguments_must_have_exact_sizes():
+    with pytest.raises(TypeError, match="numpy.int64"):
+        cb._Launch("k", None, 1, 1, (np.zeros(2), 3))
+    with pytest.raises(TypeError, match="numpy.int64"):
+        cb._Launch("k", None, 1, 1, (np.int32(3),))
+
+
+# ---------------------------------------------------------------------- availability
+
+def test_report_says_why_cupy_is_unavailable(registered):
+    reason = registered.unavailable_reason()
+    if reason is None:
+        pytest.skip("the cupy backend is available here")
+    assert "cupy is not installed" in reason or "no CUDA device" in reason or "cuBLAS" in reason
+    row = next(r for r in rg.backends.report() if r["name"] == "cupy")
+    assert row == {"name": "cupy", "available": False, "reason": reason,
+                   "priority": cb.PRIORITY}
+
+
+def test_explicit_cupy_on_numpy_input_raises_with_the_reason(registered):
+    m = rg.LSTM(3, 4, seed=0)
+    x = np.zeros((2, 1, 3), np.float32)
+    reason = registered.unavailable_reason() or "runs on CUDA"
+    with pytest.raises(BackendError, match="cupy") as info:
+        m(x, backend="cupy")
+    assert reason in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    (dict(dtype="float64"), "use the numpy backend for float64"),
+    (dict(proj_size=2), "no LSTM projection"),
+    (dict(device="cpu"), "runs on CUDA, but the input is on cpu"),
+    (dict(cell="rnn", acts=("sigmoid",)), "no activation 'sigmoid'"),
+])
+def test_declined_problems_say_why(kwargs, expected):
+    reasons = cb.CupyBackend().not_supported_reasons(problem(**kwargs))
+    assert any(expected in r for r in reasons), reasons
+
+
+def test_supported_problem_has_no_reasons():
+    for cell, acts in CELL_CASES:
+        for dtype in ("float32", "float16"):
+            assert cb.CupyBackend().not_supported_reasons(problem(cell, acts, dtype)) == []
+
+
+# ---------------------------------------------------------------------- GPU
+
+def _gpu_reason() -> str | None:
+    reason = cb.CupyBackend().unavailable_reason()
+    if reason:
+        return f"cupy backend unavailable: {reason}"
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    return None if torch.cuda.is_available() else "torch sees no CUDA device"
+
+
+GPU_REASON = _gpu_reason()
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=GPU_REASON or "")
+
+LAYERS = {"LSTM": ("LSTM", {}), "GRU": ("GRU", {}), "RNN-tanh": ("RNN", {"nonlinearity": "tanh"}),
+          "RNN-relu": ("RNN", {"nonlinearity": "relu"}),
+          "TwoStage": ("TwoStageRNN", {"f": "tanh", "g": "sigmoid"})}
+TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
+
+
+def relative_rms_error(got, want) -> float:
+    """``||got - want|| / ||want||`` (DESIGN §6 for fp16/bf16: a bias gradient summed over
+    T*B rounded terms carries an absolute error growing like sqrt(T*B), which an element-wise
+    bound would misread)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape and np.isfinite(got).all()
+    scale = max(float(np.sqrt(np.mean(want * want))), 1e-3)
+    return float(np.sqrt(np.mean((got - want) ** 2))) / scale
+
+
+def check_errors(got: dict, ref: dict, dtype: str) -> None:
+    """float32: max error relative to max(1, max|ref|); fp16/bf16: relative RMS, plus a loose
+    max bound that still catches a wrong row or unit (those are O(1) errors)."""
+    assert set(got) == set(ref)
+    tol = TOLERANCE[dtype]
+    errors = {k: relative_error(got[k], ref[k]) for k in ref}
+    if dtype == "float32":
+        assert max(errors.values()) < tol, errors
+        return
+    assert max(errors.values()) < 5 * tol, errors
+    rms = {k: relative_rms_error(got[k], ref[k]) for k in ref}
+    assert max(rms.values()) < tol, rms
+
+
+def _round(a: np.ndarray, dtype: str) -> np.ndarray:
+    """``a`` rounded to ``dtype`` and back to float32 (what the GPU will hold, exactly)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(
+        getattr(torch, dtype)).float().numpy()
+
+
+def _device(a: np.ndarray, dtype: str, kind: str):
+    import torch
+
+    t = torch.from_numpy(a).to(device="cuda", dtype=getattr(torch, dtype))
+    if kind == "torch":
+        return t
+    import cupy
+
+    return cupy.from_dlpack(t)
+
+
+def _host(a) -> np.ndarray:
+    import torch
+
+    if not isinstance(a, torch.Tensor):
+        a = torch.from_dlpack(a)
+    return a.detach().float().cpu().numpy()
+
+
+def _structure(state):
+    return tuple(state) if isinstance(state, tuple) else (state,)
+
+
+def run_against_oracle(layer: str, dtype: str, kind: str, *, seed: int, T=6, B=5, I=3, H=7,
+                       bidirectional=True):
+    """forward + backward of ``layer`` on the GPU through backend="cupy" against the float64
+    oracle; returns the layer's tape (for the path taken)."""
+    from oracles import reference
+
+    rng = np.random.default_rng(seed)
+    name, opts = LAYERS[layer]
+    m = getattr(rg, name)(I, H, bidirectional=bidirectional, dtype=dtype, seed=seed, **opts)
+    m.to("cuda")
+    D = 2 if bidirectional else 1
+    n_state = 2 if name == "LSTM" else 1
+    x = _round(rng.standard_normal((T, B, I)), dtype)
+    state = tuple(_round(0.5 * rng.standard_normal((D, B, H)), dtype) for _ in range(n_state))
+    dy = _round(rng.standard_normal((T, B, D * H)), dtype)
+    dstate = tuple(_round(rng.standard_normal((D, B, H)), dtype) for _ in range(n_state))
+    lengths = rng.integers(0, T + 1, B)
+    lengths[0] = T
+    lengths[1] = 0
+    pack = (lambda s: s) if name == "LSTM" else (lambda s: s[0])
+    want = reference(m, x, pack(state), lengths, dy, pack(dstate))
+
+    def dev(a):
+        return _device(a, dtype, kind)
+
+    y, final, tape = m.forward(dev(x), pack(tuple(map(dev, state))), lengths=lengths,
+                               backend="cupy")
+    dx, dstate0, grads = m.backward(tape, dev(dy), pack(tuple(map(dev, dstate))))
+    got = {"y": _host(y), "dx": _host(dx), **{f"final[{i}]": _host(s) for i, s in
+                                              enumerate(_structure(final))},
+           **{f"dstate0[{i}]": _host(s) for i, s in enumerate(_structure(dstate0))},
+           **{f"grads[{k}]": _host(v) for k, v in grads.items()}}
+    ref = {"y": want.y, "dx": want.dx, **{f"final[{i}]": s for i, s in enumerate(want.state)},
+           **{f"dstate0[{i}]": s for i, s in enumerate(want.dstate0)},
+           **{f"grads[{k}]": v for k, v in want.grads.items()}}
+    check_errors(got, ref, dtype)
+    return tape
+
+
+GRAPH_CASES = ([(layer, "float32", kind) for layer in LAYERS for kind in ("cupy", "torch")]
+               + [(layer, "float16", "cupy") for layer in LAYERS]
+               + [(layer, "bfloat16", "torch") for layer in LAYERS])
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("layer,dtype,kind", GRAPH_CASES)
+def test_gpu_graph_path_matches_oracle(registered, force_path, layer, dtype, kind):
+    reasons = registered.not_supported_reasons(problem(dtype=dtype))
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    cb.FORCE_PATH = "graph"
+    tape = run_against_oracle(layer, dtype, kind, seed=len(layer) + len(dtype))
+    assert tape.tapes[0][0].data == {"path": "graph"}          # kernel tape consumed
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("layer,dtype", [(layer, "float32") for layer in LAYERS]
+                         + [("LSTM", "float16"), ("TwoStage", "float16")])
+def test_gpu_persistent_path_matches_oracle(registered, force_path, layer, dtype):
+    cb.FORCE_PATH = "persistent"
+    tape = run_against_oracle(layer, dtype, "cupy", seed=7)
+    assert tape.tapes[0][0].data == {"path": "persistent"}     # no fallback to the graph path
+
+
+@gpu
+@needs_gpu
+def test_gpu_heuristic_takes_the_persistent_path_for_a_small_batch(registered, force_path):
+    cb.FORCE_PATH = None
+    m = rg.LSTM(3, 8, dtype="float32", seed=1).to("cuda")
+    x = _device(np.ones((4, 2, 3), np.float32), "float32", "cupy")
+    _, _, tape = m.forward(x, backend="cupy")
+    assert tape.tapes[0][0].data["path"] == "persistent"
+
+
+@gpu
+@needs_gpu
+def test_gpu_graph_capture_and_replay_give_the_plain_result(registered, monkeypatch):
+    """The same time loop run plainly, captured, then replayed, with new data each time."""
+    import cupy
+
+    monkeypatch.setattr(cb, "_graphs", cb._GraphCache())
+    rng = np.random.default_rng(3)
+    with cupy.cuda.Device(0):
+        dev = cb._CupyDevice(0, np.dtype(np.float32))
+        a = cupy.empty((4, 3), np.float32)
+        b = cupy.asarray(rng.standard_normal((3, 5)).astype(np.float32))
+        c = cupy.empty((4, 5), np.float32)
+        d = cupy.empty((4, 5), np.float32)
+        ops = [cb._gemm(dev, 4, 5, 3, a.data.ptr, b.data.ptr, c.data.ptr),
+               cb._pointwise(dev, "cast_from_f32", n=20, args=(c, d, np.int64(20)))]
+        for _ in range(4):
+            a_host = rng.standard_normal((4, 3)).astype(np.float32)
+            a.set(a_host)
+            dev.run(ops, graph=True)
+            np.testing.assert_allclose(d.get(), a_host @ b.get(), rtol=1e-5, atol=1e-5)
+        key = (0, tuple(op.key(dev) for op in ops))
+        assert not isinstance(cb._graphs.lookup(key), str)      # a captured graph
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("layer", ["LSTM", "TwoStage"])
+def test_gpu_repeated_calls_replay_a_captured_graph_with_the_same_result(
+        registered, force_path, monkeypatch, layer):
+    """Forward and backward four times: plain launches, capture, replays. The results must
+    not change; that a graph was captured at all depends on CuPy's pool handing out the same
+    addresses again (xfail, not failure, when it does not: a performance finding)."""
+    cb.FORCE_PATH = "graph"
+    monkeypatch.setattr(cb, "_graphs", cb._GraphCache())
+    name, opts = LAYERS[layer]
+    m = getattr(rg, name)(8, 32, dtype="float32", seed=9, **opts).to("cuda")
+    rng = np.random.default_rng(10)
+    x = _device(rng.standard_normal((12, 48, 8)).astype(np.float32), "float32", "cupy")
+    dy = _device(rng.standard_normal((12, 48, 32)).astype(np.float32), "float32", "cupy")
+    lengths = rng.integers(1, 13, 48)
+    results = []
+    for _ in range(4):
+        y, _, tape = m.forward(x, lengths=lengths, backend="cupy")
+        dx, _, grads = m.backward(tape, dy)
+        results.append([_host(y), _host(dx), *(_host(g) for g in grads.values())])
+        del y, tape, dx, grads
+    for again in results[1:]:
+        for a, b in zip(again, results[0]):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    captured = [v for v in cb._graphs._entries.values() if not isinstance(v, str)]
+    if not captured:
+        pytest.xfail("no CUDA graph was captured: each call got new buffer addresses")
+
+
+@gpu
+@needs_gpu
+def test_gpu_runs_on_the_callers_stream(registered):
+    import cupy
+
+    m = rg.GRU(3, 16, dtype="float32", seed=2).to("cuda")
+    x_host = np.random.default_rng(4).standard_normal((5, 64, 3)).astype(np.float32)
+    want, _ = m(_device(x_host, "float32", "cupy"), backend="cupy")
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        x = cupy.asarray(x_host)
+        y, _ = m(x, backend="cupy")
+        assert cupy.cuda.get_current_stream().ptr == stream.ptr
+    stream.synchronize()
+    np.testing.assert_allclose(_host(y), _host(want), rtol=1e-6, atol=1e-6)
+
+
+@gpu
+@needs_gpu
+def test_gpu_out_of_memory_names_the_buffer(registered):
+    import cupy
+
+    with cupy.cuda.Device(0):
+        dev = cb._CupyDevice(0, np.dtype(np.float32))
+        with pytest.raises(MemoryError, match=r"the test buffer.*MiB"):
+            dev.empty((1 << 45,), np.float32, "the test buffer")
+
+
+@gpu
+@needs_gpu
+def test_gpu_compile_failure_names_the_kernels_and_shows_nvrtc_log(registered, monkeypatch):
+    import cupy
+
+    monkeypatch.setattr(cb, "kernel_source", lambda module: "this is not C++;\n")
+    with cupy.cuda.Device(0), pytest.raises(RuntimeError, match=r"recurrent\.cu.*cast_to_f32"):
+        cb._compile("recurrent", "float32")
+
+
+@gpu
+@needs_gpu
+def test_gpu_torch_lstm_trains_like_torch_nn(registered, monkeypatch):
+    import torch
+
+    import rnn_gpu.torch as rt
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    ours = rt.LSTM(5, 12, num_layers=2, bidirectional=True, backend="cupy").cuda()
+    ref = torch.nn.LSTM(5, 12, num_layers=2, bidirectional=True).cuda()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(7, 9, 5, device="cuda")
+    for model in (ours, ref):
+        y, (h, c) = model(x)
+        (y.square().sum() + h.sum() + 0.5 * c.sum()).backward()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        err = (p.grad - q.grad).abs().max().item() / max(1.0, q.grad.abs().max().item())
+        assert err < 1e-4, name
+
+
+@gpu
+@needs_gpu
+def test_gpu_matches_triton_at_a_larger_shape(registered):
+    triton = rg.backends.get("triton") if "triton" in rg.backends.names() else None
+    if triton is None or triton.unavailable_reason() is not None:
+        pytest.skip("the triton backend is not available")
+    m = rg.LSTM(64, 128, dtype="float16", seed=5).to("cuda")
+    x = _device(np.random.default_rng(6).standard_normal((32, 256, 64)).astype(np.float32),
+                "float16", "torch")
+    y_cupy, (h_cupy, c_cupy) = m(x, backend="cupy")
+    y_triton, (h_triton, c_triton) = m(x, backend="triton")
+    check_errors({"y": _host(y_cupy), "h": _host(h_cupy), "c": _host(c_cupy)},
+                 {"y": _host(y_triton), "h": _host(h_triton), "c": _host(c_triton)}, "float16")

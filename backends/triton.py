@@ -77,12 +77,6 @@ class TritonBackend(Backend):
                            "numpy backend")
         if problem.cell not in ("rnn", "lstm", "gru", "twostage"):
             reasons.append(f"the triton backend has no cell {problem.cell!r}")
-        # The kernels index within one time step (and within W_hh) with int32 offsets.
-        gates = {"rnn": 1, "lstm": 4, "gru": 3, "twostage": 1}.get(problem.cell, 1)
-        H = problem.hidden_size
-        if max(problem.batch, 1) * gates * H >= 2**31 or gates * H * H >= 2**31:
-            reasons.append(f"the triton kernels need batch*gates*hidden and gates*hidden**2 "
-                           f"below 2**31 (B={problem.batch}, H={H}); split the batch")
         return reasons
 
     # ------------------------------------------------------------------ running

@@ -100,27 +100,17 @@ def step_barrier(counter_ptr, target, GRID_SYNC: tl.constexpr):
     """Wait until every program of this row block has reached this point.
 
     With ``GRID_SYNC`` the programs that split one row block's hidden units meet at an atomic
-    counter, as cooperative groups' grid.sync() does: a CTA barrier, one release increment,
-    a spin, one acquire, a CTA barrier. ``target`` is the count that means "all arrived" for
-    this barrier (barriers so far times programs per row block), so the counter is never reset
-    inside a launch. The spin polls with plain volatile loads (served by L2) rather than
-    atomics, so up to 132 waiting programs do not serialise on the counter's address; an
-    acquire read (Triton lowers ``atomic_add(p, 0, sem="acquire")`` to ``ld.acquire.gpu``)
-    confirms the count and orders this program's next loads after the others' stores. The
-    launcher guarantees every program is resident (grid no larger than the SM count).
-    Without ``GRID_SYNC`` only this program's threads meet: its own stores become visible to
-    its own loads of the next step.
+    counter (release on arrival, acquire while spinning); ``target`` is the count that means
+    "all arrived" for this barrier (barriers so far times programs per row block), so the
+    counter is never reset inside a launch. The launcher guarantees that every program is
+    resident (grid no larger than the SM count). Without it only this program's threads meet:
+    its own stores become visible to its own loads of the next step.
     """
     tl.debug_barrier()
     if GRID_SYNC:
         tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
-        # The acquire's result must decide the exit: an acquire whose value goes unused is
-        # dropped by the compiler (seen in the PTX), and with it the ordering.
         arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
         while arrived < target:
-            polled = tl.load(counter_ptr, volatile=True)
-            while polled < target:
-                polled = tl.load(counter_ptr, volatile=True)
             arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
         tl.debug_barrier()
 

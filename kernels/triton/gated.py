@@ -52,94 +52,6 @@ def _time_index(s, T, REVERSE: tl.constexpr):
     return t
 
 
-@triton.jit
-def _fwd_block(xw_ptr, w_ptr, b_ptr, src, dst, y_ptr, gates_ptr, ctape_ptr, hprev_ptr,
-               rows, row_ok, valid, cols, col_ok, t, B, H, h_prev, c_prev,
-               CELL: tl.constexpr, G: tl.constexpr, TG: tl.constexpr, ACT: tl.constexpr,
-               HAS_BIAS: tl.constexpr, KEEP_TAPE: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One step for one (rows, units) block: returns the kept ``(h, c)`` (fp32)."""
-    dtype = y_ptr.dtype.element_ty
-    m2 = row_ok[:, None] & col_ok[None, :]
-    GH = G * H
-    # 64-bit arithmetic only on the scalar start of step t; tile offsets within a step are
-    # int32 (the launcher checks B*G*H < 2**31). 64-bit offset tiles cost two registers per
-    # element and pushed every tiling past 255 registers into spills (ptxas -v).
-    step = t.to(tl.int64) * B
-    xg = xw_ptr + step * GH + (rows[:, None] * GH + cols[None, :])
-    s_off = rows[:, None] * H + cols[None, :]             # (rows, units) within a (B, H) slab
-    # The accumulators start from xw (+ b_hh), loaded before the products so that their
-    # latency hides behind the k-loop; GRU's n gate keeps W_hn h + b_hn apart (reset after).
-    acc0 = tl.load(xg, mask=m2, other=0.0).to(tl.float32)
-    acc1 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
-    acc2 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
-    acc3 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
-    if G > 1:
-        acc1 = tl.load(xg + H, mask=m2, other=0.0).to(tl.float32)
-        if CELL == 1:
-            acc2 = tl.load(xg + 2 * H, mask=m2, other=0.0).to(tl.float32)
-    if G > 3:
-        acc3 = tl.load(xg + 3 * H, mask=m2, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        acc0 += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if G > 1:
-            acc1 += tl.load(b_ptr + H + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            acc2 += tl.load(b_ptr + 2 * H + cols, mask=col_ok,
-                            other=0.0).to(tl.float32)[None, :]
-        if G > 3:
-            acc3 += tl.load(b_ptr + 3 * H + cols, mask=col_ok,
-                            other=0.0).to(tl.float32)[None, :]
-    for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < H
-        hk = tl.load(src + (rows[:, None] * H + ks[None, :]),
-                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wmask = k_ok[:, None] & col_ok[None, :]
-        w_cols = w_ptr + cols[None, :] * H + ks[:, None]    # W_hhᵀ block (k, unit)
-        acc0 = tl.dot(hk, tl.load(w_cols, mask=wmask, other=0.0), acc0,
-                      input_precision=PRECISION)
-        if G > 1:
-            acc1 = tl.dot(hk, tl.load(w_cols + H * H, mask=wmask, other=0.0), acc1,
-                          input_precision=PRECISION)
-            acc2 = tl.dot(hk, tl.load(w_cols + 2 * H * H, mask=wmask, other=0.0), acc2,
-                          input_precision=PRECISION)
-        if G > 3:
-            acc3 = tl.dot(hk, tl.load(w_cols + 3 * H * H, mask=wmask, other=0.0), acc3,
-                          input_precision=PRECISION)
-    c_keep = c_prev
-    if CELL == 0:                                     # RNN
-        h_new = activate(acc0, ACT)
-        g0 = h_new
-    elif CELL == 1:                                   # LSTM
-        g0 = sigmoid(acc0)
-        g1 = sigmoid(acc1)
-        g2 = tanh(acc2)
-        g3 = sigmoid(acc3)
-        c_new = g1 * c_prev + g0 * g2
-        h_new = g3 * tanh(c_new)
-        c_keep = tl.where(valid[:, None], c_new, c_prev)
-    else:                                             # GRU
-        g0 = sigmoid(acc0)
-        g1 = sigmoid(acc1)
-        g3 = acc2                                     # W_hn h + b_hn, kept for backward
-        g2 = tanh(tl.load(xg + 2 * H, mask=m2, other=0.0).to(tl.float32) + g0 * g3)
-        h_new = (1.0 - g1) * g2 + g1 * h_prev
-    h_keep = tl.where(valid[:, None], h_new, h_prev)
-    tl.store(dst + s_off, h_keep.to(dtype), mask=m2)
-    tl.store(y_ptr + step * H + s_off, tl.where(valid[:, None], h_new, 0.0).to(dtype), mask=m2)
-    if KEEP_TAPE:
-        tl.store(hprev_ptr + step * H + s_off, h_prev.to(dtype), mask=m2)
-        gt = gates_ptr + step * (TG * H) + (rows[:, None] * (TG * H) + cols[None, :])
-        tl.store(gt, g0, mask=m2)
-        if TG > 1:
-            tl.store(gt + H, g1, mask=m2)
-            tl.store(gt + 2 * H, g2, mask=m2)
-            tl.store(gt + 3 * H, g3, mask=m2)
-        if CELL == 1:
-            tl.store(ctape_ptr + step * H + s_off, c_keep, mask=m2)
-    return h_keep, c_keep
-
-
 @triton.jit(do_not_specialize=["T", "B", "t_begin", "n_steps"])
 def _gated_fwd_kernel(
     xw_ptr, w_ptr, b_ptr, h0_ptr, c0_ptr, len_ptr,
@@ -153,161 +65,107 @@ def _gated_fwd_kernel(
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     n_split = tl.num_programs(1)
+    dtype = y_ptr.dtype.element_ty
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
+    rows64 = rows.to(tl.int64)
     if HAS_LENGTHS:
         lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+    GH = G * H
     BH = B.to(tl.int64) * H
     unit_end = tl.minimum((pid_h + 1) * UNITS, H)
-    if UNITS == BLOCK_H:
-        # One block of units per program: its fp32 state stays in registers for the whole
-        # launch (loaded once, stored once) instead of a global round trip every step.
-        cols = pid_h * UNITS + tl.arange(0, BLOCK_H)
-        col_ok = cols < H
-        m2 = row_ok[:, None] & col_ok[None, :]
-        own = rows[:, None] * H + cols[None, :]
-        if t_begin == 0:
-            h_reg = tl.load(h0_ptr + own, mask=m2, other=0.0)
+    for i in range(n_steps):
+        s = t_begin + i
+        t = _time_index(s, T, REVERSE)
+        if HAS_LENGTHS:
+            valid = row_ok & (t < lens)
         else:
-            h_reg = tl.load(h_ptr + own, mask=m2, other=0.0)
-        c_reg = h_reg
-        if CELL == 1:
-            if t_begin == 0:
-                c_reg = tl.load(c0_ptr + own, mask=m2, other=0.0)
-            else:
-                c_reg = tl.load(c_ptr + own, mask=m2, other=0.0)
-        for i in range(n_steps):
-            s = t_begin + i
-            t = _time_index(s, T, REVERSE)
-            if HAS_LENGTHS:
-                valid = row_ok & (t < lens)
-            else:
-                valid = row_ok
-            src = hbuf_ptr + tl.where(s == 0, 0, 1 + (s + 1) % 2) * BH
-            dst = hbuf_ptr + (1 + s % 2) * BH
-            h_reg, c_reg = _fwd_block(
-                xw_ptr, w_ptr, b_ptr, src, dst, y_ptr, gates_ptr, ctape_ptr, hprev_ptr,
-                rows, row_ok, valid, cols, col_ok, t, B, H, h_reg, c_reg,
-                CELL, G, TG, ACT, HAS_BIAS, KEEP_TAPE, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
-            step_barrier(sync_ptr + pid_b, (i + 1) * n_split, GRID_SYNC)
-        tl.store(h_ptr + own, h_reg, mask=m2)
-        if CELL == 1:
-            tl.store(c_ptr + own, c_reg, mask=m2)
-    else:
-        for i in range(n_steps):
-            s = t_begin + i
-            t = _time_index(s, T, REVERSE)
-            if HAS_LENGTHS:
-                valid = row_ok & (t < lens)
-            else:
-                valid = row_ok
-            src = hbuf_ptr + tl.where(s == 0, 0, 1 + (s + 1) % 2) * BH
-            dst = hbuf_ptr + (1 + s % 2) * BH
-            for j0 in range(pid_h * UNITS, unit_end, BLOCK_H):
-                cols = j0 + tl.arange(0, BLOCK_H)
-                col_ok = cols < unit_end
-                m2 = row_ok[:, None] & col_ok[None, :]
-                own = rows[:, None] * H + cols[None, :]
-                if s == 0:
-                    h_prev = tl.load(h0_ptr + own, mask=m2, other=0.0)
-                else:
-                    h_prev = tl.load(h_ptr + own, mask=m2, other=0.0)
-                c_prev = h_prev
-                if CELL == 1:
-                    if s == 0:
-                        c_prev = tl.load(c0_ptr + own, mask=m2, other=0.0)
-                    else:
-                        c_prev = tl.load(c_ptr + own, mask=m2, other=0.0)
-                h_keep, c_keep = _fwd_block(
-                    xw_ptr, w_ptr, b_ptr, src, dst, y_ptr, gates_ptr, ctape_ptr, hprev_ptr,
-                    rows, row_ok, valid, cols, col_ok, t, B, H, h_prev, c_prev,
-                    CELL, G, TG, ACT, HAS_BIAS, KEEP_TAPE, PRECISION, BLOCK_B, BLOCK_H,
-                    BLOCK_K)
-                tl.store(h_ptr + own, h_keep, mask=m2)
-                if CELL == 1:
-                    tl.store(c_ptr + own, c_keep, mask=m2)
-            step_barrier(sync_ptr + pid_b, (i + 1) * n_split, GRID_SYNC)
-
-
-@triton.jit
-def _bwd_block(dy_ptr, w_ptr, gates_ptr, ctape_ptr, hprev_ptr, c0_ptr, dxw_ptr, dhh_ptr,
-               rows, row_ok, valid, valid_next, cols, col_ok, i, s, t, t_next, T, B, H,
-               dh, dc, CELL: tl.constexpr, G: tl.constexpr, TG: tl.constexpr,
-               ACT: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Iteration i for one (rows, units) block; ``dh``/``dc`` are the gradients reaching the
-    state after step s (without step s+1's recurrent product, added here). Returns the
-    gradients reaching the state before step s (after the last iteration: dh_0, dc_0)."""
-    dtype = dxw_ptr.dtype.element_ty
-    m2 = row_ok[:, None] & col_ok[None, :]
-    GH = G * H
-    if i > 0:
-        dhh_next = dhh_ptr + t_next.to(tl.int64) * B * GH
-        rec = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
-        for m0 in range(0, GH, BLOCK_K):
-            ms = m0 + tl.arange(0, BLOCK_K)
-            m_ok = ms < GH
-            a = tl.load(dhh_next + (rows[:, None] * GH + ms[None, :]),
-                        mask=row_ok[:, None] & m_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + ms[:, None] * H + cols[None, :],
-                        mask=m_ok[:, None] & col_ok[None, :], other=0.0)
-            rec = tl.dot(a, w, rec, input_precision=PRECISION)
-        dh += tl.where(valid_next[:, None], rec, 0.0)
-    carry = dh
-    if i < T:
-        step = t.to(tl.int64) * B
-        s_off = rows[:, None] * H + cols[None, :]
-        x_off = rows[:, None] * GH + cols[None, :]
-        dh_new = dh + tl.load(dy_ptr + step * H + s_off, mask=m2, other=0.0).to(tl.float32)
-        vm = valid[:, None] & m2
-        gt = gates_ptr + step * (TG * H) + (rows[:, None] * (TG * H) + cols[None, :])
-        dx_out = dxw_ptr + step * GH + x_off
-        g0 = tl.load(gt, mask=m2, other=0.0)
-        if CELL == 0:                                 # RNN
-            d0 = tl.where(vm, dh_new * activation_grad(g0, ACT), 0.0)
-            tl.store(dx_out, d0.to(dtype), mask=m2)
-            carry = tl.where(valid[:, None], 0.0, dh)
-        elif CELL == 1:                               # LSTM
-            g1 = tl.load(gt + H, mask=m2, other=0.0)
-            g2 = tl.load(gt + 2 * H, mask=m2, other=0.0)
-            g3 = tl.load(gt + 3 * H, mask=m2, other=0.0)
-            c_t = tl.load(ctape_ptr + step * H + s_off, mask=m2, other=0.0)
+            valid = row_ok
+        src_slot = tl.where(s == 0, 0, 1 + (s + 1) % 2)
+        src = hbuf_ptr + src_slot * BH
+        dst = hbuf_ptr + (1 + s % 2) * BH
+        x_rows = (t.to(tl.int64) * B + rows64) * GH          # row starts in xw (T, B, G*H)
+        s_rows = (t.to(tl.int64) * B + rows64) * H           # row starts in (T, B, H) arrays
+        for j0 in range(pid_h * UNITS, unit_end, BLOCK_H):
+            cols = j0 + tl.arange(0, BLOCK_H)
+            col_ok = cols < unit_end
+            m2 = row_ok[:, None] & col_ok[None, :]
+            own = rows64[:, None] * H + cols[None, :]
+            acc0 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
+            acc1 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
+            acc2 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
+            acc3 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < H
+                hk = tl.load(src + rows64[:, None] * H + ks[None, :],
+                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                wmask = k_ok[:, None] & col_ok[None, :]
+                w_cols = w_ptr + cols[None, :] * H + ks[:, None]    # W_hhᵀ block (k, unit)
+                acc0 = tl.dot(hk, tl.load(w_cols, mask=wmask, other=0.0), acc0,
+                              input_precision=PRECISION)
+                if G > 1:
+                    acc1 = tl.dot(hk, tl.load(w_cols + H * H, mask=wmask, other=0.0), acc1,
+                                  input_precision=PRECISION)
+                    acc2 = tl.dot(hk, tl.load(w_cols + 2 * H * H, mask=wmask, other=0.0), acc2,
+                                  input_precision=PRECISION)
+                if G > 3:
+                    acc3 = tl.dot(hk, tl.load(w_cols + 3 * H * H, mask=wmask, other=0.0), acc3,
+                                  input_precision=PRECISION)
+            if HAS_BIAS:
+                acc0 += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                if G > 1:
+                    acc1 += tl.load(b_ptr + H + cols, mask=col_ok,
+                                    other=0.0).to(tl.float32)[None, :]
+                    acc2 += tl.load(b_ptr + 2 * H + cols, mask=col_ok,
+                                    other=0.0).to(tl.float32)[None, :]
+                if G > 3:
+                    acc3 += tl.load(b_ptr + 3 * H + cols, mask=col_ok,
+                                    other=0.0).to(tl.float32)[None, :]
+            xg = xw_ptr + x_rows[:, None] + cols[None, :]
+            x0 = tl.load(xg, mask=m2, other=0.0).to(tl.float32)
             if s == 0:
-                c_prev = tl.load(c0_ptr + s_off, mask=m2, other=0.0)
+                h_prev = tl.load(h0_ptr + own, mask=m2, other=0.0)
             else:
-                t_prev = _time_index(s - 1, T, REVERSE)
-                c_prev = tl.load(ctape_ptr + t_prev.to(tl.int64) * B * H + s_off, mask=m2,
-                                 other=0.0)
-            tc = tanh(c_t)
-            dct = dc + dh_new * g3 * (1.0 - tc * tc)
-            d0 = tl.where(vm, dct * g2 * g0 * (1.0 - g0), 0.0)
-            d1 = tl.where(vm, dct * c_prev * g1 * (1.0 - g1), 0.0)
-            d2 = tl.where(vm, dct * g0 * (1.0 - g2 * g2), 0.0)
-            d3 = tl.where(vm, dh_new * tc * g3 * (1.0 - g3), 0.0)
-            tl.store(dx_out, d0.to(dtype), mask=m2)
-            tl.store(dx_out + H, d1.to(dtype), mask=m2)
-            tl.store(dx_out + 2 * H, d2.to(dtype), mask=m2)
-            tl.store(dx_out + 3 * H, d3.to(dtype), mask=m2)
-            dc = tl.where(valid[:, None], dct * g1, dc)
-            carry = tl.where(valid[:, None], 0.0, dh)
-        else:                                         # GRU
-            g1 = tl.load(gt + H, mask=m2, other=0.0)
-            g2 = tl.load(gt + 2 * H, mask=m2, other=0.0)
-            g3 = tl.load(gt + 3 * H, mask=m2, other=0.0)
-            h_prev = tl.load(hprev_ptr + step * H + s_off, mask=m2, other=0.0).to(tl.float32)
-            dn = dh_new * (1.0 - g1) * (1.0 - g2 * g2)
-            d1 = tl.where(vm, dh_new * (h_prev - g2) * g1 * (1.0 - g1), 0.0)
-            d0 = tl.where(vm, dn * g3 * g0 * (1.0 - g0), 0.0)
-            d2 = tl.where(vm, dn, 0.0)
-            tl.store(dx_out, d0.to(dtype), mask=m2)
-            tl.store(dx_out + H, d1.to(dtype), mask=m2)
-            tl.store(dx_out + 2 * H, d2.to(dtype), mask=m2)
-            dhh_out = dhh_ptr + step * GH + x_off
-            tl.store(dhh_out, d0.to(dtype), mask=m2)
-            tl.store(dhh_out + H, d1.to(dtype), mask=m2)
-            tl.store(dhh_out + 2 * H, (d2 * g0).to(dtype), mask=m2)
-            carry = tl.where(valid[:, None], dh_new * g1, dh)
-    return carry, dc
+                h_prev = tl.load(h_ptr + own, mask=m2, other=0.0)
+            if CELL == 0:                                     # RNN
+                h_new = activate(acc0 + x0, ACT)
+                g0 = h_new
+            elif CELL == 1:                                   # LSTM
+                if s == 0:
+                    c_prev = tl.load(c0_ptr + own, mask=m2, other=0.0)
+                else:
+                    c_prev = tl.load(c_ptr + own, mask=m2, other=0.0)
+                g0 = sigmoid(acc0 + x0)
+                g1 = sigmoid(acc1 + tl.load(xg + H, mask=m2, other=0.0).to(tl.float32))
+                g2 = tanh(acc2 + tl.load(xg + 2 * H, mask=m2, other=0.0).to(tl.float32))
+                g3 = sigmoid(acc3 + tl.load(xg + 3 * H, mask=m2, other=0.0).to(tl.float32))
+                c_new = g1 * c_prev + g0 * g2
+                h_new = g3 * tanh(c_new)
+                c_keep = tl.where(valid[:, None], c_new, c_prev)
+                tl.store(c_ptr + own, c_keep, mask=m2)
+            else:                                             # GRU
+                g0 = sigmoid(acc0 + x0)
+                g1 = sigmoid(acc1 + tl.load(xg + H, mask=m2, other=0.0).to(tl.float32))
+                g3 = acc2                                     # W_hn h + b_hn, kept for backward
+                g2 = tanh(tl.load(xg + 2 * H, mask=m2, other=0.0).to(tl.float32) + g0 * g3)
+                h_new = (1.0 - g1) * g2 + g1 * h_prev
+            h_keep = tl.where(valid[:, None], h_new, h_prev)
+            tl.store(h_ptr + own, h_keep, mask=m2)
+            tl.store(dst + own, h_keep.to(dtype), mask=m2)
+            tl.store(y_ptr + s_rows[:, None] + cols[None, :],
+                     tl.where(valid[:, None], h_new, 0.0).to(dtype), mask=m2)
+            if KEEP_TAPE:
+                tl.store(hprev_ptr + s_rows[:, None] + cols[None, :], h_prev.to(dtype), mask=m2)
+                gt = gates_ptr + (t.to(tl.int64) * B + rows64)[:, None] * (TG * H) + cols[None, :]
+                tl.store(gt, g0, mask=m2)
+                if TG > 1:
+                    tl.store(gt + H, g1, mask=m2)
+                    tl.store(gt + 2 * H, g2, mask=m2)
+                    tl.store(gt + 3 * H, g3, mask=m2)
+                if CELL == 1:
+                    tl.store(ctape_ptr + s_rows[:, None] + cols[None, :], c_keep, mask=m2)
+        step_barrier(sync_ptr + pid_b, (i + 1) * n_split, GRID_SYNC)
 
 
 @triton.jit(do_not_specialize=["T", "B", "t_begin", "n_steps"])
@@ -322,85 +180,117 @@ def _gated_bwd_kernel(
 ):
     """Iteration i (0..T) handles forward step s = T-1-i: it first adds the recurrent gradient
     of step s+1 (``dgates_{s+1} @ W_hh``, i > 0), then back-propagates step s (i < T).
-    Iteration T only finishes ``dh_0``. ``dh``/``dc`` carry each program's own units (in
-    registers when a program owns one block of units, as in the forward kernel)."""
+    Iteration T only finishes ``dh_0``. ``dh``/``dc`` carry each program's own units."""
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     n_split = tl.num_programs(1)
+    dtype = dxw_ptr.dtype.element_ty
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
+    rows64 = rows.to(tl.int64)
     if HAS_LENGTHS:
         lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+    GH = G * H
     unit_end = tl.minimum((pid_h + 1) * UNITS, H)
-    if UNITS == BLOCK_H:
-        cols = pid_h * UNITS + tl.arange(0, BLOCK_H)
-        col_ok = cols < H
-        m2 = row_ok[:, None] & col_ok[None, :]
-        own = rows[:, None] * H + cols[None, :]
-        if t_begin == 0:
-            dh = tl.load(dhT_ptr + own, mask=m2, other=0.0)
+    for i in range(t_begin, t_begin + n_steps):
+        s = T - 1 - i
+        t = _time_index(s, T, REVERSE)
+        t_next = _time_index(s + 1, T, REVERSE)
+        if HAS_LENGTHS:
+            valid = row_ok & (t < lens)
+            valid_next = row_ok & (t_next < lens)
         else:
-            dh = tl.load(dh_ptr + own, mask=m2, other=0.0)
-        dc = dh                                   # only LSTM has a cell state
-        if CELL == 1:
-            if t_begin == 0:
-                dc = tl.load(dcT_ptr + own, mask=m2, other=0.0)
-            else:
-                dc = tl.load(dc_ptr + own, mask=m2, other=0.0)
-        for i in range(t_begin, t_begin + n_steps):
-            s = T - 1 - i
-            t = _time_index(s, T, REVERSE)
-            t_next = _time_index(s + 1, T, REVERSE)
-            if HAS_LENGTHS:
-                valid = row_ok & (t < lens)
-                valid_next = row_ok & (t_next < lens)
-            else:
-                valid = row_ok
-                valid_next = row_ok
-            dh, dc = _bwd_block(
-                dy_ptr, w_ptr, gates_ptr, ctape_ptr, hprev_ptr, c0_ptr, dxw_ptr, dhh_ptr,
-                rows, row_ok, valid, valid_next, cols, col_ok, i, s, t, t_next, T, B, H,
-                dh, dc, CELL, G, TG, ACT, REVERSE, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
-            if i < T:
-                step_barrier(sync_ptr + pid_b, (i - t_begin + 1) * n_split, GRID_SYNC)
-        tl.store(dh_ptr + own, dh, mask=m2)
-        if CELL == 1:
-            tl.store(dc_ptr + own, dc, mask=m2)
-    else:
-        for i in range(t_begin, t_begin + n_steps):
-            s = T - 1 - i
-            t = _time_index(s, T, REVERSE)
-            t_next = _time_index(s + 1, T, REVERSE)
-            if HAS_LENGTHS:
-                valid = row_ok & (t < lens)
-                valid_next = row_ok & (t_next < lens)
-            else:
-                valid = row_ok
-                valid_next = row_ok
-            for j0 in range(pid_h * UNITS, unit_end, BLOCK_H):
-                cols = j0 + tl.arange(0, BLOCK_H)
-                col_ok = cols < unit_end
-                m2 = row_ok[:, None] & col_ok[None, :]
-                own = rows[:, None] * H + cols[None, :]
-                if i == 0:
-                    dh = tl.load(dhT_ptr + own, mask=m2, other=0.0)
-                else:
-                    dh = tl.load(dh_ptr + own, mask=m2, other=0.0)
-                dc = dh
+            valid = row_ok
+            valid_next = row_ok
+        next_rows = (t_next.to(tl.int64) * B + rows64) * GH
+        x_rows = (t.to(tl.int64) * B + rows64) * GH
+        s_rows = (t.to(tl.int64) * B + rows64) * H
+        for j0 in range(pid_h * UNITS, unit_end, BLOCK_H):
+            cols = j0 + tl.arange(0, BLOCK_H)
+            col_ok = cols < unit_end
+            m2 = row_ok[:, None] & col_ok[None, :]
+            own = rows64[:, None] * H + cols[None, :]
+            dc = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)   # only LSTM has a cell
+            if i == 0:                                # state (the others' dc buffers are
+                dh = tl.load(dhT_ptr + own, mask=m2, other=0.0)   # one-element placeholders)
                 if CELL == 1:
-                    if i == 0:
-                        dc = tl.load(dcT_ptr + own, mask=m2, other=0.0)
+                    dc = tl.load(dcT_ptr + own, mask=m2, other=0.0)
+            else:
+                dh = tl.load(dh_ptr + own, mask=m2, other=0.0)
+                if CELL == 1:
+                    dc = tl.load(dc_ptr + own, mask=m2, other=0.0)
+                rec = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
+                for m0 in range(0, GH, BLOCK_K):
+                    ms = m0 + tl.arange(0, BLOCK_K)
+                    m_ok = ms < GH
+                    a = tl.load(dhh_ptr + next_rows[:, None] + ms[None, :],
+                                mask=row_ok[:, None] & m_ok[None, :], other=0.0)
+                    w = tl.load(w_ptr + ms[:, None] * H + cols[None, :],
+                                mask=m_ok[:, None] & col_ok[None, :], other=0.0)
+                    rec = tl.dot(a, w, rec, input_precision=PRECISION)
+                dh += tl.where(valid_next[:, None], rec, 0.0)
+            if i < T:
+                dh_new = dh + tl.load(dy_ptr + s_rows[:, None] + cols[None, :], mask=m2,
+                                      other=0.0).to(tl.float32)
+                vm = valid[:, None] & m2
+                gt = gates_ptr + (t.to(tl.int64) * B + rows64)[:, None] * (TG * H) + cols[None, :]
+                dx_out = dxw_ptr + x_rows[:, None] + cols[None, :]
+                g0 = tl.load(gt, mask=m2, other=0.0)
+                carry = dh
+                if CELL == 0:                                 # RNN
+                    d0 = tl.where(vm, dh_new * activation_grad(g0, ACT), 0.0)
+                    tl.store(dx_out, d0.to(dtype), mask=m2)
+                    carry = tl.where(valid[:, None], 0.0, dh)
+                elif CELL == 1:                               # LSTM
+                    g1 = tl.load(gt + H, mask=m2, other=0.0)
+                    g2 = tl.load(gt + 2 * H, mask=m2, other=0.0)
+                    g3 = tl.load(gt + 3 * H, mask=m2, other=0.0)
+                    c_t = tl.load(ctape_ptr + s_rows[:, None] + cols[None, :], mask=m2, other=0.0)
+                    if s == 0:
+                        c_prev = tl.load(c0_ptr + own, mask=m2, other=0.0)
                     else:
-                        dc = tl.load(dc_ptr + own, mask=m2, other=0.0)
-                dh, dc = _bwd_block(
-                    dy_ptr, w_ptr, gates_ptr, ctape_ptr, hprev_ptr, c0_ptr, dxw_ptr, dhh_ptr,
-                    rows, row_ok, valid, valid_next, cols, col_ok, i, s, t, t_next, T, B, H,
-                    dh, dc, CELL, G, TG, ACT, REVERSE, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+                        t_prev = _time_index(s - 1, T, REVERSE)
+                        c_prev = tl.load(ctape_ptr + (t_prev.to(tl.int64) * B + rows64)[:, None] * H
+                                         + cols[None, :], mask=m2, other=0.0)
+                    tc = tanh(c_t)
+                    dct = dc + dh_new * g3 * (1.0 - tc * tc)
+                    d0 = tl.where(vm, dct * g2 * g0 * (1.0 - g0), 0.0)
+                    d1 = tl.where(vm, dct * c_prev * g1 * (1.0 - g1), 0.0)
+                    d2 = tl.where(vm, dct * g0 * (1.0 - g2 * g2), 0.0)
+                    d3 = tl.where(vm, dh_new * tc * g3 * (1.0 - g3), 0.0)
+                    tl.store(dx_out, d0.to(dtype), mask=m2)
+                    tl.store(dx_out + H, d1.to(dtype), mask=m2)
+                    tl.store(dx_out + 2 * H, d2.to(dtype), mask=m2)
+                    tl.store(dx_out + 3 * H, d3.to(dtype), mask=m2)
+                    dc = tl.where(valid[:, None], dct * g1, dc)
+                    carry = tl.where(valid[:, None], 0.0, dh)
+                else:                                         # GRU
+                    g1 = tl.load(gt + H, mask=m2, other=0.0)
+                    g2 = tl.load(gt + 2 * H, mask=m2, other=0.0)
+                    g3 = tl.load(gt + 3 * H, mask=m2, other=0.0)
+                    h_prev = tl.load(hprev_ptr + s_rows[:, None] + cols[None, :], mask=m2,
+                                     other=0.0).to(tl.float32)
+                    dn = dh_new * (1.0 - g1) * (1.0 - g2 * g2)
+                    d1 = tl.where(vm, dh_new * (h_prev - g2) * g1 * (1.0 - g1), 0.0)
+                    d0 = tl.where(vm, dn * g3 * g0 * (1.0 - g0), 0.0)
+                    d2 = tl.where(vm, dn, 0.0)
+                    tl.store(dx_out, d0.to(dtype), mask=m2)
+                    tl.store(dx_out + H, d1.to(dtype), mask=m2)
+                    tl.store(dx_out + 2 * H, d2.to(dtype), mask=m2)
+                    dhh_out = dhh_ptr + x_rows[:, None] + cols[None, :]
+                    tl.store(dhh_out, d0.to(dtype), mask=m2)
+                    tl.store(dhh_out + H, d1.to(dtype), mask=m2)
+                    tl.store(dhh_out + 2 * H, (d2 * g0).to(dtype), mask=m2)
+                    carry = tl.where(valid[:, None], dh_new * g1, dh)
+                tl.store(dh_ptr + own, carry, mask=m2)
+                if CELL == 1:
+                    tl.store(dc_ptr + own, dc, mask=m2)
+            else:
                 tl.store(dh_ptr + own, dh, mask=m2)
                 if CELL == 1:
                     tl.store(dc_ptr + own, dc, mask=m2)
-            if i < T:
-                step_barrier(sync_ptr + pid_b, (i - t_begin + 1) * n_split, GRID_SYNC)
+        if i < T:
+            step_barrier(sync_ptr + pid_b, (i - t_begin + 1) * n_split, GRID_SYNC)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -418,16 +308,6 @@ class Tiles:
 
     def grid(self, B: int, H: int) -> tuple[int, int]:
         return triton.cdiv(B, self.block_b), triton.cdiv(H, self.units)
-
-
-def warps_for(block_b: int, block_h: int, backward: bool = False) -> int:
-    """Warps for a (rows x units) tile: at most 16 values of each tile per thread (8 in the
-    backward, which keeps twice as many tiles alive). ptxas -v on LSTM bf16, rows x units
-    64x64: 8 warps spill 584 B per thread in the forward and 1064 B in the backward, 16 warps
-    560 B in the backward; 128x64 with 8 warps spilled 2.2 KB / 3.8 KB. More warps also hide
-    more latency in the one program per SM of the split design."""
-    per_thread = 8 if backward else 16
-    return max(4, min(16, block_b * block_h // (32 * per_thread)))
 
 
 @dataclass
@@ -523,7 +403,6 @@ def gated_backward(tape: GatedTape, dy: torch.Tensor, dhT: torch.Tensor,
     grid = tape.tiles.grid(B, H)
     split = grid[1] > 1
     consts = _constexprs(cell, tape.act, tape.tiles, tape.precision, tape.grid_sync and split)
-    consts["num_warps"] = warps_for(tape.tiles.block_b, tape.tiles.block_h, backward=True)
     spans = [(0, T + 1)] if (tape.grid_sync or not split) else [(i, 1) for i in range(T + 1)]
     for t_begin, n in spans:
         sync = torch.zeros((grid[0],), device=dev, dtype=torch.int32)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 
 import triton
 
-from .gated import Tiles, warps_for
+from .gated import Tiles
 
 _cache: dict[tuple, tuple[Tiles, bool]] = {}
 _lock = threading.Lock()
@@ -80,10 +80,16 @@ def _block_h(units: int) -> int:
 
 
 def candidates(gates: int, B: int, H: int, dtype: str, n_sm: int) -> list[tuple[Tiles, bool]]:
-    """Tilings worth timing for this shape, best guess first (at most four)."""
+    """Tilings worth timing for this shape, best guess first."""
     block_k = 32 if dtype == "float32" else 64
     rows_cap = max(16, triton.next_power_of_2(B))
-    split: list[tuple[Tiles, bool]] = []
+
+    def warps(bb: int, bh: int) -> int:
+        # accumulators: gates*bb*bh fp32 values spread over the threads; 8 warps above
+        # 8K values keeps them at <= 64 registers per thread.
+        return 8 if gates * bb * bh >= 8192 else 4
+
+    out: list[tuple[Tiles, bool]] = []
     for bb in (128, 64, 32, 16):
         if bb > rows_cap:
             continue
@@ -94,33 +100,26 @@ def candidates(gates: int, B: int, H: int, dtype: str, n_sm: int) -> list[tuple[
         units = _round_up(triton.cdiv(H, max_split), 16)
         if triton.cdiv(H, units) < 2:
             continue
-        # up to 128 units: one block, so the state stays in registers (see gated.py)
-        bh = units if units <= 128 else _block_h(units)
-        split.append((Tiles(bb, bh, block_k, units, warps_for(bb, bh)), True))
-    tiled: list[tuple[Tiles, bool]] = []
-    options = []
-    if H <= 128:
-        bh = max(16, triton.next_power_of_2(H))
-        options.append(Tiles(min(64, rows_cap), bh, block_k, bh, warps_for(64, bh)))
+        bh = _block_h(units)
+        out.append((Tiles(bb, bh, block_k, units, warps(bb, bh)), True))
     for bb in (64, 128):
         bb = min(bb, rows_cap)
         bh = 64 if H > 32 else max(16, triton.next_power_of_2(H))
-        options.append(Tiles(bb, bh, block_k, _round_up(H, bh), warps_for(bb, bh)))
-    for tiles in options:
+        tiling = (Tiles(bb, bh, block_k, _round_up(H, bh), warps(bb, bh)), False)
         # batch-tiled only pays when the batch alone fills a good part of the card
-        if triton.cdiv(B, tiles.block_b) * 4 >= n_sm and (tiles, False) not in tiled:
-            tiled.append((tiles, False))
-    if not split and not tiled:                   # tiny problem: one small program is fine
+        if triton.cdiv(B, bb) * 4 >= n_sm and tiling not in out:
+            out.append(tiling)
+    if not out:                                   # tiny problem: one small program is fine
         return [(Tiles(16, 16, 16, _round_up(H, 16)), False)]
-
-    # Each candidate is compiled (~1-2 s) and timed on first use of a shape, so few of them:
-    # split tilings with more programs first (more SMs busy), then larger row blocks.
+    # At most three: each candidate is compiled (~1-2 s) and timed on first use of a shape.
+    # Split tilings with more programs first (more SMs busy), then larger row blocks.
     def programs(option):
         tiles = option[0]
         return triton.cdiv(B, tiles.block_b) * triton.cdiv(H, tiles.units)
 
-    split.sort(key=lambda o: (-programs(o), -o[0].block_b))
-    return (split[:3] + tiled)[:4]
+    split = sorted((o for o in out if o[1]), key=lambda o: (-programs(o), -o[0].block_b))
+    tiled = [o for o in out if not o[1]]
+    return (split[:2] + tiled)[:3]
 
 
 def choose(kind: str, gates: int, B: int, H: int, dtype: str, device,

@@ -26,7 +26,7 @@ def configs(B: int, H: int, n_sm: int, dtype: str):
     """A broad grid of tilings that are legal here (split ones fit one program per SM)."""
     for bb, bh, bk, units, warps, stages in itertools.product(
             (16, 32, 64, 128), (16, 32, 64), (32, 64, 128), (16, 32, 64, 128, 256, 512, 1024),
-            (4, 8), (1, 2, 3)):
+            (4, 8, 16), (1, 2, 3)):
         if units % bh or units > H or bk > H or bb > max(16, triton.next_power_of_2(B)):
             continue
         grid = triton.cdiv(B, bb) * triton.cdiv(H, units)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .common import activate, activation_grad, row_block_dot, step_barrier
-from .gated import Tiles, _time_index, warps_for
+from .gated import Tiles, _time_index
 
 
 @triton.jit(do_not_specialize=["T", "B", "p_begin", "n_phases"])
@@ -41,30 +41,32 @@ def _twostage_fwd_kernel(
     dtype = y_ptr.dtype.element_ty
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
+    rows64 = rows.to(tl.int64)
     if HAS_LENGTHS:
         lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
     BH = B.to(tl.int64) * H
     unit_end = tl.minimum((pid_h + 1) * UNITS, H)
-    h_rows = rows * H                      # int32 offsets within a (B, H) slab
+    h_rows = rows64 * H
     for q in range(n_phases):
         p = p_begin + q
         s = p // 2
         t = _time_index(s, T, REVERSE)
         src = hbuf_ptr + tl.where(s == 0, 0, 1 + (s + 1) % 2) * BH
-        step = t.to(tl.int64) * B * H         # 64-bit only for the step's scalar start
+        s_rows = (t.to(tl.int64) * B + rows64) * H
         for j0 in range(pid_h * UNITS, unit_end, BLOCK_H):
             cols = j0 + tl.arange(0, BLOCK_H)
             col_ok = cols < unit_end
             m2 = row_ok[:, None] & col_ok[None, :]
             own = h_rows[:, None] + cols[None, :]
             if p % 2 == 0:                                   # phase A: a_t
-                acc = tl.load(xw_ptr + step + own, mask=m2, other=0.0).to(tl.float32)
+                acc = tl.load(xw_ptr + s_rows[:, None] + cols[None, :], mask=m2,
+                              other=0.0).to(tl.float32)
                 acc = row_block_dot(acc, src, h_rows, row_ok, H, waa_ptr, 1, H, cols, col_ok,
                                     BLOCK_K, PRECISION)
                 a = activate(acc, F)
                 tl.store(abuf_ptr + own, a.to(dtype), mask=m2)
                 if KEEP_TAPE:
-                    tl.store(atape_ptr + step + own, a, mask=m2)
+                    tl.store(atape_ptr + s_rows[:, None] + cols[None, :], a, mask=m2)
             else:                                            # phase B: h_t
                 acc = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
                 if HAS_BIAS:
@@ -85,11 +87,12 @@ def _twostage_fwd_kernel(
                 h_keep = tl.where(valid[:, None], h_new, h_prev)
                 tl.store(h_ptr + own, h_keep, mask=m2)
                 tl.store(hbuf_ptr + (1 + s % 2) * BH + own, h_keep.to(dtype), mask=m2)
-                tl.store(y_ptr + step + own, tl.where(valid[:, None], h_new, 0.0).to(dtype),
-                         mask=m2)
+                tl.store(y_ptr + s_rows[:, None] + cols[None, :],
+                         tl.where(valid[:, None], h_new, 0.0).to(dtype), mask=m2)
                 if KEEP_TAPE:
-                    tl.store(htape_ptr + step + own, h_new, mask=m2)
-                    tl.store(hprev_ptr + step + own, h_prev.to(dtype), mask=m2)
+                    tl.store(htape_ptr + s_rows[:, None] + cols[None, :], h_new, mask=m2)
+                    tl.store(hprev_ptr + s_rows[:, None] + cols[None, :], h_prev.to(dtype),
+                             mask=m2)
         step_barrier(sync_ptr + pid_b, (q + 1) * n_split, GRID_SYNC)
 
 
@@ -108,10 +111,11 @@ def _twostage_bwd_kernel(
     dtype = dxw_ptr.dtype.element_ty
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
+    rows64 = rows.to(tl.int64)
     if HAS_LENGTHS:
         lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
     unit_end = tl.minimum((pid_h + 1) * UNITS, H)
-    h_rows = rows * H                      # int32 offsets within a (B, H) slab
+    h_rows = rows64 * H
     for q in range(n_phases):
         p = p_begin + q
         i = p // 2
@@ -124,8 +128,8 @@ def _twostage_bwd_kernel(
         else:
             valid = row_ok
             valid_next = row_ok
-        step = t.to(tl.int64) * B * H
-        step_next = t_next.to(tl.int64) * B * H
+        s_rows = (t.to(tl.int64) * B + rows64) * H
+        next_rows = (t_next.to(tl.int64) * B + rows64) * H
         for j0 in range(pid_h * UNITS, unit_end, BLOCK_H):
             cols = j0 + tl.arange(0, BLOCK_H)
             col_ok = cols < unit_end
@@ -138,26 +142,27 @@ def _twostage_bwd_kernel(
                 else:
                     dh = tl.load(dh_ptr + own, mask=m2, other=0.0)
                     rec = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
-                    rec = row_block_dot(rec, dxw_ptr + step_next, h_rows, row_ok, H, waa_ptr, H,
-                                        1, cols, col_ok, BLOCK_K, PRECISION)
-                    rec = row_block_dot(rec, dph_ptr + step_next, h_rows, row_ok, H, whh_ptr, H,
-                                        1, cols, col_ok, BLOCK_K, PRECISION)
+                    rec = row_block_dot(rec, dxw_ptr, next_rows, row_ok, H, waa_ptr, H, 1, cols,
+                                        col_ok, BLOCK_K, PRECISION)
+                    rec = row_block_dot(rec, dph_ptr, next_rows, row_ok, H, whh_ptr, H, 1, cols,
+                                        col_ok, BLOCK_K, PRECISION)
                     dh += tl.where(valid_next[:, None], rec, 0.0)
                 if i < T:
-                    dh_new = dh + tl.load(dy_ptr + step + own, mask=m2, other=0.0).to(tl.float32)
-                    hn = tl.load(htape_ptr + step + own, mask=m2, other=0.0)
+                    dh_new = dh + tl.load(dy_ptr + s_rows[:, None] + cols[None, :], mask=m2,
+                                          other=0.0).to(tl.float32)
+                    hn = tl.load(htape_ptr + s_rows[:, None] + cols[None, :], mask=m2, other=0.0)
                     dph = tl.where(vm, dh_new * activation_grad(hn, G), 0.0)
-                    tl.store(dph_ptr + step + own, dph.to(dtype), mask=m2)
+                    tl.store(dph_ptr + s_rows[:, None] + cols[None, :], dph.to(dtype), mask=m2)
                     tl.store(dh_ptr + own, tl.where(valid[:, None], 0.0, dh), mask=m2)
                 else:
                     tl.store(dh_ptr + own, dh, mask=m2)
             else:                                            # phase B: dpre_a = dxw
                 da = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
-                da = row_block_dot(da, dph_ptr + step, h_rows, row_ok, H, wha_ptr, H, 1, cols,
-                                   col_ok, BLOCK_K, PRECISION)
-                a = tl.load(atape_ptr + step + own, mask=m2, other=0.0)
+                da = row_block_dot(da, dph_ptr, s_rows, row_ok, H, wha_ptr, H, 1, cols, col_ok,
+                                   BLOCK_K, PRECISION)
+                a = tl.load(atape_ptr + s_rows[:, None] + cols[None, :], mask=m2, other=0.0)
                 dpa = tl.where(vm, da * activation_grad(a, F), 0.0)
-                tl.store(dxw_ptr + step + own, dpa.to(dtype), mask=m2)
+                tl.store(dxw_ptr + s_rows[:, None] + cols[None, :], dpa.to(dtype), mask=m2)
         if i < T:
             step_barrier(sync_ptr + pid_b, (q + 1) * n_split, GRID_SYNC)
 
@@ -238,7 +243,6 @@ def twostage_backward(tape: TwoStageTape, dy, dhT):
     grid = tape.tiles.grid(B, H)
     split = grid[1] > 1
     consts = _consts(tape.acts, tape.tiles, tape.precision, tape.grid_sync and split)
-    consts["num_warps"] = warps_for(tape.tiles.block_b, tape.tiles.block_h, backward=True)
     for p_begin, n in _launch_spans(2 * T + 1, tape.grid_sync, split):
         sync = torch.zeros((grid[0],), device=dev, dtype=torch.int32)
         _twostage_bwd_kernel[grid](

@@ -1,8 +1,9 @@
 """``rnn-gpu run`` on a GPU: results against a CPU run, out-of-memory halving with torch's own
 error, and the host-to-device copies issued ahead on a copy stream.
 
-No GPU backend ships yet, so the tests register ``torch_cuda_test`` (tests/torch_cuda_backend.py,
-a plain torch loop). Marked ``gpu``: skipped without a CUDA device.
+The tests register ``torch_cuda_test`` (tests/torch_cuda_backend.py, a plain torch loop, with a
+variant that raises torch's real out-of-memory error on demand), so that the runner is tested
+apart from any kernel. Marked ``gpu``: skipped without a CUDA device.
 """
 
 from __future__ import annotations

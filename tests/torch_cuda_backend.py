@@ -1,10 +1,10 @@
 """A CUDA backend for tests only: the RNN recurrence as a plain torch loop on the GPU.
 
-There is no GPU backend in the library yet (Triton and CuPy come later), so nothing serves
-``--device cuda``; this one lets the GPU path of ``rnn-gpu run`` (pinned buffers, the copy
-stream, out-of-memory halving) be exercised now. It is slow (a few kernels per time step) and
-serves only what those tests need: ``RNN`` with tanh, inference, float32/float64, torch CUDA
-tensors, with lengths in both directions as in the contract (:mod:`rnn_gpu.backend_api`).
+It lets the GPU path of ``rnn-gpu run`` (pinned buffers, the copy stream, out-of-memory
+halving) be tested apart from the library's kernels, with an out-of-memory variant. It is slow
+(a few kernels per time step) and serves only what those tests need: ``RNN`` with tanh,
+inference, float32/float64, torch CUDA tensors, with lengths in both directions as in the
+contract (:mod:`rnn_gpu.backend_api`).
 
 Register it with ``rnn_gpu.backends.register(TorchCudaTestBackend)`` and unregister it after.
 """

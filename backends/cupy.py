@@ -8,16 +8,27 @@ Two paths (DESIGN §5), the same tape layout for both:
     Per time step, the recurrent GEMM ``h_{t-1} W_hhᵀ`` through cuBLAS ``gemmEx`` (A and B in the
     compute dtype, C in float32, compute type ``CUBLAS_COMPUTE_32F``, or ``..._FAST_TF32`` for
     float32 when TF32 is allowed; fp16/bf16 use the tensor cores that way), then ONE fused
-    pointwise kernel (``recurrent.cu``): gate math, state update, lengths mask, y and tape. The
-    time loop is recorded as a list of operations; the first time a given list is seen (same
-    kernels, same pointers, same sizes) it runs as plain launches, the second time it is
-    captured as a CUDA graph, and from then on the graph is replayed (``USE_GRAPH``,
-    ``GRAPH_CACHE_SIZE``). Capturing on first sight would cost more than it saves: the Python
-    work of a capture equals that of plain launches, and the GPU would wait for all of it. A
-    capture that fails falls back to plain launches with a warning, never to a wrong result.
+    pointwise kernel (``recurrent.cu``): gate math, state update, lengths mask, y and tape.
     Backward: the reverse-time pointwise kernel, then ``dh += dgates_t W_hh`` (cuBLAS, beta 1)
     per step; the weight gradients are large GEMMs after the loop (``dW_hh = dgatesᵀ h_prev``
     over all T*B rows, ``db_hh = 1ᵀ dgates``).
+
+    By default the steps run as plain launches, two per step (one GEMM, one kernel). CUDA-graph
+    capture of the time loop is OFF by default (``USE_GRAPH = False``) because CuPy's own
+    cuBLAS wrappers refuse to run while a stream captures (CuPy >= 11 raises
+    ``NotImplementedError: calling cuBLAS API during stream capture is currently unsupported``
+    from ``cublas.setStream``, which every wrapper calls), so a capture through them can never
+    succeed: the first GPU run (H100, CuPy 14.2) showed exactly that. With ``USE_GRAPH = True``
+    the graph path's GEMMs go instead through a cuBLAS handle of this module's own, called
+    through ctypes on the libcublas CuPy loaded (``_RawCublas``; cuBLAS itself supports stream
+    capture), the time loop is recorded as a list of operations, and a list seen a second time
+    (same kernels, same pointers, same sizes) is captured as a CUDA graph and replayed from then
+    on (``GRAPH_CACHE_SIZE`` lists remembered). The cache key holds every address and scalar
+    the operations use, so a replay does exactly what plain launches of the current call would
+    do; the cache also keeps the kernels the graph uses alive. A capture that fails turns
+    capture off for the process, with one warning, and the call runs as plain launches; never
+    a wrong result. That capture path has not yet run on a GPU (tests/test_cupy_backend.py's
+    gpu tests exercise it), hence the default.
 
 ``"persistent"`` (forward of every cell; small batch)
     One cooperative kernel (``persistent.cu``) for the whole sequence, ``grid.sync()`` once per
@@ -49,9 +60,11 @@ executes the real kernel source compiled as C++ and interprets the cuBLAS calls 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.resources
 import importlib.util
 import math
+import os
 import re
 import threading
 import warnings
@@ -68,8 +81,11 @@ from rnn_gpu.backend_api import Backend, Problem, Tape
 # ---------------------------------------------------------------------- switches (see above)
 
 FORCE_PATH: str | None = None          # "graph" | "persistent" | None (the heuristic)
-USE_GRAPH = True                       # capture repeated time loops as CUDA graphs
+USE_GRAPH = False                      # capture repeated time loops as CUDA graphs (see above)
 GRAPH_CACHE_SIZE = 16                  # time loops remembered (seen once, or captured)
+# Synchronize after every launch and GEMM outside captures, so that an asynchronous fault is
+# reported with the name of the kernel that caused it (slow; for debugging and the GPU tests).
+CHECK_LAUNCHES = os.environ.get("RNN_GPU_CUPY_CHECK_LAUNCHES", "") not in ("", "0")
 PERSISTENT_MAX_BATCH = 16
 PERSISTENT_MAX_STEP_MACS = 1 << 23
 
@@ -274,17 +290,26 @@ def _compiled(index: int, module: str, dtype: str) -> dict[str, Any]:
 
 
 def _compile(module: str, dtype: str) -> dict[str, Any]:
+    """Compiles (NVRTC) and loads every kernel of one source file for one dtype. Any failure
+    says which file, dtype and kernel, with NVRTC's log when there is one."""
     import cupy
 
     names = name_expressions(module, dtype)
-    raw = cupy.RawModule(code=kernel_source(module), options=COMPILE_OPTIONS,
-                         name_expressions=names)
+    what = f"kernels/cuda/{module}.cu for {dtype}"
+    current = "(the module)"
     try:
-        return {n: raw.get_function(n) for n in names}
+        raw = cupy.RawModule(code=kernel_source(module), options=COMPILE_OPTIONS,
+                             name_expressions=names)
+        kernels = {}
+        for current in names:            # CuPy compiles on the first get_function
+            kernels[current] = raw.get_function(current)
+        return kernels
     except cupy.cuda.compiler.CompileException as exc:
-        raise RuntimeError(f"cupy backend: NVRTC failed to compile kernels/cuda/{module}.cu "
-                           f"for {dtype} (kernels {', '.join(names)}); NVRTC's log:\n"
-                           f"{exc.get_message()}") from exc
+        raise RuntimeError(f"cupy backend: NVRTC failed to compile {what} (kernels "
+                           f"{', '.join(names)}); NVRTC's log:\n{exc.get_message()}") from exc
+    except Exception as exc:             # NVRTC missing, a driver that cannot load the code...
+        raise RuntimeError(f"cupy backend: could not compile or load {what}, at kernel "
+                           f"{current} ({type(exc).__name__}: {exc})") from exc
 
 
 # ---------------------------------------------------------------------- operations
@@ -331,6 +356,11 @@ class _Launch:
     def run(self, dev) -> None:
         dev.launch(self)
 
+    def describe(self) -> str:
+        smem = f", {self.shared_mem} B of dynamic shared memory" if self.shared_mem else ""
+        coop = ", cooperative" if self.cooperative else ""
+        return f"kernel {self.name} (grid {self.grid} x block {self.block}{smem}{coop})"
+
 
 @dataclass(frozen=True)
 class _Gemm:
@@ -368,8 +398,47 @@ class _Gemm:
     def run(self, dev) -> None:
         dev.gemm(self)
 
+    def describe(self) -> str:
+        ab = _DATA_TYPE_NAMES.get(self.ab_type, self.ab_type)
+        c = _DATA_TYPE_NAMES.get(self.c_type, self.c_type)
+        return (f"cuBLAS gemmEx C[{self.m}x{self.n}] ({c}) = {'Aᵀ' if self.trans_a else 'A'}"
+                f" {'Bᵀ' if self.trans_b else 'B'} ({ab}, k={self.k}) + {self.beta} C, compute "
+                f"type {self.compute}")
+
+
+_DATA_TYPE_NAMES = {v: k for k, v in CUDA_DATA_TYPES.items()}
+
+
+def _run_op(dev, op) -> None:
+    """Runs one operation; any failure comes back as a RuntimeError that names the operation
+    (the kernel and its launch shape, or the GEMM's shape and types) and carries the
+    underlying error's type and message. With ``CHECK_LAUNCHES`` (outside captures) the
+    stream is synchronized after each operation, so that an asynchronous fault (an illegal
+    address, say) is reported against the kernel that caused it."""
+    try:
+        op.run(dev)
+        if CHECK_LAUNCHES and not dev.capturing:
+            dev.synchronize()
+    except Exception as exc:
+        raise RuntimeError(f"rnn_gpu cupy backend: {op.describe()} failed: "
+                           f"{type(exc).__name__}: {exc}") from exc
+
+
+def _run_ops(dev, ops) -> None:
+    for op in ops:
+        _run_op(dev, op)
+
 
 _NEW, _SEEN, _FAILED = "new", "seen", "failed"
+
+
+@dataclass(frozen=True, eq=False)
+class _Captured:
+    """A captured time loop: the CUDA graph, and the operations it was captured from (held so
+    that the kernels' modules live as long as the graph that launches them)."""
+
+    graph: Any
+    ops: tuple
 
 
 class _GraphCache:
@@ -405,18 +474,144 @@ class _GraphCache:
 
 
 _graphs = _GraphCache()
+_capture_lock = threading.Lock()        # one capture at a time: the capture stream is shared
 _capture_streams: dict[int, Any] = {}
+_capture_off: list[str] = []            # why capture is off for this process (after a failure)
 
 
 def _capture_stream(index: int):
     """A non-blocking stream per device for captures (the legacy default stream cannot
-    capture); the captured graph is launched on the caller's stream."""
+    capture); the captured graph is launched on the caller's stream. Under _capture_lock."""
     import cupy
 
     stream = _capture_streams.get(index)
     if stream is None:
         stream = _capture_streams[index] = cupy.cuda.Stream(non_blocking=True)
     return stream
+
+
+def _turn_capture_off(reason: str) -> None:
+    """Capture stays off for the rest of the process after a failure: one warning, not one per
+    call (a capture that failed once fails for a reason that does not go away)."""
+    with _capture_lock:
+        first = not _capture_off
+        _capture_off.append(reason)
+    if first:
+        warnings.warn(f"rnn_gpu cupy backend: {reason}; running the steps as plain launches "
+                      f"from now on (rnn_gpu.backends.cupy.USE_GRAPH = False skips the attempt)",
+                      RuntimeWarning, stacklevel=4)
+
+
+# ---------------------------------------------------------------------- cuBLAS through ctypes
+
+CUBLAS_STATUS = {0: "CUBLAS_STATUS_SUCCESS", 1: "CUBLAS_STATUS_NOT_INITIALIZED",
+                 3: "CUBLAS_STATUS_ALLOC_FAILED", 7: "CUBLAS_STATUS_INVALID_VALUE",
+                 8: "CUBLAS_STATUS_ARCH_MISMATCH", 11: "CUBLAS_STATUS_MAPPING_ERROR",
+                 13: "CUBLAS_STATUS_EXECUTION_FAILED", 14: "CUBLAS_STATUS_INTERNAL_ERROR",
+                 15: "CUBLAS_STATUS_NOT_SUPPORTED", 16: "CUBLAS_STATUS_LICENSE_ERROR"}
+
+
+class _RawCublas:
+    """``cublasGemmEx`` called through ctypes, on cuBLAS handles of this module's own (one per
+    thread and device, created on first use outside any capture, pointer mode host, never
+    destroyed). Why: CuPy's wrappers raise while a stream captures (module docstring), cuBLAS
+    does not. Signatures from cublas_api.h; the ``_v2`` names are the exported symbols behind
+    cublas_v2.h's macros."""
+
+    def __init__(self, lib, path: str):
+        self.path = path
+        i, p = ctypes.c_int, ctypes.c_void_p
+        self._create = _cublas_symbol(lib, "cublasCreate_v2", "cublasCreate")
+        self._create.argtypes = [ctypes.POINTER(p)]
+        self._set_stream = _cublas_symbol(lib, "cublasSetStream_v2", "cublasSetStream")
+        self._set_stream.argtypes = [p, p]
+        self._set_pointer_mode = _cublas_symbol(lib, "cublasSetPointerMode_v2",
+                                                "cublasSetPointerMode")
+        self._set_pointer_mode.argtypes = [p, i]
+        self._gemm_ex = _cublas_symbol(lib, "cublasGemmEx")
+        #                       handle transa transb m  n  k  alpha A  Atype lda B  Btype ldb
+        self._gemm_ex.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i,
+                                  p, p, i, i, i, i]
+        #                         beta C  Ctype ldc computeType algo
+        for f in (self._create, self._set_stream, self._set_pointer_mode, self._gemm_ex):
+            f.restype = i
+        self._local = threading.local()
+
+    def handle(self, index: int):
+        """This thread's handle for device ``index`` (the current device when first made)."""
+        handles = self._local.__dict__.setdefault("handles", {})
+        handle = handles.get(index)
+        if handle is None:
+            handle = ctypes.c_void_p()
+            self._check("cublasCreate", self._create(ctypes.byref(handle)))
+            self._check("cublasSetPointerMode",
+                        self._set_pointer_mode(handle, CUBLAS_POINTER_MODE_HOST))
+            handles[index] = handle
+        return handle
+
+    def gemm_ex(self, index: int, stream_ptr: int, args: tuple) -> None:
+        handle = self.handle(index)
+        self._check("cublasSetStream", self._set_stream(handle, stream_ptr))
+        self._check("cublasGemmEx", self._gemm_ex(handle, *args))
+
+    def _check(self, call: str, status: int) -> None:
+        if status != 0:
+            raise RuntimeError(f"{call} returned {CUBLAS_STATUS.get(status, status)} "
+                               f"(libcublas at {self.path})")
+
+
+def _cublas_symbol(lib, *names: str):
+    for name in names:
+        try:
+            return getattr(lib, name)
+        except AttributeError:
+            continue
+    raise AttributeError(f"none of {', '.join(names)} in {lib._name}")
+
+
+_raw_cublas_state: list[Any] = []       # [_RawCublas | the reason there is none], once tried
+_raw_cublas_lock = threading.Lock()
+
+
+def _raw_cublas() -> _RawCublas | str:
+    with _raw_cublas_lock:
+        if not _raw_cublas_state:
+            _raw_cublas_state.append(_load_raw_cublas())
+        return _raw_cublas_state[0]
+
+
+def _load_raw_cublas() -> _RawCublas | str:
+    tried = []
+    for path in dict.fromkeys(_cublas_candidates()):
+        try:
+            return _RawCublas(ctypes.CDLL(path), path)
+        except (OSError, AttributeError) as exc:
+            tried.append(f"{path}: {exc}")
+    return f"no usable libcublas ({'; '.join(tried) or 'none found'})"
+
+
+def _cublas_candidates() -> Iterator[str]:
+    """The libcublas CuPy loads (CuPy 14 through cuda.pathfinder), then any copy already
+    mapped into the process, then the dynamic linker's search. Any copy works: the handles
+    are this module's own, never CuPy's."""
+    try:
+        from cuda import pathfinder
+
+        path = pathfinder.load_nvidia_dynamic_lib("cublas").abs_path
+        if path:
+            yield path
+    except Exception:                   # no pathfinder (CuPy < 14), or it found nothing
+        pass
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and os.path.basename(parts[5].strip()).startswith(
+                        "libcublas.so"):
+                    yield parts[5].strip()
+    except OSError:
+        pass
+    yield from ("libcublas.so.13", "libcublas.so.12", "libcublas.so")
 
 
 # ---------------------------------------------------------------------- the device
@@ -429,8 +624,12 @@ class _PersistentPlan:
     use_smem: bool
 
 
+_smem_attribute_lock = threading.Lock()
+
+
 class _CupyDevice:
-    """One call's view of the GPU: its device, the caller's stream, the compute dtype."""
+    """One call's view of the GPU: its device, the caller's stream, the compute dtype, and how
+    GEMMs run (CuPy's cuBLAS wrapper, or with ``USE_GRAPH`` the capture-safe ``_RawCublas``)."""
 
     def __init__(self, index: int, dtype):
         import cupy
@@ -443,6 +642,19 @@ class _CupyDevice:
         self.itemsize = np.dtype(dtype).itemsize
         self.stream = cupy.cuda.get_current_stream()
         self.compute = _compute_type(self.dtype_name)
+        self.capturing = False
+        self.op_stream = self.stream  # where GEMMs go: the caller's stream, or a capture's
+        self.blas: _RawCublas | None = None
+        if USE_GRAPH and GRAPH_CACHE_SIZE > 0 and not _capture_off:
+            blas = _raw_cublas()
+            if isinstance(blas, str):
+                _turn_capture_off(f"graph capture needs cuBLAS through ctypes, and {blas}")
+            else:
+                self.blas = blas
+
+    @property
+    def graphs(self) -> bool:
+        return self.blas is not None and not _capture_off
 
     # ------------------------------------------------------------ memory
     def ptr(self, a) -> int:
@@ -469,7 +681,17 @@ class _CupyDevice:
     def copy_raw(self, dst: int, src: int, nbytes: int) -> None:
         """Device-to-device bytes on the caller's stream (dtype-agnostic, bfloat16 included)."""
         runtime = self.cupy.cuda.runtime
-        runtime.memcpyAsync(dst, src, nbytes, runtime.memcpyDeviceToDevice, self.stream.ptr)
+        try:
+            runtime.memcpyAsync(dst, src, nbytes, runtime.memcpyDeviceToDevice, self.stream.ptr)
+            if CHECK_LAUNCHES:
+                self.synchronize()
+        except Exception as exc:
+            raise RuntimeError(f"rnn_gpu cupy backend: a device-to-device copy of {nbytes} bytes "
+                               f"({src:#x} -> {dst:#x}) failed: {type(exc).__name__}: {exc}"
+                               ) from exc
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
 
     # ------------------------------------------------------------ kernels
     def kernel(self, module: str, base: str, *template_args: int):
@@ -477,6 +699,7 @@ class _CupyDevice:
         return name, _compiled(self.index, module, self.dtype_name)[name]
 
     def launch(self, op: _Launch) -> None:
+        """On the current CuPy stream: the caller's, or the capture stream during a capture."""
         if not op.cooperative:
             op.fn((op.grid,), (op.block,), op.args, shared_mem=op.shared_mem)
             return
@@ -495,8 +718,12 @@ class _CupyDevice:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
     def gemm(self, op: _Gemm) -> None:
+        if self.blas is not None:
+            self.blas.gemm_ex(self.index, self.op_stream.ptr, op.cublas_args())
+            return
         from cupy_backends.cuda.libs import cublas
 
+        # CuPy's wrapper puts the handle on CuPy's current stream (the caller's) itself.
         cublas.gemmEx(self.cupy.cuda.device.get_cublas_handle(), *op.cublas_args())
 
     def persistent_plan(self, fn, n_mat: int, hidden: int) -> _PersistentPlan | str:
@@ -523,58 +750,98 @@ class _CupyDevice:
         return runtime.deviceGetAttribute(getattr(runtime, name), self.index)
 
     def _occupancy(self, fn, shared_mem: int) -> int:
-        """Resident blocks per SM of ``fn`` (a RawKernel) with that much dynamic shared memory."""
+        """Resident blocks per SM of ``fn`` (a RawKernel) with that much dynamic shared memory.
+        The kernel's opt-in limit only ever grows (it is shared by every caller of ``fn``; a
+        smaller value set by another thread must not break a launch planned with more)."""
         from cupy_backends.cuda.api import driver
 
-        fn.max_dynamic_shared_size_bytes = shared_mem      # opts in beyond 48 KiB
+        with _smem_attribute_lock:
+            if shared_mem > fn.max_dynamic_shared_size_bytes:
+                fn.max_dynamic_shared_size_bytes = shared_mem      # opts in beyond 48 KiB
         return driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr,
                                                                 PERSISTENT_THREADS, shared_mem)
 
     # ------------------------------------------------------------ running
     def run(self, ops: list, *, graph: bool = False) -> None:
-        """Run ``ops`` on the caller's stream: plainly, or (``graph``) through the graph cache."""
+        """Run ``ops`` on the caller's stream: plainly, or (``graph``, with capture on) through
+        the graph cache."""
         if not ops:
             return
-        if graph and USE_GRAPH and GRAPH_CACHE_SIZE > 0 and self._run_graph(ops):
+        if graph and self.graphs and self._run_graph(ops):
+            return
+        if self.blas is not None:
+            _run_ops(self, ops)
             return
         with self._cublas_on(self.stream):
-            for op in ops:
-                op.run(self)
+            _run_ops(self, ops)
 
     def _run_graph(self, ops: list) -> bool:
+        """Replays (or captures, then replays) ``ops``; False when they must run plainly."""
         key = (self.index, tuple(op.key(self) for op in ops))
         entry = _graphs.lookup(key)
-        if entry in (_NEW, _FAILED):
-            return False
-        if entry == _SEEN:
+        if isinstance(entry, str) and entry == _SEEN:
             entry = self._capture(ops)
             _graphs.store(key, _FAILED if entry is None else entry)
-            if entry is None:
-                return False
-        entry.launch(stream=self.stream)
+        if not isinstance(entry, _Captured):
+            return False
+        try:
+            entry.graph.launch(stream=self.stream)
+            if CHECK_LAUNCHES:
+                self.synchronize()
+        except Exception as exc:
+            raise RuntimeError(f"rnn_gpu cupy backend: replaying a captured time loop of "
+                               f"{len(ops)} operations (the first: {ops[0].describe()}) "
+                               f"failed: {type(exc).__name__}: {exc}") from exc
         return True
 
-    def _capture(self, ops: list):
-        stream = _capture_stream(self.index)
-        try:
-            with stream, self._cublas_on(stream):
-                stream.begin_capture()
-                try:
-                    for op in ops:
-                        op.run(self)
-                finally:
-                    graph = stream.end_capture()
-        except Exception as exc:
-            warnings.warn(f"rnn_gpu cupy backend: capturing the time loop as a CUDA graph "
-                          f"failed ({type(exc).__name__}: {exc}); running the steps as plain "
-                          f"launches (rnn_gpu.backends.cupy.USE_GRAPH = False skips the "
-                          f"attempt)", RuntimeWarning, stacklevel=2)
+    def _capture(self, ops: list) -> _Captured | None:
+        """``ops`` captured as a CUDA graph on the capture stream, or None after a failure
+        (then capture is off for the process, with a warning naming what failed)."""
+        failure = None
+        graph = None
+        with _capture_lock:
+            stream = _capture_stream(self.index)
+            try:
+                self.blas.handle(self.index)    # no cuBLAS handle may be created in a capture
+            except Exception as exc:
+                failure = f"creating a cuBLAS handle: {type(exc).__name__}: {exc}"
+            if failure is None:
+                failure, graph = self._record(stream, ops)
+        if failure is not None or graph is None:
+            _turn_capture_off(f"capturing the time loop as a CUDA graph failed "
+                              f"({failure or 'no graph came back'})")
+            self.blas = None        # the rest of this call: plain launches, CuPy's cuBLAS
             return None
-        return graph
+        return _Captured(graph, tuple(ops))
+
+    def _record(self, stream, ops: list) -> tuple[str | None, Any]:
+        """begin_capture, the operations, end_capture; (what failed or None, the graph)."""
+        failure = None
+        graph = None
+        with stream:
+            self.capturing, self.op_stream = True, stream
+            try:
+                stream.begin_capture()
+            except Exception as exc:
+                self.capturing, self.op_stream = False, self.stream
+                return f"begin_capture: {type(exc).__name__}: {exc}", None
+            try:
+                _run_ops(self, ops)
+            except Exception as exc:
+                failure = f"{type(exc).__name__}: {exc}"
+            finally:
+                try:        # always end the capture, whatever happened inside it
+                    graph = stream.end_capture()
+                except Exception as exc:
+                    failure = (f"{failure}; then " if failure else "") + (
+                        f"end_capture: {type(exc).__name__}: {exc}")
+                self.capturing, self.op_stream = False, self.stream
+        return failure, graph
 
     @contextlib.contextmanager
     def _cublas_on(self, stream) -> Iterator[None]:
-        """cuBLAS on ``stream`` with host-side alpha/beta; the handle's stream is restored."""
+        """CuPy's cuBLAS handle on ``stream`` with host-side alpha/beta; its stream is
+        restored afterwards."""
         from cupy_backends.cuda.libs import cublas
 
         handle = self.cupy.cuda.device.get_cublas_handle()
@@ -808,7 +1075,11 @@ def _persistent_launch(dev, base: str, template_args: tuple, n_mat: int, H: int,
     """Plans and launches a persistent kernel; returns False (after a warning) when it
     cannot run, so that the caller takes the graph path. ``args_of(plan)`` gives the args."""
     name, fn = dev.kernel("persistent", base, *template_args)
-    plan = dev.persistent_plan(fn, n_mat, H)
+    try:
+        plan = dev.persistent_plan(fn, n_mat, H)
+    except Exception as exc:      # the occupancy query or the shared-memory opt-in failed
+        raise RuntimeError(f"rnn_gpu cupy backend: planning the persistent kernel {name} "
+                           f"(H={H}) failed: {type(exc).__name__}: {exc}") from exc
     if isinstance(plan, str):
         warnings.warn(f"rnn_gpu cupy backend: the persistent kernel {name} cannot run here "
                       f"({plan}); taking the graph path", RuntimeWarning, stacklevel=4)

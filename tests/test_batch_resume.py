@@ -30,7 +30,8 @@ from rnn_gpu.cli import main
 class Slow(NumpyBackend):
     name = "test_slow"
     def forward_layer(self, *args, **kwargs):
-        time.sleep(0.06)       # 40 batches: >= 2.4 s to interrupt it in, even on a busy CI box
+        time.sleep(0.15)       # 40 batches: >= 6 s to interrupt it in, even on a busy CI box
+                               # (0.06 s left a 2 s window, missed in 2 of 3 full CI runs)
         return super().forward_layer(*args, **kwargs)
 
 rg.backends.register(Slow)
@@ -70,9 +71,11 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(job, sig):
     deadline = time.monotonic() + 60
     while done_chunks(manifest) < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
+    signalled_at = done_chunks(manifest)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0, "the run finished before it could be interrupted"
+    assert proc.returncode != 0, (f"the run finished before it could be interrupted ({signalled_at}"
+                                  f" chunks done when signalled); stderr: {err[-400:]}")
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and "rerun the same command to resume" in err
         assert "Traceback" not in err

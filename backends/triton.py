@@ -15,21 +15,18 @@ numpy (the interpreter is slow); choose it by name.
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import Any
 
 import numpy as np
 
 from rnn_gpu import _config
 from rnn_gpu.backend_api import Backend, Problem, Tape
+from rnn_gpu.cells import SPECS
+from rnn_gpu.kernels.triton import interpreting
 
 DTYPES = ("float32", "float16", "bfloat16")
 PRIORITY = 100                    # above cupy (the next GPU backend) and numpy
 INTERPRETED_PRIORITY = -10        # below numpy: the interpreter is for tests and debugging
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 class TritonBackend(Backend):
@@ -38,13 +35,13 @@ class TritonBackend(Backend):
 
     @property
     def priority(self) -> int:                       # type: ignore[override]
-        return INTERPRETED_PRIORITY if _interpreting() else PRIORITY
+        return INTERPRETED_PRIORITY if interpreting() else PRIORITY
 
     def unavailable_reason(self) -> str | None:
         for module, extra in (("torch", "torch"), ("triton", "triton")):
             if importlib.util.find_spec(module) is None:
                 return f"{module} is not installed (pip install 'rnn-gpu[{extra}]')"
-        if _interpreting():
+        if interpreting():
             return None
         import torch
 
@@ -55,11 +52,11 @@ class TritonBackend(Backend):
 
     def not_supported_reasons(self, problem: Problem) -> list[str]:
         reasons = []
-        interpreting = _interpreting()
-        if interpreting and problem.device != "cpu":
+        interpreted = interpreting()
+        if interpreted and problem.device != "cpu":
             reasons.append(f"TRITON_INTERPRET=1 runs the kernels on the CPU, but the input is "
                            f"on {problem.device}; unset it to run them on the GPU")
-        elif not interpreting and problem.device == "cpu":
+        elif not interpreted and problem.device == "cpu":
             reasons.append("the triton backend runs on CUDA, but the input is on the CPU (move "
                            "it with .to('cuda'), or set TRITON_INTERPRET=1 to run the kernels "
                            "through Triton's interpreter)")
@@ -67,7 +64,7 @@ class TritonBackend(Backend):
             reasons.append(f"the triton backend computes in {', '.join(DTYPES)}, not "
                            f"{problem.dtype} (use the numpy backend for float64)")
         elif problem.dtype == "bfloat16" and problem.device.startswith("cuda") and (
-                not interpreting):
+                not interpreted):
             major, minor = _capability(problem.device)
             if major < 8:
                 reasons.append(f"bfloat16 needs compute capability 8.0, {problem.device} has "
@@ -117,7 +114,7 @@ class TritonBackend(Backend):
                         reverse=reverse, keep_tape=keep, precision=precision, tiles=tiles,
                         grid_sync=sync)
                     return y_, (h_, c_), tape_
-                gates = {"rnn": 1, "lstm": 4, "gru": 3}[problem.cell]
+                gates = SPECS[problem.cell].gates
 
             def time_call(tiles, sync):
                 short = xw[: min(T, launch.TIMED_STEPS)]

@@ -11,3 +11,11 @@ launcher and a naive torch reference live together.
 Importing this package imports triton; set ``TRITON_INTERPRET=1`` before that to run the very
 same kernels on the CPU through Triton's interpreter.
 """
+
+import os
+
+
+def interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter. Lives here, where triton is
+    not imported, so the backend can ask it in its availability checks for free."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

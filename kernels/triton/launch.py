@@ -27,16 +27,13 @@ from collections.abc import Callable, Iterator
 
 import triton
 
+from . import interpreting
 from .gated import Tiles
 
 _cache: dict[tuple, tuple[Tiles, bool]] = {}
 _lock = threading.Lock()
 _forced: tuple[Tiles, bool] | None = None
 TIMED_STEPS = 8          # steps per timing run; enough to amortise launch cost (~10 us)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def check_mode() -> None:

@@ -180,16 +180,25 @@ class CupyBackend(Backend):
 
 # ---------------------------------------------------------------------- availability
 
-_availability_lock = threading.Lock()
-_availability: list[str | None] = []          # [reason] once computed
+def _once(fn):
+    """``fn()`` computed on the first call only, under a lock (a probe that initialises CUDA or
+    loads a library must not run twice when threads ask at once)."""
+    lock = threading.Lock()
+    result: list[Any] = []
+
+    def cached():
+        with lock:
+            if not result:
+                result.append(fn())
+            return result[0]
+
+    return cached
 
 
+@_once
 def _unavailable_reason() -> str | None:
     """Computed once per process: whether CuPy imports, sees a device and loads cuBLAS."""
-    with _availability_lock:
-        if not _availability:
-            _availability.append(_probe())
-        return _availability[0]
+    return _probe()
 
 
 def _probe() -> str | None:
@@ -569,15 +578,10 @@ def _cublas_symbol(lib, *names: str):
     raise AttributeError(f"none of {', '.join(names)} in {lib._name}")
 
 
-_raw_cublas_state: list[Any] = []       # [_RawCublas | the reason there is none], once tried
-_raw_cublas_lock = threading.Lock()
-
-
+@_once
 def _raw_cublas() -> _RawCublas | str:
-    with _raw_cublas_lock:
-        if not _raw_cublas_state:
-            _raw_cublas_state.append(_load_raw_cublas())
-        return _raw_cublas_state[0]
+    """The ctypes cuBLAS (or the reason there is none), tried once."""
+    return _load_raw_cublas()
 
 
 def _load_raw_cublas() -> _RawCublas | str:

@@ -10,9 +10,13 @@ Two designs, one kernel (:mod:`.gated`, :mod:`.twostage`):
   512x64x1024 one program per row block ran at 0.04x cuDNN. The grid is kept to at most one
   program per SM so that every program is resident and the barrier cannot deadlock.
 
-On a GPU the candidates for a shape are timed once (a few steps of the real call, CUDA
-events) and the fastest is remembered per (cell, dtype, B, H, device) for the process: the
-sequence length is a runtime argument, so a new T never recompiles or re-tunes. Under Triton's
+On a GPU the candidates for a shape are timed once and the fastest is remembered per (cell,
+dtype, B, H, device) for the process: the sequence length is a runtime argument, so a new T
+never recompiles or re-tunes. What is compared is the cost of one step: each candidate runs
+the real call for ``SHORT_STEPS`` and for ``LONG_STEPS`` steps (CUDA events) and the difference
+is divided by the extra steps. A single 8-step timing carried ~0.1-0.2 ms of fixed cost
+(allocation, launch) that is not per step, so candidates within ~10% swapped between runs (H100,
+LSTM fp32 4096x64x256: 16-row blocks in one run, 32-row blocks in the next). Under Triton's
 interpreter one small fixed tiling is used (speed is meaningless there). With
 ``RNN_GPU_TUNE_LOG=1`` each choice and the candidates' timings are printed to stderr.
 """
@@ -33,7 +37,7 @@ from .gated import Tiles
 _cache: dict[tuple, tuple[Tiles, bool]] = {}
 _lock = threading.Lock()
 _forced: tuple[Tiles, bool] | None = None
-TIMED_STEPS = 8          # steps per timing run; enough to amortise launch cost (~10 us)
+SHORT_STEPS, LONG_STEPS = 2, 10   # per-step cost = (t(LONG) - t(SHORT)) / 8
 
 
 def check_mode() -> None:
@@ -120,9 +124,9 @@ def candidates(gates: int, B: int, H: int, dtype: str, n_sm: int) -> list[tuple[
 
 
 def choose(kind: str, gates: int, B: int, H: int, dtype: str, device,
-           time_call: Callable[[Tiles, bool], float]) -> tuple[Tiles, bool]:
-    """``(tiles, grid_sync)`` for one call. ``time_call(tiles, grid_sync)`` runs a few steps
-    of the real call with that tiling and returns milliseconds."""
+           time_call: Callable[[Tiles, bool, int], float]) -> tuple[Tiles, bool]:
+    """``(tiles, grid_sync)`` for one call. ``time_call(tiles, grid_sync, n_steps)`` runs the
+    first ``n_steps`` steps of the real call with that tiling and returns milliseconds."""
     if _forced is not None:
         return _forced
     if interpreting():
@@ -138,15 +142,24 @@ def choose(kind: str, gates: int, B: int, H: int, dtype: str, device,
     if len(options) == 1:
         best = options[0]
     else:
-        timings = [(time_call(*option), i) for i, option in enumerate(options)]
-        best = options[min(timings)[1]]
+        per_step = [step_ms(time_call, option) for option in options]
+        best = options[per_step.index(min(per_step))]
         if os.environ.get("RNN_GPU_TUNE_LOG"):
-            shown = ", ".join(f"{_describe(options[i])}: {ms:.3f} ms" for ms, i in timings)
-            print(f"rnn_gpu triton tiles for {kind} {dtype} B={B} H={H} "
-                  f"({TIMED_STEPS} steps): {shown} -> {_describe(best)}", file=sys.stderr)
+            shown = ", ".join(f"{_describe(o)}: {ms * 1e3:.1f} us"
+                              for o, ms in zip(options, per_step))
+            print(f"rnn_gpu triton tiles for {kind} {dtype} B={B} H={H} (per step): "
+                  f"{shown} -> {_describe(best)}", file=sys.stderr)
     with _lock:
         _cache[key] = best
     return best
+
+
+def step_ms(time_call: Callable[[Tiles, bool, int], float],
+            option: tuple[Tiles, bool]) -> float:
+    """Milliseconds per step of one tiling, with the fixed cost of a call taken out."""
+    short = time_call(*option, SHORT_STEPS)
+    long = time_call(*option, LONG_STEPS)
+    return (long - short) / (LONG_STEPS - SHORT_STEPS)
 
 
 def _describe(option: tuple[Tiles, bool]) -> str:

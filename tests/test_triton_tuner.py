@@ -1,0 +1,119 @@
+"""The Triton tile tuner compares the per-step cost of its candidates, not one short timing.
+
+No GPU needed: the device properties and the timings are stood in for, the way a card would
+report them; the last test runs the backend's own timing call through the interpreter. As in
+test_triton_interpreter.py, ``TRITON_INTERPRET`` is set before the kernels are first imported
+(it decides, once, whether they are compiled or interpreted), and on a machine with a GPU the
+module is skipped so that the gpu tests get compiled kernels.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="a GPU is present: the gpu tests run the compiled kernels and the real tuner")
+
+
+@pytest.fixture(autouse=True)
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def launch(interpret):
+    from rnn_gpu.kernels.triton import launch
+
+    return launch
+
+
+@pytest.fixture
+def Tiles(interpret):
+    from rnn_gpu.kernels.triton.gated import Tiles
+
+    return Tiles
+
+
+def fake_call(costs: dict, calls: list | None = None):
+    """A ``time_call`` whose tiling costs ``fixed + per_step * n_steps`` milliseconds."""
+
+    def time_call(tiles, grid_sync, n_steps):
+        if calls is not None:
+            calls.append((tiles, n_steps))
+        fixed, per_step = costs[tiles]
+        return fixed + per_step * n_steps
+
+    return time_call
+
+
+def test_step_ms_takes_the_fixed_cost_out(launch, Tiles):
+    tiles = Tiles(64, 64, 32, 256)
+    ms = launch.step_ms(fake_call({tiles: (0.4, 0.025)}), (tiles, False))
+    assert ms == pytest.approx(0.025)
+
+
+@pytest.fixture
+def fake_card(monkeypatch, launch):
+    """choose() as on a 132-SM card, with an empty cache."""
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(name="Fake H100",
+                                                             multi_processor_count=132))
+    monkeypatch.setattr(launch, "_cache", {})
+
+
+def test_choose_prefers_the_cheaper_step_over_the_cheaper_short_call(fake_card, launch):
+    options = launch.candidates(4, 4096, 256, "float32", 132)
+    assert len(options) >= 2
+    cheap_step, cheap_call = options[0][0], options[1][0]
+    # Over 8 steps the second is faster (0.05 + 8*0.05 = 0.45 against 0.5 + 8*0.01 = 0.58 ms),
+    # but per step the first is five times cheaper: a long sequence wants the first.
+    costs = {o[0]: (1.0, 1.0) for o in options}
+    costs[cheap_step] = (0.5, 0.01)
+    costs[cheap_call] = (0.05, 0.05)
+    calls: list = []
+    best = launch.choose("lstm", 4, 4096, 256, "float32", "cuda:0", fake_call(costs, calls))
+    assert best[0] == cheap_step
+    assert {n for _, n in calls} == {launch.SHORT_STEPS, launch.LONG_STEPS}
+    # Remembered: a second call for the same shape times nothing.
+    calls.clear()
+    again = launch.choose("lstm", 4, 4096, 256, "float32", "cuda:0", fake_call(costs, calls))
+    assert again == best and calls == []
+
+
+def test_backend_times_whole_steps_even_for_a_short_sequence(monkeypatch, launch):
+    """The backend's timing call runs LONG_STEPS real steps when the sequence is shorter (the
+    input is repeated), and the chosen tiling still gives the right answer."""
+    import rnn_gpu as rg
+    from rnn_gpu.kernels.triton import gated
+
+    seen: list[int] = []
+    real_forward, real_choose = gated.gated_forward, launch.choose
+
+    def spy_forward(cell, act, xw, *args, **kwargs):
+        seen.append(xw.shape[0])
+        return real_forward(cell, act, xw, *args, **kwargs)
+
+    def choose_by_timing(kind, gates, B, H, dtype, device, time_call):
+        option = real_choose(kind, gates, B, H, dtype, device, time_call)
+        launch.step_ms(time_call, option)
+        return option
+
+    monkeypatch.setattr(gated, "gated_forward", spy_forward)
+    monkeypatch.setattr(launch, "choose", choose_by_timing)
+    monkeypatch.setattr(launch, "time_cuda", lambda run: (run(), 1.0)[1])
+
+    rng = np.random.default_rng(0)
+    layer = rg.GRU(3, 8)
+    x = rng.standard_normal((3, 2, 3)).astype(np.float32)
+    y, _ = layer(torch.from_numpy(x), backend="triton")
+    assert seen == [launch.SHORT_STEPS, launch.LONG_STEPS, 3]
+    y_ref, _ = layer(x, backend="numpy")
+    np.testing.assert_allclose(np.asarray(y), y_ref, rtol=2e-5, atol=2e-5)

@@ -96,6 +96,39 @@ def activation_grad(y, ACT: tl.constexpr):
 
 
 @triton.jit
+def time_index(s, T, REVERSE: tl.constexpr):
+    """The time step that processing step ``s`` handles (reverse direction: from the end)."""
+    if REVERSE:
+        t = T - 1 - s
+    else:
+        t = s
+    return t
+
+
+@triton.jit
+def program_rows(B, H, len_ptr, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr,
+                 UNITS: tl.constexpr):
+    """This program's batch rows (int32 and int64), which of them exist, their lengths (the
+    rows themselves when there are no lengths: never read then) and the end of its units."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    lens = rows
+    if HAS_LENGTHS:
+        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+    unit_end = tl.minimum((tl.program_id(1) + 1) * UNITS, H)
+    return rows, row_ok, rows.to(tl.int64), lens, unit_end
+
+
+@triton.jit
+def valid_rows(row_ok, t, lens, HAS_LENGTHS: tl.constexpr):
+    """Rows that exist and have not ended by time step t."""
+    valid = row_ok
+    if HAS_LENGTHS:
+        valid = row_ok & (t < lens)
+    return valid
+
+
+@triton.jit
 def step_barrier(counter_ptr, target, GRID_SYNC: tl.constexpr):
     """Wait until every program of this row block has reached this point.
 

@@ -37,19 +37,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import GRU, LSTM, RNN, activate, activation_grad, sigmoid, step_barrier, tanh
+from .common import (
+    GRU,
+    LSTM,
+    RNN,
+    activate,
+    activation_grad,
+    program_rows,
+    sigmoid,
+    step_barrier,
+    tanh,
+    time_index,
+    valid_rows,
+)
 
 GATES = {RNN: 1, LSTM: 4, GRU: 3}
 TAPE_GATES = {RNN: 1, LSTM: 4, GRU: 4}
-
-
-@triton.jit
-def _time_index(s, T, REVERSE: tl.constexpr):
-    if REVERSE:
-        t = T - 1 - s
-    else:
-        t = s
-    return t
 
 
 @triton.jit(do_not_specialize=["T", "B", "t_begin", "n_steps"])
@@ -66,21 +69,14 @@ def _gated_fwd_kernel(
     pid_h = tl.program_id(1)
     n_split = tl.num_programs(1)
     dtype = y_ptr.dtype.element_ty
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
-    if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+    rows, row_ok, rows64, lens, unit_end = program_rows(B, H, len_ptr, HAS_LENGTHS, BLOCK_B,
+                                                        UNITS)
     GH = G * H
     BH = B.to(tl.int64) * H
-    unit_end = tl.minimum((pid_h + 1) * UNITS, H)
     for i in range(n_steps):
         s = t_begin + i
-        t = _time_index(s, T, REVERSE)
-        if HAS_LENGTHS:
-            valid = row_ok & (t < lens)
-        else:
-            valid = row_ok
+        t = time_index(s, T, REVERSE)
+        valid = valid_rows(row_ok, t, lens, HAS_LENGTHS)
         src_slot = tl.where(s == 0, 0, 1 + (s + 1) % 2)
         src = hbuf_ptr + src_slot * BH
         dst = hbuf_ptr + (1 + s % 2) * BH
@@ -185,23 +181,15 @@ def _gated_bwd_kernel(
     pid_h = tl.program_id(1)
     n_split = tl.num_programs(1)
     dtype = dxw_ptr.dtype.element_ty
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
-    if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+    rows, row_ok, rows64, lens, unit_end = program_rows(B, H, len_ptr, HAS_LENGTHS, BLOCK_B,
+                                                        UNITS)
     GH = G * H
-    unit_end = tl.minimum((pid_h + 1) * UNITS, H)
     for i in range(t_begin, t_begin + n_steps):
         s = T - 1 - i
-        t = _time_index(s, T, REVERSE)
-        t_next = _time_index(s + 1, T, REVERSE)
-        if HAS_LENGTHS:
-            valid = row_ok & (t < lens)
-            valid_next = row_ok & (t_next < lens)
-        else:
-            valid = row_ok
-            valid_next = row_ok
+        t = time_index(s, T, REVERSE)
+        t_next = time_index(s + 1, T, REVERSE)
+        valid = valid_rows(row_ok, t, lens, HAS_LENGTHS)
+        valid_next = valid_rows(row_ok, t_next, lens, HAS_LENGTHS)
         next_rows = (t_next.to(tl.int64) * B + rows64) * GH
         x_rows = (t.to(tl.int64) * B + rows64) * GH
         s_rows = (t.to(tl.int64) * B + rows64) * H
@@ -249,7 +237,7 @@ def _gated_bwd_kernel(
                     if s == 0:
                         c_prev = tl.load(c0_ptr + own, mask=m2, other=0.0)
                     else:
-                        t_prev = _time_index(s - 1, T, REVERSE)
+                        t_prev = time_index(s - 1, T, REVERSE)
                         c_prev = tl.load(ctape_ptr + (t_prev.to(tl.int64) * B + rows64)[:, None] * H
                                          + cols[None, :], mask=m2, other=0.0)
                     tc = tanh(c_t)

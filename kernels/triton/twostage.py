@@ -21,8 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import activate, activation_grad, row_block_dot, step_barrier
-from .gated import Tiles, _time_index
+from .common import (
+    activate,
+    activation_grad,
+    program_rows,
+    row_block_dot,
+    step_barrier,
+    time_index,
+    valid_rows,
+)
+from .gated import Tiles
 
 
 @triton.jit(do_not_specialize=["T", "B", "p_begin", "n_phases"])
@@ -39,18 +47,14 @@ def _twostage_fwd_kernel(
     pid_h = tl.program_id(1)
     n_split = tl.num_programs(1)
     dtype = y_ptr.dtype.element_ty
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
-    if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+    rows, row_ok, rows64, lens, unit_end = program_rows(B, H, len_ptr, HAS_LENGTHS, BLOCK_B,
+                                                        UNITS)
     BH = B.to(tl.int64) * H
-    unit_end = tl.minimum((pid_h + 1) * UNITS, H)
     h_rows = rows64 * H
     for q in range(n_phases):
         p = p_begin + q
         s = p // 2
-        t = _time_index(s, T, REVERSE)
+        t = time_index(s, T, REVERSE)
         src = hbuf_ptr + tl.where(s == 0, 0, 1 + (s + 1) % 2) * BH
         s_rows = (t.to(tl.int64) * B + rows64) * H
         for j0 in range(pid_h * UNITS, unit_end, BLOCK_H):
@@ -80,10 +84,7 @@ def _twostage_fwd_kernel(
                     h_prev = tl.load(h0_ptr + own, mask=m2, other=0.0)
                 else:
                     h_prev = tl.load(h_ptr + own, mask=m2, other=0.0)
-                if HAS_LENGTHS:
-                    valid = row_ok & (t < lens)
-                else:
-                    valid = row_ok
+                valid = valid_rows(row_ok, t, lens, HAS_LENGTHS)
                 h_keep = tl.where(valid[:, None], h_new, h_prev)
                 tl.store(h_ptr + own, h_keep, mask=m2)
                 tl.store(hbuf_ptr + (1 + s % 2) * BH + own, h_keep.to(dtype), mask=m2)
@@ -109,25 +110,17 @@ def _twostage_bwd_kernel(
     pid_h = tl.program_id(1)
     n_split = tl.num_programs(1)
     dtype = dxw_ptr.dtype.element_ty
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
-    if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
-    unit_end = tl.minimum((pid_h + 1) * UNITS, H)
+    rows, row_ok, rows64, lens, unit_end = program_rows(B, H, len_ptr, HAS_LENGTHS, BLOCK_B,
+                                                        UNITS)
     h_rows = rows64 * H
     for q in range(n_phases):
         p = p_begin + q
         i = p // 2
         s = T - 1 - i
-        t = _time_index(s, T, REVERSE)
-        t_next = _time_index(s + 1, T, REVERSE)
-        if HAS_LENGTHS:
-            valid = row_ok & (t < lens)
-            valid_next = row_ok & (t_next < lens)
-        else:
-            valid = row_ok
-            valid_next = row_ok
+        t = time_index(s, T, REVERSE)
+        t_next = time_index(s + 1, T, REVERSE)
+        valid = valid_rows(row_ok, t, lens, HAS_LENGTHS)
+        valid_next = valid_rows(row_ok, t_next, lens, HAS_LENGTHS)
         s_rows = (t.to(tl.int64) * B + rows64) * H
         next_rows = (t_next.to(tl.int64) * B + rows64) * H
         for j0 in range(pid_h * UNITS, unit_end, BLOCK_H):

@@ -254,7 +254,7 @@ def _bfloat16_reasons(device: str) -> list[str]:
 
 def name_expressions(module: str, dtype: str) -> list[str]:
     """The template instantiations the backend asks NVRTC for, per source file and dtype
-    (the ``RNN_GPU_NVCC_CHECK`` blocks of the .cu files list the same)."""
+    (tests/test_cupy_backend.py has nvcc instantiate exactly these for sm_80 and sm_90)."""
     ct = CTYPES[dtype]
     if module == "recurrent":
         names = [f"{k}<{ct}, {c}, {a}>" for k in ("gated_fwd_step", "gated_bwd_step")

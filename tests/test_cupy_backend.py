@@ -33,6 +33,8 @@ import ctypes
 import re
 import shutil
 import subprocess
+import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -861,6 +863,24 @@ def test_supported_problem_has_no_reasons():
     for cell, acts in CELL_CASES:
         for dtype in ("float32", "float16"):
             assert cb.CupyBackend().not_supported_reasons(problem(cell, acts, dtype)) == []
+
+
+@pytest.mark.parametrize("capability, declined", [("75", True), ("80", False), ("90", False)])
+def test_bfloat16_needs_compute_capability_8(monkeypatch, capability, declined):
+    """As on a card of that generation (a T4 is 7.5): the decline names the fix. CuPy 14 as
+    a stand-in module, so that this runs without CuPy (and without ml_dtypes, whose own reason
+    is then listed too)."""
+    def device(index):
+        assert index == 0
+        return types.SimpleNamespace(compute_capability=capability)
+
+    fake = types.SimpleNamespace(__version__="14.2.0",
+                                 cuda=types.SimpleNamespace(Device=device))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    reasons = cb.CupyBackend().not_supported_reasons(problem(dtype="bfloat16"))
+    wanted = "bfloat16 needs compute capability 8.0, cuda:0 has 7.5 (use float16 or float32)"
+    assert (wanted in reasons) == declined, reasons
+    assert not [r for r in reasons if r != wanted and "ml_dtypes" not in r], reasons
 
 
 # ---------------------------------------------------------------------- GPU

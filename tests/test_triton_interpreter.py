@@ -186,6 +186,26 @@ def test_without_interpreter_or_gpu_the_reason_names_the_fix(monkeypatch):
         rg.RNN(3, 4)(np.zeros((2, 1, 3), np.float32), backend="triton")
 
 
+@pytest.mark.parametrize("capability, declined", [((7, 5), True), ((8, 0), False),
+                                                   ((9, 0), False)])
+def test_bfloat16_needs_compute_capability_8(monkeypatch, capability, declined):
+    """As on a card of that generation (a T4 is 7.5): the decline names the fix."""
+    from rnn_gpu.backend_api import Problem
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+    backend = rg.backends.get("triton")
+    for dtype in ("bfloat16", "float16", "float32"):
+        problem = Problem(cell="lstm", activations=(), dtype=dtype, device="cuda:0",
+                          input_kind="torch", seq_len=4, batch=2, input_size=3, hidden_size=8)
+        reasons = backend.not_supported_reasons(problem)
+        if dtype == "bfloat16" and declined:
+            assert reasons == [f"bfloat16 needs compute capability 8.0, cuda:0 has "
+                               f"{capability[0]}.{capability[1]} (use float16 or float32)"]
+        else:
+            assert reasons == [], (dtype, reasons)
+
+
 def test_tape_is_used_once(interpret):
     m = rg.RNN(3, 4)
     x = torch.randn(2, 2, 3)

@@ -131,6 +131,14 @@ class CupyBackend(Backend):
     def unavailable_reason(self) -> str | None:
         return _unavailable_reason()
 
+    def describe_run(self, problem: Problem) -> str:
+        path = choose_path(problem.cell, problem.batch, problem.hidden_size)
+        if path == "persistent" and problem.training:
+            return "persistent forward (graph path where the grid does not fit), graph backward"
+        if path == "persistent":
+            return "persistent (graph path where the grid does not fit)"
+        return "graph path: a cuBLAS GEMM and a fused pointwise kernel per step"
+
     def not_supported_reasons(self, problem: Problem) -> list[str]:
         reasons = []
         if not problem.device.startswith("cuda"):

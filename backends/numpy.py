@@ -856,6 +856,16 @@ class NumpyBackend(Backend):
             reasons.append(f"the numpy backend has no cell {problem.cell!r}")
         return reasons
 
+    def describe_run(self, problem: Problem) -> str:
+        tiles = _plan(problem, problem.batch, problem.training)
+        if len(tiles) == 1:
+            return "1 thread, multi-threaded BLAS"
+        rows, units = (tiles[0].rows.stop - tiles[0].rows.start,
+                       tiles[0].units.stop - tiles[0].units.start)
+        if tiles[0].whole_rows:
+            return f"{len(tiles)} row tiles of ~{rows} rows, no barrier"
+        return f"{len(tiles)} unit tiles of ~{units} units, a barrier per step"
+
     def forward(self, problem, xw, weights, state, lengths, *, reverse, keep_tape):
         xw = np.asarray(xw)
         return self._forward(problem, None, None, None, xw, weights, state, lengths,

@@ -76,6 +76,13 @@ class TritonBackend(Backend):
             reasons.append(f"the triton backend has no cell {problem.cell!r}")
         return reasons
 
+    def describe_run(self, problem: Problem) -> str | None:
+        """The tiling the tuner chose for this shape (see :mod:`rnn_gpu.kernels.triton.launch`)."""
+        from rnn_gpu.kernels.triton import launch
+
+        return launch.chosen(problem.cell, _tuned_gates(problem.cell), problem.batch,
+                             problem.hidden_size, problem.dtype, problem.device)
+
     # ------------------------------------------------------------------ running
 
     def forward(self, problem: Problem, xw, weights, state, lengths, *, reverse: bool,
@@ -100,7 +107,6 @@ class TritonBackend(Backend):
                     return twostage_forward(acts, xw_, *args, state[0], lens, reverse=reverse,
                                             keep_tape=keep, precision=precision, tiles=tiles,
                                             grid_sync=sync)
-                gates = 2
             else:
                 from rnn_gpu.kernels.triton.gated import gated_forward
 
@@ -114,7 +120,6 @@ class TritonBackend(Backend):
                         reverse=reverse, keep_tape=keep, precision=precision, tiles=tiles,
                         grid_sync=sync)
                     return y_, (h_, c_), tape_
-                gates = SPECS[problem.cell].gates
 
             def time_call(tiles, sync, n_steps):
                 # The first n_steps of the input (repeated when the sequence is shorter: the
@@ -122,8 +127,8 @@ class TritonBackend(Backend):
                 steps = (xw if n_steps <= T else xw.repeat(-(-n_steps // T), 1, 1))[:n_steps]
                 return launch.time_cuda(lambda: run(steps, tiles, sync, False))
 
-            tiles, sync = launch.choose(problem.cell, gates, B, H, problem.dtype, xw.device,
-                                        time_call)
+            tiles, sync = launch.choose(problem.cell, _tuned_gates(problem.cell), B, H,
+                                        problem.dtype, xw.device, time_call)
             y, final, ktape = run(xw, tiles, sync, keep_tape)
         dt = xw.dtype
         if problem.cell == "twostage":
@@ -165,6 +170,11 @@ class TritonBackend(Backend):
 
 
 _CELL_IDS = {"rnn": 0, "lstm": 1, "gru": 2}
+
+
+def _tuned_gates(cell: str) -> int:
+    """The gate count the tuner keys shapes on (TwoStageRNN: its two products per step)."""
+    return 2 if cell == "twostage" else SPECS[cell].gates
 
 
 def _act_ids(activations: tuple[str, ...]) -> tuple[int, ...]:

@@ -93,6 +93,12 @@ class Backend:
         """Why this backend declines ``problem``; empty when it can serve it."""
         return []
 
+    def describe_run(self, problem: Problem) -> str | None:
+        """How this backend runs ``problem`` (its tiling, its path), for benchmark reports;
+        None when it has nothing to say. Optional. A backend that tunes per shape reports what
+        it chose, so ask after a call."""
+        return None
+
     def forward(
         self,
         problem: Problem,

@@ -39,6 +39,36 @@ def test_quick_bench_reports_numpy_and_torch(capsys):
         assert row["max_err"] <= 1e-4
         if row["runner"] == "torch-cpu":
             assert row["ratio"] == 1.0
+            assert row["config"] is None
+        else:                                      # the NumPy backend says how it tiled
+            assert row["config"] and ("thread" in row["config"] or "tiles" in row["config"])
+
+
+def test_the_table_says_how_each_case_ran(capsys):
+    assert main(["bench", "--quick", "--repeats", "1", "--cell", "LSTM", "--shape",
+                 "4x2x8", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "how each case ran:\n  LSTM 4×2×8 float32 forward numpy: 1 thread" in out
+
+
+def _problem(B, H, training=False, cell="lstm"):
+    from rnn_gpu.backend_api import Problem
+
+    return Problem(cell=cell, activations=(), dtype="float32", device="cpu",
+                   input_kind="numpy", seq_len=8, batch=B, input_size=H, hidden_size=H,
+                   training=training)
+
+
+@pytest.mark.parametrize("B, H, training, threads, expected", [
+    (256, 128, False, 2, "2 row tiles of ~128 rows, no barrier"),
+    (32, 512, False, 2, "2 unit tiles of ~256 units, a barrier per step"),
+    (32, 512, True, 2, "1 thread, multi-threaded BLAS"),      # training: no unit tiles
+    (4, 8, False, 2, "1 thread, multi-threaded BLAS"),
+    (256, 128, False, 1, "1 thread, multi-threaded BLAS"),
+])
+def test_numpy_backend_describes_its_tiles(monkeypatch, B, H, training, threads, expected):
+    monkeypatch.setenv("RNN_GPU_NUM_THREADS", str(threads))
+    assert rg.backends.get("numpy").describe_run(_problem(B, H, training)) == expected
 
 
 class _Garbage(Backend):

@@ -859,6 +859,18 @@ def test_declined_problems_say_why(kwargs, expected):
     assert any(expected in r for r in reasons), reasons
 
 
+@pytest.mark.parametrize("B, H, training, expected", [
+    (8, 256, False, "persistent (graph path where the grid does not fit)"),
+    (8, 256, True, "persistent forward (graph path where the grid does not fit), graph backward"),
+    (4096, 256, False, "graph path: a cuBLAS GEMM and a fused pointwise kernel per step"),
+])
+def test_describe_run_names_the_path(B, H, training, expected):
+    assert cb.choose_path("lstm", B, H) == ("graph" if "persistent" not in expected
+                                            else "persistent")
+    got = cb.CupyBackend().describe_run(problem(B=B, H=H, training=training))
+    assert got == expected
+
+
 def test_supported_problem_has_no_reasons():
     for cell, acts in CELL_CASES:
         for dtype in ("float32", "float16"):

@@ -88,6 +88,34 @@ def test_choose_prefers_the_cheaper_step_over_the_cheaper_short_call(fake_card, 
     assert again == best and calls == []
 
 
+def test_chosen_describes_what_choose_runs(fake_card, launch, Tiles, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert launch.chosen("gru", 3, 4096, 256, "float16", "cuda:0") is None   # not tuned yet
+    options = launch.candidates(3, 4096, 256, "float16", 132)
+    costs = {o[0]: (0.1, 0.05) for o in options}
+    costs[options[-1][0]] = (0.1, 0.01)
+    best = launch.choose("gru", 3, 4096, 256, "float16", torch.device("cuda:0"),
+                         fake_call(costs))
+    assert best == options[-1]
+    described = launch.chosen("gru", 3, 4096, 256, "float16", "cuda")   # the current device
+    t = best[0]
+    assert described == (f"{'split' if best[1] else 'tiled'} b{t.block_b} h{t.block_h} "
+                         f"k{t.block_k} u{t.units} w{t.num_warps}")
+    with launch.forced_tiles(Tiles(16, 16, 16, 16)):
+        assert launch.chosen("gru", 3, 4096, 256, "float16", "cuda:0").endswith("(forced)")
+
+
+def test_the_backend_reports_the_tiling_under_the_interpreter(launch):
+    import rnn_gpu as rg
+    from rnn_gpu.backend_api import Problem
+
+    problem = Problem(cell="twostage", activations=("tanh", "tanh"), dtype="float32",
+                      device="cpu", input_kind="torch", seq_len=4, batch=3, input_size=5,
+                      hidden_size=20)
+    assert rg.backends.get("triton").describe_run(problem) == (
+        "tiled b16 h16 k16 u32 w4 (interpreter)")
+
+
 def test_backend_times_whole_steps_even_for_a_short_sequence(monkeypatch, launch):
     """The backend's timing call runs LONG_STEPS real steps when the sequence is shorter (the
     input is repeated), and the chosen tiling still gives the right answer."""

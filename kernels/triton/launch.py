@@ -130,11 +130,9 @@ def choose(kind: str, gates: int, B: int, H: int, dtype: str, device,
     if _forced is not None:
         return _forced
     if interpreting():
-        return Tiles(16, 16, 16, _round_up(H, 16)), False
-    import torch
-
-    props = torch.cuda.get_device_properties(device)
-    key = (kind, gates, B, H, dtype, props.name, str(device))
+        return _interpreted_tiles(H)
+    props = _properties(device)
+    key = (kind, gates, B, H, dtype, props.name, _device_name(device))
     with _lock:
         if key in _cache:
             return _cache[key]
@@ -160,6 +158,38 @@ def step_ms(time_call: Callable[[Tiles, bool, int], float],
     short = time_call(*option, SHORT_STEPS)
     long = time_call(*option, LONG_STEPS)
     return (long - short) / (LONG_STEPS - SHORT_STEPS)
+
+
+def _interpreted_tiles(H: int) -> tuple[Tiles, bool]:
+    return Tiles(16, 16, 16, _round_up(H, 16)), False
+
+
+def _properties(device):
+    import torch
+
+    return torch.cuda.get_device_properties(device)
+
+
+def _device_name(device) -> str:
+    """``cuda:N`` for a torch device or a device string (``cuda`` means the current one)."""
+    import torch
+
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device(device.type, torch.cuda.current_device())
+    return str(device)
+
+
+def chosen(kind: str, gates: int, B: int, H: int, dtype: str, device) -> str | None:
+    """What :func:`choose` runs for this shape, described; None before its first call."""
+    if _forced is not None:
+        return f"{_describe(_forced)} (forced)"
+    if interpreting():
+        return f"{_describe(_interpreted_tiles(H))} (interpreter)"
+    key = (kind, gates, B, H, dtype, _properties(device).name, _device_name(device))
+    with _lock:
+        option = _cache.get(key)
+    return None if option is None else _describe(option)
 
 
 def _describe(option: tuple[Tiles, bool]) -> str:

@@ -47,6 +47,10 @@ class Runner:
     def prepare(self, case, params: dict[str, np.ndarray], x: np.ndarray) -> Prepared:
         raise NotImplementedError
 
+    def describe_run(self, case) -> str | None:
+        """How the runner ran ``case`` (asked after its calls), or None."""
+        return None
+
 
 def train_grads(case, seed: int = 2):
     """The output and final-state gradients a train pass back-propagates (float32, seeded):
@@ -89,6 +93,12 @@ class BackendRunner(Runner):
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}"
         return "; ".join(reasons) or None
+
+    def describe_run(self, case) -> str | None:
+        from rnn_gpu import registry
+
+        describe = getattr(registry.get(self.name), "describe_run", None)   # duck-typed plugins
+        return describe(_problem(case)) if describe is not None else None
 
     def prepare(self, case, params, x):
         import rnn_gpu

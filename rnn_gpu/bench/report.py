@@ -32,6 +32,7 @@ class Row:
     peak_bytes: int | None = None        # GPU: memory the call needed beyond its inputs
     max_err: float | None = None         # max |ours - reference| / max(1, max |reference|)
     error: str | None = None             # why there is no timing (wrong answer, failure)
+    config: str | None = None            # how our backend ran it (tiling, path), if it says
 
     @property
     def ok(self) -> bool:
@@ -182,10 +183,14 @@ def format_table(rows: list[Row], info: dict | None = None, markdown: bool = Fal
         lines = [line(columns), "  ".join("-" * w for w in widths)] + [line(r) for r in body]
     notes = [f"  {r.cell} {r.shape} {r.dtype} {r.pass_} {r.runner}: {r.error}"
              for r in rows if r.error]
+    configs = [f"  {r.cell} {r.shape} {r.dtype} {r.pass_} {r.runner}: {r.config}"
+               for r in rows if r.config and not r.error]
     out = []
     if info is not None:
         out += header_lines(info) + [""]
     out += lines
+    if configs:
+        out += ["", "how each case ran:"] + configs
     if notes:
         out += ["", "not timed:"] + notes
     return "\n".join(out)

@@ -157,9 +157,12 @@ def run_case(case: Case, runners: list[Runner], *, repeats: int,
         if peak_gflops:
             row.floor_ms = flops / peak_gflops / 1e6
     peer = next((r for r in rows if r.runner == peer_name and r.ok), None)
+    by_name = {r.name: r for r in runners}
     for row in rows:
         if peer is not None and row.ok:
             row.ratio = peer.ms / row.ms
+        if row.ok:
+            row.config = by_name[row.runner].describe_run(case)
     return rows
 
 

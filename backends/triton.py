@@ -22,7 +22,7 @@ import numpy as np
 from rnn_gpu import _config
 from rnn_gpu.backend_api import Backend, Problem, Tape
 from rnn_gpu.cells import SPECS
-from rnn_gpu.kernels.triton import interpreting
+from rnn_gpu.kernels.triton import MAX_STEP_ELEMENTS, interpreting, step_elements
 
 DTYPES = ("float32", "float16", "bfloat16")
 PRIORITY = 100                    # above cupy (the next GPU backend) and numpy
@@ -74,6 +74,13 @@ class TritonBackend(Backend):
                            "numpy backend")
         if problem.cell not in ("rnn", "lstm", "gru", "twostage"):
             reasons.append(f"the triton backend has no cell {problem.cell!r}")
+        elif problem.cell != "twostage":
+            n = step_elements(problem.batch, problem.hidden_size)
+            if n > MAX_STEP_ELEMENTS:
+                reasons.append(f"the triton kernels address one time step with 32-bit offsets; "
+                               f"batch {problem.batch} x hidden size {problem.hidden_size} "
+                               f"needs {n} elements per step (at most {MAX_STEP_ELEMENTS}): "
+                               f"split the batch")
         return reasons
 
     def describe_run(self, problem: Problem) -> str | None:

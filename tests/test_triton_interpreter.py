@@ -206,6 +206,25 @@ def test_bfloat16_needs_compute_capability_8(monkeypatch, capability, declined):
             assert reasons == [], (dtype, reasons)
 
 
+def test_declines_a_step_beyond_32_bit_offsets(interpret):
+    """The forward kernel's offsets within a step are int32: a step of 4 x 2**29 elements is
+    declined with the fix, one just below the limit is served (not run: ~8 GiB per step)."""
+    from rnn_gpu.backend_api import Problem
+
+    backend = rg.backends.get("triton")
+
+    def reasons(B, H, cell="lstm"):
+        return backend.not_supported_reasons(Problem(
+            cell=cell, activations=("tanh",) if cell == "rnn" else (), dtype="float16",
+            device="cpu", input_kind="torch", seq_len=1, batch=B, input_size=H, hidden_size=H))
+
+    assert reasons(2**19 - 1, 1024) == []
+    for cell in ("lstm", "gru", "rnn"):
+        (why,) = reasons(2**19, 1024, cell)
+        assert "32-bit offsets" in why and "batch 524288 x hidden size 1024" in why
+        assert "split the batch" in why
+
+
 def test_tape_is_used_once(interpret):
     m = rg.RNN(3, 4)
     x = torch.randn(2, 2, 3)

@@ -8,8 +8,8 @@ launcher and a naive torch reference live together.
 * :mod:`.common` holds the jit helpers both share (activations, the grid-wide step barrier).
 * :mod:`.launch` chooses tiles per shape (and times candidates once per shape on a GPU).
 
-Importing this package imports triton; set ``TRITON_INTERPRET=1`` before that to run the very
-same kernels on the CPU through Triton's interpreter.
+This package itself does not import triton; its kernel modules do. Set ``TRITON_INTERPRET=1``
+before importing them to run the very same kernels on the CPU through Triton's interpreter.
 """
 
 import os
@@ -19,3 +19,20 @@ def interpreting() -> bool:
     """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter. Lives here, where triton is
     not imported, so the backend can ask it in its availability checks for free."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# The gated forward kernel's offsets within one time step are int32 (only a step's start is
+# int64), and its accumulators start from xw: 64-bit offset tiles cost two registers per
+# element, and x tiles loaded after the products stayed live across them. Spill stores per
+# thread (ptxas -v, sm_90, 8 warps, LSTM), before -> after: bf16 64 rows x 256 units 852 ->
+# 24 B, 128 x 64 units with the grid barrier 4818 -> 1176 B; fp32 the same tiles 124 -> 64 B
+# and 3292 -> 1392 B; no tiling spilled more. (The backward kernel converted the same way
+# spilled more in fp32 at 128 x 64, 3.6 -> 6.3 KB, so it keeps 64-bit offsets for now.)
+# So what one step addresses must stay below 2**31 elements.
+MAX_STEP_ELEMENTS = 2**31 - 1
+
+
+def step_elements(B: int, H: int) -> int:
+    """The most elements the gated forward kernel addresses within one step of a (B, H)
+    problem: a step of xw or of the gates tape (B x 4H at most), or W_hh (4H x H at most)."""
+    return 4 * H * max(B, H)

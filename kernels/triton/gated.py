@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import MAX_STEP_ELEMENTS, step_elements
 from .common import (
     GRU,
     LSTM,
@@ -69,8 +70,7 @@ def _gated_fwd_kernel(
     pid_h = tl.program_id(1)
     n_split = tl.num_programs(1)
     dtype = y_ptr.dtype.element_ty
-    rows, row_ok, rows64, lens, unit_end = program_rows(B, H, len_ptr, HAS_LENGTHS, BLOCK_B,
-                                                        UNITS)
+    rows, row_ok, _, lens, unit_end = program_rows(B, H, len_ptr, HAS_LENGTHS, BLOCK_B, UNITS)
     GH = G * H
     BH = B.to(tl.int64) * H
     for i in range(n_steps):
@@ -80,21 +80,46 @@ def _gated_fwd_kernel(
         src_slot = tl.where(s == 0, 0, 1 + (s + 1) % 2)
         src = hbuf_ptr + src_slot * BH
         dst = hbuf_ptr + (1 + s % 2) * BH
-        x_rows = (t.to(tl.int64) * B + rows64) * GH          # row starts in xw (T, B, G*H)
-        s_rows = (t.to(tl.int64) * B + rows64) * H           # row starts in (T, B, H) arrays
+        # int64 only for the step's start; offsets within the step are int32 (see
+        # MAX_STEP_ELEMENTS: 64-bit offset tiles pushed every tiling into spills)
+        step = t.to(tl.int64) * B
+        xw_t = xw_ptr + step * GH
+        y_t = y_ptr + step * H
+        hprev_t = hprev_ptr + step * H
+        ctape_t = ctape_ptr + step * H
+        gates_t = gates_ptr + step * (TG * H)
         for j0 in range(pid_h * UNITS, unit_end, BLOCK_H):
             cols = j0 + tl.arange(0, BLOCK_H)
             col_ok = cols < unit_end
             m2 = row_ok[:, None] & col_ok[None, :]
-            own = rows64[:, None] * H + cols[None, :]
-            acc0 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
+            own = rows[:, None] * H + cols[None, :]
+            # The accumulators start from xw (+ b_hh): no x tile stays live across the k-loop
+            # (GRU's n gate keeps W_hn h + b_hn apart: its x is added after the reset gate).
+            xg = xw_t + (rows[:, None] * GH + cols[None, :])
+            acc0 = tl.load(xg, mask=m2, other=0.0).to(tl.float32)
             acc1 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
             acc2 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
             acc3 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
+            if G > 1:
+                acc1 = tl.load(xg + H, mask=m2, other=0.0).to(tl.float32)
+                if CELL == 1:
+                    acc2 = tl.load(xg + 2 * H, mask=m2, other=0.0).to(tl.float32)
+            if G > 3:
+                acc3 = tl.load(xg + 3 * H, mask=m2, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                acc0 += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                if G > 1:
+                    acc1 += tl.load(b_ptr + H + cols, mask=col_ok,
+                                    other=0.0).to(tl.float32)[None, :]
+                    acc2 += tl.load(b_ptr + 2 * H + cols, mask=col_ok,
+                                    other=0.0).to(tl.float32)[None, :]
+                if G > 3:
+                    acc3 += tl.load(b_ptr + 3 * H + cols, mask=col_ok,
+                                    other=0.0).to(tl.float32)[None, :]
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < H
-                hk = tl.load(src + rows64[:, None] * H + ks[None, :],
+                hk = tl.load(src + (rows[:, None] * H + ks[None, :]),
                              mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 wmask = k_ok[:, None] & col_ok[None, :]
                 w_cols = w_ptr + cols[None, :] * H + ks[:, None]    # W_hhᵀ block (k, unit)
@@ -108,59 +133,47 @@ def _gated_fwd_kernel(
                 if G > 3:
                     acc3 = tl.dot(hk, tl.load(w_cols + 3 * H * H, mask=wmask, other=0.0), acc3,
                                   input_precision=PRECISION)
-            if HAS_BIAS:
-                acc0 += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-                if G > 1:
-                    acc1 += tl.load(b_ptr + H + cols, mask=col_ok,
-                                    other=0.0).to(tl.float32)[None, :]
-                    acc2 += tl.load(b_ptr + 2 * H + cols, mask=col_ok,
-                                    other=0.0).to(tl.float32)[None, :]
-                if G > 3:
-                    acc3 += tl.load(b_ptr + 3 * H + cols, mask=col_ok,
-                                    other=0.0).to(tl.float32)[None, :]
-            xg = xw_ptr + x_rows[:, None] + cols[None, :]
-            x0 = tl.load(xg, mask=m2, other=0.0).to(tl.float32)
             if s == 0:
                 h_prev = tl.load(h0_ptr + own, mask=m2, other=0.0)
             else:
                 h_prev = tl.load(h_ptr + own, mask=m2, other=0.0)
             if CELL == 0:                                     # RNN
-                h_new = activate(acc0 + x0, ACT)
+                h_new = activate(acc0, ACT)
                 g0 = h_new
             elif CELL == 1:                                   # LSTM
                 if s == 0:
                     c_prev = tl.load(c0_ptr + own, mask=m2, other=0.0)
                 else:
                     c_prev = tl.load(c_ptr + own, mask=m2, other=0.0)
-                g0 = sigmoid(acc0 + x0)
-                g1 = sigmoid(acc1 + tl.load(xg + H, mask=m2, other=0.0).to(tl.float32))
-                g2 = tanh(acc2 + tl.load(xg + 2 * H, mask=m2, other=0.0).to(tl.float32))
-                g3 = sigmoid(acc3 + tl.load(xg + 3 * H, mask=m2, other=0.0).to(tl.float32))
+                g0 = sigmoid(acc0)
+                g1 = sigmoid(acc1)
+                g2 = tanh(acc2)
+                g3 = sigmoid(acc3)
                 c_new = g1 * c_prev + g0 * g2
                 h_new = g3 * tanh(c_new)
                 c_keep = tl.where(valid[:, None], c_new, c_prev)
                 tl.store(c_ptr + own, c_keep, mask=m2)
             else:                                             # GRU
-                g0 = sigmoid(acc0 + x0)
-                g1 = sigmoid(acc1 + tl.load(xg + H, mask=m2, other=0.0).to(tl.float32))
+                g0 = sigmoid(acc0)
+                g1 = sigmoid(acc1)
                 g3 = acc2                                     # W_hn h + b_hn, kept for backward
                 g2 = tanh(tl.load(xg + 2 * H, mask=m2, other=0.0).to(tl.float32) + g0 * g3)
                 h_new = (1.0 - g1) * g2 + g1 * h_prev
             h_keep = tl.where(valid[:, None], h_new, h_prev)
             tl.store(h_ptr + own, h_keep, mask=m2)
             tl.store(dst + own, h_keep.to(dtype), mask=m2)
-            tl.store(y_ptr + s_rows[:, None] + cols[None, :],
+            tl.store(y_t + own,
                      tl.where(valid[:, None], h_new, 0.0).to(dtype), mask=m2)
             if KEEP_TAPE:
-                tl.store(hprev_ptr + s_rows[:, None] + cols[None, :], h_prev.to(dtype), mask=m2)
-                gt = gates_ptr + (t.to(tl.int64) * B + rows64)[:, None] * (TG * H) + cols[None, :]
+                tl.store(hprev_t + own, h_prev.to(dtype), mask=m2)
+                gt = gates_t + (rows[:, None] * (TG * H) + cols[None, :])
                 tl.store(gt, g0, mask=m2)
                 if TG > 1:
                     tl.store(gt + H, g1, mask=m2)
                     tl.store(gt + 2 * H, g2, mask=m2)
                     tl.store(gt + 3 * H, g3, mask=m2)
                 if CELL == 1:
-                    tl.store(ctape_ptr + s_rows[:, None] + cols[None, :], c_keep, mask=m2)
+                    tl.store(ctape_t + own, c_keep, mask=m2)
         step_barrier(sync_ptr + pid_b, (i + 1) * n_split, GRID_SYNC)
 
 
@@ -339,6 +352,10 @@ def gated_forward(cell: int, act: int, xw: torch.Tensor, w_hh: torch.Tensor,
     dtype. Returns ``y`` (T, B, H) in xw's dtype, ``h_T`` and ``c_T`` (fp32) and a tape."""
     T, B, GH = xw.shape
     H = w_hh.shape[1]
+    if step_elements(B, H) > MAX_STEP_ELEMENTS:
+        raise ValueError(f"gated_forward: batch {B} x hidden size {H} addresses "
+                         f"{step_elements(B, H)} elements per step, more than the kernel's "
+                         f"32-bit offsets reach ({MAX_STEP_ELEMENTS}); split the batch")
     dev, dt = xw.device, xw.dtype
     f32 = torch.float32
     y = torch.empty((T, B, H), device=dev, dtype=dt)

@@ -23,3 +23,33 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("ok ")]
     assert len(lines) == 8 * 2, done.stdout        # 8 kernels x 2 architectures
+
+
+# Spill stores per thread (bytes) that ptxas -v reported for the forward kernel when its
+# offsets within a step became int32 and its accumulators started from xw (triton 3.6.0's
+# ptxas, sm_90). Before that change: 852 / 1266 / 4818 / 5660 for the four LSTM bf16 rows.
+# A change that spills more than a quarter above these (plus 32 bytes of slack) fails here,
+# on any machine, before a GPU ever runs it.
+SPILL_BUDGET = {
+    "lstm_bf16_64x256_tiled": (24, 104), "lstm_bf16_128x64_split": (1204, 2104),
+    "lstm_fp32_64x256_tiled": (64, 60), "lstm_fp32_128x64_split": (1420, 2348),
+    "gru_bf16_64x256_tiled": (16, 64), "gru_bf16_128x64_split": (1396, 1848),
+    "gru_fp32_64x256_tiled": (68, 100), "gru_fp32_128x64_split": (1544, 1696),
+}
+
+
+def test_forward_kernel_spills_stay_within_budget(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    script = Path(__file__).with_name("triton_compile_check.py")
+    done = subprocess.run([sys.executable, str(script), "--spills"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    seen = {}
+    for line in done.stdout.splitlines():
+        _, _, label, tape, _, spilled = line.split()
+        seen[label, int(tape[-1])] = int(spilled.split("=")[1])
+    assert set(seen) == {(label, tape) for label in SPILL_BUDGET for tape in (0, 1)}
+    over = {key: (spilled, SPILL_BUDGET[key[0]][key[1]]) for key, spilled in seen.items()
+            if spilled > SPILL_BUDGET[key[0]][key[1]] * 1.25 + 32}
+    assert not over, f"spill stores (bytes per thread, budget) grew: {over}\n{done.stdout}"

@@ -5,12 +5,19 @@ type error, an unsupported construct or a resource overflow shows up here, not o
 Run in its own process (tests/test_triton_compile.py does): a process that imported the kernels
 under ``TRITON_INTERPRET=1`` holds interpreted functions that cannot be compiled.
 Prints one line per variant: kernel, cell, dtype, arch, shared memory bytes, seconds.
+
+``python tests/triton_compile_check.py --spills`` instead prints, for the forward kernel's
+main tilings on sm_90, the registers per thread and the bytes of spill stores that ptxas -v
+reports (the register pressure that cost the kernels most on an H100, docs/performance.md).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)
@@ -26,7 +33,7 @@ FP32_ARGS = {"h0_ptr", "c0_ptr", "h_ptr", "c_ptr", "gates_ptr", "ctape_ptr", "dh
 INT_ARGS = {"len_ptr", "sync_ptr"}
 
 
-def compile_variant(fn, dtype: str, arch: int, consts: dict, num_warps: int):
+def _compile(fn, dtype: str, arch: int, consts: dict, num_warps: int):
     signature = {}
     for name in fn.arg_names:
         if name in consts:
@@ -41,10 +48,56 @@ def compile_variant(fn, dtype: str, arch: int, consts: dict, num_warps: int):
             signature[name] = "*" + dtype
     src = ASTSource(fn=fn, signature=signature,
                     constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": 2})
+
+
+def compile_variant(fn, dtype: str, arch: int, consts: dict, num_warps: int):
     start = time.perf_counter()
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": num_warps, "num_stages": 2})
+    kernel = _compile(fn, dtype, arch, consts, num_warps)
     return kernel.metadata.shared, time.perf_counter() - start
+
+
+# (label, cell, dtype, BLOCK_B, BLOCK_H, UNITS, GRID_SYNC, warps): the batch-tiled tiling of
+# large batches (64 rows x all 256 units) and the split tiling the H100 chose at B=4096
+# (128 rows x 64 units, 4 programs per row block, grid barrier), with and without the tape.
+SPILL_CASES = [(f"{name} {dtype} {label}", cell, dtype, bb, bh, units, sync, 8)
+               for name, cell in (("lstm", 1), ("gru", 2))
+               for dtype in ("bf16", "fp32")
+               for label, bb, bh, units, sync in (("64x256 tiled", 64, 64, 256, False),
+                                                  ("128x64 split", 128, 64, 64, True))]
+
+
+def ptxas_usage(ptx: str, arch: int = 90) -> tuple[int, int]:
+    """(registers per thread, bytes of spill stores) that ptxas -v reports for ``ptx``."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        suffix = "a" if arch >= 90 else ""
+        done = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", path, "-o",
+                               os.path.join(tmp, "kernel.cubin")], capture_output=True,
+                              text=True, check=True)
+    report = done.stdout + done.stderr
+    return (int(re.search(r"Used (\d+) registers", report).group(1)),
+            int(re.search(r"(\d+) bytes spill stores", report).group(1)))
+
+
+def spills() -> int:
+    for label, cell, dtype, bb, bh, units, sync, warps in SPILL_CASES:
+        for tape in (False, True):
+            consts = dict(CELL=cell, G=gated.GATES[cell], TG=gated.TAPE_GATES[cell], ACT=0,
+                          REVERSE=False, HAS_BIAS=True, HAS_LENGTHS=False, KEEP_TAPE=tape,
+                          GRID_SYNC=sync, PRECISION="ieee", BLOCK_B=bb, BLOCK_H=bh,
+                          BLOCK_K=32 if dtype == "fp32" else 64, UNITS=units)
+            kernel = _compile(gated._gated_fwd_kernel, dtype, 90, consts, warps)
+            regs, spilled = ptxas_usage(kernel.asm["ptx"])
+            print(f"spills gated_fwd {label.replace(' ', '_')} tape={int(tape)} "
+                  f"registers={regs} spill_bytes={spilled}")
+    return 0
 
 
 def variants(arch: int):
@@ -65,6 +118,8 @@ def variants(arch: int):
 
 
 def main(argv: list[str]) -> int:
+    if argv == ["--spills"]:
+        return spills()
     archs = [int(a) for a in argv] or [80, 90]
     failed = 0
     for arch in archs:

@@ -27,7 +27,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
 
 # Spill stores per thread (bytes) that ptxas -v reported for the forward kernel when its
 # offsets within a step became int32 and its accumulators started from xw (triton 3.6.0's
-# ptxas, sm_90). Before that change: 852 / 1266 / 4818 / 5660 for the four LSTM bf16 rows.
+# ptxas, sm_90). Before that change: 852 / 1378 / 4826 / 5652 for the four LSTM bf16 rows.
 # A change that spills more than a quarter above these (plus 32 bytes of slack) fails here,
 # on any machine, before a GPU ever runs it.
 SPILL_BUDGET = {

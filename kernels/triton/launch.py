@@ -132,7 +132,7 @@ def choose(kind: str, gates: int, B: int, H: int, dtype: str, device,
     if interpreting():
         return _interpreted_tiles(H)
     props = _properties(device)
-    key = (kind, gates, B, H, dtype, props.name, _device_name(device))
+    key = _shape_key(kind, gates, B, H, dtype, device, props)
     with _lock:
         if key in _cache:
             return _cache[key]
@@ -170,14 +170,15 @@ def _properties(device):
     return torch.cuda.get_device_properties(device)
 
 
-def _device_name(device) -> str:
-    """``cuda:N`` for a torch device or a device string (``cuda`` means the current one)."""
+def _shape_key(kind: str, gates: int, B: int, H: int, dtype: str, device, props) -> tuple:
+    """What a choice is remembered under: the shape and the card, with the device as
+    ``cuda:N`` whether it came as a torch device or a string (``cuda``: the current one)."""
     import torch
 
     device = torch.device(device)
     if device.index is None:
         device = torch.device(device.type, torch.cuda.current_device())
-    return str(device)
+    return kind, gates, B, H, dtype, props.name, str(device)
 
 
 def chosen(kind: str, gates: int, B: int, H: int, dtype: str, device) -> str | None:
@@ -186,7 +187,7 @@ def chosen(kind: str, gates: int, B: int, H: int, dtype: str, device) -> str | N
         return f"{_describe(_forced)} (forced)"
     if interpreting():
         return f"{_describe(_interpreted_tiles(H))} (interpreter)"
-    key = (kind, gates, B, H, dtype, _properties(device).name, _device_name(device))
+    key = _shape_key(kind, gates, B, H, dtype, device, _properties(device))
     with _lock:
         option = _cache.get(key)
     return None if option is None else _describe(option)

@@ -181,10 +181,12 @@ def format_table(rows: list[Row], info: dict | None = None, markdown: bool = Fal
                              for i, (c, w) in enumerate(zip(row, widths)))
 
         lines = [line(columns), "  ".join("-" * w for w in widths)] + [line(r) for r in body]
-    notes = [f"  {r.cell} {r.shape} {r.dtype} {r.pass_} {r.runner}: {r.error}"
-             for r in rows if r.error]
-    configs = [f"  {r.cell} {r.shape} {r.dtype} {r.pass_} {r.runner}: {r.config}"
-               for r in rows if r.config and not r.error]
+    def labelled(text_of) -> list[str]:
+        return [f"  {r.cell} {r.shape} {r.dtype} {r.pass_} {r.runner}: {text_of(r)}"
+                for r in rows if text_of(r)]
+
+    notes = labelled(lambda r: r.error)
+    configs = labelled(lambda r: r.config if not r.error else None)
     out = []
     if info is not None:
         out += header_lines(info) + [""]

@@ -223,6 +223,15 @@ def test_declines_a_step_beyond_32_bit_offsets(interpret):
         (why,) = reasons(2**19, 1024, cell)
         assert "32-bit offsets" in why and "batch 524288 x hidden size 1024" in why
         assert "split the batch" in why
+    # The kernel's own launcher refuses too, before it allocates anything (meta tensors).
+    from rnn_gpu.kernels.triton.gated import Tiles, gated_forward
+
+    xw = torch.empty((1, 2**19, 4 * 1024), device="meta", dtype=torch.float16)
+    w = torch.empty((4 * 1024, 1024), device="meta", dtype=torch.float16)
+    with pytest.raises(ValueError, match="32-bit offsets.*split the batch"):
+        gated_forward(1, 0, xw, w, None, xw[0, :, :1024], None, None, reverse=False,
+                      keep_tape=False, precision="ieee", tiles=Tiles(16, 16, 16, 1024),
+                      grid_sync=False)
 
 
 def test_tape_is_used_once(interpret):

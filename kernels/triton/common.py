@@ -129,6 +129,15 @@ def valid_rows(row_ok, t, lens, HAS_LENGTHS: tl.constexpr):
 
 
 @triton.jit
+def step_and_next(s, T, row_ok, lens, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """For backward at processing step s: the time steps of s and s+1 and their valid rows."""
+    t = time_index(s, T, REVERSE)
+    t_next = time_index(s + 1, T, REVERSE)
+    return (t, t_next, valid_rows(row_ok, t, lens, HAS_LENGTHS),
+            valid_rows(row_ok, t_next, lens, HAS_LENGTHS))
+
+
+@triton.jit
 def step_barrier(counter_ptr, target, GRID_SYNC: tl.constexpr):
     """Wait until every program of this row block has reached this point.
 

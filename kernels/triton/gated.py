@@ -46,6 +46,7 @@ from .common import (
     activation_grad,
     program_rows,
     sigmoid,
+    step_and_next,
     step_barrier,
     tanh,
     time_index,
@@ -199,10 +200,7 @@ def _gated_bwd_kernel(
     GH = G * H
     for i in range(t_begin, t_begin + n_steps):
         s = T - 1 - i
-        t = time_index(s, T, REVERSE)
-        t_next = time_index(s + 1, T, REVERSE)
-        valid = valid_rows(row_ok, t, lens, HAS_LENGTHS)
-        valid_next = valid_rows(row_ok, t_next, lens, HAS_LENGTHS)
+        t, t_next, valid, valid_next = step_and_next(s, T, row_ok, lens, REVERSE, HAS_LENGTHS)
         next_rows = (t_next.to(tl.int64) * B + rows64) * GH
         x_rows = (t.to(tl.int64) * B + rows64) * GH
         s_rows = (t.to(tl.int64) * B + rows64) * H

@@ -26,6 +26,7 @@ from .common import (
     activation_grad,
     program_rows,
     row_block_dot,
+    step_and_next,
     step_barrier,
     time_index,
     valid_rows,
@@ -117,10 +118,7 @@ def _twostage_bwd_kernel(
         p = p_begin + q
         i = p // 2
         s = T - 1 - i
-        t = time_index(s, T, REVERSE)
-        t_next = time_index(s + 1, T, REVERSE)
-        valid = valid_rows(row_ok, t, lens, HAS_LENGTHS)
-        valid_next = valid_rows(row_ok, t_next, lens, HAS_LENGTHS)
+        t, t_next, valid, valid_next = step_and_next(s, T, row_ok, lens, REVERSE, HAS_LENGTHS)
         s_rows = (t.to(tl.int64) * B + rows64) * H
         next_rows = (t_next.to(tl.int64) * B + rows64) * H
         for j0 in range(pid_h * UNITS, unit_end, BLOCK_H):

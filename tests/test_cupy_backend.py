@@ -161,16 +161,23 @@ def emulated_gemm_ex(args: tuple) -> None:
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("beta", [0, 1])
 def test_gemm_arguments_compute_the_row_major_product(trans_a, trans_b, beta):
-    rng = np.random.default_rng(0)
-    m, n, k = 5, 3, 7
+    # a and b stay bound: the op holds only their addresses
+    a, b, c, want, op = gemm_case(np.random.default_rng(0), 5, 3, 7, trans_a, trans_b, beta)
+    emulated_gemm_ex(op.cublas_args())
+    np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-5)
+
+
+def gemm_case(rng, m, n, k, trans_a, trans_b, beta, ab_type=0):
+    """Row-major float32 ``a``, ``b`` and ``c`` (written in place by the GEMM), the product
+    wanted (``op(a) @ op(b) + beta * c``) and the backend's ``_Gemm`` for it (``ab_type``: the
+    cudaDataType declared for A and B, 0 = float32)."""
     a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
     b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
     c = rng.standard_normal((m, n)).astype(np.float32)
     want = (a.T if trans_a else a) @ (b.T if trans_b else b) + beta * c
-    op = cb._Gemm(m, n, k, a.ctypes.data, trans_a, b.ctypes.data, trans_b, c.ctypes.data, 0, 0,
-                  beta, cb.CUBLAS_COMPUTE_32F)
-    emulated_gemm_ex(op.cublas_args())
-    np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-5)
+    op = cb._Gemm(m, n, k, a.ctypes.data, trans_a, b.ctypes.data, trans_b, c.ctypes.data,
+                  ab_type, 0, beta, cb.CUBLAS_COMPUTE_32F)
+    return a, b, c, want, op
 
 
 # ---------------------------------------------------------------------- CPU emulation
@@ -805,18 +812,12 @@ def test_ctypes_cublas_declarations_compute_the_row_major_product(fake_cublas, t
                                                                   trans_b, beta):
     raw = cb._RawCublas(ctypes.CDLL(fake_cublas), fake_cublas)
     rng = np.random.default_rng(1)
-    m, n, k = 3, 5, 4
-    a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
-    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
-    c = rng.standard_normal((m, n)).astype(np.float32)
-    want = (a.T if trans_a else a) @ (b.T if trans_b else b) + beta * c
-    op = cb._Gemm(m, n, k, a.ctypes.data, trans_a, b.ctypes.data, trans_b, c.ctypes.data, 0, 0,
-                  beta, cb.CUBLAS_COMPUTE_32F)
+    a, b, c, want, op = gemm_case(rng, 3, 5, 4, trans_a, trans_b, beta)
     raw.gemm_ex(0, 0xABC0, op.cublas_args())
     np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-5)
     assert ctypes.c_void_p.in_dll(ctypes.CDLL(fake_cublas), "last_stream").value == 0xABC0
-    bad = cb._Gemm(m, n, k, a.ctypes.data, trans_a, b.ctypes.data, trans_b, c.ctypes.data,
-                   cb.CUDA_DATA_TYPES["float16"], 0, beta, cb.CUBLAS_COMPUTE_32F)
+    a, b, c, _, bad = gemm_case(rng, 3, 5, 4, trans_a, trans_b, beta,
+                                ab_type=cb.CUDA_DATA_TYPES["float16"])
     with pytest.raises(RuntimeError, match="cublasGemmEx returned CUBLAS_STATUS_INVALID_VALUE"):
         raw.gemm_ex(0, 0, bad.cublas_args())
 

@@ -19,7 +19,6 @@ the barrier) only adds.
 from __future__ import annotations
 
 import argparse
-import threading
 
 import numpy as np
 
@@ -64,17 +63,6 @@ def _tile_work(T: int, B: int, H: int, rows: int, units: int, with_exp: bool, rn
     return run
 
 
-def _threads(runs):
-    def call():
-        threads = [threading.Thread(target=r) for r in runs[1:]]
-        for th in threads:
-            th.start()
-        runs[0]()
-        for th in threads:
-            th.join()
-    return call
-
-
 def floor_table(T: int, B: int, H: int, threads: int,
                 repeats: int) -> tuple[dict[str, float], list[tuple[int, int]]]:
     """Median milliseconds of the four runners (see the module docstring), and the tiles as
@@ -83,7 +71,7 @@ def floor_table(T: int, B: int, H: int, threads: int,
 
     import rnn_gpu as rg
     from rnn_gpu.backend_api import Problem
-    from rnn_gpu.backends.numpy import _plan, _single_threaded_blas
+    from rnn_gpu.backends.numpy import _plan, _run_tiles
 
     rng = np.random.default_rng(0)
     with same_threads(threads):
@@ -93,14 +81,10 @@ def floor_table(T: int, B: int, H: int, threads: int,
         shapes = [(t.rows.stop - t.rows.start, t.units.stop - t.units.start) for t in tiles]
 
         def primitives(with_exp):
-            call = _threads([_tile_work(T, B, H, b, u, with_exp, rng) for b, u in shapes])
-            if len(shapes) == 1:
-                return call
-
-            def single_blas():
-                with _single_threaded_blas():
-                    call()
-            return single_blas
+            # the backend's own tile runner: its thread pool, single-threaded BLAS per tile
+            work = {id(tile): _tile_work(T, B, H, b, u, with_exp, rng)
+                    for tile, (b, u) in zip(tiles, shapes)}
+            return lambda: _run_tiles(lambda tile: work[id(tile)](), tiles)
 
         layer = rg.LSTM(H, H, seed=0)
         peer = torch.nn.LSTM(H, H)

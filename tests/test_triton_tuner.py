@@ -145,3 +145,33 @@ def test_backend_times_whole_steps_even_for_a_short_sequence(monkeypatch, launch
     assert seen == [launch.SHORT_STEPS, launch.LONG_STEPS, 3]
     y_ref, _ = layer(x, backend="numpy")
     np.testing.assert_allclose(np.asarray(y), y_ref, rtol=2e-5, atol=2e-5)
+
+
+def test_time_cuda_queues_gpu_sleep_before_each_timed_call(monkeypatch, launch):
+    """Each timed call sits behind a GPU sleep recorded before its start event (so the events
+    time the GPU, not Python's launch), and the median of the repeats is returned."""
+    log: list[str] = []
+    elapsed = iter([5.0, 1.0, 3.0, 2.0, 4.0])
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            log.append("record")
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return next(elapsed)
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: log.append("sync"))
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: log.append(f"sleep {cycles}"),
+                        raising=False)
+    ms = launch.time_cuda(lambda: log.append("run"))
+    sleep = f"sleep {launch.SLEEP_CYCLES}"
+    assert log == ["run", "sync"] + [sleep, "record", "run", "record"] * 5
+    assert ms == 3.0
+

@@ -16,7 +16,12 @@ never recompiles or re-tunes. What is compared is the cost of one step: each can
 the real call for ``SHORT_STEPS`` and for ``LONG_STEPS`` steps (CUDA events) and the difference
 is divided by the extra steps. A single 8-step timing carried ~0.1-0.2 ms of fixed cost
 (allocation, launch) that is not per step, so candidates within ~10% swapped between runs (H100,
-LSTM fp32 4096x64x256: 16-row blocks in one run, 32-row blocks in the next). Under Triton's
+LSTM fp32 4096x64x256: 16-row blocks in one run, 32-row blocks in the next). The difference
+alone was still not enough for half precision, whose steps take 10-30 us: with 2 and 10 steps
+the H100 measured -6.5 to +17 us per step for the same tilings (run 3), because the events also
+timed the GPU idling while Python launched the call. So :func:`time_cuda` first queues ~1 ms of
+GPU sleep, behind which the call's launches wait, and the two runs are 16 steps apart. Under
+Triton's
 interpreter one small fixed tiling is used (speed is meaningless there). With
 ``RNN_GPU_TUNE_LOG=1`` each choice and the candidates' timings are printed to stderr.
 """
@@ -37,7 +42,7 @@ from .gated import Tiles
 _cache: dict[tuple, tuple[Tiles, bool]] = {}
 _lock = threading.Lock()
 _forced: tuple[Tiles, bool] | None = None
-SHORT_STEPS, LONG_STEPS = 2, 10   # per-step cost = (t(LONG) - t(SHORT)) / 8
+SHORT_STEPS, LONG_STEPS = 2, 18   # per-step cost = (t(LONG) - t(SHORT)) / 16
 
 
 def check_mode() -> None:
@@ -82,7 +87,7 @@ def _block_h(units: int) -> int:
 
 def candidates(gates: int, B: int, H: int, dtype: str, n_sm: int) -> list[tuple[Tiles, bool]]:
     """Tilings worth timing for this shape, best guess first."""
-    block_k = 32 if dtype == "float32" else 64
+    block_k = 32 if dtype.startswith("float32") else 64     # float32, float32-tf32x3, ...
     rows_cap = max(16, triton.next_power_of_2(B))
 
     def warps(bb: int, bh: int) -> int:
@@ -199,20 +204,35 @@ def _describe(option: tuple[Tiles, bool]) -> str:
             f"u{t.units} w{t.num_warps}")
 
 
-def time_cuda(run: Callable[[], object], repeats: int = 3) -> float:
-    """Median milliseconds of ``run()`` by CUDA events, after one untimed call (compiles)."""
+def time_cuda(run: Callable[[], object], repeats: int = 5) -> float:
+    """Median milliseconds of ``run()`` by CUDA events, after one untimed call (compiles).
+
+    Each timed call is queued behind ~1 ms of GPU sleep, so the events see the GPU's time for
+    the call and not the host's: a short call (2 steps of a half-precision kernel, ~30 us) is
+    otherwise shorter than Python's launch of it, and the events then time the launch."""
     import torch
 
     run()
+    torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _queue_sleep(torch)
         start.record()
         run()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+SLEEP_CYCLES = 2_000_000    # ~1 ms at the H100's 1.98 GHz; > the host's launch of one call
+
+
+def _queue_sleep(torch) -> None:
+    sleep = getattr(torch.cuda, "_sleep", None)      # private, but in torch since 0.4
+    if sleep is not None:
+        sleep(SLEEP_CYCLES)
 
 
 def tuned() -> dict[tuple, tuple[Tiles, bool]]:

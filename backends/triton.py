@@ -88,7 +88,7 @@ class TritonBackend(Backend):
         from rnn_gpu.kernels.triton import launch
 
         return launch.chosen(problem.cell, _tuned_gates(problem.cell), problem.batch,
-                             problem.hidden_size, problem.dtype, problem.device)
+                             problem.hidden_size, _tuned_dtype(problem.dtype), problem.device)
 
     # ------------------------------------------------------------------ running
 
@@ -135,7 +135,7 @@ class TritonBackend(Backend):
                 return launch.time_cuda(lambda: run(steps, tiles, sync, False))
 
             tiles, sync = launch.choose(problem.cell, _tuned_gates(problem.cell), B, H,
-                                        problem.dtype, xw.device, time_call)
+                                        _tuned_dtype(problem.dtype), xw.device, time_call)
             y, final, ktape = run(xw, tiles, sync, keep_tape)
         dt = xw.dtype
         if problem.cell == "twostage":
@@ -184,6 +184,13 @@ def _tuned_gates(cell: str) -> int:
     return 2 if cell == "twostage" else SPECS[cell].gates
 
 
+def _tuned_dtype(dtype: str) -> str:
+    """The dtype the tuner keys shapes on, with the float32 dot's precision where it is not
+    IEEE (tf32x3 runs other instructions than IEEE, so its best tiling is chosen apart)."""
+    precision = _precision(dtype)
+    return dtype if precision == "ieee" else f"{dtype}-{precision}"
+
+
 def _act_ids(activations: tuple[str, ...]) -> tuple[int, ...]:
     from rnn_gpu.kernels.triton.common import ACTIVATION_IDS
 
@@ -191,8 +198,10 @@ def _act_ids(activations: tuple[str, ...]) -> tuple[int, ...]:
 
 
 def _precision(dtype: str) -> str:
-    """IEEE float32 unless the caller allowed TF32 (DESIGN §3); ignored for fp16/bf16."""
-    return "tf32" if dtype == "float32" and _config.tf32_allowed() else "ieee"
+    """IEEE float32 unless the caller allowed TF32 (DESIGN §3) or chose tf32x3
+    (:func:`rnn_gpu.set_float32_precision`): Triton's ``input_precision`` of the float32 dots.
+    Ignored for fp16/bf16."""
+    return _config.float32_precision() if dtype == "float32" else "ieee"
 
 
 def _lengths(lengths: np.ndarray | None, device):

@@ -8,7 +8,7 @@ See DESIGN §3 for the public names; ``rg.backends`` is the backend registry.
 """
 
 from . import backends
-from ._config import allow_tf32, tf32_allowed
+from ._config import allow_tf32, float32_precision, set_float32_precision, tf32_allowed
 from .io import load, save
 from .layers import GRU, LSTM, RNN, RecurrentLayer, TwoStageRNN
 from .readout import Readout
@@ -18,5 +18,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GRU", "LSTM", "RNN", "TwoStageRNN", "RecurrentLayer", "Readout", "BackendError",
-    "allow_tf32", "tf32_allowed", "backends", "load", "save", "use_backend", "__version__",
+    "allow_tf32", "tf32_allowed", "set_float32_precision", "float32_precision", "backends",
+    "load", "save", "use_backend", "__version__",
 ]

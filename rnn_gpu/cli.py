@@ -6,6 +6,8 @@ import argparse
 import platform
 import sys
 
+from ._config import FLOAT32_PRECISIONS
+
 
 def _info(args: argparse.Namespace) -> int:
     import numpy as np
@@ -93,7 +95,9 @@ def _bench(args: argparse.Namespace) -> int:
     runners = peers.our_runners(_split(args.backend) or None) + peers.peer_runners(device)
     to_stdout = args.json == "-"
     log = None if to_stdout else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    with threads.same_threads(n):
+    from ._config import float32_precision_set
+
+    with threads.same_threads(n), float32_precision_set(args.float32_precision):
         info = bench.machine_info(n, device)
         peak = None
         if not args.quick and device == "cpu":
@@ -160,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write the results as JSON to PATH, or to stdout without PATH "
                             "(then no table is printed)")
     bench.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    bench.add_argument("--float32-precision", default="ieee", choices=FLOAT32_PRECISIONS,
+                       help="float32 products in our GPU backends: ieee (default, as torch.nn "
+                            "with TF32 off), tf32x3 (three TF32 tensor-core products, float32's "
+                            "accuracy; torch.nn stays IEEE) or tf32 (both sides TF32)")
     bench.set_defaults(func=_bench)
     return parser
 

@@ -51,6 +51,30 @@ def test_the_table_says_how_each_case_ran(capsys):
     assert "how each case ran:\n  LSTM 4×2×8 float32 forward numpy: 1 thread" in out
 
 
+def test_float32_precision_is_set_for_the_run_and_reported(capsys, monkeypatch):
+    """--float32-precision holds while the cases run (a stand-in runner reads it), is named in
+    the JSON and above the table, and the process's own setting is back afterwards."""
+    import rnn_gpu as rg
+    from rnn_gpu.bench import runner
+
+    seen = []
+    real_run_case = runner.run_case
+
+    def spy(*args, **kwargs):
+        seen.append(rg.float32_precision())
+        return real_run_case(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_case", spy)
+    report = _bench_json(capsys, "--repeats", "1", "--cell", "RNN", "--shape", "2x2x4",
+                         "--float32-precision", "tf32x3")
+    assert seen == ["tf32x3"] and report["machine"]["float32_precision"] == "tf32x3"
+    assert rg.float32_precision() == "ieee"
+    assert main(["bench", "--quick", "--repeats", "1", "--cell", "RNN", "--shape", "2x2x4",
+                 "--float32-precision", "tf32x3"]) == 0
+    assert ("float32 products: tf32x3 in our backends (rnn-gpu bench --float32-precision); "
+            "torch.nn: IEEE float32") in capsys.readouterr().out
+
+
 def _problem(B, H, training=False, cell="lstm"):
     from rnn_gpu.backend_api import Problem
 

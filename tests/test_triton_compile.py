@@ -22,7 +22,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     print(done.stdout, done.stderr)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("ok ")]
-    assert len(lines) == 8 * 2, done.stdout        # 8 kernels x 2 architectures
+    # 8 kernels x 2 architectures, and the float32 LSTM through tf32x3 on sm_90
+    assert len(lines) == 8 * 2 + 2, done.stdout
 
 
 # Spill stores per thread (bytes) that ptxas -v reported for the forward kernel when its

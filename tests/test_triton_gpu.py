@@ -194,3 +194,23 @@ def test_bad_input_on_the_gpu_path():
     m64 = rg.LSTM(4, 8, dtype="float64").to("cuda")
     with pytest.raises(BackendError, match="float64"):
         m64(torch.zeros(3, 2, 4, device="cuda", dtype=torch.float64), backend="triton")
+
+
+@pytest.fixture
+def tf32x3():
+    rg.set_float32_precision("tf32x3")
+    try:
+        yield
+    finally:
+        rg.set_float32_precision("ieee")
+
+
+@pytest.mark.parametrize("cell,opts", [CELL_OPTS[0], CELL_OPTS[1], CELL_OPTS[4]])
+def test_float32_through_tf32x3_keeps_float32_accuracy(tf32x3, cell, opts, rng):
+    """rg.set_float32_precision("tf32x3"): three TF32 tensor-core products per float32 dot;
+    held to the same float32 tolerance against float64 as the IEEE kernels, on the small case
+    and on a longer, wider one (errors would grow with H and T)."""
+    run_on_gpu(Case(cell=cell, opts=opts, **SMALL), "float32", int(rng.integers(2**32)))
+    wide = Case(cell=cell, opts=opts, dtype="float32", T=48, B=64, I=64, H=256,
+                lengths="full", with_state=True)
+    run_on_gpu(wide, "float32", int(rng.integers(2**32)))

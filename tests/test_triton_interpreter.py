@@ -241,3 +241,33 @@ def test_tape_is_used_once(interpret):
     m.backward(tape, torch.ones_like(y))
     with pytest.raises(RuntimeError, match="already used"):
         m.backward(tape, torch.ones_like(y))
+
+
+def test_float32_precision_reaches_the_kernels(interpret, monkeypatch, rng):
+    """rg.set_float32_precision("tf32x3") is what the kernels are launched with (the tuner
+    keys its choice on it too), and the answer still meets float32's tolerance (the
+    interpreter computes its dots in IEEE float32 whatever the precision)."""
+    from rnn_gpu.kernels.triton import gated
+
+    seen: list[str] = []
+    real = gated.gated_forward
+
+    def spy(*args, precision, **kwargs):
+        seen.append(precision)
+        return real(*args, precision=precision, **kwargs)
+
+    monkeypatch.setattr(gated, "gated_forward", spy)
+    case = Case(cell="LSTM", dtype="float32", **{**LAYOUTS["plain"], "with_state": True})
+    rg.set_float32_precision("tf32x3")
+    try:
+        check(case, int(rng.integers(2**32)), TOL["float32"])
+        assert seen and set(seen) == {"tf32x3"}
+        rg.allow_tf32(True)
+        seen.clear()
+        ours(*build(case, np.random.default_rng(0))[:4], backend="triton")
+        assert set(seen) == {"tf32"}
+    finally:
+        rg.set_float32_precision("ieee")
+    seen.clear()
+    ours(*build(case, np.random.default_rng(0))[:4], backend="triton")
+    assert set(seen) == {"ieee"}

@@ -101,20 +101,31 @@ def spills() -> int:
 
 
 def variants(arch: int):
+    """(kernel, cell, function, constexprs, dtype): bf16 on sm_90 (the headline dtype), fp32
+    (IEEE dot, FMA path) on sm_80, and on sm_90 also fp32 through tf32x3 (three TF32
+    tensor-core products, :func:`rnn_gpu.set_float32_precision`)."""
     # sm_90: one block of units per program (state in registers); sm_80: several blocks
     # (state through global memory) - between them both code paths of every kernel
     units = 64 if arch >= 90 else 128
+    dtype = "bf16" if arch >= 90 else "fp32"
     tiles = dict(BLOCK_B=64, BLOCK_H=64, BLOCK_K=64, UNITS=units)
     common = dict(REVERSE=True, HAS_LENGTHS=True, GRID_SYNC=True, PRECISION="ieee", **tiles)
     for cell, name in ((0, "rnn"), (1, "lstm"), (2, "gru")):
         shape = dict(CELL=cell, G=gated.GATES[cell], TG=gated.TAPE_GATES[cell], ACT=0)
         yield ("gated_fwd", name, gated._gated_fwd_kernel,
-               {**shape, **common, "HAS_BIAS": True, "KEEP_TAPE": True})
-        yield "gated_bwd", name, gated._gated_bwd_kernel, {**shape, **common}
+               {**shape, **common, "HAS_BIAS": True, "KEEP_TAPE": True}, dtype)
+        yield "gated_bwd", name, gated._gated_bwd_kernel, {**shape, **common}, dtype
     acts = dict(F=1, G=2)
     yield ("twostage_fwd", "twostage", twostage._twostage_fwd_kernel,
-           {**acts, **common, "HAS_BIAS": True, "KEEP_TAPE": True})
-    yield "twostage_bwd", "twostage", twostage._twostage_bwd_kernel, {**acts, **common}
+           {**acts, **common, "HAS_BIAS": True, "KEEP_TAPE": True}, dtype)
+    yield ("twostage_bwd", "twostage", twostage._twostage_bwd_kernel, {**acts, **common},
+           dtype)
+    if arch >= 90:
+        lstm = dict(CELL=1, G=gated.GATES[1], TG=gated.TAPE_GATES[1], ACT=0)
+        tf32x3 = {**common, "PRECISION": "tf32x3", "BLOCK_K": 32}
+        yield ("gated_fwd", "lstm-tf32x3", gated._gated_fwd_kernel,
+               {**lstm, **tf32x3, "HAS_BIAS": True, "KEEP_TAPE": True}, "fp32")
+        yield "gated_bwd", "lstm-tf32x3", gated._gated_bwd_kernel, {**lstm, **tf32x3}, "fp32"
 
 
 def main(argv: list[str]) -> int:
@@ -123,9 +134,7 @@ def main(argv: list[str]) -> int:
     archs = [int(a) for a in argv] or [80, 90]
     failed = 0
     for arch in archs:
-        for kernel, cell, fn, consts in variants(arch):
-            # bf16 on sm_90 (the headline dtype), fp32 (IEEE dot, FMA path) on the rest
-            dtype = "bf16" if arch >= 90 else "fp32"
+        for kernel, cell, fn, consts, dtype in variants(arch):
             try:
                 shared, seconds = compile_variant(fn, dtype, arch, consts, num_warps=8)
             except Exception as exc:                  # report every failure, then fail

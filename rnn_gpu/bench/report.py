@@ -56,6 +56,7 @@ def machine_info(threads: int, device: str = "cpu") -> dict:
         "numpy_blas": _numpy_blas(),
         "torch": None,
         "torch_blas": None,
+        "float32_precision": rnn_gpu.float32_precision(),
     }
     try:
         import torch
@@ -138,6 +139,10 @@ def header_lines(info: dict) -> list[str]:
     if info.get("gpu"):
         extra = "".join(f"; {m} {info[m]}" for m in ("triton", "cupy") if info.get(m))
         lines.append(f"GPU: {info['gpu']}; CUDA {info['cuda']}, cuDNN {info['cudnn']}{extra}")
+    if info.get("float32_precision", "ieee") != "ieee":
+        lines.append(f"float32 products: {info['float32_precision']} in our backends "
+                     f"(rnn-gpu bench --float32-precision); torch.nn: "
+                     f"{'TF32' if info['float32_precision'] == 'tf32' else 'IEEE float32'}")
     if info.get("peak_gemm_gflops"):
         peaks = ", ".join(f"{k} {v:.0f}" for k, v in info["peak_gemm_gflops"].items())
         lines.append(f"peak GEMM (2048³ float32, same threads), GFLOP/s: {peaks}")

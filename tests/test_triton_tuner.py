@@ -9,6 +9,7 @@ module is skipped so that the gpu tests get compiled kernels.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import numpy as np
@@ -114,6 +115,10 @@ def test_the_backend_reports_the_tiling_under_the_interpreter(launch):
                       hidden_size=20)
     assert rg.backends.get("triton").describe_run(problem) == (
         "tiled b16 h16 k16 u32 w4 (interpreter)")
+    training = dataclasses.replace(problem, training=True)     # backward tuned on its own
+    assert rg.backends.get("triton").describe_run(training) == (
+        "forward tiled b16 h16 k16 u32 w4 (interpreter); backward tiled b16 h16 k16 u32 w4 "
+        "(interpreter)")
 
 
 def test_backend_times_whole_steps_even_for_a_short_sequence(monkeypatch, launch):
@@ -175,3 +180,47 @@ def test_time_cuda_queues_gpu_sleep_before_each_timed_call(monkeypatch, launch):
     assert log == ["run", "sync"] + [sleep, "record", "run", "record"] * 5
     assert ms == 3.0
 
+
+@pytest.mark.parametrize("cell,opts", [("LSTM", None), ("GRU", None),
+                                       ("TwoStageRNN", {"f": "tanh", "g": "sigmoid"})])
+def test_backward_chooses_its_own_tiling_and_stays_right(monkeypatch, launch, Tiles, cell,
+                                                         opts, rng):
+    """The backward is tuned apart from the forward (kind '<cell>-backward'), its timing call
+    runs SHORT_STEPS and LONG_STEPS steps of the tape even for a shorter sequence, and with a
+    tiling other than the forward's (units split over programs) the gradients still match the
+    float64 oracle: the tape does not depend on how the forward was cut."""
+    from oracles import assert_close, ours, reference
+    from test_layers_vs_torch import Case, build
+
+    from rnn_gpu.kernels.triton import gated, twostage
+
+    split = (Tiles(block_b=16, block_h=16, block_k=16, units=16), False)
+    kinds, steps = [], []
+    real_choose = launch.choose
+
+    def choose(kind, gates, B, H, dtype, device, time_call):
+        kinds.append(kind)
+        if not kind.endswith("-backward"):
+            return real_choose(kind, gates, B, H, dtype, device, time_call)
+        launch.step_ms(time_call, split)              # what the tuner would time, then:
+        return split
+
+    def spy(real):
+        def backward(tape, dy, *args, tiles=None, grid_sync=None):
+            steps.append((dy.shape[0], tiles.units if tiles else None))
+            return real(tape, dy, *args, tiles=tiles, grid_sync=grid_sync)
+        return backward
+
+    monkeypatch.setattr(launch, "choose", choose)
+    monkeypatch.setattr(launch, "time_cuda", lambda run: (run(), 1.0)[1])
+    monkeypatch.setattr(gated, "gated_backward", spy(gated.gated_backward))
+    monkeypatch.setattr(twostage, "twostage_backward", spy(twostage.twostage_backward))
+    case = Case(cell=cell, opts=opts, dtype="float32", T=3, B=5, I=4, H=40, with_state=True,
+                lengths="zero")
+    m, x, state, lengths, dy, dstate = build(case, rng)
+    want = reference(m, x, state, lengths, dy, dstate)
+    got = ours(m, x, state, lengths, dy, dstate, backend="triton")
+    assert_close(got, want, rtol=2e-5, atol=2e-5, what=f"{cell}: ")
+    kind = {"LSTM": "lstm", "GRU": "gru", "TwoStageRNN": "twostage"}[cell]
+    assert kinds == [kind, f"{kind}-backward"]
+    assert steps == [(launch.SHORT_STEPS, 16), (launch.LONG_STEPS, 16), (3, 16)]

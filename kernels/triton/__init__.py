@@ -37,3 +37,9 @@ def step_elements(B: int, H: int) -> int:
     """The most elements the gated forward kernel addresses within one step of a (B, H)
     problem: a step of xw or of the gates tape (B x 4H at most), or W_hh (4H x H at most)."""
     return 4 * H * max(B, H)
+
+
+def steps_of(a, n: int):
+    """The first ``n`` steps of a (T, ...) tensor, repeated when T < n: what the tuner times a
+    candidate tiling on (the cost of a step does not depend on the values)."""
+    return (a if n <= a.shape[0] else a.repeat(-(-n // a.shape[0]), *[1] * (a.dim() - 1)))[:n]

@@ -31,13 +31,14 @@ compute dtype (the operand of ``dW_hh``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from . import MAX_STEP_ELEMENTS, step_elements
+from . import MAX_STEP_ELEMENTS, step_elements, steps_of
 from .common import (
     GRU,
     LSTM,
@@ -389,9 +390,15 @@ def gated_forward(cell: int, act: int, xw: torch.Tensor, w_hh: torch.Tensor,
 
 
 def gated_backward(tape: GatedTape, dy: torch.Tensor, dhT: torch.Tensor,
-                   dcT: torch.Tensor | None):
+                   dcT: torch.Tensor | None, *, tiles: Tiles | None = None,
+                   grid_sync: bool | None = None):
     """Returns ``dxw`` (T, B, G*H), ``dh0``, ``dc0`` (fp32, dc0 None unless LSTM),
-    ``dW_hh`` and ``db_hh`` (None without bias), the last two in W_hh's dtype."""
+    ``dW_hh`` and ``db_hh`` (None without bias), the last two in W_hh's dtype. ``tiles`` and
+    ``grid_sync`` default to the forward's: the tape is laid out per step, not per tiling, so
+    the backward may be cut differently (its best tiling is not the forward's, see
+    :mod:`.launch`)."""
+    if tiles is None:
+        tiles, grid_sync = tape.tiles, tape.grid_sync
     T, B, H = dy.shape
     cell, w_hh = tape.cell, tape.w_hh
     dev, dt = dy.device, dy.dtype
@@ -403,10 +410,10 @@ def gated_backward(tape: GatedTape, dy: torch.Tensor, dhT: torch.Tensor,
     dcTf = (dcT if dcT is not None else torch.zeros((1,), device=dev)).to(f32).contiguous()
     dh = torch.empty((B, H), device=dev, dtype=f32)
     dc = torch.empty((B, H), device=dev, dtype=f32) if cell == LSTM else dh
-    grid = tape.tiles.grid(B, H)
+    grid = tiles.grid(B, H)
     split = grid[1] > 1
-    consts = _constexprs(cell, tape.act, tape.tiles, tape.precision, tape.grid_sync and split)
-    spans = [(0, T + 1)] if (tape.grid_sync or not split) else [(i, 1) for i in range(T + 1)]
+    consts = _constexprs(cell, tape.act, tiles, tape.precision, bool(grid_sync) and split)
+    spans = [(0, T + 1)] if (grid_sync or not split) else [(i, 1) for i in range(T + 1)]
     for t_begin, n in spans:
         sync = torch.zeros((grid[0],), device=dev, dtype=torch.int32)
         _gated_bwd_kernel[grid](
@@ -418,6 +425,14 @@ def gated_backward(tape: GatedTape, dy: torch.Tensor, dhT: torch.Tensor,
     dw = (flat.t() @ tape.hprev.reshape(T * B, H)).to(w_hh.dtype)
     db = flat.sum(0, dtype=f32).to(w_hh.dtype) if tape.has_bias else None
     return dxw, dh, (dc if cell == LSTM else None), dw, db
+
+
+def gated_tape_steps(tape: GatedTape, n: int) -> GatedTape:
+    """The tape of the first ``n`` steps (repeated when the sequence is shorter), for timing
+    the backward over ``n`` steps; the values do not change its cost."""
+    gates = steps_of(tape.gates, n)
+    ctape = gates if tape.ctape is tape.gates else steps_of(tape.ctape, n)
+    return dataclasses.replace(tape, gates=gates, ctape=ctape, hprev=steps_of(tape.hprev, n))
 
 
 # ----------------------------------------------------------------------------- reference

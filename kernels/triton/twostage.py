@@ -15,12 +15,14 @@ Backward, iteration i handles step s = T-1-i: phase A adds the recurrent gradien
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from . import steps_of
 from .common import (
     activate,
     activation_grad,
@@ -221,9 +223,13 @@ def twostage_forward(acts: tuple[int, int], xw, w_aa, w_ha, w_hh, b_h, h0, lengt
     return y, h, tape
 
 
-def twostage_backward(tape: TwoStageTape, dy, dhT):
+def twostage_backward(tape: TwoStageTape, dy, dhT, *, tiles: Tiles | None = None,
+                      grid_sync: bool | None = None):
     """Returns ``dxw``, ``dh0`` (fp32) and ``(dW_aa, dW_ha, dW_hh, db_h)`` (db_h None without
-    bias), the weight gradients in the weights' dtype."""
+    bias), the weight gradients in the weights' dtype. ``tiles``/``grid_sync`` default to the
+    forward's (see :func:`.gated.gated_backward`)."""
+    if tiles is None:
+        tiles, grid_sync = tape.tiles, tape.grid_sync
     T, B, H = dy.shape
     dev, dt = dy.device, dy.dtype
     f32 = torch.float32
@@ -231,10 +237,10 @@ def twostage_backward(tape: TwoStageTape, dy, dhT):
     dxw = torch.empty((T, B, H), device=dev, dtype=dt)
     dph = torch.empty((T, B, H), device=dev, dtype=dt)
     dh = torch.empty((B, H), device=dev, dtype=f32)
-    grid = tape.tiles.grid(B, H)
+    grid = tiles.grid(B, H)
     split = grid[1] > 1
-    consts = _consts(tape.acts, tape.tiles, tape.precision, tape.grid_sync and split)
-    for p_begin, n in _launch_spans(2 * T + 1, tape.grid_sync, split):
+    consts = _consts(tape.acts, tiles, tape.precision, bool(grid_sync) and split)
+    for p_begin, n in _launch_spans(2 * T + 1, bool(grid_sync), split):
         sync = torch.zeros((grid[0],), device=dev, dtype=torch.int32)
         _twostage_bwd_kernel[grid](
             dy, w_aa, w_ha, w_hh, tape.lengths if tape.lengths is not None else sync,
@@ -249,6 +255,12 @@ def twostage_backward(tape: TwoStageTape, dy, dhT):
              (dph2.t() @ hprev).to(wdt),
              dph2.sum(0, dtype=f32).to(wdt) if tape.has_bias else None)
     return dxw, dh, grads
+
+
+def twostage_tape_steps(tape: TwoStageTape, n: int) -> TwoStageTape:
+    """The tape of the first ``n`` steps (see :func:`.gated.gated_tape_steps`)."""
+    return dataclasses.replace(tape, atape=steps_of(tape.atape, n),
+                               htape=steps_of(tape.htape, n), hprev=steps_of(tape.hprev, n))
 
 
 def naive_twostage(acts: tuple[int, int], xw, w_aa, w_ha, w_hh, b_h, h0, lengths, *,

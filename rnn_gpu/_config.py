@@ -44,9 +44,10 @@ def set_float32_precision(precision: str) -> None:
     tensor-core products summed in float32 (the low x low term dropped), so each product keeps
     ~22 of float32's 24 mantissa bits; errors against float64 stay at float32's order (checked
     against torch.nn in float64 by the tests), at a fraction of the IEEE kernel's time (H100,
-    LSTM 256x4096x256 forward step: 59-72 against 173 us). A backend with no such path (cupy,
-    numpy) computes IEEE float32, which is at least as precise. ``"tf32"`` is the same as
-    :func:`allow_tf32`."""
+    LSTM 256x4096x256 forward step: 59-72 against 173 us). The layers' GEMMs around the kernels
+    on torch CUDA tensors follow it too (:mod:`rnn_gpu._matmul`). A backend with no such path
+    (cupy, numpy) computes IEEE float32, which is at least as precise. ``"tf32"`` is the same
+    as :func:`allow_tf32`."""
     global _FLOAT32, _TF32
     if precision not in FLOAT32_PRECISIONS:
         raise ValueError(f"precision: expected one of {', '.join(FLOAT32_PRECISIONS)}, got "

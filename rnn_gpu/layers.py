@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks, registry
+from . import _checks, _config, registry
 from ._arrays import Ops, device_of, dtype_name, kind_of, parse_device, to_kind, to_numpy
 from ._dtypes import canonical_dtype
+from ._matmul import matmul
 from .backend_api import Problem, Tape
 from .cells import (
     ACTIVATIONS,
@@ -44,6 +45,7 @@ class LayerTape:
     input_weights: list[list[Any]] = field(default_factory=list)
     used: bool = False
     owner: Any = None                                        # the layer whose forward made it
+    precision: str = "ieee"                                  # float32 products, as forward's
 
 
 class RecurrentLayer:
@@ -245,7 +247,8 @@ class RecurrentLayer:
         states = [tuple(to_kind(s, kind, device) for s in st) for st in states]
         params = {k: to_kind(v, kind, device) for k, v in self._params.items()}
         inp = to_kind(xt, kind, device)
-        tape = LayerTape(problem, backend, layout, owner=self) if keep_tape else None
+        tape = (LayerTape(problem, backend, layout, owner=self,
+                          precision=_config.float32_precision()) if keep_tape else None)
         D, P = self.num_directions, self.output_size
         finals: list[tuple[Any, ...]] = []
         empty = T == 0 or B == 0
@@ -301,7 +304,7 @@ class RecurrentLayer:
         """``W_ih x + b_ih`` for all T*B rows as one GEMM -> (T, B, gates*H)."""
         w_ih, b_ih = self._input_weights(params, layer, reverse)
         T, B, n_in = inp.shape
-        xw = inp.reshape(T * B, n_in) @ w_ih.T
+        xw = matmul(inp.reshape(T * B, n_in), w_ih.T, _config.float32_precision())
         if b_ih is not None:
             xw += b_ih
         return w_ih, xw.reshape(T, B, w_ih.shape[0])
@@ -345,6 +348,7 @@ class RecurrentLayer:
         grads: dict[str, Any] = {}
         dstate0: list[tuple[Any, ...]] = [()] * (self.num_layers * D)
         empty = T == 0 or B == 0
+        precision = tape.precision
         for layer in reversed(range(self.num_layers)):
             inp = tape.inputs[layer]
             d_inp = None
@@ -360,14 +364,14 @@ class RecurrentLayer:
                 w_ih = tape.input_weights[layer][d]
                 dxw2 = dxw.reshape(T * B, -1)
                 n_in = inp.shape[2]
-                grads[parameter_name(self._spec.input_weight, layer, reverse)] = (
-                    dxw2.T @ inp.reshape(T * B, n_in))
+                grads[parameter_name(self._spec.input_weight, layer, reverse)] = matmul(
+                    dxw2.T, inp.reshape(T * B, n_in), precision)
                 if self.bias:
                     grads[parameter_name(self._spec.input_bias, layer, reverse)] = ops.sum_leading(
                         dxw2)
                 for base, g in dw.items():
                     grads[parameter_name(base, layer, reverse)] = g
-                contrib = (dxw2 @ w_ih).reshape(T, B, n_in)
+                contrib = matmul(dxw2, w_ih, precision).reshape(T, B, n_in)
                 d_inp = contrib if d_inp is None else d_inp + contrib
             if empty:
                 d_inp = ops.zeros(inp.shape, self.dtype, device)

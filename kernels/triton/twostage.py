@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rnn_gpu._matmul import matmul
+
 from . import steps_of
 from .common import (
     activate,
@@ -250,9 +252,10 @@ def twostage_backward(tape: TwoStageTape, dy, dhT, *, tiles: Tiles | None = None
     hprev = tape.hprev.reshape(T * B, H)
     dpa, dph2 = dxw.reshape(T * B, H), dph.reshape(T * B, H)
     wdt = w_hh.dtype
-    grads = ((dpa.t() @ hprev).to(wdt),
-             (dph2.t() @ tape.atape.reshape(T * B, H).to(dt)).to(wdt),
-             (dph2.t() @ hprev).to(wdt),
+    p = tape.precision
+    grads = (matmul(dpa.t(), hprev, p).to(wdt),
+             matmul(dph2.t(), tape.atape.reshape(T * B, H).to(dt), p).to(wdt),
+             matmul(dph2.t(), hprev, p).to(wdt),
              dph2.sum(0, dtype=f32).to(wdt) if tape.has_bias else None)
     return dxw, dh, grads
 

@@ -1,0 +1,81 @@
+"""The layers' large float32 GEMMs in the precision in force (:func:`rnn_gpu.float32_precision`).
+
+Around the recurrence, a layer multiplies whole sequences at once: the input projection
+``x W_ihᵀ`` in the forward, ``dxw W_ih`` and ``dxwᵀ x`` in the backward, and the backends'
+``dW_hh``. Under IEEE float32 these run on the CUDA cores; on the H100 at LSTM 256×4096×256 each
+is ~0.55 TFLOP, ~11 ms, while the tf32x3 recurrence kernel takes ~15 ms for the whole sequence
+(run 4, docs/performance.md). So the precision the kernels use applies to these products too:
+
+* ``"ieee"``: ``a @ b``, as before.
+* ``"tf32"``: ``a @ b`` with torch's TF32 matmuls allowed for the call.
+* ``"tf32x3"``: each operand split into a TF32 high part (the top 10 of float32's 23 mantissa
+  bits, exact in TF32) and the rest, ``hi·hi + hi·lo + lo·hi`` as three TF32 products summed in
+  float32; only ``lo·lo`` (~2⁻²² relative) is dropped. The same scheme as the kernels' dots.
+
+Only torch float32 CUDA tensors take the TF32 paths (there is no TF32 anywhere else); all other
+arrays, and every other dtype, are multiplied as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+TF32_HIGH_MASK = -(1 << 13)      # 0xFFFFE000 as int32: sign, exponent, top 10 mantissa bits
+
+
+def matmul(a: Any, b: Any, precision: str) -> Any:
+    """``a @ b`` (2-D), float32 products in ``precision`` where the arrays allow it."""
+    if precision == "ieee" or not _takes_tf32(a, b):
+        return a @ b
+    if precision == "tf32":
+        with _tf32_matmuls():
+            return a @ b
+    if precision == "tf32x3":
+        return tf32x3_matmul(a, b)
+    raise ValueError(f"precision: expected ieee, tf32x3 or tf32, got {precision!r}")
+
+
+def tf32x3_matmul(a, b):
+    """``a @ b`` for torch float32 tensors as three TF32 products (see the module docstring)."""
+    a_hi, a_lo = split_tf32(a)
+    b_hi, b_lo = split_tf32(b)
+    with _tf32_matmuls():
+        out = a_hi @ b_hi
+        out += a_hi @ b_lo
+        out += a_lo @ b_hi
+    return out
+
+
+def split_tf32(a):
+    """``(hi, lo)`` with ``hi + lo == a`` exactly for finite values: ``hi`` keeps the sign, the
+    exponent and the top 10 mantissa bits (a TF32 number), ``lo`` the remainder."""
+    # a same-size dtype view keeps a's strides, so a transposed operand is not copied
+    hi = (a.view(_torch().int32) & TF32_HIGH_MASK).view(_torch().float32)
+    return hi, a - hi
+
+
+def _takes_tf32(a, b) -> bool:
+    torch = sys.modules.get("torch")
+    return (torch is not None and isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype == torch.float32 and a.is_cuda and b.is_cuda)
+
+
+@contextlib.contextmanager
+def _tf32_matmuls() -> Iterator[None]:
+    """torch's TF32 switch for matmuls, on for the block (it is process-wide in torch)."""
+    flags = _torch().backends.cuda.matmul
+    previous = flags.allow_tf32
+    flags.allow_tf32 = True
+    try:
+        yield
+    finally:
+        flags.allow_tf32 = previous
+
+
+def _torch():
+    import torch
+
+    return torch

@@ -1,0 +1,113 @@
+"""The layers' large float32 GEMMs in the precision in force (rnn_gpu/_matmul.py).
+
+The TF32 paths run only on CUDA tensors; here the tf32x3 arithmetic itself (the split and the
+three products) is checked on CPU torch tensors, where a matmul is IEEE, so the three products
+must give the float32 product back to float32 rounding. Which arrays take which path, and that
+a layer's forward and backward route their GEMMs through it with the forward's precision, are
+checked with the CUDA test stood in for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import rnn_gpu as rg
+from rnn_gpu import _matmul
+
+torch = pytest.importorskip("torch")
+
+
+def _awkward(rng, shape):
+    """float32 values over many exponents and both signs, with an exact zero."""
+    a = rng.standard_normal(shape) * np.exp2(rng.integers(-20, 20, size=shape))
+    a.flat[0] = 0.0
+    return torch.from_numpy(a.astype(np.float32))
+
+
+def test_split_is_exact_and_the_high_part_is_tf32(rng):
+    a = _awkward(rng, (64, 48))
+    hi, lo = _matmul.split_tf32(a)
+    assert torch.equal(hi + lo, a)
+    assert not (hi.view(torch.int32) & 0x1FFF).any()            # low 13 mantissa bits clear
+    assert (lo.abs() <= a.abs() * 2.0**-10).all()               # the rest is small
+    # a transposed operand is split in place of its strides, not copied
+    hi_t, lo_t = _matmul.split_tf32(a.T)
+    assert torch.equal(hi_t, hi.T) and torch.equal(lo_t, lo.T)
+
+
+def test_tf32x3_gives_the_float32_product(rng):
+    a, b = _awkward(rng, (96, 80)), _awkward(rng, (80, 40))
+    want = a.double() @ b.double()
+    got = _matmul.tf32x3_matmul(a, b)
+    assert got.dtype == torch.float32
+    scale = (a.double().abs() @ b.double().abs())               # error bound per element
+    assert ((got.double() - want).abs() <= 1e-6 * scale + 1e-30).all()
+
+
+def test_tf32x3_keeps_nan_and_inf():
+    a = torch.tensor([[1.0, float("nan")], [float("inf"), 2.0]])
+    b = torch.eye(2)
+    got = _matmul.tf32x3_matmul(a, b)
+    assert got[0].isnan().any() and (got[1].isinf() | got[1].isnan()).any()
+
+
+def test_what_takes_the_tf32_paths(monkeypatch):
+    a32 = torch.ones((2, 2))
+    assert not _matmul._takes_tf32(a32, a32)                     # CPU: no TF32 there
+    assert not _matmul._takes_tf32(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32))
+    calls = []
+    monkeypatch.setattr(_matmul, "tf32x3_matmul", lambda a, b: calls.append(1) or a @ b)
+    monkeypatch.setattr(_matmul, "_takes_tf32", lambda a, b: True)
+    _matmul.matmul(a32, a32, "tf32x3")
+    assert calls == [1]
+    _matmul.matmul(a32, a32, "ieee")
+    assert calls == [1]
+    with pytest.raises(ValueError, match="precision: expected ieee, tf32x3 or tf32, got 'x'"):
+        _matmul.matmul(a32, a32, "x")
+
+
+def test_the_torch_tf32_switch_is_restored():
+    before = torch.backends.cuda.matmul.allow_tf32
+    with _matmul._tf32_matmuls():
+        assert torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the kernels are "
+                    "compiled there, not interpreted (tests/test_triton_gpu.py covers tf32x3)")
+def test_a_layer_routes_its_gemms_with_the_forwards_precision(monkeypatch, rng):
+    """Forward under tf32x3, backward after the setting went back to IEEE, through the Triton
+    kernels on the interpreter (torch tensors): the input projections, both backward GEMMs of
+    each layer and the backend's dW_hh go through tf32x3 (the tapes keep the forward's
+    precision), and everything still meets float32's tolerance against the float64 oracle."""
+    pytest.importorskip("triton")
+    from oracles import Result, as_np, as_tuple, assert_close, reference
+    from test_layers_vs_torch import Case, build
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    seen = []
+    real = _matmul.tf32x3_matmul
+
+    def spy(a, b):
+        seen.append((tuple(a.shape), tuple(b.shape)))
+        return real(a, b)
+
+    monkeypatch.setattr(_matmul, "_takes_tf32", lambda a, b: True)   # CPU stands in for CUDA
+    monkeypatch.setattr(_matmul, "tf32x3_matmul", spy)
+    case = Case(cell="GRU", dtype="float32", T=5, B=3, I=4, H=6, num_layers=2,
+                with_state=True)
+    m, x, state, lengths, dy, dstate = build(case, rng)
+    want = reference(m, x, state, lengths, dy, dstate)
+    rg.set_float32_precision("tf32x3")
+    try:
+        y, final, tape = m.forward(torch.from_numpy(x), torch.from_numpy(state),
+                                   backend="triton")
+    finally:
+        rg.set_float32_precision("ieee")
+    assert len(seen) == 2                                 # the input projection, per layer
+    dx, d0, grads = m.backward(tape, torch.from_numpy(dy), torch.from_numpy(dstate))
+    assert len(seen) == 2 + 3 * 2                         # dW_ih, dx and dW_hh, per layer
+    got = Result(as_np(y), tuple(as_np(f) for f in as_tuple(final)), as_np(dx),
+                 tuple(as_np(g) for g in as_tuple(d0)), {k: as_np(v) for k, v in grads.items()})
+    assert_close(got, want, rtol=2e-5, atol=2e-5, what="GRU, tf32x3 GEMMs: ")

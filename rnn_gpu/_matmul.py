@@ -65,14 +65,21 @@ def _takes_tf32(a, b) -> bool:
 
 @contextlib.contextmanager
 def _tf32_matmuls() -> Iterator[None]:
-    """torch's TF32 switch for matmuls, on for the block (it is process-wide in torch)."""
+    """torch's TF32 switch for matmuls, on for the block (it is process-wide in torch).
+
+    torch >= 2.9 has ``fp32_precision`` beside the legacy ``allow_tf32``, and reading the
+    legacy flag raises once a program has set the new one to another value ("mix of the legacy
+    and new APIs"); the new one reads and restores cleanly whichever was set, so it is used
+    where it exists (torch 2.13: legacy True reads back as "tf32", untouched as "none")."""
     flags = _torch().backends.cuda.matmul
-    previous = flags.allow_tf32
-    flags.allow_tf32 = True
+    name, on = (("fp32_precision", "tf32") if hasattr(flags, "fp32_precision")
+                else ("allow_tf32", True))
+    previous = getattr(flags, name)
+    setattr(flags, name, on)
     try:
         yield
     finally:
-        flags.allow_tf32 = previous
+        setattr(flags, name, previous)
 
 
 def _torch():

@@ -67,11 +67,31 @@ def test_what_takes_the_tf32_paths(monkeypatch):
         _matmul.matmul(a32, a32, "x")
 
 
-def test_the_torch_tf32_switch_is_restored():
-    before = torch.backends.cuda.matmul.allow_tf32
-    with _matmul._tf32_matmuls():
-        assert torch.backends.cuda.matmul.allow_tf32
-    assert torch.backends.cuda.matmul.allow_tf32 == before
+@pytest.mark.parametrize("set_by", ["untouched", "legacy", "new"])
+def test_the_torch_tf32_switch_is_restored(set_by):
+    """On for the block and back afterwards, whichever of torch's two TF32 APIs the program
+    used, and without tripping torch's check against mixing them (it raises on a legacy read
+    after the new flag was set to something else)."""
+    flags = torch.backends.cuda.matmul
+    new_api = hasattr(flags, "fp32_precision")
+    if set_by == "new" and not new_api:
+        pytest.skip("this torch has no fp32_precision (torch < 2.9)")
+    before = flags.fp32_precision if new_api else flags.allow_tf32
+    try:
+        if set_by == "legacy":
+            flags.allow_tf32 = False
+        elif set_by == "new":
+            flags.fp32_precision = "ieee"
+        kept = flags.fp32_precision if new_api else flags.allow_tf32
+        with _matmul._tf32_matmuls():
+            assert (flags.fp32_precision == "tf32") if new_api else flags.allow_tf32
+        assert (flags.fp32_precision if new_api else flags.allow_tf32) == kept
+        assert flags.allow_tf32 is False                   # a legacy read still works
+    finally:
+        if new_api:
+            flags.fp32_precision = before
+        else:
+            flags.allow_tf32 = before
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the kernels are "

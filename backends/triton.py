@@ -163,7 +163,7 @@ class TritonBackend(Backend):
             raise RuntimeError("tape: this triton tape was already used by backward()")
         dy = dy.contiguous()
         dt = dy.dtype
-        T, B, H = dy.shape
+        _, B, H = dy.shape
         with _on(dy.device):
             if problem.cell == "twostage":
                 from rnn_gpu.kernels.triton.twostage import twostage_backward, twostage_tape_steps

@@ -20,10 +20,11 @@ LSTM fp32 4096x64x256: 16-row blocks in one run, 32-row blocks in the next). The
 alone was still not enough for half precision, whose steps take 10-30 us: with 2 and 10 steps
 the H100 measured -6.5 to +17 us per step for the same tilings (run 3), because the events also
 timed the GPU idling while Python launched the call. So :func:`time_cuda` first queues ~1 ms of
-GPU sleep, behind which the call's launches wait, and the two runs are 16 steps apart. Under
-Triton's
-interpreter one small fixed tiling is used (speed is meaningless there). With
-``RNN_GPU_TUNE_LOG=1`` each choice and the candidates' timings are printed to stderr.
+GPU sleep, behind which the call's launches wait, and the two runs are 16 steps apart. The
+backward is tuned apart from the forward (kind ``"<cell>-backward"``): its best tiling is
+another one. Under Triton's interpreter one small fixed tiling is used (speed is meaningless
+there). With ``RNN_GPU_TUNE_LOG=1`` each choice and the candidates' timings are printed to
+stderr.
 """
 
 from __future__ import annotations

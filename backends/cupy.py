@@ -37,6 +37,16 @@ Two paths (DESIGN §5), the same tape layout for both:
     per-step product is too small for a GEMM launch to pay off. Training forwards take it too
     (it writes the same tape); backward always takes the graph path.
 
+``"persistent-mma"`` (forward of RNN, LSTM and GRU; only when asked for: ``FORCE_PATH``)
+    The same cooperative design with the recurrent product on the tensor cores
+    (``gated_fwd_persistent_mma``, nvcuda::wmma 16x16x16 tiles, fp32 accumulation; the float32
+    instantiation computes the same tiles on the CUDA cores), the block's weight rows always in
+    shared memory, the state also kept in the compute dtype for the product. Written for item 5
+    of the issue (beat cuDNN's fp16 persistent kernel at 512x64x1024, where the CUDA-core
+    kernel above is 23x slower); **not yet run on a GPU**, so the heuristic never picks it.
+    TwoStageRNN takes the plain persistent kernel; a block slice that does not fit in shared
+    memory falls back to it with a warning.
+
 Heuristic (``choose_path``): persistent when ``B <= PERSISTENT_MAX_BATCH`` (16) and the
 per-step multiply-adds ``B * n_mat * H * H <= PERSISTENT_MAX_STEP_MACS`` (2**23, e.g. LSTM
 H=512 B=8; n_mat = gates, 3 for TwoStageRNN), else graph. Why: DESIGN §5 measured one
@@ -44,8 +54,8 @@ H=512 B=8; n_mat = gates, 3 for TwoStageRNN), else graph. Why: DESIGN §5 measur
 plus a pointwise launch (~5-10 µs of fixed cost even inside a graph); the persistent kernel's
 CUDA-core dot products (~10-30 TFLOP/s at best) fall behind cuBLAS's tensor cores once a step
 is more than ~10 M multiply-adds. The thresholds are a first estimate, to be measured; set
-``FORCE_PATH = "graph" | "persistent"`` to override. When the persistent grid cannot be
-co-resident (occupancy × SMs), it falls back to the graph path with a warning.
+``FORCE_PATH = "graph" | "persistent" | "persistent-mma"`` to override. When the persistent
+grid cannot be co-resident (occupancy × SMs), it falls back to the graph path with a warning.
 
 Everything runs on the caller's current CuPy stream, on the input's device; the kernels are
 compiled lazily by NVRTC, once per device, dtype and source file (and cached on disk by CuPy).
@@ -80,7 +90,7 @@ from rnn_gpu.backend_api import Backend, Problem, Tape
 
 # ---------------------------------------------------------------------- switches (see above)
 
-FORCE_PATH: str | None = None          # "graph" | "persistent" | None (the heuristic)
+FORCE_PATH: str | None = None          # one of PATHS, or None (the heuristic)
 USE_GRAPH = False                      # capture repeated time loops as CUDA graphs (see above)
 GRAPH_CACHE_SIZE = 16                  # time loops remembered (seen once, or captured)
 # Synchronize after every launch and GEMM outside captures, so that an asynchronous fault is
@@ -89,7 +99,8 @@ CHECK_LAUNCHES = os.environ.get("RNN_GPU_CUPY_CHECK_LAUNCHES", "") not in ("", "
 PERSISTENT_MAX_BATCH = 16
 PERSISTENT_MAX_STEP_MACS = 1 << 23
 
-PATHS = ("graph", "persistent")
+PATHS = ("graph", "persistent", "persistent-mma")
+MMA_TILE = 16                          # wmma's m = n = k for half and bfloat16
 DTYPES = ("float32", "float16", "bfloat16")
 CELLS = ("rnn", "lstm", "gru", "twostage")
 PRIORITY = 90                          # below triton (100), above numpy (0)
@@ -133,10 +144,16 @@ class CupyBackend(Backend):
 
     def describe_run(self, problem: Problem) -> str:
         path = choose_path(problem.cell, problem.batch, problem.hidden_size)
-        if path == "persistent" and problem.training:
-            return "persistent forward (graph path where the grid does not fit), graph backward"
-        if path == "persistent":
-            return "persistent (graph path where the grid does not fit)"
+        if path == "persistent-mma" and problem.cell != "twostage":
+            kind = "persistent on tensor cores (plain persistent, then graph, where it cannot run)"
+        elif path.startswith("persistent"):
+            kind = "persistent (graph path where the grid does not fit)"
+        else:
+            kind = ""
+        if kind and problem.training:
+            return f"{kind} forward, graph backward"
+        if kind:
+            return kind
         return "graph path: a cuBLAS GEMM and a fused pointwise kernel per step"
 
     def not_supported_reasons(self, problem: Problem) -> list[str]:
@@ -272,7 +289,9 @@ def name_expressions(module: str, dtype: str) -> list[str]:
                   for a in range(3)]
         return names + [f"{k}<{ct}>" for k in ("cast_to_f32", "cast_from_f32", "fill_value")]
     if module == "persistent":
-        names = [f"gated_fwd_persistent<{ct}, {c}, {a}>" for c, a in GATED_VARIANTS]
+        names = [f"{k}<{ct}, {c}, {a}>" for k in ("gated_fwd_persistent",
+                                                  "gated_fwd_persistent_mma")
+                 for c, a in GATED_VARIANTS]
         return names + [f"twostage_fwd_persistent<{ct}, {f}, {g}>" for f in range(3)
                         for g in range(3)]
     raise ValueError(f"unknown kernel source {module!r}")
@@ -702,6 +721,19 @@ class _CupyDevice:
                                f"({src:#x} -> {dst:#x}) failed: {type(exc).__name__}: {exc}"
                                ) from exc
 
+    def copy_2d(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int,
+                rows: int) -> None:
+        """``rows`` rows of ``width`` bytes between pitched device buffers (caller's stream)."""
+        runtime = self.cupy.cuda.runtime
+        try:
+            runtime.memcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows,
+                                  runtime.memcpyDeviceToDevice, self.stream.ptr)
+            if CHECK_LAUNCHES:
+                self.synchronize()
+        except Exception as exc:
+            raise RuntimeError(f"rnn_gpu cupy backend: a device-to-device copy of {rows} rows "
+                               f"of {width} bytes failed: {type(exc).__name__}: {exc}") from exc
+
     def synchronize(self) -> None:
         self.stream.synchronize()
 
@@ -756,6 +788,27 @@ class _CupyDevice:
                 return _PersistentPlan(blocks, units, size, use_smem)
         return (f"{blocks} blocks of {PERSISTENT_THREADS} threads cannot all be resident on "
                 f"cuda:{self.index} ({sms} SMs)")
+
+    def persistent_mma_plan(self, fn, n_mat: int, hidden: int,
+                            batch: int) -> _PersistentPlan | str:
+        """As :meth:`persistent_plan` for the tensor-core kernel: the block's weight rows and a
+        copy of the state (both padded to whole 16 x 16 tiles) and its fp32 products (padded
+        batch x rows) must fit in shared memory, plus 128 bytes to align them for wmma."""
+        if not self._attribute("cudaDevAttrCooperativeLaunch"):
+            return f"cuda:{self.index} does not support cooperative launches"
+        sms = self._attribute("cudaDevAttrMultiProcessorCount")
+        optin = self._attribute("cudaDevAttrMaxSharedMemoryPerBlockOptin")
+        units = -(-hidden // min(sms, hidden))
+        blocks = -(-hidden // units)
+        rows, Bp, Hp = (_round_up(n, MMA_TILE) for n in (n_mat * units, batch, hidden))
+        smem = (rows + Bp) * Hp * self.itemsize + Bp * rows * 4 + 128
+        if smem > optin:
+            return (f"{smem} B of shared memory per block for {units} units' weights, the state "
+                    f"and the products at batch {batch}; cuda:{self.index} allows {optin}")
+        if self._occupancy(fn, smem) * sms < blocks:
+            return (f"{blocks} blocks of {PERSISTENT_THREADS} threads with {smem} B of shared "
+                    f"memory cannot all be resident on cuda:{self.index} ({sms} SMs)")
+        return _PersistentPlan(blocks, units, smem, True)
 
     def _attribute(self, name: str) -> int:
         runtime = self.cupy.cuda.runtime
@@ -1048,6 +1101,9 @@ def _gated_forward(dev, problem, xw, w, state, lens, path, reverse, keep_tape):
     c = _copy(dev, c0, "the fp32 cell state c") if lstm else None
     outs = (y, gates, ctape, hprev)
     h = None
+    if path == "persistent-mma":
+        h = _gated_persistent_mma(dev, cell, act, xw, w, state[0], c, lens, outs, reverse)
+        path = "persistent-mma" if h is not None else "persistent"
     if path == "persistent":
         h = _gated_persistent(dev, cell, act, xw, w, state[0], c, lens, outs, reverse)
     if h is None:
@@ -1083,18 +1139,22 @@ def _gated_graph(dev, cell, act, xw, w, h0, c, lens, outs, reverse):
     return h
 
 
-def _persistent_launch(dev, base: str, template_args: tuple, n_mat: int, H: int, args_of):
+def _persistent_launch(dev, base: str, template_args: tuple, n_mat: int, H: int, args_of,
+                       batch: int | None = None):
     """Plans and launches a persistent kernel; returns False (after a warning) when it
-    cannot run, so that the caller takes the graph path. ``args_of(plan)`` gives the args."""
+    cannot run, so that the caller takes the next path. ``args_of(plan)`` gives the args;
+    ``batch`` plans the tensor-core kernel (:meth:`_CupyDevice.persistent_mma_plan`)."""
     name, fn = dev.kernel("persistent", base, *template_args)
     try:
-        plan = dev.persistent_plan(fn, n_mat, H)
+        plan = (dev.persistent_plan(fn, n_mat, H) if batch is None
+                else dev.persistent_mma_plan(fn, n_mat, H, batch))
     except Exception as exc:      # the occupancy query or the shared-memory opt-in failed
         raise RuntimeError(f"rnn_gpu cupy backend: planning the persistent kernel {name} "
                            f"(H={H}) failed: {type(exc).__name__}: {exc}") from exc
     if isinstance(plan, str):
+        then = "the CUDA-core persistent kernel" if batch is not None else "the graph path"
         warnings.warn(f"rnn_gpu cupy backend: the persistent kernel {name} cannot run here "
-                      f"({plan}); taking the graph path", RuntimeWarning, stacklevel=4)
+                      f"({plan}); taking {then}", RuntimeWarning, stacklevel=4)
         return False
     dev.run([_Launch(name, fn, plan.blocks, PERSISTENT_THREADS, args_of(plan),
                      shared_mem=plan.shared_mem, cooperative=True)])
@@ -1118,6 +1178,34 @@ def _gated_persistent(dev, cell, act, xw, w, h0, c, lens, outs, reverse):
     return hbuf[T % 2]
 
 
+def _gated_persistent_mma(dev, cell, act, xw, w, h0, c, lens, outs, reverse):
+    """Path "persistent-mma"; returns h_T (fp32), or None when the kernel cannot run here."""
+    T, B, GH = xw.shape
+    H = GH // GATES[cell]
+    hbuf = dev.empty((2, B, H), np.float32, "the fp32 state buffers")
+    _to_f32(dev, h0, "the fp32 state h", out=hbuf)          # slot 0 = h0
+    Bp, Hp = _round_up(B, MMA_TILE), _round_up(H, MMA_TILE)
+    # h in the compute dtype for the products, zero-padded to whole tiles (both slots)
+    hmat = _filled(dev, 2 * Bp * Hp, 0.0, "the padded state in the compute dtype")
+    hmat = hmat.reshape(2, Bp, Hp)
+    dev.copy_2d(dev.ptr(hmat), Hp * dev.itemsize, dev.ptr(h0), H * dev.itemsize,
+                H * dev.itemsize, B)
+
+    def args_of(plan):
+        return (xw, w["weight_hh"], w.get("bias_hh"), lens, hbuf, hmat, c, *outs, _i64(T),
+                _i64(B), _i64(H), _i64(plan.units), _i64(int(reverse)), _i64(Bp), _i64(Hp),
+                _i64(_round_up(GATES[cell] * plan.units, MMA_TILE)))
+
+    if not _persistent_launch(dev, "gated_fwd_persistent_mma", (CELL_IDS[cell], act),
+                              GATES[cell], H, args_of, batch=B):
+        return None
+    return hbuf[T % 2]
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
 def _twostage_forward(dev, problem, xw, w, h0, lens, path, reverse, keep_tape):
     T, B, H = xw.shape
     acts = (ACT_IDS[problem.activations[0]], ACT_IDS[problem.activations[1]])
@@ -1129,7 +1217,8 @@ def _twostage_forward(dev, problem, xw, w, h0, lens, path, reverse, keep_tape):
         hprev = dev.empty((T, B, H), dev.dtype, "the h_{t-1} tape")
     outs = (y, atape, htape, hprev)
     h = None
-    if path == "persistent":
+    if path.startswith("persistent"):         # no tensor-core kernel for the two stages
+        path = "persistent"
         h = _twostage_persistent(dev, acts, xw, w, h0, lens, outs, reverse)
     if h is None:
         path = "graph"

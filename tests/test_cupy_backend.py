@@ -388,6 +388,11 @@ class EmulatedDevice:
         emulated_gemm_ex(op.cublas_args())
 
     persistent_plan = cb._CupyDevice.persistent_plan      # the real planning code
+    persistent_mma_plan = cb._CupyDevice.persistent_mma_plan
+
+    def copy_2d(self, dst, dst_pitch, src, src_pitch, width, rows):
+        for r in range(rows):
+            ctypes.memmove(dst + r * dst_pitch, src + r * src_pitch, width)
 
     def _attribute(self, name):
         return {"cudaDevAttrCooperativeLaunch": 1, "cudaDevAttrMultiProcessorCount": self.sms,
@@ -508,6 +513,58 @@ def test_emulated_kernels_at_tiny_shapes(emulation, force_path, cell, acts, path
     for T, B, H in ((1, 1, 1), (2, 1, 3)):
         check_against_numpy(EmulatedDevice(emulation), cell, acts, T, B, H, reverse=True,
                             lengths=None, bias=True)
+
+
+MMA_SHAPES = {"one tile each way": dict(T=4, B=3, H=7, sms=3),          # blocks of 3, 3, 1 units
+              "several tiles": dict(T=3, B=18, H=20, sms=2)}             # Bp 32, LSTM Np 48
+
+
+@pytest.mark.parametrize("shape", list(MMA_SHAPES))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("cell,acts", CELL_CASES[:4])
+def test_persistent_mma_path_on_emulated_kernels_matches_numpy(emulation, force_path, cell,
+                                                              acts, reverse, shape):
+    """The tensor-core kernel's tiling, padding and synchronisation, run on the CPU: its
+    float32 instantiation computes the same 16 x 16 tiles with CUDA-core arithmetic (the
+    emulation has no tensor cores; the half and bfloat16 wmma code is checked by nvcc here and
+    by the gpu tests on a card). Rows and units that fill no whole tile are padded."""
+    cb.FORCE_PATH = "persistent-mma"
+    sh = MMA_SHAPES[shape]
+    dev = EmulatedDevice(emulation, sms=sh["sms"], smem_limit=1 << 20)
+    lengths = np.array(([sh["T"], 0, 2] * sh["B"])[:sh["B"]])
+    tape = check_against_numpy(dev, cell, acts, sh["T"], sh["B"], sh["H"], reverse=reverse,
+                               lengths=lengths, bias=reverse)
+    assert tape.path == "persistent-mma"
+    assert sum("persistent_mma" in n for n in dev.launched) == 2   # taped and tape-free forward
+
+
+def test_persistent_mma_path_falls_back_to_the_cuda_core_kernel(emulation, force_path):
+    """A block slice that does not fit in shared memory: the plain persistent kernel runs
+    (weights from global memory there), with a warning; TwoStageRNN takes it directly."""
+    cb.FORCE_PATH = "persistent-mma"
+    dev = EmulatedDevice(emulation, sms=3, smem_limit=0)
+    with pytest.warns(RuntimeWarning, match="cannot run here.*the CUDA-core persistent kernel"):
+        tape = check_against_numpy(dev, "gru", (), 3, 2, 5, reverse=False, lengths=None,
+                                   bias=True)
+    assert tape.path == "persistent" and not any("mma" in n for n in dev.launched)
+    tape = check_against_numpy(EmulatedDevice(emulation), "twostage", ("tanh", "tanh"), 3, 2, 5,
+                               reverse=False, lengths=None, bias=True)
+    assert tape.path == "persistent"
+
+
+def test_persistent_mma_plan_counts_padded_weights_and_products():
+    """(512, 64, 1024) fp16 on 132 SMs: 128 blocks of 8 units; 32 weight rows and the 64 rows
+    of the state, x 1024 halves (192 KiB), and 64 x 32 fp32 products (8 KiB), + 128 B of
+    alignment."""
+    dev = EmulatedDevice(sms=132, smem_limit=227 * 1024)
+    dev.itemsize = 2
+    plan = dev.persistent_mma_plan(None, 4, 1024, 64)
+    assert plan == cb._PersistentPlan(128, 8, (32 + 64) * 1024 * 2 + 64 * 32 * 4 + 128, True)
+    gru = dev.persistent_mma_plan(None, 3, 1000, 5)   # 24 rows -> 32, batch 16, 1000 -> 1008
+    assert gru == cb._PersistentPlan(125, 8, (32 + 16) * 1008 * 2 + 16 * 32 * 4 + 128, True)
+    assert isinstance(dev.persistent_mma_plan(None, 4, 1024, 128), str)   # 256 KiB: too much
+    reason = EmulatedDevice(sms=132, smem_limit=48 * 1024).persistent_mma_plan(None, 4, 1024, 64)
+    assert "shared memory per block" in reason and "allows 49152" in reason
 
 
 def test_persistent_plan_splits_units_and_falls_back_to_global_memory():
@@ -1107,6 +1164,21 @@ def test_gpu_persistent_path_matches_oracle(registered, force_path, check_launch
     cb.FORCE_PATH = "persistent"
     tapes = run_against_oracle(layer, dtype, "cupy", seed=7)
     assert [t.data for t in tapes] == [{"path": "persistent"}] * 2   # no graph-path fallback
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("layer,dtype", [(layer, dtype) for layer in ("LSTM", "GRU", "RNN-tanh")
+                                         for dtype in ("float16", "bfloat16", "float32")])
+def test_gpu_persistent_mma_path_matches_oracle(registered, force_path, check_launches, layer,
+                                                dtype):
+    """The tensor-core persistent kernel (wmma in fp16/bf16) against the float64 oracle."""
+    reasons = registered.not_supported_reasons(problem(dtype=dtype))
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    cb.FORCE_PATH = "persistent-mma"
+    tapes = run_against_oracle(layer, dtype, "cupy", seed=11)
+    assert [t.data for t in tapes] == [{"path": "persistent-mma"}] * 2
 
 
 @gpu

@@ -145,16 +145,15 @@ class CupyBackend(Backend):
     def describe_run(self, problem: Problem) -> str:
         path = choose_path(problem.cell, problem.batch, problem.hidden_size)
         if path == "persistent-mma" and problem.cell != "twostage":
-            kind = "persistent on tensor cores (plain persistent, then graph, where it cannot run)"
+            kind = "persistent on tensor cores"
+            fallback = "plain persistent, then graph, where it cannot run"
         elif path.startswith("persistent"):
-            kind = "persistent (graph path where the grid does not fit)"
+            kind, fallback = "persistent", "graph path where the grid does not fit"
         else:
-            kind = ""
-        if kind and problem.training:
-            return f"{kind} forward, graph backward"
-        if kind:
-            return kind
-        return "graph path: a cuBLAS GEMM and a fused pointwise kernel per step"
+            return "graph path: a cuBLAS GEMM and a fused pointwise kernel per step"
+        if problem.training:
+            return f"{kind} forward ({fallback}), graph backward"
+        return f"{kind} ({fallback})"
 
     def not_supported_reasons(self, problem: Problem) -> list[str]:
         reasons = []

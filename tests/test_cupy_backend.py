@@ -929,6 +929,16 @@ def test_describe_run_names_the_path(B, H, training, expected):
     assert got == expected
 
 
+def test_describe_run_names_the_forced_tensor_core_path(force_path):
+    cb.FORCE_PATH = "persistent-mma"
+    assert cb.CupyBackend().describe_run(problem(training=True)) == (
+        "persistent on tensor cores forward (plain persistent, then graph, where it cannot "
+        "run), graph backward")
+    twostage = problem(cell="twostage", acts=("tanh", "tanh"))
+    assert cb.CupyBackend().describe_run(twostage) == (
+        "persistent (graph path where the grid does not fit)")
+
+
 def test_supported_problem_has_no_reasons():
     for cell, acts in CELL_CASES:
         for dtype in ("float32", "float16"):

@@ -287,10 +287,10 @@ def name_expressions(module: str, dtype: str) -> list[str]:
                                               "twostage_bwd_a", "twostage_bwd_b")
                   for a in range(3)]
         return names + [f"{k}<{ct}>" for k in ("cast_to_f32", "cast_from_f32", "fill_value")]
+    if module == "persistent_mma":
+        return [f"gated_fwd_persistent_mma<{ct}, {c}, {a}>" for c, a in GATED_VARIANTS]
     if module == "persistent":
-        names = [f"{k}<{ct}, {c}, {a}>" for k in ("gated_fwd_persistent",
-                                                  "gated_fwd_persistent_mma")
-                 for c, a in GATED_VARIANTS]
+        names = [f"gated_fwd_persistent<{ct}, {c}, {a}>" for c, a in GATED_VARIANTS]
         return names + [f"twostage_fwd_persistent<{ct}, {f}, {g}>" for f in range(3)
                         for g in range(3)]
     raise ValueError(f"unknown kernel source {module!r}")
@@ -304,10 +304,12 @@ def kernel_source(module: str) -> str:
     """``kernels/cuda/{module}.cu`` with its ``#include "..."`` lines replaced by the files
     (NVRTC then needs no include path into the package)."""
     root = importlib.resources.files("rnn_gpu.kernels").joinpath("cuda")
-    text = root.joinpath(f"{module}.cu").read_text(encoding="utf-8")
-    return re.sub(r'^#include "([\w.]+)"[ \t]*$',
-                  lambda m: root.joinpath(m.group(1)).read_text(encoding="utf-8"),
-                  text, flags=re.MULTILINE)
+
+    def inlined(name: str) -> str:     # headers include headers; their guards drop repeats
+        return re.sub(r'^#include "([\w.]+)"[ \t]*$', lambda m: inlined(m.group(1)),
+                      root.joinpath(name).read_text(encoding="utf-8"), flags=re.MULTILINE)
+
+    return inlined(f"{module}.cu")
 
 
 _modules: dict[tuple[int, str, str], dict[str, Any]] = {}
@@ -1143,7 +1145,8 @@ def _persistent_launch(dev, base: str, template_args: tuple, n_mat: int, H: int,
     """Plans and launches a persistent kernel; returns False (after a warning) when it
     cannot run, so that the caller takes the next path. ``args_of(plan)`` gives the args;
     ``batch`` plans the tensor-core kernel (:meth:`_CupyDevice.persistent_mma_plan`)."""
-    name, fn = dev.kernel("persistent", base, *template_args)
+    name, fn = dev.kernel("persistent" if batch is None else "persistent_mma", base,
+                          *template_args)
     try:
         plan = (dev.persistent_plan(fn, n_mat, H) if batch is None
                 else dev.persistent_mma_plan(fn, n_mat, H, batch))

@@ -48,7 +48,7 @@ from rnn_gpu.backends.numpy import NumpyBackend
 from rnn_gpu.registry import BackendError
 
 KERNELS = Path(cb.__file__).resolve().parent.parent / "kernels" / "cuda"
-SOURCES = ("recurrent", "persistent")
+SOURCES = ("recurrent", "persistent", "persistent_mma")
 ARCHS = ("sm_80", "sm_90")
 
 
@@ -253,7 +253,7 @@ namespace cooperative_groups {
 struct grid_group { void sync() { grid_barrier->arrive_and_wait(); } };
 inline grid_group this_grid() { return {}; }
 }
-#include "{kernels}/persistent.cu"
+#include "{kernels}/{source}.cu"
 
 template <typename... P, std::size_t... I>
 static void call(void (*f)(P...), void** args, std::index_sequence<I...>) {
@@ -311,9 +311,9 @@ def build_emulation(tmp_path: Path, source: str) -> ctypes.CDLL:
     if compiler is None:
         pytest.skip("no C++ compiler (g++) to build the CPU emulation of the kernels")
     body = STEP_EMULATION if source == "recurrent" else PERSISTENT_EMULATION
+    body = body.replace("{kernels}", str(KERNELS)).replace("{source}", source)
     entries = "\n".join(f"    EMU({n})" for n in cb.name_expressions(source, "float32"))
-    code = (EMULATION_PRELUDE + body.replace("{kernels}", str(KERNELS))
-            + REGISTRY.replace("{entries}", entries))
+    code = EMULATION_PRELUDE + body + REGISTRY.replace("{entries}", entries)
     cpp, lib = tmp_path / f"emulate_{source}.cpp", tmp_path / f"emulate_{source}.so"
     cpp.write_text(code)
     run = subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall",
@@ -379,7 +379,7 @@ class EmulatedDevice:
                 assert a.dtype in (np.float32, np.int64) and a.flags.c_contiguous
                 holders.append(ctypes.c_void_p(a.ctypes.data))
         argv = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
-        assert op.cooperative == (op.fn == "persistent")
+        assert op.cooperative == op.fn.startswith("persistent")
         assert self.libs[op.fn].emu_launch(op.name.encode(), op.grid, op.block, op.shared_mem,
                                            argv) == 0, op.name
         self.launched.append(op.name)

@@ -15,23 +15,10 @@
 // slot T%2. The launcher guarantees gridDim.x * units >= H and that the grid is co-resident
 // (cudaOccupancyMaxActiveBlocksPerMultiprocessor * SMs), which grid.sync() requires.
 // No tensor cores here: this path is for the small per-step products where a GEMM launch costs
-// more than the arithmetic (see the heuristic in backends/cupy.py).
-#ifndef RNN_GPU_HOST_EMULATION
-#include <cooperative_groups.h>
-#include <mma.h>
-#endif
+// more than the arithmetic (see the heuristic in backends/cupy.py); persistent_mma.cu is the
+// tensor-core version of the gated kernel.
 
-#include "common.cuh"
-
-namespace cg = cooperative_groups;
-
-// The block's dynamic shared memory. The CPU emulation of the tests (one host thread per CUDA
-// thread, barriers for the synchronisations) defines this macro to a per-block buffer.
-#ifndef RNN_GPU_DYNAMIC_SHARED
-#define RNN_GPU_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
-#endif
-
-constexpr int PERSISTENT_THREADS = 256;     // the launcher uses the same block size
+#include "persistent.cuh"
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
@@ -109,138 +96,6 @@ gated_fwd_persistent(const T* __restrict__ xw, const T* __restrict__ w_hh,
             }
         }
         grid.sync();
-    }
-}
-
-// ---------------------------------------------------------------- RNN / LSTM / GRU on tensor cores
-
-// The same cooperative design with the recurrent product on the tensor cores (backends/cupy.py,
-// path "persistent-mma"). Each step, block j computes its slice of h_{t-1} W_hh^T, Bp x Np
-// (Np = its G*nu rows of W_hh padded to 16), as 16x16 tiles of 16x16x16 products, one tile at a
-// time per warp: A = h_{t-1} in the compute dtype, row-major (hmat, 2 x Bp x Hp, zero-padded,
-// copied into shared memory h_s at the start of each step with 8-byte loads: read from L2 tile
-// by tile, each warp's 64 dependent loads of a K = 1024 product would wait on L2 latency), B
-// = the block's weight rows, kept in shared memory across all steps as a column-major K x Np
-// matrix (w_s[n * Hp + k], zero-padded). The fp32 results go to shared memory (acc_s, Bp x Np),
-// then every thread finishes (row, unit) elements as the other kernels do and writes h_t to
-// hbuf (fp32) and hmat (compute dtype) for the next step, then grid.sync(). The padding rows
-// and columns of hmat are zero on entry and never written.
-//
-// Why: at (T, B, H) = (512, 64, 1024) fp16 the CUDA-core kernel above took 100 ms against
-// cuDNN's 4.4 ms (H100, run 4): 268 M multiply-adds a step, one warp per output element.
-// Tensor cores do one 16x16x16 tile per instruction (mma.sync) instead.
-
-// One 16 x 16 tile: c (row-major, ldc) = a (16 x K row-major, lda) . b (K x 16 column-major, ldb),
-// K a multiple of 16. Every lane of the warp calls it. This generic version (float32, and the
-// CPU emulation of the tests) lets each lane compute 8 of the 256 elements; the half and
-// bfloat16 versions below are the tensor-core ones.
-template <typename T>
-__device__ void tile_product(float* c, long long ldc, const T* a, long long lda, const T* b,
-                             long long ldb, long long K, int lane) {
-    for (int e = lane; e < 256; e += 32) {
-        const int r = e >> 4, n = e & 15;
-        float acc = 0.0f;
-        for (long long k = 0; k < K; ++k)
-            acc += rg::to_f32(a[r * lda + k]) * rg::to_f32(b[n * ldb + k]);
-        c[r * ldc + n] = acc;
-    }
-}
-
-#ifndef RNN_GPU_HOST_EMULATION
-template <typename T>
-__device__ __forceinline__ void wmma_tile(float* c, long long ldc, const T* a, long long lda,
-                                          const T* b, long long ldb, long long K) {
-    namespace wmma = nvcuda::wmma;
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
-    wmma::fill_fragment(fc, 0.0f);
-    for (long long k = 0; k < K; k += 16) {
-        wmma::load_matrix_sync(fa, a + k, (unsigned)lda);
-        wmma::load_matrix_sync(fb, b + k, (unsigned)ldb);
-        wmma::mma_sync(fc, fa, fb, fc);
-    }
-    wmma::store_matrix_sync(c, fc, (unsigned)ldc, wmma::mem_row_major);
-}
-template <>
-__device__ void tile_product<__half>(float* c, long long ldc, const __half* a, long long lda,
-                                     const __half* b, long long ldb, long long K, int) {
-    wmma_tile(c, ldc, a, lda, b, ldb, K);
-}
-template <>
-__device__ void tile_product<__nv_bfloat16>(float* c, long long ldc, const __nv_bfloat16* a,
-                                            long long lda, const __nv_bfloat16* b, long long ldb,
-                                            long long K, int) {
-    wmma_tile(c, ldc, a, lda, b, ldb, K);
-}
-#endif
-
-template <typename T, int CELL, int ACT>
-__global__ void __launch_bounds__(PERSISTENT_THREADS)
-gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
-                         const T* __restrict__ bias, const long long* __restrict__ lengths,
-                         float* __restrict__ hbuf, T* __restrict__ hmat, float* __restrict__ c,
-                         T* __restrict__ y, float* __restrict__ gates, float* __restrict__ ctape,
-                         T* __restrict__ hprev, long long n_steps, long long B, long long H,
-                         long long units, long long reverse, long long Bp, long long Hp,
-                         long long Np) {
-    RNN_GPU_DYNAMIC_SHARED(smem_raw);
-    // wmma wants 32-byte aligned tiles; the launcher adds 128 bytes for this round-up
-    const unsigned long long base = reinterpret_cast<unsigned long long>(smem_raw);
-    T* w_s = reinterpret_cast<T*>((base + 127ull) & ~127ull);
-    T* h_s = w_s + Np * Hp;
-    float* acc_s = reinterpret_cast<float*>(h_s + Bp * Hp);
-    constexpr int G = rg::CellShape<CELL>::G;
-    cg::grid_group grid = cg::this_grid();
-    const long long u0 = (long long)blockIdx.x * units;
-    const long long nu = u0 < H ? (H - u0 < units ? H - u0 : units) : 0;
-    for (long long i = threadIdx.x; i < Np * Hp; i += blockDim.x) {   // column n = g*nu + uu
-        const long long n = i / Hp, k = i - n * Hp;
-        const long long g = nu > 0 ? n / nu : G, uu = nu > 0 ? n - g * nu : 0;
-        w_s[i] = g < G && k < H ? w_hh[(g * H + u0 + uu) * H + k] : rg::from_f32<T>(0.0f);
-    }
-    __syncthreads();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int n_warps = blockDim.x >> 5;
-    const long long m_tiles = Bp / 16, n_tiles = (G * nu + 15) / 16;
-    for (long long s = 0; s < n_steps; ++s) {
-        const long long t = reverse ? n_steps - 1 - s : s;
-        const float* src = hbuf + (s & 1) * B * H;
-        float* dst = hbuf + ((s + 1) & 1) * B * H;
-        const unsigned long long* a_src =
-            reinterpret_cast<const unsigned long long*>(hmat + (s & 1) * Bp * Hp);
-        T* a_dst = hmat + ((s + 1) & 1) * Bp * Hp;
-        unsigned long long* h_words = reinterpret_cast<unsigned long long*>(h_s);
-        const long long n_words = Bp * Hp * (long long)sizeof(T) / 8;   // Hp: whole 16s
-        for (long long i = threadIdx.x; i < n_words; i += blockDim.x) h_words[i] = a_src[i];
-        __syncthreads();
-        for (long long tile = warp; tile < m_tiles * n_tiles; tile += n_warps) {  // warp-uniform
-            const long long mt = tile / n_tiles, nt = tile - mt * n_tiles;
-            tile_product<T>(acc_s + mt * 16 * Np + nt * 16, Np, h_s + mt * 16 * Hp, Hp,
-                            w_s + nt * 16 * Hp, Hp, Hp, lane);
-        }
-        __syncthreads();
-        for (long long item = threadIdx.x; item < B * nu; item += blockDim.x) {
-            const long long b = item / nu, uu = item - b * nu, u = u0 + uu;
-            const T* xrow = xw + rg::time_row(t, b, B) * (G * H);
-            float x[4] = {0.0f, 0.0f, 0.0f, 0.0f}, acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (int g = 0; g < G; ++g) {
-                x[g] = rg::to_f32(xrow[g * H + u]);
-                acc[g] = acc_s[b * Np + g * nu + uu];
-                if (bias != nullptr) acc[g] += rg::to_f32(bias[g * H + u]);
-            }
-            const long long at = b * H + u;
-            const float h_prev = src[at];
-            const float c_prev = CELL == rg::LSTM ? c[at] : 0.0f;
-            const rg::GatedStep r = rg::gated_math<CELL, ACT>(x, acc, h_prev, c_prev);
-            const float h = rg::gated_store<T, CELL>(r, rg::is_valid(lengths, t, b), h_prev,
-                                                     c_prev, t, b, u, B, H,
-                                                     CELL == rg::LSTM ? c + at : nullptr, y,
-                                                     gates, ctape, hprev);
-            dst[at] = h;
-            a_dst[b * Hp + u] = rg::from_f32<T>(h);
-        }
-        grid.sync();          // also orders this step's reads of acc_s, h_s before the next
     }
 }
 

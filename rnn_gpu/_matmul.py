@@ -38,6 +38,26 @@ def matmul(a: Any, b: Any, precision: str) -> Any:
     raise ValueError(f"precision: expected ieee, tf32x3 or tf32, got {precision!r}")
 
 
+def matmul_bias(a: Any, b: Any, bias: Any, precision: str) -> Any:
+    """``a @ b + bias`` (bias broadcast over rows; None for none). On torch tensors in one
+    ``torch.addmm``, which hands the bias to cuBLAS's GEMM epilogue on CUDA instead of a
+    separate pass over the product: at LSTM 256x4096x256 fp16 that pass reads and writes the
+    2 GB input projection, ~1.3 ms of the 9 ms forward on an H100 (run 4)."""
+    if bias is None:
+        return matmul(a, b, precision)
+    torch = sys.modules.get("torch")
+    fused = (torch is not None and isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+             and isinstance(bias, torch.Tensor))
+    if fused and (precision == "ieee" or not _takes_tf32(a, b)):
+        return torch.addmm(bias, a, b)
+    if fused and precision == "tf32":
+        with _tf32_matmuls():
+            return torch.addmm(bias, a, b)
+    out = matmul(a, b, precision)
+    out += bias
+    return out
+
+
 def tf32x3_matmul(a, b):
     """``a @ b`` for torch float32 tensors as three TF32 products (see the module docstring)."""
     a_hi, a_lo = split_tf32(a)

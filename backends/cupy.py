@@ -775,12 +775,10 @@ class _CupyDevice:
         """Blocks, units per block and shared memory for a persistent kernel, or why none fits.
         The grid must be co-resident (grid.sync()): at most occupancy × SMs blocks. The weights
         go to shared memory when ``n_mat * units * H`` elements fit, else they stay in L2."""
-        if not self._attribute("cudaDevAttrCooperativeLaunch"):
-            return f"cuda:{self.index} does not support cooperative launches"
-        sms = self._attribute("cudaDevAttrMultiProcessorCount")
-        optin = self._attribute("cudaDevAttrMaxSharedMemoryPerBlockOptin")
-        units = -(-hidden // min(sms, hidden))
-        blocks = -(-hidden // units)
+        grid = self._persistent_grid(hidden)
+        if isinstance(grid, str):
+            return grid
+        sms, optin, units, blocks = grid
         smem = n_mat * units * hidden * self.itemsize
         for use_smem, size in ((True, smem), (False, 0)):
             if size > optin:
@@ -795,12 +793,10 @@ class _CupyDevice:
         """As :meth:`persistent_plan` for the tensor-core kernel: the block's weight rows and a
         copy of the state (both padded to whole 16 x 16 tiles) and its fp32 products (padded
         batch x rows) must fit in shared memory, plus 128 bytes to align them for wmma."""
-        if not self._attribute("cudaDevAttrCooperativeLaunch"):
-            return f"cuda:{self.index} does not support cooperative launches"
-        sms = self._attribute("cudaDevAttrMultiProcessorCount")
-        optin = self._attribute("cudaDevAttrMaxSharedMemoryPerBlockOptin")
-        units = -(-hidden // min(sms, hidden))
-        blocks = -(-hidden // units)
+        grid = self._persistent_grid(hidden)
+        if isinstance(grid, str):
+            return grid
+        sms, optin, units, blocks = grid
         rows, Bp, Hp = (_round_up(n, MMA_TILE) for n in (n_mat * units, batch, hidden))
         smem = (rows + Bp) * Hp * self.itemsize + Bp * rows * 4 + 128
         if smem > optin:
@@ -810,6 +806,16 @@ class _CupyDevice:
             return (f"{blocks} blocks of {PERSISTENT_THREADS} threads with {smem} B of shared "
                     f"memory cannot all be resident on cuda:{self.index} ({sms} SMs)")
         return _PersistentPlan(blocks, units, smem, True)
+
+    def _persistent_grid(self, hidden: int) -> tuple[int, int, int, int] | str:
+        """``(SMs, shared-memory opt-in limit, units per block, blocks)`` of a persistent grid
+        that splits ``hidden`` units over at most one block per SM, or why none can launch."""
+        if not self._attribute("cudaDevAttrCooperativeLaunch"):
+            return f"cuda:{self.index} does not support cooperative launches"
+        sms = self._attribute("cudaDevAttrMultiProcessorCount")
+        optin = self._attribute("cudaDevAttrMaxSharedMemoryPerBlockOptin")
+        units = -(-hidden // min(sms, hidden))
+        return sms, optin, units, -(-hidden // units)
 
     def _attribute(self, name: str) -> int:
         runtime = self.cupy.cuda.runtime

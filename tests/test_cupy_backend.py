@@ -389,6 +389,7 @@ class EmulatedDevice:
 
     persistent_plan = cb._CupyDevice.persistent_plan      # the real planning code
     persistent_mma_plan = cb._CupyDevice.persistent_mma_plan
+    _persistent_grid = cb._CupyDevice._persistent_grid
 
     def copy_2d(self, dst, dst_pitch, src, src_pitch, width, rows):
         for r in range(rows):

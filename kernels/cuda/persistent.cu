@@ -58,8 +58,7 @@ gated_fwd_persistent(const T* __restrict__ xw, const T* __restrict__ w_hh,
     T* w_s = reinterpret_cast<T*>(smem_raw);
     constexpr int G = rg::CellShape<CELL>::G;
     cg::grid_group grid = cg::this_grid();
-    const long long u0 = (long long)blockIdx.x * units;
-    const long long nu = u0 < H ? (H - u0 < units ? H - u0 : units) : 0;
+    const long long u0 = block_first_unit(units), nu = block_unit_count(u0, units, H);
     if (use_smem) load_slice(w_s, w_hh, G, nu, u0, H);
     __syncthreads();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -115,8 +114,7 @@ twostage_fwd_persistent(const T* __restrict__ xw, const T* __restrict__ w,
     RNN_GPU_DYNAMIC_SHARED(smem_raw);
     T* w_s = reinterpret_cast<T*>(smem_raw);
     cg::grid_group grid = cg::this_grid();
-    const long long u0 = (long long)blockIdx.x * units;
-    const long long nu = u0 < H ? (H - u0 < units ? H - u0 : units) : 0;
+    const long long u0 = block_first_unit(units), nu = block_unit_count(u0, units, H);
     if (use_smem) load_slice(w_s, w, 3, nu, u0, H);
     __syncthreads();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

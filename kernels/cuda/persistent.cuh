@@ -19,4 +19,14 @@ namespace cg = cooperative_groups;
 
 constexpr int PERSISTENT_THREADS = 256;     // the launcher uses the same block size
 
+// Block j owns the hidden units [j * units, j * units + nu): nu = units, fewer in the last
+// block, 0 in a block past H (the launcher rounds the grid up).
+__device__ __forceinline__ long long block_first_unit(long long units) {
+    return (long long)blockIdx.x * units;
+}
+__device__ __forceinline__ long long block_unit_count(long long u0, long long units,
+                                                      long long H) {
+    return u0 < H ? (H - u0 < units ? H - u0 : units) : 0;
+}
+
 #endif  // RNN_GPU_PERSISTENT_CUH

@@ -82,8 +82,7 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
     float* acc_s = reinterpret_cast<float*>(h_s + Bp * Hp);
     constexpr int G = rg::CellShape<CELL>::G;
     cg::grid_group grid = cg::this_grid();
-    const long long u0 = (long long)blockIdx.x * units;
-    const long long nu = u0 < H ? (H - u0 < units ? H - u0 : units) : 0;
+    const long long u0 = block_first_unit(units), nu = block_unit_count(u0, units, H);
     for (long long i = threadIdx.x; i < Np * Hp; i += blockDim.x) {   // column n = g*nu + uu
         const long long n = i / Hp, k = i - n * Hp;
         const long long g = nu > 0 ? n / nu : G, uu = nu > 0 ? n - g * nu : 0;

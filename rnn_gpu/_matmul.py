@@ -26,35 +26,25 @@ from typing import Any
 TF32_HIGH_MASK = -(1 << 13)      # 0xFFFFE000 as int32: sign, exponent, top 10 mantissa bits
 
 
-def matmul(a: Any, b: Any, precision: str) -> Any:
-    """``a @ b`` (2-D), float32 products in ``precision`` where the arrays allow it."""
-    if precision == "ieee" or not _takes_tf32(a, b):
-        return a @ b
-    if precision == "tf32":
-        with _tf32_matmuls():
-            return a @ b
-    if precision == "tf32x3":
-        return tf32x3_matmul(a, b)
-    raise ValueError(f"precision: expected ieee, tf32x3 or tf32, got {precision!r}")
-
-
-def matmul_bias(a: Any, b: Any, bias: Any, precision: str) -> Any:
-    """``a @ b + bias`` (bias broadcast over rows; None for none). On torch tensors in one
-    ``torch.addmm``, which hands the bias to cuBLAS's GEMM epilogue on CUDA instead of a
-    separate pass over the product: at LSTM 256x4096x256 fp16 that pass reads and writes the
-    2 GB input projection, ~1.3 ms of the 9 ms forward on an H100 (run 4)."""
-    if bias is None:
-        return matmul(a, b, precision)
-    torch = sys.modules.get("torch")
-    fused = (torch is not None and isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-             and isinstance(bias, torch.Tensor))
-    if fused and (precision == "ieee" or not _takes_tf32(a, b)):
-        return torch.addmm(bias, a, b)
-    if fused and precision == "tf32":
-        with _tf32_matmuls():
-            return torch.addmm(bias, a, b)
-    out = matmul(a, b, precision)
-    out += bias
+def matmul(a: Any, b: Any, precision: str, bias: Any = None) -> Any:
+    """``a @ b`` (2-D), plus ``bias`` broadcast over rows when given, float32 products in
+    ``precision`` where the arrays allow it. A torch bias goes in through ``torch.addmm``,
+    which hands it to cuBLAS's GEMM epilogue on CUDA instead of a separate pass over the
+    product: at LSTM 256x4096x256 fp16 that pass reads and writes the 2 GB input projection,
+    ~1.3 ms of the 9 ms forward on an H100 (run 4)."""
+    tf32 = precision != "ieee" and _takes_tf32(a, b)
+    if tf32 and precision == "tf32x3":
+        out = tf32x3_matmul(a, b)
+    elif tf32 and precision != "tf32":
+        raise ValueError(f"precision: expected ieee, tf32x3 or tf32, got {precision!r}")
+    else:
+        with _tf32_matmuls() if tf32 else contextlib.nullcontext():
+            torch = sys.modules.get("torch")
+            if bias is not None and torch is not None and isinstance(bias, torch.Tensor):
+                return torch.addmm(bias, a, b)
+            out = a @ b
+    if bias is not None:
+        out += bias
     return out
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from . import _checks, _config, registry
 from ._arrays import Ops, device_of, dtype_name, kind_of, parse_device, to_kind, to_numpy
 from ._dtypes import canonical_dtype
-from ._matmul import matmul, matmul_bias
+from ._matmul import matmul
 from .backend_api import Problem, Tape
 from .cells import (
     ACTIVATIONS,
@@ -304,7 +304,7 @@ class RecurrentLayer:
         """``W_ih x + b_ih`` for all T*B rows as one GEMM -> (T, B, gates*H)."""
         w_ih, b_ih = self._input_weights(params, layer, reverse)
         T, B, n_in = inp.shape
-        xw = matmul_bias(inp.reshape(T * B, n_in), w_ih.T, b_ih, _config.float32_precision())
+        xw = matmul(inp.reshape(T * B, n_in), w_ih.T, _config.float32_precision(), b_ih)
         return w_ih, xw.reshape(T, B, w_ih.shape[0])
 
     def _recurrent_weights(self, params, layer: int, reverse: bool) -> dict[str, Any]:

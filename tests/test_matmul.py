@@ -134,16 +134,16 @@ def test_a_layer_routes_its_gemms_with_the_forwards_precision(monkeypatch, rng):
 
 
 @pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
-def test_matmul_bias_adds_the_bias_once(monkeypatch, precision, rng):
+def test_matmul_adds_the_bias_once(monkeypatch, precision, rng):
     """a @ b + bias for torch tensors (one addmm where the precision allows it), NumPy arrays
     and no bias, every precision (CUDA stood in for, so the TF32 branches run)."""
     a, b = _awkward(rng, (7, 5)), _awkward(rng, (5, 3))
     bias = torch.from_numpy(rng.standard_normal(3).astype(np.float32))
     want = a.double() @ b.double() + bias.double()
     scale = a.double().abs() @ b.double().abs() + bias.double().abs()
-    got_np = _matmul.matmul_bias(a.numpy(), b.numpy(), bias.numpy(), precision)
+    got_np = _matmul.matmul(a.numpy(), b.numpy(), precision, bias.numpy())
     assert (np.abs(got_np - want.numpy()) <= 1e-6 * scale.numpy() + 1e-30).all()
     monkeypatch.setattr(_matmul, "_takes_tf32", lambda a, b: True)
-    got = _matmul.matmul_bias(a, b, bias, precision)
+    got = _matmul.matmul(a, b, precision, bias)
     assert ((got.double() - want).abs() <= 1e-6 * scale + 1e-30).all()
-    assert torch.equal(_matmul.matmul_bias(a, b, None, "ieee"), a @ b)
+    assert torch.equal(_matmul.matmul(a, b, "ieee"), a @ b)

@@ -1109,7 +1109,8 @@ def _gated_forward(dev, problem, xw, w, state, lens, path, reverse, keep_tape):
     outs = (y, gates, ctape, hprev)
     h = None
     if path == "persistent-mma":
-        h = _gated_persistent_mma(dev, cell, act, xw, w, state[0], c, lens, outs, reverse)
+        h = _gated_persistent(dev, cell, act, xw, w, state[0], c, lens, outs, reverse,
+                              mma=True)
         path = "persistent-mma" if h is not None else "persistent"
     if path == "persistent":
         h = _gated_persistent(dev, cell, act, xw, w, state[0], c, lens, outs, reverse)
@@ -1169,43 +1170,34 @@ def _persistent_launch(dev, base: str, template_args: tuple, n_mat: int, H: int,
     return True
 
 
-def _gated_persistent(dev, cell, act, xw, w, h0, c, lens, outs, reverse):
-    """Path (b); returns h_T (fp32), or None when the kernel cannot run here."""
+def _gated_persistent(dev, cell, act, xw, w, h0, c, lens, outs, reverse, *, mma=False):
+    """Path (b), or with ``mma`` path "persistent-mma"; returns h_T (fp32), or None when the
+    kernel cannot run here."""
     T, B, GH = xw.shape
     H = GH // GATES[cell]
     hbuf = dev.empty((2, B, H), np.float32, "the fp32 state buffers")
     _to_f32(dev, h0, "the fp32 state h", out=hbuf)          # slot 0 = h0
+    head = (xw, w["weight_hh"], w.get("bias_hh"), lens, hbuf)
+    shape = (_i64(T), _i64(B), _i64(H))
+    if mma:
+        Bp, Hp = _round_up(B, MMA_TILE), _round_up(H, MMA_TILE)
+        # h in the compute dtype for the products, zero-padded to whole tiles (both slots)
+        hmat = _filled(dev, 2 * Bp * Hp, 0.0, "the padded state in the compute dtype")
+        hmat = hmat.reshape(2, Bp, Hp)
+        dev.copy_2d(dev.ptr(hmat), Hp * dev.itemsize, dev.ptr(h0), H * dev.itemsize,
+                    H * dev.itemsize, B)
 
-    def args_of(plan):
-        return (xw, w["weight_hh"], w.get("bias_hh"), lens, hbuf, c, *outs, _i64(T), _i64(B),
-                _i64(H), _i64(plan.units), _i64(int(reverse)), _i64(int(plan.use_smem)))
+        def args_of(plan):
+            return (*head, hmat, c, *outs, *shape, _i64(plan.units), _i64(int(reverse)),
+                    _i64(Bp), _i64(Hp), _i64(_round_up(GATES[cell] * plan.units, MMA_TILE)))
+    else:
+        def args_of(plan):
+            return (*head, c, *outs, *shape, _i64(plan.units), _i64(int(reverse)),
+                    _i64(int(plan.use_smem)))
 
-    if not _persistent_launch(dev, "gated_fwd_persistent", (CELL_IDS[cell], act), GATES[cell],
-                              H, args_of):
-        return None
-    return hbuf[T % 2]
-
-
-def _gated_persistent_mma(dev, cell, act, xw, w, h0, c, lens, outs, reverse):
-    """Path "persistent-mma"; returns h_T (fp32), or None when the kernel cannot run here."""
-    T, B, GH = xw.shape
-    H = GH // GATES[cell]
-    hbuf = dev.empty((2, B, H), np.float32, "the fp32 state buffers")
-    _to_f32(dev, h0, "the fp32 state h", out=hbuf)          # slot 0 = h0
-    Bp, Hp = _round_up(B, MMA_TILE), _round_up(H, MMA_TILE)
-    # h in the compute dtype for the products, zero-padded to whole tiles (both slots)
-    hmat = _filled(dev, 2 * Bp * Hp, 0.0, "the padded state in the compute dtype")
-    hmat = hmat.reshape(2, Bp, Hp)
-    dev.copy_2d(dev.ptr(hmat), Hp * dev.itemsize, dev.ptr(h0), H * dev.itemsize,
-                H * dev.itemsize, B)
-
-    def args_of(plan):
-        return (xw, w["weight_hh"], w.get("bias_hh"), lens, hbuf, hmat, c, *outs, _i64(T),
-                _i64(B), _i64(H), _i64(plan.units), _i64(int(reverse)), _i64(Bp), _i64(Hp),
-                _i64(_round_up(GATES[cell] * plan.units, MMA_TILE)))
-
-    if not _persistent_launch(dev, "gated_fwd_persistent_mma", (CELL_IDS[cell], act),
-                              GATES[cell], H, args_of, batch=B):
+    base = "gated_fwd_persistent_mma" if mma else "gated_fwd_persistent"
+    if not _persistent_launch(dev, base, (CELL_IDS[cell], act), GATES[cell], H, args_of,
+                              batch=B if mma else None):
         return None
     return hbuf[T % 2]
 

@@ -14,21 +14,26 @@ Two paths (DESIGN §5), the same tape layout for both:
     over all T*B rows, ``db_hh = 1ᵀ dgates``).
 
     By default the steps run as plain launches, two per step (one GEMM, one kernel). CUDA-graph
-    capture of the time loop is OFF by default (``USE_GRAPH = False``) because CuPy's own
-    cuBLAS wrappers refuse to run while a stream captures (CuPy >= 11 raises
-    ``NotImplementedError: calling cuBLAS API during stream capture is currently unsupported``
-    from ``cublas.setStream``, which every wrapper calls), so a capture through them can never
-    succeed: the first GPU run (H100, CuPy 14.2) showed exactly that. With ``USE_GRAPH = True``
-    the graph path's GEMMs go instead through a cuBLAS handle of this module's own, called
-    through ctypes on the libcublas CuPy loaded (``_RawCublas``; cuBLAS itself supports stream
-    capture), the time loop is recorded as a list of operations, and a list seen a second time
-    (same kernels, same pointers, same sizes) is captured as a CUDA graph and replayed from then
-    on (``GRAPH_CACHE_SIZE`` lists remembered). The cache key holds every address and scalar
-    the operations use, so a replay does exactly what plain launches of the current call would
-    do; the cache also keeps the kernels the graph uses alive. A capture that fails turns
-    capture off for the process, with one warning, and the call runs as plain launches; never
-    a wrong result. That capture path has not yet run on a GPU (tests/test_cupy_backend.py's
-    gpu tests exercise it), hence the default.
+    capture of the time loop is OFF by default (``USE_GRAPH = False``; the environment variable
+    ``RNN_GPU_CUPY_GRAPH=1`` turns it on) until a card has timed it. CuPy's own cuBLAS wrappers
+    refuse to run while a stream captures (CuPy >= 11 raises ``NotImplementedError: calling
+    cuBLAS API during stream capture is currently unsupported`` from ``cublas.setStream``), so
+    with capture on the graph path's GEMMs go through a cuBLAS handle of this module's own,
+    called through ctypes on the libcublas CuPy loaded (``_RawCublas``; cuBLAS itself supports
+    stream capture). The time loop is a list of operations; a list seen a second time is
+    captured as a CUDA graph and replayed from then on (``GRAPH_CACHE_SIZE`` lists remembered).
+
+    A replay must serve a new call, whose arrays live elsewhere: the step kernels therefore read
+    the call's own arrays (xw, y, the tape, dy, dxw, lengths, bias) through a CALL TABLE in
+    device memory, rewritten before each call, and everything the GEMMs touch (state, products,
+    a copy of the recurrent weights) lives in a WORKSPACE kept per shape and stream
+    (``_Workspace``). Every call of one shape on one stream then issues the very same operations
+    with the very same arguments, and is replayed. (Before the tables, on an H100, each call's
+    fresh buffers made every loop new: a call recorded its graph and never replayed it, 36.5 ms
+    against 17.2 ms plainly, LSTM fp16 512x64x1024.) The cache key still holds every address
+    and scalar the operations use. A capture that fails turns capture off for the process, with
+    one warning, and the call runs as plain launches; never a wrong result. ``clear_graphs()``
+    forgets the graphs and workspaces.
 
 ``"persistent"`` (forward of every cell; small batch)
     One cooperative kernel (``persistent.cu``) for the whole sequence, ``grid.sync()`` once per
@@ -91,7 +96,8 @@ from rnn_gpu.backend_api import Backend, Problem, Tape
 # ---------------------------------------------------------------------- switches (see above)
 
 FORCE_PATH: str | None = None          # one of PATHS, or None (the heuristic)
-USE_GRAPH = False                      # capture repeated time loops as CUDA graphs (see above)
+# Capture repeated time loops as CUDA graphs (see above); RNN_GPU_CUPY_GRAPH=1 turns it on.
+USE_GRAPH = os.environ.get("RNN_GPU_CUPY_GRAPH", "") not in ("", "0")
 GRAPH_CACHE_SIZE = 16                  # time loops remembered (seen once, or captured)
 # Synchronize after every launch and GEMM outside captures, so that an asynchronous fault is
 # reported with the name of the kernel that caused it (slow; for debugging and the GPU tests).
@@ -100,6 +106,14 @@ PERSISTENT_MAX_BATCH = 16
 PERSISTENT_MAX_STEP_MACS = 1 << 23
 
 PATHS = ("graph", "persistent", "persistent-mma")
+# Field order of the call tables in recurrent.cu (the per-call addresses the graph path's step
+# kernels read from device memory; tests/test_cupy_backend.py compares the two).
+CALL_TABLES = {
+    "GatedFwdCall": ("xw", "bias", "lengths", "y", "gates", "ctape", "hprev"),
+    "GatedBwdCall": ("dy", "gates", "ctape", "c0", "hprev", "lengths", "dxw", "dhh"),
+    "TwoStageFwdCall": ("xw", "bias", "lengths", "y", "atape", "htape", "hprev"),
+    "TwoStageBwdCall": ("dy", "atape", "htape", "lengths", "dph", "dxw"),
+}
 MMA_TILE = 16                          # wmma's m = n = k for half and bfloat16
 DTYPES = ("float32", "float16", "bfloat16")
 CELLS = ("rnn", "lstm", "gru", "twostage")
@@ -150,7 +164,8 @@ class CupyBackend(Backend):
         elif path.startswith("persistent"):
             kind, fallback = "persistent", "graph path where the grid does not fit"
         else:
-            return "graph path: a cuBLAS GEMM and a fused pointwise kernel per step"
+            captured = ", captured as a CUDA graph and replayed" if USE_GRAPH else ""
+            return f"graph path: a cuBLAS GEMM and a fused pointwise kernel per step{captured}"
         if problem.training:
             return f"{kind} forward ({fallback}), graph backward"
         return f"{kind} ({fallback})"
@@ -471,11 +486,13 @@ _NEW, _SEEN, _FAILED = "new", "seen", "failed"
 
 @dataclass(frozen=True, eq=False)
 class _Captured:
-    """A captured time loop: the CUDA graph, and the operations it was captured from (held so
-    that the kernels' modules live as long as the graph that launches them)."""
+    """A captured time loop: the CUDA graph, the operations it was captured from (held so
+    that the kernels' modules live as long as the graph that launches them) and the workspace
+    whose addresses it uses."""
 
     graph: Any
     ops: tuple
+    workspace: Any = None
 
 
 class _GraphCache:
@@ -486,6 +503,7 @@ class _GraphCache:
     def __init__(self):
         self._entries: OrderedDict[Any, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self.replays = 0                  # graphs launched from the cache (tests, benchmarks)
 
     def lookup(self, key) -> Any:
         with self._lock:
@@ -511,6 +529,85 @@ class _GraphCache:
 
 
 _graphs = _GraphCache()
+
+
+class _Workspace:
+    """What one graph-path time loop touches besides the call's own arrays: the buffers its
+    GEMMs read and write (state, products, a copy of the recurrent weights) and its call table
+    (the call's addresses, read by the step kernels; recurrent.cu explains why). With capture
+    on, one workspace is kept per shape and stream, so that every call of that shape issues the
+    very same operations and the captured graph is replayed; ``lock`` keeps two host threads on
+    one stream from interleaving their calls' writes into it."""
+
+    def __init__(self, dev, table: str, buffers: dict[str, tuple]):
+        self.table_name = table
+        self.table = dev.empty((len(CALL_TABLES[table]),), np.int64, f"the call table {table}")
+        self.buffers = {name: dev.empty(shape, dtype, what)
+                        for name, (shape, dtype, what) in buffers.items()}
+        self.lock = threading.Lock()
+
+    def __getitem__(self, name: str):
+        return self.buffers[name]
+
+    def bind(self, dev, **arrays) -> None:
+        """Writes the call's addresses (None: a null pointer) into the table, on the caller's
+        stream, so after every earlier use of the table on that stream."""
+        fields = CALL_TABLES[self.table_name]
+        if set(arrays) != set(fields):
+            raise TypeError(f"{self.table_name}: expected the fields {fields}, got "
+                            f"{tuple(arrays)}")
+        dev.upload(self.table, np.array([0 if arrays[f] is None else dev.ptr(arrays[f])
+                                         for f in fields], np.int64))
+
+
+class _WorkspaceCache:
+    """Workspaces by (device, stream, loop signature), least recently used dropped beyond
+    ``GRAPH_CACHE_SIZE`` (a captured graph keeps its own workspace alive through its
+    operations' arguments, so dropping one here never frees memory a graph still uses)."""
+
+    def __init__(self):
+        self._entries: OrderedDict[Any, _Workspace] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, make) -> _Workspace:
+        with self._lock:
+            ws = self._entries.get(key)
+            if ws is None:
+                ws = self._entries[key] = make()
+            self._entries.move_to_end(key)
+            while len(self._entries) > max(GRAPH_CACHE_SIZE, 0):
+                self._entries.popitem(last=False)
+            return ws
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+_workspaces = _WorkspaceCache()
+
+
+@contextlib.contextmanager
+def _workspace(dev, signature: tuple, table: str, buffers: dict[str, tuple]):
+    """The time loop's workspace, held for the call: a kept one with capture on (the same
+    addresses for every call of this signature on this stream), else a fresh one."""
+    def make():
+        return _Workspace(dev, table, buffers)
+
+    ws = (_workspaces.get((dev.index, dev.stream.ptr, dev.dtype_name, *signature), make)
+          if dev.graphs else make())
+    with ws.lock:
+        yield ws
+
+
+def clear_graphs() -> None:
+    """Forgets every captured time loop and kept workspace (their GPU memory returns to CuPy's
+    pool once no call still uses it)."""
+    _graphs.clear()
+    _workspaces.clear()
 _capture_lock = threading.Lock()        # one capture at a time: the capture stream is shared
 _capture_streams: dict[int, Any] = {}
 _capture_off: list[str] = []            # why capture is off for this process (after a failure)
@@ -735,6 +832,11 @@ class _CupyDevice:
             raise RuntimeError(f"rnn_gpu cupy backend: a device-to-device copy of {rows} rows "
                                f"of {width} bytes failed: {type(exc).__name__}: {exc}") from exc
 
+    def upload(self, dst, host: np.ndarray) -> None:
+        """Host bytes into a device array on the caller's stream (CUDA stages a pageable
+        source before returning, so ``host`` may go at once)."""
+        dst.set(host, stream=self.stream)
+
     def synchronize(self) -> None:
         self.stream.synchronize()
 
@@ -834,12 +936,12 @@ class _CupyDevice:
                                                                 PERSISTENT_THREADS, shared_mem)
 
     # ------------------------------------------------------------ running
-    def run(self, ops: list, *, graph: bool = False) -> None:
+    def run(self, ops: list, *, graph: bool = False, workspace=None) -> None:
         """Run ``ops`` on the caller's stream: plainly, or (``graph``, with capture on) through
-        the graph cache."""
+        the graph cache; a captured graph keeps ``workspace`` alive."""
         if not ops:
             return
-        if graph and self.graphs and self._run_graph(ops):
+        if graph and self.graphs and self._run_graph(ops, workspace):
             return
         if self.blas is not None:
             _run_ops(self, ops)
@@ -847,17 +949,18 @@ class _CupyDevice:
         with self._cublas_on(self.stream):
             _run_ops(self, ops)
 
-    def _run_graph(self, ops: list) -> bool:
+    def _run_graph(self, ops: list, workspace=None) -> bool:
         """Replays (or captures, then replays) ``ops``; False when they must run plainly."""
         key = (self.index, tuple(op.key(self) for op in ops))
         entry = _graphs.lookup(key)
         if isinstance(entry, str) and entry == _SEEN:
-            entry = self._capture(ops)
+            entry = self._capture(ops, workspace)
             _graphs.store(key, _FAILED if entry is None else entry)
         if not isinstance(entry, _Captured):
             return False
         try:
             entry.graph.launch(stream=self.stream)
+            _graphs.replays += 1
             if CHECK_LAUNCHES:
                 self.synchronize()
         except Exception as exc:
@@ -866,7 +969,7 @@ class _CupyDevice:
                                f"failed: {type(exc).__name__}: {exc}") from exc
         return True
 
-    def _capture(self, ops: list) -> _Captured | None:
+    def _capture(self, ops: list, workspace=None) -> _Captured | None:
         """``ops`` captured as a CUDA graph on the capture stream, or None after a failure
         (then capture is off for the process, with a warning naming what failed)."""
         failure = None
@@ -884,7 +987,7 @@ class _CupyDevice:
                               f"({failure or 'no graph came back'})")
             self.blas = None        # the rest of this call: plain launches, CuPy's cuBLAS
             return None
-        return _Captured(graph, tuple(ops))
+        return _Captured(graph, tuple(ops), workspace)
 
     def _record(self, stream, ops: list) -> tuple[str | None, Any]:
         """begin_capture, the operations, end_capture; (what failed or None, the graph)."""
@@ -990,6 +1093,15 @@ def _copy(dev, a, what: str):
     out = dev.empty(a.shape, a.dtype, what)
     dev.copy_raw(dev.ptr(out), dev.ptr(a), a.nbytes)
     return out
+
+
+def _copy_into(dev, dst, src, offset: int = 0) -> None:
+    """The bytes of contiguous ``src`` into ``dst`` from byte ``offset`` on (a workspace
+    buffer of the same dtype)."""
+    if offset + src.nbytes > dst.nbytes or np.dtype(src.dtype) != np.dtype(dst.dtype):
+        raise ValueError(f"cannot copy {src.nbytes} bytes of {src.dtype} into {dst.nbytes} "
+                         f"bytes of {dst.dtype} at offset {offset}")
+    dev.copy_raw(dev.ptr(dst) + offset, dev.ptr(src), src.nbytes)
 
 
 def _stacked(dev, mats: list, what: str):
@@ -1105,21 +1217,17 @@ def _gated_forward(dev, problem, xw, w, state, lens, path, reverse, keep_tape):
         ctape = dev.empty((T, B, H), np.float32, "the cell-state tape") if lstm else None
         hprev = dev.empty((T, B, H), dev.dtype, "the h_{t-1} tape")
     c0 = _to_f32(dev, state[1], "the fp32 cell state c0") if lstm else None
-    c = _copy(dev, c0, "the fp32 cell state c") if lstm else None
     outs = (y, gates, ctape, hprev)
-    h = None
+    final = None
     if path == "persistent-mma":
-        h = _gated_persistent(dev, cell, act, xw, w, state[0], c, lens, outs, reverse,
-                              mma=True)
-        path = "persistent-mma" if h is not None else "persistent"
+        final = _gated_persistent(dev, cell, act, xw, w, state[0], c0, lens, outs, reverse,
+                                  mma=True)
+        path = "persistent-mma" if final is not None else "persistent"
     if path == "persistent":
-        h = _gated_persistent(dev, cell, act, xw, w, state[0], c, lens, outs, reverse)
-    if h is None:
+        final = _gated_persistent(dev, cell, act, xw, w, state[0], c0, lens, outs, reverse)
+    if final is None:
         path = "graph"
-        h = _gated_graph(dev, cell, act, xw, w, state[0], c, lens, outs, reverse)
-    final = (_from_f32(dev, h, "the final h"),)
-    if lstm:
-        final += (_from_f32(dev, c, "the final c"),)
+        final = _gated_graph(dev, cell, act, xw, w, state[0], c0, lens, outs, reverse)
     tape = None
     if keep_tape:
         tape = GatedTape(cell, act, reverse, w["weight_hh"], "bias_hh" in w, lens, c0, gates,
@@ -1127,24 +1235,48 @@ def _gated_forward(dev, problem, xw, w, state, lens, path, reverse, keep_tape):
     return y, final, tape
 
 
-def _gated_graph(dev, cell, act, xw, w, h0, c, lens, outs, reverse):
-    """Path (a): per step one GEMM into ``hh`` and one pointwise kernel; returns h_T (fp32)."""
+GRADIENTS_OF_STATE0 = ("the gradient of h0", "the gradient of c0")
+
+
+def _final_state(dev, h32, c32=None, what=("the final h", "the final c")) -> tuple:
+    """The final state (or its gradient) in the compute dtype: ``(h,)`` or ``(h, c)``."""
+    final = (_from_f32(dev, h32, what[0]),)
+    return final if c32 is None else final + (_from_f32(dev, c32, what[1]),)
+
+
+def _gated_graph(dev, cell, act, xw, w, h0, c0, lens, outs, reverse):
+    """Path (a): per step one GEMM into ``hh`` and one pointwise kernel; returns the final
+    state. The operations touch only the workspace and scalars (the call's arrays go through
+    the call table), so a captured loop is replayed for every call of its shape."""
     T, B, GH = xw.shape
     H = GH // GATES[cell]
-    h = _to_f32(dev, h0, "the fp32 state h")
-    hc = _copy(dev, h0, "the state h in the compute dtype")
-    hh = dev.empty((B, GH), np.float32, "the recurrent product h W_hh^T")
-    product = _gemm(dev, B, GH, H, dev.ptr(hc), dev.ptr(w["weight_hh"]), dev.ptr(hh),
-                    trans_b=True)
-    ops = []
-    for s in range(T):
-        t = _time(s, T, reverse)
-        ops.append(product)
-        ops.append(_pointwise(dev, "gated_fwd_step", CELL_IDS[cell], act, n=B * H,
-                              args=(xw, hh, w.get("bias_hh"), lens, h, c, hc, *outs, _i64(t),
-                                    _i64(B), _i64(H))))
-    dev.run(ops, graph=True)
-    return h
+    y, gates, ctape, hprev = outs
+    buffers = {"h": ((B, H), np.float32, "the fp32 state h"),
+               "hc": ((B, H), dev.dtype, "the state h in the compute dtype"),
+               "hh": ((B, GH), np.float32, "the recurrent product h W_hh^T"),
+               "w_hh": ((GH, H), dev.dtype, "the graph path's copy of W_hh")}
+    if c0 is not None:
+        buffers["c"] = ((B, H), np.float32, "the fp32 cell state c")
+    signature = ("gated_fwd", cell, act, T, B, H, reverse)
+    with _workspace(dev, signature, "GatedFwdCall", buffers) as ws:
+        _to_f32(dev, h0, "the fp32 state h", out=ws["h"])
+        _copy_into(dev, ws["hc"], h0)
+        _copy_into(dev, ws["w_hh"], w["weight_hh"])
+        if c0 is not None:
+            _copy_into(dev, ws["c"], c0)
+        ws.bind(dev, xw=xw, bias=w.get("bias_hh"), lengths=lens, y=y, gates=gates,
+                ctape=ctape, hprev=hprev)
+        c = ws.buffers.get("c")
+        product = _gemm(dev, B, GH, H, dev.ptr(ws["hc"]), dev.ptr(ws["w_hh"]),
+                        dev.ptr(ws["hh"]), trans_b=True)
+        ops = []
+        for s in range(T):
+            ops.append(product)
+            ops.append(_pointwise(dev, "gated_fwd_step", CELL_IDS[cell], act, n=B * H,
+                                  args=(ws.table, ws["hh"], ws["h"], c, ws["hc"],
+                                        _i64(_time(s, T, reverse)), _i64(B), _i64(H))))
+        dev.run(ops, graph=True, workspace=ws)
+        return _final_state(dev, ws["h"], c)
 
 
 def _persistent_launch(dev, base: str, template_args: tuple, n_mat: int, H: int, args_of,
@@ -1170,11 +1302,12 @@ def _persistent_launch(dev, base: str, template_args: tuple, n_mat: int, H: int,
     return True
 
 
-def _gated_persistent(dev, cell, act, xw, w, h0, c, lens, outs, reverse, *, mma=False):
-    """Path (b), or with ``mma`` path "persistent-mma"; returns h_T (fp32), or None when the
-    kernel cannot run here."""
+def _gated_persistent(dev, cell, act, xw, w, h0, c0, lens, outs, reverse, *, mma=False):
+    """Path (b), or with ``mma`` path "persistent-mma"; returns the final state, or None when
+    the kernel cannot run here."""
     T, B, GH = xw.shape
     H = GH // GATES[cell]
+    c = None if c0 is None else _copy(dev, c0, "the fp32 cell state c")
     hbuf = dev.empty((2, B, H), np.float32, "the fp32 state buffers")
     _to_f32(dev, h0, "the fp32 state h", out=hbuf)          # slot 0 = h0
     head = (xw, w["weight_hh"], w.get("bias_hh"), lens, hbuf)
@@ -1199,7 +1332,7 @@ def _gated_persistent(dev, cell, act, xw, w, h0, c, lens, outs, reverse, *, mma=
     if not _persistent_launch(dev, base, (CELL_IDS[cell], act), GATES[cell], H, args_of,
                               batch=B if mma else None):
         return None
-    return hbuf[T % 2]
+    return _final_state(dev, hbuf[T % 2], c)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -1216,14 +1349,13 @@ def _twostage_forward(dev, problem, xw, w, h0, lens, path, reverse, keep_tape):
         htape = dev.empty((T, B, H), np.float32, "the h_t tape")
         hprev = dev.empty((T, B, H), dev.dtype, "the h_{t-1} tape")
     outs = (y, atape, htape, hprev)
-    h = None
+    final = None
     if path.startswith("persistent"):         # no tensor-core kernel for the two stages
         path = "persistent"
-        h = _twostage_persistent(dev, acts, xw, w, h0, lens, outs, reverse)
-    if h is None:
+        final = _twostage_persistent(dev, acts, xw, w, h0, lens, outs, reverse)
+    if final is None:
         path = "graph"
-        h = _twostage_graph(dev, acts, xw, w, h0, lens, outs, reverse)
-    final = (_from_f32(dev, h, "the final h"),)
+        final = _twostage_graph(dev, acts, xw, w, h0, lens, outs, reverse)
     tape = None
     if keep_tape:
         tape = TwoStageTape(acts, reverse, w["weight_aa"], w["weight_ha"], w["weight_hh"],
@@ -1233,30 +1365,42 @@ def _twostage_forward(dev, problem, xw, w, h0, lens, path, reverse, keep_tape):
 
 def _twostage_graph(dev, acts, xw, w, h0, lens, outs, reverse):
     """Per step: pa = h [W_aa; W_hh]ᵀ, a = f(xw + pa[:, :H]), pb = a W_haᵀ, h = g(pb + pa[:, H:]
-    + b_h): two GEMMs and two pointwise kernels."""
+    + b_h): two GEMMs and two pointwise kernels; workspace and call table as
+    :func:`_gated_graph`."""
     T, B, H = xw.shape
     y, atape, htape, hprev = outs
-    w_cat = _stacked(dev, [w["weight_aa"], w["weight_hh"]], "[W_aa; W_hh]")
-    h = _to_f32(dev, h0, "the fp32 state h")
-    hc = _copy(dev, h0, "the state h in the compute dtype")
-    a_c = dev.empty((B, H), dev.dtype, "a_t in the compute dtype")
-    pa = dev.empty((B, 2 * H), np.float32, "h [W_aa; W_hh]^T")
-    pb = dev.empty((B, H), np.float32, "a W_ha^T")
-    first = _gemm(dev, B, 2 * H, H, dev.ptr(hc), dev.ptr(w_cat), dev.ptr(pa), trans_b=True)
-    second = _gemm(dev, B, H, H, dev.ptr(a_c), dev.ptr(w["weight_ha"]), dev.ptr(pb),
-                   trans_b=True)
-    ops = []
-    for s in range(T):
-        t = _time(s, T, reverse)
-        ops.append(first)
-        ops.append(_pointwise(dev, "twostage_fwd_a", acts[0], n=B * H,
-                              args=(xw, pa, a_c, atape, _i64(t), _i64(B), _i64(H))))
-        ops.append(second)
-        ops.append(_pointwise(dev, "twostage_fwd_b", acts[1], n=B * H,
-                              args=(pa, pb, w.get("bias_h"), lens, h, hc, y, htape, hprev,
-                                    _i64(t), _i64(B), _i64(H))))
-    dev.run(ops, graph=True)
-    return h
+    buffers = {"h": ((B, H), np.float32, "the fp32 state h"),
+               "hc": ((B, H), dev.dtype, "the state h in the compute dtype"),
+               "a_c": ((B, H), dev.dtype, "a_t in the compute dtype"),
+               "pa": ((B, 2 * H), np.float32, "h [W_aa; W_hh]^T"),
+               "pb": ((B, H), np.float32, "a W_ha^T"),
+               "w_cat": ((2 * H, H), dev.dtype, "[W_aa; W_hh]"),
+               "w_ha": ((H, H), dev.dtype, "the graph path's copy of W_ha")}
+    signature = ("twostage_fwd", *acts, T, B, H, reverse)
+    with _workspace(dev, signature, "TwoStageFwdCall", buffers) as ws:
+        _to_f32(dev, h0, "the fp32 state h", out=ws["h"])
+        _copy_into(dev, ws["hc"], h0)
+        _copy_into(dev, ws["w_cat"], w["weight_aa"])
+        _copy_into(dev, ws["w_cat"], w["weight_hh"], offset=w["weight_aa"].nbytes)
+        _copy_into(dev, ws["w_ha"], w["weight_ha"])
+        ws.bind(dev, xw=xw, bias=w.get("bias_h"), lengths=lens, y=y, atape=atape,
+                htape=htape, hprev=hprev)
+        first = _gemm(dev, B, 2 * H, H, dev.ptr(ws["hc"]), dev.ptr(ws["w_cat"]),
+                      dev.ptr(ws["pa"]), trans_b=True)
+        second = _gemm(dev, B, H, H, dev.ptr(ws["a_c"]), dev.ptr(ws["w_ha"]),
+                       dev.ptr(ws["pb"]), trans_b=True)
+        ops = []
+        for s in range(T):
+            t = _i64(_time(s, T, reverse))
+            ops.append(first)
+            ops.append(_pointwise(dev, "twostage_fwd_a", acts[0], n=B * H,
+                                  args=(ws.table, ws["pa"], ws["a_c"], t, _i64(B), _i64(H))))
+            ops.append(second)
+            ops.append(_pointwise(dev, "twostage_fwd_b", acts[1], n=B * H,
+                                  args=(ws.table, ws["pa"], ws["pb"], ws["h"], ws["hc"], t,
+                                        _i64(B), _i64(H))))
+        dev.run(ops, graph=True, workspace=ws)
+        return _final_state(dev, ws["h"])
 
 
 def _twostage_persistent(dev, acts, xw, w, h0, lens, outs, reverse):
@@ -1275,7 +1419,7 @@ def _twostage_persistent(dev, acts, xw, w, h0, lens, outs, reverse):
 
     if not _persistent_launch(dev, "twostage_fwd_persistent", acts, 3, H, args_of):
         return None
-    return hbuf[T % 2]
+    return _final_state(dev, hbuf[T % 2])
 
 
 # ---------------------------------------------------------------------- backward
@@ -1293,53 +1437,74 @@ def _gated_backward(dev, tape: GatedTape, dy, dstate):
     T, B, H = dy.shape
     cell, lstm = tape.cell, tape.cell == "lstm"
     GH = GATES[cell] * H
-    dh = _to_f32(dev, dstate[0], "the fp32 gradient dh")
-    dc = _to_f32(dev, dstate[1], "the fp32 gradient dc") if lstm else None
     dxw = dev.empty((T, B, GH), dev.dtype, "the gradient of xw")
     dhh = dev.empty((T, B, GH), dev.dtype, "the gradient of h W_hh^T") if cell == "gru" else dxw
-    ops = []
-    for s in reversed(range(T)):
-        t = _time(s, T, tape.reverse)
-        t_prev = _time(s - 1, T, tape.reverse) if s > 0 else -1
-        ops.append(_pointwise(dev, "gated_bwd_step", CELL_IDS[cell], tape.act, n=B * H,
-                              args=(dy, tape.gates, tape.ctape, tape.c0, tape.hprev,
-                                    tape.lengths, dh, dc, dxw, dhh, _i64(t), _i64(t_prev),
-                                    _i64(B), _i64(H))))
-        ops.append(_gemm(dev, B, H, GH, _row(dev, dhh, t), dev.ptr(tape.w_hh), dev.ptr(dh),
-                         beta=1))
-    dev.run(ops, graph=True)
+    buffers = {"dh": ((B, H), np.float32, "the fp32 gradient dh"),
+               "drec": ((B, GH), dev.dtype, "a step's gradient of h W_hh^T"),
+               "w_hh": ((GH, H), dev.dtype, "the graph path's copy of W_hh")}
+    if lstm:
+        buffers["dc"] = ((B, H), np.float32, "the fp32 gradient dc")
+    signature = ("gated_bwd", cell, tape.act, T, B, H, tape.reverse)
+    with _workspace(dev, signature, "GatedBwdCall", buffers) as ws:
+        _to_f32(dev, dstate[0], "the fp32 gradient dh", out=ws["dh"])
+        if lstm:
+            _to_f32(dev, dstate[1], "the fp32 gradient dc", out=ws["dc"])
+        _copy_into(dev, ws["w_hh"], tape.w_hh)
+        ws.bind(dev, dy=dy, gates=tape.gates, ctape=tape.ctape, c0=tape.c0, hprev=tape.hprev,
+                lengths=tape.lengths, dxw=dxw, dhh=dhh)
+        dc = ws.buffers.get("dc")
+        recurrent = _gemm(dev, B, H, GH, dev.ptr(ws["drec"]), dev.ptr(ws["w_hh"]),
+                          dev.ptr(ws["dh"]), beta=1)
+        ops = []
+        for s in reversed(range(T)):
+            t = _time(s, T, tape.reverse)
+            t_prev = _time(s - 1, T, tape.reverse) if s > 0 else -1
+            ops.append(_pointwise(dev, "gated_bwd_step", CELL_IDS[cell], tape.act, n=B * H,
+                                  args=(ws.table, ws["dh"], dc, ws["drec"], _i64(t),
+                                        _i64(t_prev), _i64(B), _i64(H))))
+            ops.append(recurrent)
+        dev.run(ops, graph=True, workspace=ws)
+        d0 = _final_state(dev, ws["dh"], dc, GRADIENTS_OF_STATE0)
     grads = {"weight_hh": _outer_grad(dev, dhh, tape.hprev, "the gradient of W_hh")}
     if tape.has_bias:
         ones = _filled(dev, T * B, 1.0, "a ones vector")
         grads["bias_hh"] = _bias_grad(dev, dhh, ones, "the gradient of b_hh")
-    d0 = (_from_f32(dev, dh, "the gradient of h0"),)
-    if lstm:
-        d0 += (_from_f32(dev, dc, "the gradient of c0"),)
     return dxw, d0, grads
 
 
 def _twostage_backward(dev, tape: TwoStageTape, dy, dh_T):
     T, B, H = dy.shape
     f, g = tape.acts
-    dh = _to_f32(dev, dh_T, "the fp32 gradient dh")
     dxw = dev.empty((T, B, H), dev.dtype, "the gradient of xw")
     dph = dev.empty((T, B, H), dev.dtype, "the gradient of the second stage")
-    da = dev.empty((B, H), np.float32, "dph W_ha")
-    ops = []
-    for s in reversed(range(T)):
-        t = _time(s, T, tape.reverse)
-        ops.append(_pointwise(dev, "twostage_bwd_a", g, n=B * H,
-                              args=(dy, tape.htape, tape.lengths, dh, dph, _i64(t), _i64(B),
-                                    _i64(H))))
-        ops.append(_gemm(dev, B, H, H, _row(dev, dph, t), dev.ptr(tape.w_ha), dev.ptr(da)))
-        ops.append(_pointwise(dev, "twostage_bwd_b", f, n=B * H,
-                              args=(da, tape.atape, tape.lengths, dxw, _i64(t), _i64(B),
-                                    _i64(H))))
-        ops.append(_gemm(dev, B, H, H, _row(dev, dxw, t), dev.ptr(tape.w_aa), dev.ptr(dh),
-                         beta=1))
-        ops.append(_gemm(dev, B, H, H, _row(dev, dph, t), dev.ptr(tape.w_hh), dev.ptr(dh),
-                         beta=1))
-    dev.run(ops, graph=True)
+    buffers = {"dh": ((B, H), np.float32, "the fp32 gradient dh"),
+               "da": ((B, H), np.float32, "dph W_ha"),
+               "dph_t": ((B, H), dev.dtype, "a step's gradient of the second stage"),
+               "dx_t": ((B, H), dev.dtype, "a step's gradient of xw"),
+               "w": ((3 * H, H), dev.dtype, "the graph path's copy of [W_ha; W_aa; W_hh]")}
+    signature = ("twostage_bwd", f, g, T, B, H, tape.reverse)
+    with _workspace(dev, signature, "TwoStageBwdCall", buffers) as ws:
+        _to_f32(dev, dh_T, "the fp32 gradient dh", out=ws["dh"])
+        for i, m in enumerate((tape.w_ha, tape.w_aa, tape.w_hh)):
+            _copy_into(dev, ws["w"], m, offset=i * m.nbytes)
+        ws.bind(dev, dy=dy, atape=tape.atape, htape=tape.htape, lengths=tape.lengths, dph=dph,
+                dxw=dxw)
+        w_ha, w_aa, w_hh = (dev.ptr(ws["w"]) + i * H * H * dev.itemsize for i in range(3))
+        dh, da, dph_t, dx_t = (dev.ptr(ws[k]) for k in ("dh", "da", "dph_t", "dx_t"))
+        gemms = (_gemm(dev, B, H, H, dph_t, w_ha, da),
+                 _gemm(dev, B, H, H, dx_t, w_aa, dh, beta=1),
+                 _gemm(dev, B, H, H, dph_t, w_hh, dh, beta=1))
+        ops = []
+        for s in reversed(range(T)):
+            t = _i64(_time(s, T, tape.reverse))
+            ops.append(_pointwise(dev, "twostage_bwd_a", g, n=B * H,
+                                  args=(ws.table, ws["dh"], ws["dph_t"], t, _i64(B), _i64(H))))
+            ops.append(gemms[0])
+            ops.append(_pointwise(dev, "twostage_bwd_b", f, n=B * H,
+                                  args=(ws.table, ws["da"], ws["dx_t"], t, _i64(B), _i64(H))))
+            ops.extend(gemms[1:])
+        dev.run(ops, graph=True, workspace=ws)
+        d0 = _final_state(dev, ws["dh"], what=GRADIENTS_OF_STATE0)
     a_c = _from_f32(dev, tape.atape, "the a_t tape in the compute dtype")
     grads = {"weight_aa": _outer_grad(dev, dxw, tape.hprev, "the gradient of W_aa"),
              "weight_ha": _outer_grad(dev, dph, a_c, "the gradient of W_ha"),
@@ -1347,4 +1512,4 @@ def _twostage_backward(dev, tape: TwoStageTape, dy, dh_T):
     if tape.has_bias:
         ones = _filled(dev, T * B, 1.0, "a ones vector")
         grads["bias_h"] = _bias_grad(dev, dph, ones, "the gradient of b_h")
-    return dxw, (_from_f32(dev, dh, "the gradient of h0"),), grads
+    return dxw, d0, grads

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import re
 import shutil
 import subprocess
@@ -341,6 +342,8 @@ class EmulatedDevice:
     dtype, dtype_name, ctype, itemsize, index = np.float32, "float32", "float", 4, 0
     compute = cb.CUBLAS_COMPUTE_32F
     capturing = False
+    graphs = False                                  # capture off: a fresh workspace per call
+    stream = types.SimpleNamespace(ptr=0)
 
     def __init__(self, libs=None, sms: int = 3, smem_limit: int = 1 << 16, occupancy: int = 1):
         self.libs, self.sms, self.smem_limit, self.occupancy = libs, sms, smem_limit, occupancy
@@ -350,7 +353,8 @@ class EmulatedDevice:
         return a.ctypes.data
 
     def empty(self, shape, dtype, what):
-        return np.full(shape, np.nan, dtype)
+        poison = np.nan if np.issubdtype(dtype, np.floating) else -1
+        return np.full(shape, poison, dtype)
 
     def contiguous(self, a):
         return np.ascontiguousarray(a)
@@ -360,6 +364,10 @@ class EmulatedDevice:
 
     def copy_raw(self, dst, src, nbytes):
         ctypes.memmove(dst, src, nbytes)
+
+    def upload(self, dst, host):
+        assert dst.dtype == host.dtype and dst.shape == host.shape
+        dst[...] = host
 
     def kernel(self, module, base, *template_args):
         name = cb.kernel_name(base, self.ctype, *template_args)
@@ -405,7 +413,7 @@ class EmulatedDevice:
     def synchronize(self):
         pass
 
-    def run(self, ops, *, graph=False):
+    def run(self, ops, *, graph=False, workspace=None):
         cb._run_ops(self, ops)          # the backend's own error reporting
 
 
@@ -491,6 +499,111 @@ def test_graph_path_on_emulated_kernels_several_blocks(emulation, force_path, ce
     cb.FORCE_PATH = "graph"                        # B*H = 315 > 256 threads: two blocks
     check_against_numpy(EmulatedDevice(emulation), cell, acts, 3, 7, 45, reverse=True,
                         lengths=np.array([3, 1, 0, 2, 3, 3, 1]), bias=True)
+
+
+class ReplayingDevice(EmulatedDevice):
+    """Capture on, with a CUDA graph's semantics: a time loop whose operation keys were seen
+    before runs the operations recorded THEN (their frozen arguments and GEMM addresses), not
+    the ones of the current call. Every buffer stays alive, so that no two calls share an
+    address by accident; every table written is logged."""
+
+    graphs = True
+
+    def __init__(self, libs, stream_ptr=0):
+        super().__init__(libs)
+        self.stream = types.SimpleNamespace(ptr=stream_ptr)
+        self.recorded: dict = {}
+        self.replayed = 0
+        self.kept: list = []
+        self.tables: list = []
+
+    def empty(self, shape, dtype, what):
+        a = super().empty(shape, dtype, what)
+        self.kept.append(a)
+        return a
+
+    def upload(self, dst, host):
+        super().upload(dst, host)
+        self.tables.append((dst.ctypes.data, tuple(host)))
+
+    def run(self, ops, *, graph=False, workspace=None):
+        if graph:
+            key = tuple(op.key(self) for op in ops)
+            if key in self.recorded:
+                ops = self.recorded[key]
+                self.replayed += 1
+            else:
+                self.recorded[key] = list(ops)
+        super().run(ops)
+
+
+@pytest.fixture
+def fresh_workspaces(monkeypatch):
+    monkeypatch.setattr(cb, "_workspaces", cb._WorkspaceCache())
+
+
+@pytest.mark.parametrize("cell,acts", CELL_CASES[:6])
+def test_a_replayed_time_loop_serves_a_new_call(emulation, force_path, fresh_workspaces, cell,
+                                                acts):
+    """The graph path with capture on, forward (taped, then tape-free) and backward, twice with
+    new inputs and new outputs: from the second loop of each kind on, the operations recorded
+    the first time run instead of the call's own (what a CUDA graph replay does), and the
+    results still match the float64 oracle, because those operations reach the call's arrays
+    only through the rewritten call table."""
+    cb.FORCE_PATH = "graph"
+    dev = ReplayingDevice(emulation)
+    lengths = np.array([5, 0, 2])
+    check_against_numpy(dev, cell, acts, 5, 3, 4, reverse=True, lengths=lengths, bias=True)
+    assert dev.replayed == 1               # the tape-free forward replays the taped one's loop
+    check_against_numpy(dev, cell, acts, 5, 3, 4, reverse=True, lengths=lengths[::-1].copy(),
+                        bias=True, seed=1)
+    assert dev.replayed == 4 and len(dev.recorded) == 2
+    assert len(cb._workspaces) == 2        # one forward, one backward workspace, kept
+    by_table: dict = {}
+    for address, content in dev.tables:
+        by_table.setdefault(address, set()).add(content)
+    # new addresses in every forward (4) and backward (2) table written: no replay could
+    # have been right by reusing the recorded call's arrays
+    assert sorted(len(v) for v in by_table.values()) == [2, 4]
+
+
+def test_without_capture_no_workspace_is_kept(emulation, force_path, fresh_workspaces):
+    cb.FORCE_PATH = "graph"
+    check_against_numpy(EmulatedDevice(emulation), "lstm", (), 3, 2, 4, reverse=False,
+                        lengths=None, bias=True)
+    assert len(cb._workspaces) == 0
+
+
+def test_workspaces_are_kept_per_stream_and_signature_and_bounded(fresh_workspaces,
+                                                                  monkeypatch):
+    monkeypatch.setattr(cb, "GRAPH_CACHE_SIZE", 2)
+    buffers = {"h": ((2, 3), np.float32, "h")}
+
+    def workspace(stream_ptr, signature):
+        dev = ReplayingDevice(None, stream_ptr)
+        with cb._workspace(dev, signature, "GatedFwdCall", buffers) as ws:
+            assert ws.lock.locked() and ws.table.shape == (7,)
+            return ws
+
+    a = workspace(1, ("x",))
+    assert workspace(1, ("x",)) is a
+    b = workspace(2, ("x",))                       # another stream: its own buffers
+    assert b is not a and b["h"].ctypes.data != a["h"].ctypes.data
+    workspace(1, ("y",))                           # a third entry drops the oldest (a)
+    assert len(cb._workspaces) == 2 and workspace(1, ("x",)) is not a
+    with pytest.raises(TypeError, match="GatedFwdCall: expected the fields"):
+        a.bind(ReplayingDevice(None), xw=None)
+
+
+def test_call_tables_are_the_kernels_structs():
+    """The fields of each call table, in order, as recurrent.cu declares them: a field out of
+    place would send a kernel to the wrong array."""
+    source = (KERNELS / "recurrent.cu").read_text()
+    structs = dict(re.findall(r"struct (\w+Call) \{(.*?)\};", source, flags=re.S))
+    assert set(structs) == set(cb.CALL_TABLES)
+    for name, body in structs.items():
+        fields = tuple(re.findall(r"\*\s*(\w+);", body))
+        assert fields == cb.CALL_TABLES[name], name
 
 
 @pytest.mark.parametrize("reverse,smem", [(False, "shared"), (True, "global")])
@@ -682,10 +795,14 @@ def test_graph_keys_cover_every_address_and_scalar():
     assert gemm() == gemm() and len(set(variants)) == len(variants)
 
 
-def test_graph_capture_is_off_by_default():
-    """CuPy's cuBLAS wrappers refuse stream capture; capture needs the ctypes cuBLAS path,
-    which no GPU has run yet (see the module docstring)."""
-    assert cb.USE_GRAPH is False
+def test_graph_capture_is_off_by_default_and_the_environment_turns_it_on():
+    """Off until a card has timed the replays (see the module docstring)."""
+    code = "import rnn_gpu.backends.cupy as c; print(c.USE_GRAPH)"
+    for value, want in (("", "False"), ("0", "False"), ("1", "True")):
+        env = {**os.environ, "RNN_GPU_CUPY_GRAPH": value}
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True)
+        assert run.stdout.strip() == want, (value, run.stderr)
 
 
 class FakeStream:
@@ -1235,36 +1352,35 @@ def test_gpu_graph_capture_and_replay_give_the_plain_result(registered, graph_ca
 @pytest.mark.parametrize("layer", ["LSTM", "TwoStage"])
 def test_gpu_repeated_calls_replay_a_captured_graph_with_the_same_result(
         registered, force_path, graph_capture, monkeypatch, layer):
-    """Forward and backward four times with capture on: plain launches, capture, replays. The
-    results must not change, and must match a run with capture off (CuPy's cuBLAS). That a
-    graph was captured at all depends on CuPy's pool handing out the same addresses again
-    (xfail, not failure, when it does not: a performance finding)."""
+    """Forward and backward four times with capture on and NEW inputs every time (the outputs
+    of earlier calls kept alive, so no address repeats): plain launches, capture, then
+    replays. Each call must match the same call with capture off (CuPy's cuBLAS), so a replay
+    that wrote into an earlier call's arrays, or read its inputs, would fail here."""
     cb.FORCE_PATH = "graph"
     name, opts = LAYERS[layer]
     m = getattr(rg, name)(8, 32, dtype="float32", seed=9, **opts).to("cuda")
     rng = np.random.default_rng(10)
-    x = _device(rng.standard_normal((12, 48, 8)).astype(np.float32), "float32", "cupy")
-    dy = _device(rng.standard_normal((12, 48, 32)).astype(np.float32), "float32", "cupy")
-    lengths = rng.integers(1, 13, 48)
+    calls = [(_device(rng.standard_normal((12, 48, 8)).astype(np.float32), "float32", "cupy"),
+              _device(rng.standard_normal((12, 48, 32)).astype(np.float32), "float32", "cupy"),
+              rng.integers(1, 13, 48)) for _ in range(4)]
+    kept = []
 
-    def run_once():
+    def run_once(x, dy, lengths):
         y, _, tape = m.forward(x, lengths=lengths, backend="cupy")
         dx, _, grads = m.backward(tape, dy)
+        kept.append((y, dx, grads))
         return [_host(y), _host(dx), *(_host(g) for g in grads.values())]
 
-    results = [run_once() for _ in range(4)]
+    captured = [run_once(*call) for call in calls]
+    replays = cb._graphs.replays
     monkeypatch.setattr(cb, "USE_GRAPH", False)
-    plain = run_once()
-    for again in results[1:]:
-        for a, b in zip(again, results[0]):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    for a, b in zip(results[0], plain):           # another cuBLAS handle: rounding may differ
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    plain = [run_once(*call) for call in calls]
+    for got, want in zip(captured, plain):      # another cuBLAS handle: rounding may differ
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     assert not cb._capture_off, cb._capture_off
-    captured = [v for v in cb._graphs._entries.values() if isinstance(v, cb._Captured)]
-    if not captured:
-        pytest.xfail("no CUDA graph was captured: no time loop recurred with the same buffer "
-                     "addresses")
+    assert any(isinstance(v, cb._Captured) for v in cb._graphs._entries.values())
+    assert replays >= 4, replays       # forward and backward of the third and fourth calls
 
 
 @gpu

@@ -106,6 +106,9 @@ PERSISTENT_MAX_BATCH = 16
 PERSISTENT_MAX_STEP_MACS = 1 << 23
 
 PATHS = ("graph", "persistent", "persistent-mma")
+# What `rnn-gpu bench --backend cupy:NAME` runs: NAME -> (FORCE_PATH, USE_GRAPH; None: as set).
+VARIANTS = {"graph": ("graph", False), "graph-captured": ("graph", True),
+            "persistent": ("persistent", None), "persistent-mma": ("persistent-mma", None)}
 # Field order of the call tables in recurrent.cu (the per-call addresses the graph path's step
 # kernels read from device memory; tests/test_cupy_backend.py compares the two).
 CALL_TABLES = {
@@ -169,6 +172,27 @@ class CupyBackend(Backend):
         if problem.training:
             return f"{kind} forward ({fallback}), graph backward"
         return f"{kind} ({fallback})"
+
+    def variants(self) -> tuple[str, ...]:
+        """The paths, for benchmarks to compare side by side (``rnn-gpu bench --backend
+        cupy:persistent``): see :data:`VARIANTS`."""
+        return tuple(VARIANTS)
+
+    @contextlib.contextmanager
+    def variant(self, name: str) -> Iterator[None]:
+        """Calls inside run the named path (``FORCE_PATH``), with capture on or off where the
+        variant says; both settings are restored on exit. Process-wide while entered."""
+        global FORCE_PATH, USE_GRAPH
+        if name not in VARIANTS:
+            raise ValueError(f"variant: expected one of {tuple(VARIANTS)}, got {name!r}")
+        path, capture = VARIANTS[name]
+        saved = FORCE_PATH, USE_GRAPH
+        FORCE_PATH = path
+        USE_GRAPH = USE_GRAPH if capture is None else capture
+        try:
+            yield
+        finally:
+            FORCE_PATH, USE_GRAPH = saved
 
     def not_supported_reasons(self, problem: Problem) -> list[str]:
         reasons = []

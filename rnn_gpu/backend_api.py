@@ -118,6 +118,15 @@ class Backend:
         """
         raise NotImplementedError
 
+    # Optional: named ways of running that a benchmark compares side by side (the cupy
+    # backend's paths; `rnn-gpu bench --backend cupy:persistent`):
+    #
+    #     variants() -> tuple[str, ...]        the names
+    #     variant(name) -> context manager     calls made inside it run that way
+    #
+    # A variant is a process-wide setting while it is entered (benchmarks run one at a time).
+    variants = None
+
     # Optional, the "larger fused path" of DESIGN §4: a backend that can do the input
     # projection better than the layer's one big GEMM (its own threads, no (T, B, gates*H)
     # array in memory, biases folded) defines

@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="LSTM, GRU, RNN, TwoStageRNN (comma-separated or repeated)")
     bench.add_argument("--backend", action="append", metavar="NAME",
                        help="our backends to run (default: every registered one that can "
-                            "serve the case); torch.nn always runs as the peer")
+                            "serve the case), NAME:VARIANT for one way of running it "
+                            "(cupy:graph, cupy:graph-captured, cupy:persistent, "
+                            "cupy:persistent-mma); torch.nn always runs as the peer")
     bench.add_argument("--dtype", action="append", metavar="DTYPE",
                        help="CPU: float32 (default) or float64; GPU: float32, float16, "
                             "bfloat16 (default: all three)")

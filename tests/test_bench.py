@@ -5,6 +5,7 @@ No timing assertions: speed is what the benchmark shows, not what unit tests che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -234,3 +235,53 @@ def test_a_backend_that_declines_training_is_unavailable_for_the_train_pass():
         assert runner.unavailable_reason(train) == "no backward here"
     finally:
         rg.backends.unregister(InferenceOnly.name)
+
+
+class _WithVariants(rg.backends.get("numpy").__class__):
+    """The numpy backend with two named variants: "plain", and "broken", under which its
+    forward returns garbage (so the check shows that calls really ran inside the variant)."""
+
+    name = "variants_for_test"
+    priority = -100
+    forward_layer = None            # the layer then calls forward with the input projection
+    active: list[str] = []
+    calls: list[str] = []
+
+    def variants(self):
+        return ("plain", "broken")
+
+    @contextlib.contextmanager
+    def variant(self, name):
+        _WithVariants.active.append(name)
+        try:
+            yield
+        finally:
+            _WithVariants.active.pop()
+
+    def forward(self, problem, xw, weights, state, lengths, *, reverse, keep_tape):
+        _WithVariants.calls.append(_WithVariants.active[-1] if _WithVariants.active else "")
+        y, final, tape = super().forward(problem, xw, weights, state, lengths,
+                                         reverse=reverse, keep_tape=keep_tape)
+        return (y + 1.0 if "broken" in _WithVariants.active else y), final, tape
+
+    def describe_run(self, problem):
+        return f"variant {_WithVariants.active[-1] if _WithVariants.active else None}"
+
+
+def test_backend_variants_are_separate_rows(capsys):
+    """`--backend NAME:VARIANT`: one row per variant, every call (and the description) made
+    inside the backend's variant(); an unknown variant is reported with the known ones."""
+    rg.backends.register(_WithVariants)
+    _WithVariants.calls.clear()
+    try:
+        name = _WithVariants.name
+        report = _bench_json(capsys, "--cell", "GRU", "--shape", "4x3x5", "--repeats", "1",
+                             "--backend", f"{name}:plain,{name}:broken,{name}:nope")
+    finally:
+        rg.backends.unregister(_WithVariants.name)
+    rows = {r["runner"]: r for r in report["rows"]}
+    plain, broken, nope = (rows[f"{name}:{v}"] for v in ("plain", "broken", "nope"))
+    assert plain["error"] is None and plain["ms"] > 0 and plain["config"] == "variant plain"
+    assert "wrong answer" in broken["error"] and broken["ms"] is None
+    assert "has no variant 'nope' (it has plain, broken)" in nope["error"]
+    assert set(_WithVariants.calls) == {"plain", "broken"} and not _WithVariants.active

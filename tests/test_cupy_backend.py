@@ -713,6 +713,25 @@ def test_graph_cache_runs_plainly_then_captures_then_replays(monkeypatch):
     assert cache.lookup("a") == cb._NEW
 
 
+@pytest.mark.parametrize("name", list(cb.VARIANTS))
+def test_each_variant_forces_its_path_and_restores_the_settings(monkeypatch, name):
+    """`rnn-gpu bench --backend cupy:NAME`: inside the variant the path (and, for the graph
+    variants, capture) is the variant's; outside, whatever was set before."""
+    monkeypatch.setattr(cb, "FORCE_PATH", None)
+    monkeypatch.setattr(cb, "USE_GRAPH", False)
+    backend = cb.CupyBackend()
+    assert name in backend.variants()
+    with backend.variant(name):
+        assert cb.choose_path("lstm", 4096, 256) == name.removesuffix("-captured")
+        assert cb.USE_GRAPH is (name == "graph-captured")
+        described = backend.describe_run(problem(B=4096, H=256))
+    assert cb.FORCE_PATH is None and cb.USE_GRAPH is False
+    assert ("captured as a CUDA graph" in described) is (name == "graph-captured")
+    assert ("tensor cores" in described) is (name == "persistent-mma")
+    with pytest.raises(ValueError, match="variant: expected one of"), backend.variant("mma"):
+        pass
+
+
 def test_choose_path_heuristic_and_force(force_path):
     assert cb.choose_path("lstm", 8, 256) == "persistent"
     assert cb.choose_path("lstm", 4096, 256) == "graph"

@@ -70,7 +70,8 @@ def train_grads(case, seed: int = 2):
 
 
 class BackendRunner(Runner):
-    """One of our backends, called through the public layer with ``backend=name``.
+    """One of our backends, called through the public layer with ``backend=name``; with
+    ``NAME:VARIANT`` (``cupy:persistent``), inside the backend's ``variant(VARIANT)``.
 
     ``explicit``: the user asked for this backend, so a case it cannot serve is shown with the
     reason instead of being left out silently. On a GPU the input is a torch CUDA tensor (the
@@ -79,26 +80,47 @@ class BackendRunner(Runner):
 
     def __init__(self, backend: str, explicit: bool = False):
         self.name = backend
+        self.backend, _, self.variant = backend.partition(":")
         self.explicit = explicit
 
     def unavailable_reason(self, case) -> str | None:
         from rnn_gpu import registry
 
         try:
-            backend = registry.get(self.name)
-            reason = backend.unavailable_reason()
+            backend = registry.get(self.backend)
+            reason = backend.unavailable_reason() or self._variant_reason(backend)
             if reason:
                 return reason
-            reasons = backend.not_supported_reasons(_problem(case))
+            with self._variant():
+                reasons = backend.not_supported_reasons(_problem(case))
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}"
         return "; ".join(reasons) or None
 
+    def _variant_reason(self, backend) -> str | None:
+        if not self.variant:
+            return None
+        known = tuple(backend.variants()) if getattr(backend, "variants", None) else ()
+        if self.variant in known:
+            return None
+        return (f"the {self.backend} backend has no variant {self.variant!r} (it has "
+                f"{', '.join(known) or 'none'})")
+
+    def _variant(self):
+        if not self.variant:
+            return contextlib.nullcontext()
+        from rnn_gpu import registry
+
+        return registry.get(self.backend).variant(self.variant)
+
     def describe_run(self, case) -> str | None:
         from rnn_gpu import registry
 
-        describe = getattr(registry.get(self.name), "describe_run", None)   # duck-typed plugins
-        return describe(_problem(case)) if describe is not None else None
+        describe = getattr(registry.get(self.backend), "describe_run", None)  # duck-typed
+        if describe is None:
+            return None
+        with self._variant():
+            return describe(_problem(case))
 
     def prepare(self, case, params, x):
         import rnn_gpu
@@ -107,20 +129,22 @@ class BackendRunner(Runner):
         layer.load_state_dict(params)
         if case.device != "cpu":
             layer.to(case.device)
-        name = self.name
+        name, variant = self.backend, self._variant
         x = _on_device(x, case)
         if case.pass_ == "forward":
             def call():
-                return layer(x, backend=name)
+                with variant():
+                    return layer(x, backend=name)
 
             return Prepared(call, _forward_result)
         dy, dstate = (_on_device(a, case) for a in train_grads(case))
         names = list(layer.parameter_shapes())
 
         def train():
-            y, state, tape = layer.forward(x, backend=name)
-            dx, _, grads = layer.backward(tape, dy, dstate[0] if len(dstate) == 1
-                                          else tuple(dstate))
+            with variant():
+                y, state, tape = layer.forward(x, backend=name)
+                dx, _, grads = layer.backward(tape, dy, dstate[0] if len(dstate) == 1
+                                              else tuple(dstate))
             return y, state, dx, grads
 
         def convert(out):

@@ -89,10 +89,12 @@ class TritonBackend(Backend):
 
         shape = (_tuned_gates(problem.cell), problem.batch, problem.hidden_size,
                  _tuned_dtype(problem.dtype), problem.device)
-        forward = launch.chosen(problem.cell, *shape)
-        backward = launch.chosen(f"{problem.cell}-backward", *shape) if problem.training else None
+        if not problem.training:
+            return launch.chosen(problem.cell, *shape)
+        forward = launch.chosen(f"{problem.cell}-taped", *shape)
+        backward = launch.chosen(f"{problem.cell}-backward", *shape)
         if forward is None or backward is None:
-            return forward
+            return forward or backward
         return f"forward {forward}; backward {backward}"
 
     # ------------------------------------------------------------------ running
@@ -137,9 +139,15 @@ class TritonBackend(Backend):
                 # The first n_steps of the input (repeated when the sequence is shorter: the
                 # per-step cost is what is compared, and it does not depend on the values).
                 steps = steps_of(xw, n_steps)
-                return launch.time_cuda(lambda: run(steps, tiles, sync, False))
+                return launch.time_cuda(lambda: run(steps, tiles, sync, keep_tape))
 
-            tiles, sync = launch.choose(problem.cell, _tuned_gates(problem.cell), B, H,
+            # A forward that keeps the tape is tuned apart (kind "<cell>-taped"), on the call
+            # it will make: per (row, unit) and step it also stores the fp32 gates, the cell
+            # state and h_{t-1} (LSTM fp16: 22 more bytes beside y's 2), which shifts the
+            # balance between products and stores that decides the tiling, as it did for the
+            # backward (H100 runs 3 and 4: one tiling for both cost the training step ~7 ms).
+            kind = f"{problem.cell}-taped" if keep_tape else problem.cell
+            tiles, sync = launch.choose(kind, _tuned_gates(problem.cell), B, H,
                                         _tuned_dtype(problem.dtype), xw.device, time_call)
             y, final, ktape = run(xw, tiles, sync, keep_tape)
         dt = xw.dtype

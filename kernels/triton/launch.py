@@ -22,9 +22,9 @@ the H100 measured -6.5 to +17 us per step for the same tilings (run 3), because 
 timed the GPU idling while Python launched the call. So :func:`time_cuda` first queues ~1 ms of
 GPU sleep, behind which the call's launches wait, and the two runs are 16 steps apart. The
 backward is tuned apart from the forward (kind ``"<cell>-backward"``): its best tiling is
-another one. Under Triton's interpreter one small fixed tiling is used (speed is meaningless
-there). With ``RNN_GPU_TUNE_LOG=1`` each choice and the candidates' timings are printed to
-stderr.
+another one; so is a training forward, which also writes the tape (kind ``"<cell>-taped"``).
+Under Triton's interpreter one small fixed tiling is used (speed is meaningless there). With
+``RNN_GPU_TUNE_LOG=1`` each choice and the candidates' timings are printed to stderr.
 """
 
 from __future__ import annotations

@@ -46,6 +46,11 @@ import rnn_gpu as rg
 import rnn_gpu.backends.cupy as cb
 from rnn_gpu.backend_api import Backend, Problem, Tape
 from rnn_gpu.backends.numpy import NumpyBackend
+from rnn_gpu.kernels.cuda import cublas as ccublas
+from rnn_gpu.kernels.cuda import device as cdev
+from rnn_gpu.kernels.cuda import graphs as cgraphs
+from rnn_gpu.kernels.cuda import ops as cops
+from rnn_gpu.kernels.cuda import sources as csources
 from rnn_gpu.registry import BackendError
 
 KERNELS = Path(cb.__file__).resolve().parent.parent / "kernels" / "cuda"
@@ -108,7 +113,7 @@ def test_nvcc_compiles_every_instantiation(nvcc_builds, src, arch):
 def instantiating_unit(src: str) -> str:
     """C++ that includes ``src``.cu and instantiates every template the backend asks NVRTC
     for (taking a kernel template's address in host code instantiates it)."""
-    names = [n for d in cb.DTYPES for n in cb.name_expressions(src, d)]
+    names = [n for d in cb.DTYPES for n in csources.name_expressions(src, d)]
     body = "".join(f"    (void)&{name};\n" for name in names)
     return (f'#include "{(KERNELS / f"{src}.cu").as_posix()}"\n\n'
             f"void rnn_gpu_nvcc_check_{src}() {{\n{body}}}\n")
@@ -125,7 +130,7 @@ def test_instantiating_unit_names_every_kernel_of_the_source():
 
 def test_kernel_source_inlines_the_shared_header():
     for src in SOURCES:
-        text = cb.kernel_source(src)
+        text = csources.kernel_source(src)
         assert not re.search(r'^#include "', text, re.MULTILINE)
         assert "struct GatedStep" in text
 
@@ -144,13 +149,13 @@ def emulated_gemm_ex(args: tuple) -> None:
     ta, tb, m, n, k, alpha_p, a, a_type, lda, b, b_type, ldb, beta_p, c, c_type, ldc, compute, \
         algo = args
     assert (a_type, b_type, c_type) == (0, 0, 0)
-    assert compute in (cb.CUBLAS_COMPUTE_32F, cb.CUBLAS_COMPUTE_32F_FAST_TF32)
-    assert algo == cb.CUBLAS_GEMM_DEFAULT and min(m, n, k) >= 1
-    assert lda >= (m if ta == cb.CUBLAS_OP_N else k)
-    assert ldb >= (k if tb == cb.CUBLAS_OP_N else n)
+    assert compute in (ccublas.CUBLAS_COMPUTE_32F, ccublas.CUBLAS_COMPUTE_32F_FAST_TF32)
+    assert algo == ccublas.CUBLAS_GEMM_DEFAULT and min(m, n, k) >= 1
+    assert lda >= (m if ta == ccublas.CUBLAS_OP_N else k)
+    assert ldb >= (k if tb == ccublas.CUBLAS_OP_N else n)
     assert ldc >= m
-    op_a = colmajor(a, m, k, lda) if ta == cb.CUBLAS_OP_N else colmajor(a, k, m, lda).T
-    op_b = colmajor(b, k, n, ldb) if tb == cb.CUBLAS_OP_N else colmajor(b, n, k, ldb).T
+    op_a = colmajor(a, m, k, lda) if ta == ccublas.CUBLAS_OP_N else colmajor(a, k, m, lda).T
+    op_b = colmajor(b, k, n, ldb) if tb == ccublas.CUBLAS_OP_N else colmajor(b, n, k, ldb).T
     out = colmajor(c, m, n, ldc)
     alpha = ctypes.c_float.from_address(alpha_p).value
     beta = ctypes.c_float.from_address(beta_p).value
@@ -176,8 +181,8 @@ def gemm_case(rng, m, n, k, trans_a, trans_b, beta, ab_type=0):
     b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
     c = rng.standard_normal((m, n)).astype(np.float32)
     want = (a.T if trans_a else a) @ (b.T if trans_b else b) + beta * c
-    op = cb._Gemm(m, n, k, a.ctypes.data, trans_a, b.ctypes.data, trans_b, c.ctypes.data,
-                  ab_type, 0, beta, cb.CUBLAS_COMPUTE_32F)
+    op = cops.Gemm(m, n, k, a.ctypes.data, trans_a, b.ctypes.data, trans_b, c.ctypes.data,
+                  ab_type, 0, beta, ccublas.CUBLAS_COMPUTE_32F)
     return a, b, c, want, op
 
 
@@ -313,7 +318,7 @@ def build_emulation(tmp_path: Path, source: str) -> ctypes.CDLL:
         pytest.skip("no C++ compiler (g++) to build the CPU emulation of the kernels")
     body = STEP_EMULATION if source == "recurrent" else PERSISTENT_EMULATION
     body = body.replace("{kernels}", str(KERNELS)).replace("{source}", source)
-    entries = "\n".join(f"    EMU({n})" for n in cb.name_expressions(source, "float32"))
+    entries = "\n".join(f"    EMU({n})" for n in csources.name_expressions(source, "float32"))
     code = EMULATION_PRELUDE + body + REGISTRY.replace("{entries}", entries)
     cpp, lib = tmp_path / f"emulate_{source}.cpp", tmp_path / f"emulate_{source}.so"
     cpp.write_text(code)
@@ -340,7 +345,7 @@ class EmulatedDevice:
     :func:`emulated_gemm_ex`. ``sms`` plays the multiprocessor count for persistent plans."""
 
     dtype, dtype_name, ctype, itemsize, index = np.float32, "float32", "float", 4, 0
-    compute = cb.CUBLAS_COMPUTE_32F
+    compute = ccublas.CUBLAS_COMPUTE_32F
     capturing = False
     graphs = False                                  # capture off: a fresh workspace per call
     stream = types.SimpleNamespace(ptr=0)
@@ -370,8 +375,8 @@ class EmulatedDevice:
         dst[...] = host
 
     def kernel(self, module, base, *template_args):
-        name = cb.kernel_name(base, self.ctype, *template_args)
-        assert name in cb.name_expressions(module, "float32")
+        name = csources.kernel_name(base, self.ctype, *template_args)
+        assert name in csources.name_expressions(module, "float32")
         return name, module
 
     def launch(self, op):
@@ -395,9 +400,9 @@ class EmulatedDevice:
     def gemm(self, op):
         emulated_gemm_ex(op.cublas_args())
 
-    persistent_plan = cb._CupyDevice.persistent_plan      # the real planning code
-    persistent_mma_plan = cb._CupyDevice.persistent_mma_plan
-    _persistent_grid = cb._CupyDevice._persistent_grid
+    persistent_plan = cdev.CupyDevice.persistent_plan      # the real planning code
+    persistent_mma_plan = cdev.CupyDevice.persistent_mma_plan
+    _persistent_grid = cdev.CupyDevice._persistent_grid
 
     def copy_2d(self, dst, dst_pitch, src, src_pitch, width, rows):
         for r in range(rows):
@@ -414,7 +419,7 @@ class EmulatedDevice:
         pass
 
     def run(self, ops, *, graph=False, workspace=None):
-        cb._run_ops(self, ops)          # the backend's own error reporting
+        cops.run_ops(self, ops)          # the backend's own error reporting
 
 
 CELL_CASES = [("rnn", ("tanh",)), ("rnn", ("relu",)), ("lstm", ()), ("gru", ()),
@@ -539,7 +544,7 @@ class ReplayingDevice(EmulatedDevice):
 
 @pytest.fixture
 def fresh_workspaces(monkeypatch):
-    monkeypatch.setattr(cb, "_workspaces", cb._WorkspaceCache())
+    monkeypatch.setattr(cgraphs, "workspaces", cgraphs.WorkspaceCache())
 
 
 @pytest.mark.parametrize("cell,acts", CELL_CASES[:6])
@@ -558,7 +563,7 @@ def test_a_replayed_time_loop_serves_a_new_call(emulation, force_path, fresh_wor
     check_against_numpy(dev, cell, acts, 5, 3, 4, reverse=True, lengths=lengths[::-1].copy(),
                         bias=True, seed=1)
     assert dev.replayed == 4 and len(dev.recorded) == 2
-    assert len(cb._workspaces) == 2        # one forward, one backward workspace, kept
+    assert len(cgraphs.workspaces) == 2        # one forward, one backward workspace, kept
     by_table: dict = {}
     for address, content in dev.tables:
         by_table.setdefault(address, set()).add(content)
@@ -571,17 +576,17 @@ def test_without_capture_no_workspace_is_kept(emulation, force_path, fresh_works
     cb.FORCE_PATH = "graph"
     check_against_numpy(EmulatedDevice(emulation), "lstm", (), 3, 2, 4, reverse=False,
                         lengths=None, bias=True)
-    assert len(cb._workspaces) == 0
+    assert len(cgraphs.workspaces) == 0
 
 
 def test_workspaces_are_kept_per_stream_and_signature_and_bounded(fresh_workspaces,
                                                                   monkeypatch):
-    monkeypatch.setattr(cb, "GRAPH_CACHE_SIZE", 2)
+    monkeypatch.setattr(cgraphs, "GRAPH_CACHE_SIZE", 2)
     buffers = {"h": ((2, 3), np.float32, "h")}
 
     def workspace(stream_ptr, signature):
         dev = ReplayingDevice(None, stream_ptr)
-        with cb._workspace(dev, signature, "GatedFwdCall", buffers) as ws:
+        with cgraphs.workspace(dev, signature, "GatedFwdCall", buffers) as ws:
             assert ws.lock.locked() and ws.table.shape == (7,)
             return ws
 
@@ -590,7 +595,7 @@ def test_workspaces_are_kept_per_stream_and_signature_and_bounded(fresh_workspac
     b = workspace(2, ("x",))                       # another stream: its own buffers
     assert b is not a and b["h"].ctypes.data != a["h"].ctypes.data
     workspace(1, ("y",))                           # a third entry drops the oldest (a)
-    assert len(cb._workspaces) == 2 and workspace(1, ("x",)) is not a
+    assert len(cgraphs.workspaces) == 2 and workspace(1, ("x",)) is not a
     with pytest.raises(TypeError, match="GatedFwdCall: expected the fields"):
         a.bind(ReplayingDevice(None), xw=None)
 
@@ -600,10 +605,10 @@ def test_call_tables_are_the_kernels_structs():
     place would send a kernel to the wrong array."""
     source = (KERNELS / "recurrent.cu").read_text()
     structs = dict(re.findall(r"struct (\w+Call) \{(.*?)\};", source, flags=re.S))
-    assert set(structs) == set(cb.CALL_TABLES)
+    assert set(structs) == set(cgraphs.CALL_TABLES)
     for name, body in structs.items():
         fields = tuple(re.findall(r"\*\s*(\w+);", body))
-        assert fields == cb.CALL_TABLES[name], name
+        assert fields == cgraphs.CALL_TABLES[name], name
 
 
 @pytest.mark.parametrize("reverse,smem", [(False, "shared"), (True, "global")])
@@ -673,9 +678,9 @@ def test_persistent_mma_plan_counts_padded_weights_and_products():
     dev = EmulatedDevice(sms=132, smem_limit=227 * 1024)
     dev.itemsize = 2
     plan = dev.persistent_mma_plan(None, 4, 1024, 64)
-    assert plan == cb._PersistentPlan(128, 8, (32 + 64) * 1024 * 2 + 64 * 32 * 4 + 128, True)
+    assert plan == cdev.PersistentPlan(128, 8, (32 + 64) * 1024 * 2 + 64 * 32 * 4 + 128, True)
     gru = dev.persistent_mma_plan(None, 3, 1000, 5)   # 24 rows -> 32, batch 16, 1000 -> 1008
-    assert gru == cb._PersistentPlan(125, 8, (32 + 16) * 1008 * 2 + 16 * 32 * 4 + 128, True)
+    assert gru == cdev.PersistentPlan(125, 8, (32 + 16) * 1008 * 2 + 16 * 32 * 4 + 128, True)
     assert isinstance(dev.persistent_mma_plan(None, 4, 1024, 128), str)   # 256 KiB: too much
     reason = EmulatedDevice(sms=132, smem_limit=48 * 1024).persistent_mma_plan(None, 4, 1024, 64)
     assert "shared memory per block" in reason and "allows 49152" in reason
@@ -683,11 +688,11 @@ def test_persistent_mma_plan_counts_padded_weights_and_products():
 
 def test_persistent_plan_splits_units_and_falls_back_to_global_memory():
     plan = EmulatedDevice(sms=132, smem_limit=227 * 1024).persistent_plan(None, 4, 1024)
-    assert plan == cb._PersistentPlan(128, 8, 4 * 8 * 1024 * 4, True)   # 128 KiB of fp32
+    assert plan == cdev.PersistentPlan(128, 8, 4 * 8 * 1024 * 4, True)   # 128 KiB of fp32
     plan = EmulatedDevice(sms=132, smem_limit=100 * 1024).persistent_plan(None, 4, 1024)
-    assert plan == cb._PersistentPlan(128, 8, 0, False)
+    assert plan == cdev.PersistentPlan(128, 8, 0, False)
     plan = EmulatedDevice(sms=4, smem_limit=1 << 20).persistent_plan(None, 1, 3)
-    assert plan == cb._PersistentPlan(3, 1, 12, True)
+    assert plan == cdev.PersistentPlan(3, 1, 12, True)
     reason = EmulatedDevice(sms=132, occupancy=0).persistent_plan(None, 4, 1024)
     assert "cannot all be resident" in reason
 
@@ -702,15 +707,15 @@ def test_persistent_path_falls_back_to_the_graph_path_with_a_warning(emulation, 
 
 
 def test_graph_cache_runs_plainly_then_captures_then_replays(monkeypatch):
-    monkeypatch.setattr(cb, "GRAPH_CACHE_SIZE", 2)
-    cache = cb._GraphCache()
-    assert cache.lookup("a") == cb._NEW
-    assert cache.lookup("a") == cb._SEEN
+    monkeypatch.setattr(cgraphs, "GRAPH_CACHE_SIZE", 2)
+    cache = cgraphs.GraphCache()
+    assert cache.lookup("a") == cgraphs.NEW
+    assert cache.lookup("a") == cgraphs.SEEN
     cache.store("a", "graph-a")
     assert cache.lookup("a") == "graph-a"
-    assert cache.lookup("b") == cb._NEW
-    assert cache.lookup("c") == cb._NEW             # evicts the least recently used, "a"
-    assert cache.lookup("a") == cb._NEW
+    assert cache.lookup("b") == cgraphs.NEW
+    assert cache.lookup("c") == cgraphs.NEW             # evicts the least recently used, "a"
+    assert cache.lookup("a") == cgraphs.NEW
 
 
 @pytest.mark.parametrize("name", list(cb.VARIANTS))
@@ -746,21 +751,21 @@ def test_choose_path_heuristic_and_force(force_path):
 
 
 def test_float32_gemms_use_tf32_only_when_allowed():
-    assert cb._compute_type("float32") == cb.CUBLAS_COMPUTE_32F
-    assert cb._compute_type("float16") == cb.CUBLAS_COMPUTE_32F
+    assert cdev.compute_type("float32") == ccublas.CUBLAS_COMPUTE_32F
+    assert cdev.compute_type("float16") == ccublas.CUBLAS_COMPUTE_32F
     rg.allow_tf32(True)
     try:
-        assert cb._compute_type("float32") == cb.CUBLAS_COMPUTE_32F_FAST_TF32
-        assert cb._compute_type("bfloat16") == cb.CUBLAS_COMPUTE_32F
+        assert cdev.compute_type("float32") == ccublas.CUBLAS_COMPUTE_32F_FAST_TF32
+        assert cdev.compute_type("bfloat16") == ccublas.CUBLAS_COMPUTE_32F
     finally:
         rg.allow_tf32(False)
 
 
 def test_kernel_arguments_must_have_exact_sizes():
     with pytest.raises(TypeError, match="numpy.int64"):
-        cb._Launch("k", None, 1, 1, (np.zeros(2), 3))
+        cops.Launch("k", None, 1, 1, (np.zeros(2), 3))
     with pytest.raises(TypeError, match="numpy.int64"):
-        cb._Launch("k", None, 1, 1, (np.int32(3),))
+        cops.Launch("k", None, 1, 1, (np.int32(3),))
 
 
 def test_a_failing_operation_names_the_kernel_and_the_cause(emulation, monkeypatch):
@@ -773,20 +778,20 @@ def test_a_failing_operation_names_the_kernel_and_the_cause(emulation, monkeypat
     op = cb._pointwise(dev, "cast_to_f32", n=4, args=(a, a, np.int64(4)))
     with pytest.raises(RuntimeError, match=r"kernel cast_to_f32<float> \(grid 1 x block 256\)"
                        r" failed: ValueError: cudaErrorIllegalAddress") as info:
-        cb._run_ops(dev, [op])
+        cops.run_ops(dev, [op])
     assert isinstance(info.value.__cause__, ValueError)
     gemm = cb._gemm(dev, 2, 3, 4, 0, 0, 0, trans_b=True)
     assert gemm.describe() == ("cuBLAS gemmEx C[2x3] (float32) = A Bᵀ (float32, k=4) + 0 C, "
-                               f"compute type {cb.CUBLAS_COMPUTE_32F}")
+                               f"compute type {ccublas.CUBLAS_COMPUTE_32F}")
     # CHECK_LAUNCHES: a synchronization after each operation, reported against it.
-    monkeypatch.setattr(cb, "CHECK_LAUNCHES", True)
+    monkeypatch.setattr(cops, "CHECK_LAUNCHES", True)
 
     class Faulting(EmulatedDevice):
         def synchronize(self):
             raise RuntimeError("cudaErrorLaunchFailure")
 
     with pytest.raises(RuntimeError, match=r"cast_to_f32<float>.*cudaErrorLaunchFailure"):
-        cb._run_ops(Faulting(emulation), [op])
+        cops.run_ops(Faulting(emulation), [op])
 
 
 def test_graph_keys_cover_every_address_and_scalar():
@@ -805,8 +810,10 @@ def test_graph_keys_cover_every_address_and_scalar():
     def gemm(**changes):
         kw = {**base, **changes}
         beta, tf32 = kw.pop("beta", 0), kw.pop("tf32", False)
-        op = cb._Gemm(kw["m"], kw["n"], kw["k"], kw["a"], False, kw["b"], True, kw["c"], 0, 0,
-                      beta, cb.CUBLAS_COMPUTE_32F_FAST_TF32 if tf32 else cb.CUBLAS_COMPUTE_32F)
+        compute = (ccublas.CUBLAS_COMPUTE_32F_FAST_TF32 if tf32 else
+                   ccublas.CUBLAS_COMPUTE_32F)
+        op = cops.Gemm(kw["m"], kw["n"], kw["k"], kw["a"], False, kw["b"], True, kw["c"], 0, 0,
+                       beta, compute)
         return op.key(dev)
 
     variants = [gemm(), gemm(m=1), gemm(k=3), gemm(a=b.ctypes.data), gemm(c=a.ctypes.data),
@@ -874,8 +881,8 @@ class FakeBlas:
         return 1
 
 
-class CaptureDevice(cb._CupyDevice):
-    """``_CupyDevice``'s graph logic without CuPy: fake streams, graphs and operations."""
+class CaptureDevice(cdev.CupyDevice):
+    """``CupyDevice``'s graph logic without CuPy: fake streams, graphs and operations."""
 
     def __init__(self, log):
         self.index, self.capturing, self.blas = 0, False, FakeBlas()
@@ -887,14 +894,14 @@ class CaptureDevice(cb._CupyDevice):
 
 @pytest.fixture
 def fresh_graph_state(monkeypatch):
-    monkeypatch.setattr(cb, "_graphs", cb._GraphCache())
-    monkeypatch.setattr(cb, "_capture_off", [])
+    monkeypatch.setattr(cgraphs, "graphs", cgraphs.GraphCache())
+    monkeypatch.setattr(cgraphs, "capture_off", [])
 
 
 def test_graph_path_runs_plainly_then_captures_then_replays(fresh_graph_state, monkeypatch):
     log = []
     capture = FakeStream("capture", log)
-    monkeypatch.setattr(cb, "_capture_stream", lambda index: capture)
+    monkeypatch.setattr(cgraphs, "capture_stream", lambda index: capture)
     dev = CaptureDevice(log)
     ops = [FakeOp("gemm", log), FakeOp("step", log)]
     dev.run(ops, graph=True)
@@ -917,7 +924,7 @@ def test_graph_path_runs_plainly_then_captures_then_replays(fresh_graph_state, m
 def test_a_failed_capture_warns_once_and_runs_plainly(fresh_graph_state, monkeypatch, where):
     log = []
     capture = FakeStream("capture", log, fail_end=where == "end_capture")
-    monkeypatch.setattr(cb, "_capture_stream", lambda index: capture)
+    monkeypatch.setattr(cgraphs, "capture_stream", lambda index: capture)
     dev = CaptureDevice(log)
     ops = [FakeOp("gemm", log, fail_in_capture=where == "operation"), FakeOp("step", log)]
     dev.run(ops, graph=True)
@@ -929,7 +936,7 @@ def test_a_failed_capture_warns_once_and_runs_plainly(fresh_graph_state, monkeyp
         dev.run(ops, graph=True)
     assert ("end", "capture") in log                # the capture was ended in every case
     assert log[-2:] == [("gemm", "ran", "caller"), ("step", "ran", "caller")]
-    assert cb._capture_off and not dev.graphs and dev.blas is None
+    assert cgraphs.capture_off and not dev.graphs and dev.blas is None
     log.clear()
     dev2 = CaptureDevice(log)
     with warnings.catch_warnings():
@@ -1004,21 +1011,22 @@ def fake_cublas(tmp_path_factory):
 @pytest.mark.parametrize("trans_a,trans_b,beta", [(False, True, 0), (True, False, 1)])
 def test_ctypes_cublas_declarations_compute_the_row_major_product(fake_cublas, trans_a,
                                                                   trans_b, beta):
-    raw = cb._RawCublas(ctypes.CDLL(fake_cublas), fake_cublas)
+    raw = ccublas.RawCublas(ctypes.CDLL(fake_cublas), fake_cublas)
     rng = np.random.default_rng(1)
     a, b, c, want, op = gemm_case(rng, 3, 5, 4, trans_a, trans_b, beta)
     raw.gemm_ex(0, 0xABC0, op.cublas_args())
     np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-5)
     assert ctypes.c_void_p.in_dll(ctypes.CDLL(fake_cublas), "last_stream").value == 0xABC0
     a, b, c, _, bad = gemm_case(rng, 3, 5, 4, trans_a, trans_b, beta,
-                                ab_type=cb.CUDA_DATA_TYPES["float16"])
+                                ab_type=ccublas.CUDA_DATA_TYPES["float16"])
     with pytest.raises(RuntimeError, match="cublasGemmEx returned CUBLAS_STATUS_INVALID_VALUE"):
         raw.gemm_ex(0, 0, bad.cublas_args())
 
 
 def test_ctypes_cublas_loader_says_why_it_found_none(monkeypatch):
-    monkeypatch.setattr(cb, "_cublas_candidates", lambda: iter(["/nonexistent/libcublas.so.99"]))
-    reason = cb._load_raw_cublas()
+    monkeypatch.setattr(ccublas, "cublas_candidates",
+                        lambda: iter(["/nonexistent/libcublas.so.99"]))
+    reason = ccublas.load_raw_cublas()
     assert isinstance(reason, str) and "/nonexistent/libcublas.so.99" in reason
 
 
@@ -1268,15 +1276,15 @@ def test_oracle_harness_on_emulated_kernels(emulated_backend, force_path, path, 
 @pytest.fixture
 def check_launches(monkeypatch):
     """Synchronize after every operation: an asynchronous fault names its kernel."""
-    monkeypatch.setattr(cb, "CHECK_LAUNCHES", True)
+    monkeypatch.setattr(cops, "CHECK_LAUNCHES", True)
 
 
 @pytest.fixture
 def graph_capture(monkeypatch):
     """Capture on (USE_GRAPH), fresh cache and capture state."""
     monkeypatch.setattr(cb, "USE_GRAPH", True)
-    monkeypatch.setattr(cb, "_graphs", cb._GraphCache())
-    monkeypatch.setattr(cb, "_capture_off", [])
+    monkeypatch.setattr(cgraphs, "graphs", cgraphs.GraphCache())
+    monkeypatch.setattr(cgraphs, "capture_off", [])
 
 
 # A capture that fails warns (the backend then runs plainly); the capture tests make that
@@ -1348,8 +1356,8 @@ def test_gpu_graph_capture_and_replay_give_the_plain_result(registered, graph_ca
 
     rng = np.random.default_rng(3)
     with cupy.cuda.Device(0):
-        dev = cb._CupyDevice(0, np.dtype(np.float32))
-        assert dev.graphs, cb._capture_off or cb._raw_cublas()
+        dev = cdev.CupyDevice(0, np.dtype(np.float32), capture=True)
+        assert dev.graphs, cgraphs.capture_off or ccublas.raw_cublas()
         a = cupy.empty((4, 3), np.float32)
         b = cupy.asarray(rng.standard_normal((3, 5)).astype(np.float32))
         c = cupy.empty((4, 5), np.float32)
@@ -1362,7 +1370,7 @@ def test_gpu_graph_capture_and_replay_give_the_plain_result(registered, graph_ca
             dev.run(ops, graph=True)
             np.testing.assert_allclose(d.get(), a_host @ b.get(), rtol=1e-5, atol=1e-5)
         key = (0, tuple(op.key(dev) for op in ops))
-        assert isinstance(cb._graphs.lookup(key), cb._Captured)
+        assert isinstance(cgraphs.graphs.lookup(key), cgraphs.Captured)
 
 
 @gpu
@@ -1391,14 +1399,14 @@ def test_gpu_repeated_calls_replay_a_captured_graph_with_the_same_result(
         return [_host(y), _host(dx), *(_host(g) for g in grads.values())]
 
     captured = [run_once(*call) for call in calls]
-    replays = cb._graphs.replays
+    replays = cgraphs.graphs.replays
     monkeypatch.setattr(cb, "USE_GRAPH", False)
     plain = [run_once(*call) for call in calls]
     for got, want in zip(captured, plain):      # another cuBLAS handle: rounding may differ
         for a, b in zip(got, want):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    assert not cb._capture_off, cb._capture_off
-    assert any(isinstance(v, cb._Captured) for v in cb._graphs._entries.values())
+    assert not cgraphs.capture_off, cgraphs.capture_off
+    assert any(isinstance(v, cgraphs.Captured) for v in cgraphs.graphs._entries.values())
     assert replays >= 4, replays       # forward and backward of the third and fourth calls
 
 
@@ -1409,9 +1417,9 @@ def test_gpu_runs_on_the_callers_stream(registered, monkeypatch):
 
     m = rg.GRU(3, 16, dtype="float32", seed=2).to("cuda")
     x_host = np.random.default_rng(4).standard_normal((5, 64, 3)).astype(np.float32)
-    monkeypatch.setattr(cb, "_graphs", cb._GraphCache())
+    monkeypatch.setattr(cgraphs, "graphs", cgraphs.GraphCache())
     want, _ = m(_device(x_host, "float32", "cupy"), backend="cupy")
-    assert not cb._graphs._entries                  # capture off by default: no cache use
+    assert not cgraphs.graphs._entries                  # capture off by default: no cache use
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         x = cupy.asarray(x_host)
@@ -1427,7 +1435,7 @@ def test_gpu_out_of_memory_names_the_buffer(registered):
     import cupy
 
     with cupy.cuda.Device(0):
-        dev = cb._CupyDevice(0, np.dtype(np.float32))
+        dev = cdev.CupyDevice(0, np.dtype(np.float32))
         with pytest.raises(MemoryError, match=r"the test buffer.*MiB"):
             dev.empty((1 << 45,), np.float32, "the test buffer")
 
@@ -1437,9 +1445,9 @@ def test_gpu_out_of_memory_names_the_buffer(registered):
 def test_gpu_compile_failure_names_the_kernels_and_shows_nvrtc_log(registered, monkeypatch):
     import cupy
 
-    monkeypatch.setattr(cb, "kernel_source", lambda module: "this is not C++;\n")
+    monkeypatch.setattr(csources, "kernel_source", lambda module: "this is not C++;\n")
     with cupy.cuda.Device(0), pytest.raises(RuntimeError, match=r"recurrent\.cu.*cast_to_f32"):
-        cb._compile("recurrent", "float32")
+        csources.compile_module("recurrent", "float32")
 
 
 @gpu

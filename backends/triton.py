@@ -148,7 +148,8 @@ class TritonBackend(Backend):
             # backward (H100 runs 3 and 4: one tiling for both cost the training step ~7 ms).
             kind = f"{problem.cell}-taped" if keep_tape else problem.cell
             tiles, sync = launch.choose(kind, _tuned_gates(problem.cell), B, H,
-                                        _tuned_dtype(problem.dtype), xw.device, time_call)
+                                        _tuned_dtype(problem.dtype), xw.device, time_call,
+                                        resident=problem.cell != "twostage")
             y, final, ktape = run(xw, tiles, sync, keep_tape)
         dt = xw.dtype
         if problem.cell == "twostage":

@@ -13,17 +13,24 @@ import pytest
 pytest.importorskip("triton", reason="triton is not installed")
 
 
-def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
+def run_check(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """tests/triton_compile_check.py in its own process (see there), compiling for real: a
+    fresh Triton cache, TRITON_INTERPRET unset."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")     # really compile, every run
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     script = Path(__file__).with_name("triton_compile_check.py")
-    done = subprocess.run([sys.executable, str(script), "80", "90"], env=env,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
+    done = run_check(tmp_path, "80", "90")
     print(done.stdout, done.stderr)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("ok ")]
-    # 8 kernels x 2 architectures, and the float32 LSTM through tf32x3 on sm_90
-    assert len(lines) == 8 * 2 + 2, done.stdout
+    # 8 kernels x 2 architectures, the float32 LSTM through tf32x3 on sm_90, and the
+    # weights-resident forward (LSTM, GRU, RNN in bf16 on sm_90; LSTM in fp16 on sm_80)
+    assert len(lines) == 8 * 2 + 2 + 3 + 1, done.stdout
 
 
 # Spill stores per thread (bytes) that ptxas -v reported for the forward kernel when its
@@ -40,11 +47,7 @@ SPILL_BUDGET = {
 
 
 def test_forward_kernel_spills_stay_within_budget(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    script = Path(__file__).with_name("triton_compile_check.py")
-    done = subprocess.run([sys.executable, str(script), "--spills"], env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = run_check(tmp_path, "--spills")
     assert done.returncode == 0, done.stdout + done.stderr
     seen = {}
     for line in done.stdout.splitlines():
@@ -54,3 +57,27 @@ def test_forward_kernel_spills_stay_within_budget(tmp_path):
     over = {key: (spilled, SPILL_BUDGET[key[0]][key[1]]) for key, spilled in seen.items()
             if spilled > SPILL_BUDGET[key[0]][key[1]] * 1.25 + 32}
     assert not over, f"spill stores (bytes per thread, budget) grew: {over}\n{done.stdout}"
+
+
+# The weights-resident forward at DESIGN's 512x64x1024 (64 rows x 8 units, bf16, sm_90, triton
+# 3.6.0): spill stores per thread as first compiled (the masked path spilled 2.2 KB; H a power
+# of two and whole row blocks take the unmasked one).
+RESIDENT_SPILL_BUDGET = {"lstm": (68, 60), "gru": (0, 0), "rnn": (0, 0)}
+H100_SHARED_MEMORY = 227 * 1024      # the opt-in limit per block
+
+
+def test_resident_forward_keeps_the_weights_in_shared_memory(tmp_path):
+    """What makes the kernel resident is Triton's, not ours: it must copy the loop-invariant
+    weight tile into shared memory once, before the time loop (ttg.local_alloc before scf.for),
+    and the weights with h must fit the card's shared memory. Checked on the compiled kernel,
+    so that a Triton that stopped hoisting shows here, not as a slow GPU run."""
+    done = run_check(tmp_path, "--resident")
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [dict(field.split("=") for field in line.split()[6:]) | {"cell": line.split()[1]}
+            for line in done.stdout.splitlines() if line.startswith("resident ")]
+    assert len(rows) == 2 * len(RESIDENT_SPILL_BUDGET), done.stdout
+    for row in rows:
+        budget = RESIDENT_SPILL_BUDGET[row["cell"]][int(row["tape"])]
+        assert row["weights_before_loop"] == "1", row
+        assert int(row["shared"]) <= H100_SHARED_MEMORY, row
+        assert int(row["spill_bytes"]) <= budget * 1.25 + 32, (row, budget)

@@ -118,6 +118,24 @@ def test_each_tiling_matches_float64_oracle(cell, opts, tiling, rng):
                _tilings()[tiling])
 
 
+@pytest.mark.parametrize("cell,opts,dtype,shape", [
+    ("LSTM", None, "float16", "masked"), ("LSTM", None, "float16", "even"),
+    ("LSTM", None, "bfloat16", "masked"), ("LSTM", None, "bfloat16", "even"),
+    ("GRU", None, "bfloat16", "masked"), ("RNN", {"nonlinearity": "tanh"}, "float16", "even")])
+def test_weights_resident_forward_matches_float64_oracle(cell, opts, dtype, shape, rng):
+    """The forward that keeps W_hh in shared memory (kernels/triton/gated_resident.py), with
+    the grid barrier: at SMALL's B=21, H=40 (masked rows and units, five programs) and at
+    B=64, H=64 (the unmasked path). Training too: the backward is tuned as usual."""
+    from rnn_gpu.kernels.triton.gated import Tiles
+
+    units = 16 if cell == "RNN" else 8
+    tiles = (Tiles(block_b=64, block_h=units, block_k=0, units=units, resident=True), True)
+    case = Case(cell=cell, opts=opts, **SMALL)
+    if shape == "even":
+        case = Case(cell=cell, opts=opts, **dict(SMALL, B=64, H=64))
+    run_on_gpu(case, dtype, int(rng.integers(2**32)), tiles)
+
+
 def test_two_layers_longer_sequence_fp16(rng):
     case = Case(cell="GRU", dtype="float32", T=64, B=96, I=32, H=128, num_layers=2,
                 lengths="full", with_state=True)

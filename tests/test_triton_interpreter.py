@@ -84,6 +84,32 @@ def test_split_units_match_oracle(interpret, split_units, cell, opts, rng):
     check(case, int(rng.integers(2**32)), TOL["float32"])
 
 
+RESIDENT_SHAPES = {
+    # H=20 over programs of 8 (RNN: 16) units: the last one partial, the weight tile and h
+    # padded to 32 columns, 3 rows of a 32-row block: the masked path
+    "padded": dict(H=20, B=3, units=(8, 16), block_b=32),
+    # H=32 and B=16: a power of two and a whole row block, the unmasked path (EVEN)
+    "even": dict(H=32, B=16, units=(8, 16), block_b=16),
+}
+
+
+@pytest.mark.parametrize("shape", list(RESIDENT_SHAPES))
+@pytest.mark.parametrize("cell,opts", CELL_OPTS[:3])
+def test_weights_resident_forward_matches_oracle(interpret, cell, opts, shape, rng):
+    """The forward that keeps W_hh on chip (gated_resident), forced for every gated forward
+    (training too: the backward is tuned as usual), both directions, lengths with zeros."""
+    from rnn_gpu.kernels.triton.gated import Tiles
+    from rnn_gpu.kernels.triton.launch import forced_tiles
+
+    sh = RESIDENT_SHAPES[shape]
+    units = sh["units"][cell == "RNN"]
+    tiles = Tiles(block_b=sh["block_b"], block_h=units, block_k=0, units=units, resident=True)
+    case = Case(cell=cell, opts=opts, dtype="float32", T=4, B=sh["B"], I=3, H=sh["H"],
+                bidirectional=True, lengths="zero", with_state=True)
+    with forced_tiles(tiles):
+        check(case, int(rng.integers(2**32)), TOL["float32"])
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("cell,opts", CELL_OPTS[:3] + CELL_OPTS[5:])
 def test_half_precision_matches_oracle(interpret, cell, opts, dtype, rng):

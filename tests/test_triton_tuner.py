@@ -134,7 +134,7 @@ def test_backend_times_whole_steps_even_for_a_short_sequence(monkeypatch, launch
         seen.append(xw.shape[0])
         return real_forward(cell, act, xw, *args, **kwargs)
 
-    def choose_by_timing(kind, gates, B, H, dtype, device, time_call):
+    def choose_by_timing(kind, gates, B, H, dtype, device, time_call, resident=False):
         option = real_choose(kind, gates, B, H, dtype, device, time_call)
         launch.step_ms(time_call, option)
         return option
@@ -198,7 +198,7 @@ def test_backward_chooses_its_own_tiling_and_stays_right(monkeypatch, launch, Ti
     kinds, steps = [], []
     real_choose = launch.choose
 
-    def choose(kind, gates, B, H, dtype, device, time_call):
+    def choose(kind, gates, B, H, dtype, device, time_call, resident=False):
         kinds.append(kind)
         if not kind.endswith("-backward"):
             return real_choose(kind, gates, B, H, dtype, device, time_call)
@@ -224,3 +224,50 @@ def test_backward_chooses_its_own_tiling_and_stays_right(monkeypatch, launch, Ti
     kind = {"LSTM": "lstm", "GRU": "gru", "TwoStageRNN": "twostage"}[cell]
     assert kinds == [f"{kind}-taped", f"{kind}-backward"]   # a training forward: its own
     assert steps == [(launch.SHORT_STEPS, 16), (launch.LONG_STEPS, 16), (3, 16)]
+
+
+def test_resident_candidate_keeps_every_program_resident_and_in_shared_memory(launch):
+    """DESIGN's 512x64x1024 LSTM on 132 SMs: one 64-row block, 8 units per program (128
+    programs, the grid barrier's limit), 64 KB of weights and 128 KB of h; half precision only;
+    none where the programs or the shared memory cannot hold it."""
+    from rnn_gpu.kernels.triton import gated_resident
+
+    tiles, split = launch.resident_candidate(4, 64, 1024, "bfloat16", 132)
+    assert (tiles.resident, tiles.block_b, tiles.units, split) == (True, 64, 8, True)
+    assert gated_resident.smem_bytes(4, 64, 8, 1024) == (64 + 128) * 1024
+    assert launch.resident_candidate(1, 64, 1024, "float16", 132)[0].units == 16   # RNN: N>=16
+    assert launch.resident_candidate(4, 64, 1024, "float32", 132) is None
+    assert launch.resident_candidate(4, 1024, 512, "float16", 132) is None   # 16 row blocks
+    assert launch.resident_candidate(4, 64, 4096, "float16", 132) is None    # h alone: 512 KB
+    first, *rest = launch.candidates(4, 64, 1024, "float16", 132, resident=True)
+    assert first[0].resident and rest == launch.candidates(4, 64, 1024, "float16", 132)
+    assert not any(o[0].resident for o in rest)
+
+
+def test_a_candidate_that_cannot_run_here_is_skipped(fake_card, launch):
+    """A tiling the card cannot compile or launch (a resident tile over its shared memory)
+    costs infinity in the comparison instead of failing the call."""
+    from triton.runtime.errors import OutOfResources
+
+    options = launch.candidates(4, 64, 1024, "float16", 132, resident=True)
+    assert options[0][0].resident
+
+    def time_call(tiles, grid_sync, n_steps):
+        if tiles.resident:
+            raise OutOfResources(232 * 1024, 227 * 1024, "shared memory")
+        return 0.1 + 0.01 * n_steps * (1 + options.index((tiles, grid_sync)))
+
+    best = launch.choose("lstm", 4, 64, 1024, "float16", "cuda:0", time_call, resident=True)
+    assert best == options[1]
+
+
+def test_resident_tiles_are_forced_on_forwards_only(launch, Tiles):
+    tiles = Tiles(64, 8, 0, 8, resident=True)
+    with launch.forced_tiles(tiles, True):
+        assert launch.choose("lstm", 4, 64, 1024, "float16", "cpu", None, resident=True) == (
+            tiles, True)
+        backward = launch.choose("lstm-backward", 4, 64, 1024, "float16", "cpu", None)
+        assert not backward[0].resident
+        assert launch.chosen("lstm", 4, 64, 1024, "float16", "cpu") == (
+            "resident split b64 u8 w4 (forced)")
+        assert "resident" not in launch.chosen("lstm-backward", 4, 64, 1024, "float16", "cpu")

@@ -9,6 +9,11 @@ Prints one line per variant: kernel, cell, dtype, arch, shared memory bytes, sec
 ``python tests/triton_compile_check.py --spills`` instead prints, for the forward kernel's
 main tilings on sm_90, the registers per thread and the bytes of spill stores that ptxas -v
 reports (the register pressure that cost the kernels most on an H100, docs/performance.md).
+
+``python tests/triton_compile_check.py --resident`` prints the same for the weights-resident
+forward (kernels/triton/gated_resident.py) at DESIGN's 512x64x1024 tiling on sm_90, with its
+shared memory and whether W_hh's copy into shared memory sits before the time loop (Triton
+hoists it: what makes the weights resident; a Triton that stopped would fail the test).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from rnn_gpu.kernels.triton import gated, twostage  # noqa: E402
+from rnn_gpu.kernels.triton import gated, gated_resident, twostage  # noqa: E402
 
 FP32_ARGS = {"h0_ptr", "c0_ptr", "h_ptr", "c_ptr", "gates_ptr", "ctape_ptr", "dhT_ptr",
              "dcT_ptr", "dh_ptr", "dc_ptr", "atape_ptr", "htape_ptr"}
@@ -100,6 +105,36 @@ def spills() -> int:
     return 0
 
 
+def resident_consts(cell: int, units: int, H: int = 1024, tape: bool = True) -> dict:
+    """The resident forward of one 64-row block with the grid barrier, H a power of two."""
+    return dict(CELL=cell, G=gated.GATES[cell], TG=gated.TAPE_GATES[cell], ACT=0,
+                REVERSE=False, HAS_BIAS=True, HAS_LENGTHS=True, KEEP_TAPE=tape, GRID_SYNC=True,
+                PRECISION="ieee", BLOCK_B=64, UNITS=units,
+                G4=gated_resident.gate_slots(gated.GATES[cell]),
+                HP=triton.next_power_of_2(H), EVEN=True)
+
+
+# (label, cell, units): DESIGN's 512x64x1024 on 132 SMs (RNN needs 16 units for N >= 16)
+RESIDENT_CASES = [("lstm", 1, 8), ("gru", 2, 8), ("rnn", 0, 16)]
+
+
+def resident() -> int:
+    for label, cell, units in RESIDENT_CASES:
+        for tape in (False, True):
+            kernel = _compile(gated_resident.gated_fwd_resident_kernel, "bf16", 90,
+                              resident_consts(cell, units, tape=tape), 8)
+            ttgir = kernel.asm["ttgir"]
+            loop = ttgir.index("scf.for")
+            w_tile = f"tensor<1024x{gated_resident.gate_slots(gated.GATES[cell]) * units}x"
+            hoisted = any(m.start() < loop and w_tile in m.group(0)
+                          for m in re.finditer(r"ttg\.local_alloc[^\n]*", ttgir))
+            regs, spilled = ptxas_usage(kernel.asm["ptx"])
+            print(f"resident {label} bf16 b64 u{units} h1024 tape={int(tape)} "
+                  f"shared={kernel.metadata.shared} registers={regs} spill_bytes={spilled} "
+                  f"weights_before_loop={int(hoisted)}")
+    return 0
+
+
 def variants(arch: int):
     """(kernel, cell, function, constexprs, dtype): bf16 on sm_90 (the headline dtype), fp32
     (IEEE dot, FMA path) on sm_80, and on sm_90 also fp32 through tf32x3 (three TF32
@@ -120,6 +155,11 @@ def variants(arch: int):
            {**acts, **common, "HAS_BIAS": True, "KEEP_TAPE": True}, dtype)
     yield ("twostage_bwd", "twostage", twostage._twostage_bwd_kernel, {**acts, **common},
            dtype)
+    resident_dtype = "bf16" if arch >= 90 else "fp16"
+    for cell, name, units in ((1, "lstm", 8), (2, "gru", 8), (0, "rnn", 16))[:3 if arch >= 90
+                                                                            else 1]:
+        yield ("gated_fwd_resident", name, gated_resident.gated_fwd_resident_kernel,
+               resident_consts(cell, units), resident_dtype)
     if arch >= 90:
         lstm = dict(CELL=1, G=gated.GATES[1], TG=gated.TAPE_GATES[1], ACT=0)
         tf32x3 = {**common, "PRECISION": "tf32x3", "BLOCK_K": 32}
@@ -131,6 +171,8 @@ def variants(arch: int):
 def main(argv: list[str]) -> int:
     if argv == ["--spills"]:
         return spills()
+    if argv == ["--resident"]:
+        return resident()
     archs = [int(a) for a in argv] or [80, 90]
     failed = 0
     for arch in archs:

@@ -45,16 +45,16 @@ from .common import (
     GRU,
     LSTM,
     RNN,
-    activate,
     activation_grad,
     program_rows,
-    sigmoid,
     step_and_next,
     step_barrier,
     tanh,
     time_index,
     valid_rows,
 )
+from .gated_resident import gate_slots, gated_fwd_resident_kernel
+from .gated_step import finish_step, xw_plus_bias
 
 GATES = {RNN: 1, LSTM: 4, GRU: 3}
 TAPE_GATES = {RNN: 1, LSTM: 4, GRU: 4}
@@ -73,7 +73,6 @@ def _gated_fwd_kernel(
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     n_split = tl.num_programs(1)
-    dtype = y_ptr.dtype.element_ty
     rows, row_ok, _, lens, unit_end = program_rows(B, H, len_ptr, HAS_LENGTHS, BLOCK_B, UNITS)
     GH = G * H
     BH = B.to(tl.int64) * H
@@ -98,28 +97,9 @@ def _gated_fwd_kernel(
             m2 = row_ok[:, None] & col_ok[None, :]
             own = rows[:, None] * H + cols[None, :]
             # The accumulators start from xw (+ b_hh): no x tile stays live across the k-loop
-            # (GRU's n gate keeps W_hn h + b_hn apart: its x is added after the reset gate).
             xg = xw_t + (rows[:, None] * GH + cols[None, :])
-            acc0 = tl.load(xg, mask=m2, other=0.0).to(tl.float32)
-            acc1 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
-            acc2 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
-            acc3 = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
-            if G > 1:
-                acc1 = tl.load(xg + H, mask=m2, other=0.0).to(tl.float32)
-                if CELL == 1:
-                    acc2 = tl.load(xg + 2 * H, mask=m2, other=0.0).to(tl.float32)
-            if G > 3:
-                acc3 = tl.load(xg + 3 * H, mask=m2, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                acc0 += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-                if G > 1:
-                    acc1 += tl.load(b_ptr + H + cols, mask=col_ok,
-                                    other=0.0).to(tl.float32)[None, :]
-                    acc2 += tl.load(b_ptr + 2 * H + cols, mask=col_ok,
-                                    other=0.0).to(tl.float32)[None, :]
-                if G > 3:
-                    acc3 += tl.load(b_ptr + 3 * H + cols, mask=col_ok,
-                                    other=0.0).to(tl.float32)[None, :]
+            acc0, acc1, acc2, acc3 = xw_plus_bias(xg, b_ptr, cols, col_ok, m2, H, CELL, G,
+                                                  HAS_BIAS, BLOCK_B, BLOCK_H)
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < H
@@ -137,47 +117,9 @@ def _gated_fwd_kernel(
                 if G > 3:
                     acc3 = tl.dot(hk, tl.load(w_cols + 3 * H * H, mask=wmask, other=0.0), acc3,
                                   input_precision=PRECISION)
-            if s == 0:
-                h_prev = tl.load(h0_ptr + own, mask=m2, other=0.0)
-            else:
-                h_prev = tl.load(h_ptr + own, mask=m2, other=0.0)
-            if CELL == 0:                                     # RNN
-                h_new = activate(acc0, ACT)
-                g0 = h_new
-            elif CELL == 1:                                   # LSTM
-                if s == 0:
-                    c_prev = tl.load(c0_ptr + own, mask=m2, other=0.0)
-                else:
-                    c_prev = tl.load(c_ptr + own, mask=m2, other=0.0)
-                g0 = sigmoid(acc0)
-                g1 = sigmoid(acc1)
-                g2 = tanh(acc2)
-                g3 = sigmoid(acc3)
-                c_new = g1 * c_prev + g0 * g2
-                h_new = g3 * tanh(c_new)
-                c_keep = tl.where(valid[:, None], c_new, c_prev)
-                tl.store(c_ptr + own, c_keep, mask=m2)
-            else:                                             # GRU
-                g0 = sigmoid(acc0)
-                g1 = sigmoid(acc1)
-                g3 = acc2                                     # W_hn h + b_hn, kept for backward
-                g2 = tanh(tl.load(xg + 2 * H, mask=m2, other=0.0).to(tl.float32) + g0 * g3)
-                h_new = (1.0 - g1) * g2 + g1 * h_prev
-            h_keep = tl.where(valid[:, None], h_new, h_prev)
-            tl.store(h_ptr + own, h_keep, mask=m2)
-            tl.store(dst + own, h_keep.to(dtype), mask=m2)
-            tl.store(y_t + own,
-                     tl.where(valid[:, None], h_new, 0.0).to(dtype), mask=m2)
-            if KEEP_TAPE:
-                tl.store(hprev_t + own, h_prev.to(dtype), mask=m2)
-                gt = gates_t + (rows[:, None] * (TG * H) + cols[None, :])
-                tl.store(gt, g0, mask=m2)
-                if TG > 1:
-                    tl.store(gt + H, g1, mask=m2)
-                    tl.store(gt + 2 * H, g2, mask=m2)
-                    tl.store(gt + 3 * H, g3, mask=m2)
-                if CELL == 1:
-                    tl.store(ctape_t + own, c_keep, mask=m2)
+            finish_step(acc0, acc1, acc2, acc3, xg, s, own, m2, valid, rows, cols, H, h0_ptr,
+                        c0_ptr, h_ptr, c_ptr, dst, y_t, hprev_t, gates_t, ctape_t, CELL, TG, ACT,
+                        KEEP_TAPE)
         step_barrier(sync_ptr + pid_b, (i + 1) * n_split, GRID_SYNC)
 
 
@@ -307,6 +249,7 @@ class Tiles:
     units: int          # hidden units per program (a multiple of block_h)
     num_warps: int = 4
     num_stages: int = 2
+    resident: bool = False  # forward only: W_hh kept in shared memory (.gated_resident)
 
     def grid(self, B: int, H: int) -> tuple[int, int]:
         return triton.cdiv(B, self.block_b), triton.cdiv(H, self.units)
@@ -329,11 +272,17 @@ class GatedTape:
     hprev: torch.Tensor
 
 
-def _constexprs(cell, act, tiles: Tiles, precision, grid_sync):
-    return dict(CELL=cell, G=GATES[cell], TG=TAPE_GATES[cell], ACT=act, GRID_SYNC=grid_sync,
-                PRECISION=precision, BLOCK_B=tiles.block_b, BLOCK_H=tiles.block_h,
-                BLOCK_K=tiles.block_k, UNITS=tiles.units, num_warps=tiles.num_warps,
-                num_stages=tiles.num_stages)
+def _constexprs(cell, act, tiles: Tiles, precision, grid_sync, B: int = 0, H: int = 0):
+    """The kernel's compile-time arguments; with ``tiles.resident`` (and ``B``, ``H``) the
+    resident forward's, which has no k-loop and no unit blocks."""
+    common = dict(CELL=cell, G=GATES[cell], TG=TAPE_GATES[cell], ACT=act, GRID_SYNC=grid_sync,
+                  PRECISION=precision, BLOCK_B=tiles.block_b, UNITS=tiles.units,
+                  num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    if tiles.resident:
+        hp = triton.next_power_of_2(H)
+        return dict(common, G4=gate_slots(GATES[cell]), HP=hp,
+                    EVEN=hp == H and B % tiles.block_b == 0)
+    return dict(common, BLOCK_H=tiles.block_h, BLOCK_K=tiles.block_k)
 
 
 def _spans(T: int, grid_sync: bool, split: bool):
@@ -374,10 +323,11 @@ def gated_forward(cell: int, act: int, xw: torch.Tensor, w_hh: torch.Tensor,
         gates = ctape = hprev = y                    # never written (KEEP_TAPE is off)
     grid = tiles.grid(B, H)
     split = grid[1] > 1
-    consts = _constexprs(cell, act, tiles, precision, grid_sync and split)
+    consts = _constexprs(cell, act, tiles, precision, grid_sync and split, B, H)
+    kernel = gated_fwd_resident_kernel if tiles.resident else _gated_fwd_kernel
     for t_begin, n in _spans(T, grid_sync, split):
         sync = torch.zeros((grid[0],), device=dev, dtype=torch.int32)
-        _gated_fwd_kernel[grid](
+        kernel[grid](
             xw, w_hh, b_hh if b_hh is not None else w_hh, h0f, c0f,
             lengths if lengths is not None else sync,
             y, hbuf, h, c, gates, ctape, hprev, sync, T, B, H, t_begin, n,
@@ -401,6 +351,8 @@ def gated_backward(tape: GatedTape, dy: torch.Tensor, dhT: torch.Tensor,
     :mod:`.launch`)."""
     if tiles is None:
         tiles, grid_sync = tape.tiles, tape.grid_sync
+    if tiles.resident:
+        raise ValueError("gated_backward: resident tiles serve the forward only; pass tiles=")
     T, B, H = dy.shape
     cell, w_hh = tape.cell, tape.w_hh
     dev, dt = dy.device, dy.dtype

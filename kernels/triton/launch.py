@@ -30,14 +30,17 @@ Under Triton's interpreter one small fixed tiling is used (speed is meaningless 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
 
 import triton
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
 
-from . import interpreting
+from . import gated_resident, interpreting
 from .gated import Tiles
 
 _cache: dict[tuple, tuple[Tiles, bool]] = {}
@@ -66,7 +69,8 @@ def check_mode() -> None:
 @contextlib.contextmanager
 def forced_tiles(tiles: Tiles, grid_sync: bool = False) -> Iterator[None]:
     """Use these tiles for every call in the block (tests use it to cover the split path
-    under the interpreter, where the split runs one launch per step)."""
+    under the interpreter, where the split runs one launch per step). Resident tiles are
+    forced on the gated forwards only; the other calls are tuned as usual."""
     global _forced
     previous, _forced = _forced, (tiles, grid_sync)
     try:
@@ -86,8 +90,36 @@ def _block_h(units: int) -> int:
     return 16
 
 
-def candidates(gates: int, B: int, H: int, dtype: str, n_sm: int) -> list[tuple[Tiles, bool]]:
-    """Tilings worth timing for this shape, best guess first."""
+def resident_candidate(gates: int, B: int, H: int, dtype: str,
+                       n_sm: int) -> tuple[Tiles, bool] | None:
+    """The weights-resident forward tiling for this shape (:mod:`.gated_resident`), or None
+    where it cannot run: half precision only, 64-row blocks (a wgmma tile), the fewest units
+    per program that keep every program resident (grid barrier), weights and h within shared
+    memory."""
+    if dtype not in ("float16", "bfloat16"):
+        return None
+    bb = gated_resident.MIN_ROWS
+    n_blocks = triton.cdiv(B, bb)
+    units = 16 // gated_resident.gate_slots(gates)      # the product's N must be >= 16
+    while units < H and n_blocks * triton.cdiv(H, units) > n_sm:
+        units *= 2
+    if n_blocks * triton.cdiv(H, units) > n_sm or not gated_resident.fits(gates, bb, units, H):
+        return None
+    split = triton.cdiv(H, units) > 1
+    return Tiles(bb, units, 0, units, 8, resident=True), split
+
+
+def candidates(gates: int, B: int, H: int, dtype: str, n_sm: int,
+               resident: bool = False) -> list[tuple[Tiles, bool]]:
+    """Tilings worth timing for this shape, best guess first; with ``resident`` (a gated
+    forward) the weights-resident tiling first where it can run."""
+    first = resident_candidate(gates, B, H, dtype, n_sm) if resident else None
+    streaming = _streaming_candidates(gates, B, H, dtype, n_sm)
+    return [first, *streaming] if first is not None else streaming
+
+
+def _streaming_candidates(gates: int, B: int, H: int, dtype: str,
+                          n_sm: int) -> list[tuple[Tiles, bool]]:
     block_k = 32 if dtype.startswith("float32") else 64     # float32, float32-tf32x3, ...
     rows_cap = max(16, triton.next_power_of_2(B))
 
@@ -118,7 +150,8 @@ def candidates(gates: int, B: int, H: int, dtype: str, n_sm: int) -> list[tuple[
             out.append(tiling)
     if not out:                                   # tiny problem: one small program is fine
         return [(Tiles(16, 16, 16, _round_up(H, 16)), False)]
-    # At most three: each candidate is compiled (~1-2 s) and timed on first use of a shape.
+    # At most three (four with the resident one): each candidate is compiled (~1-2 s) and
+    # timed on first use of a shape.
     # Split tilings with more programs first (more SMs busy), then larger row blocks.
     def programs(option):
         tiles = option[0]
@@ -130,11 +163,13 @@ def candidates(gates: int, B: int, H: int, dtype: str, n_sm: int) -> list[tuple[
 
 
 def choose(kind: str, gates: int, B: int, H: int, dtype: str, device,
-           time_call: Callable[[Tiles, bool, int], float]) -> tuple[Tiles, bool]:
+           time_call: Callable[[Tiles, bool, int], float], *,
+           resident: bool = False) -> tuple[Tiles, bool]:
     """``(tiles, grid_sync)`` for one call. ``time_call(tiles, grid_sync, n_steps)`` runs the
-    first ``n_steps`` steps of the real call with that tiling and returns milliseconds."""
-    if _forced is not None:
-        return _forced
+    first ``n_steps`` steps of the real call with that tiling and returns milliseconds.
+    ``resident``: the call can take the weights-resident forward kernel."""
+    if _forced is not None and (resident or not _forced[0].resident):
+        return _forced                  # (resident tiles are forced on forwards only)
     if interpreting():
         return _interpreted_tiles(H)
     props = _properties(device)
@@ -142,11 +177,11 @@ def choose(kind: str, gates: int, B: int, H: int, dtype: str, device,
     with _lock:
         if key in _cache:
             return _cache[key]
-    options = candidates(gates, B, H, dtype, props.multi_processor_count)
+    options = candidates(gates, B, H, dtype, props.multi_processor_count, resident)
     if len(options) == 1:
         best = options[0]
     else:
-        per_step = [step_ms(time_call, option) for option in options]
+        per_step = [_timed(time_call, option) for option in options]
         best = options[per_step.index(min(per_step))]
         if os.environ.get("RNN_GPU_TUNE_LOG"):
             shown = ", ".join(f"{_describe(o)}: {ms * 1e3:.1f} us"
@@ -164,6 +199,18 @@ def step_ms(time_call: Callable[[Tiles, bool, int], float],
     short = time_call(*option, SHORT_STEPS)
     long = time_call(*option, LONG_STEPS)
     return (long - short) / (LONG_STEPS - SHORT_STEPS)
+
+
+def _timed(time_call: Callable[[Tiles, bool, int], float], option: tuple[Tiles, bool]) -> float:
+    """:func:`step_ms`, or infinity for a tiling this card cannot compile or launch (a
+    resident tile over its shared memory, say): the next candidate is taken instead."""
+    try:
+        return step_ms(time_call, option)
+    except (CompilationError, OutOfResources) as exc:
+        if os.environ.get("RNN_GPU_TUNE_LOG"):
+            print(f"rnn_gpu triton tiles: {_describe(option)} cannot run here "
+                  f"({type(exc).__name__}: {exc})", file=sys.stderr)
+        return math.inf
 
 
 def _interpreted_tiles(H: int) -> tuple[Tiles, bool]:
@@ -189,7 +236,7 @@ def _shape_key(kind: str, gates: int, B: int, H: int, dtype: str, device, props)
 
 def chosen(kind: str, gates: int, B: int, H: int, dtype: str, device) -> str | None:
     """What :func:`choose` runs for this shape, described; None before its first call."""
-    if _forced is not None:
+    if _forced is not None and not (_forced[0].resident and kind.endswith("-backward")):
         return f"{_describe(_forced)} (forced)"
     if interpreting():
         return f"{_describe(_interpreted_tiles(H))} (interpreter)"
@@ -201,6 +248,8 @@ def chosen(kind: str, gates: int, B: int, H: int, dtype: str, device) -> str | N
 
 def _describe(option: tuple[Tiles, bool]) -> str:
     t, sync = option
+    if t.resident:
+        return f"resident{' split' if sync else ''} b{t.block_b} u{t.units} w{t.num_warps}"
     return (f"{'split' if sync else 'tiled'} b{t.block_b} h{t.block_h} k{t.block_k} "
             f"u{t.units} w{t.num_warps}")
 

@@ -278,7 +278,7 @@ class CupyDevice:
                 failure, graph = self._record(stream, ops)
         if failure is not None or graph is None:
             cuda_graphs.turn_capture_off(f"capturing the time loop as a CUDA graph failed "
-                              f"({failure or 'no graph came back'})")
+                                         f"({failure or 'no graph came back'})")
             self.blas = None        # the rest of this call: plain launches, CuPy's cuBLAS
             return None
         return Captured(graph, tuple(ops), workspace)

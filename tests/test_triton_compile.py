@@ -60,9 +60,9 @@ def test_forward_kernel_spills_stay_within_budget(tmp_path):
 
 
 # The weights-resident forward at DESIGN's 512x64x1024 (64 rows x 8 units, bf16, sm_90, triton
-# 3.6.0): spill stores per thread as first compiled (the masked path spilled 2.2 KB; H a power
-# of two and whole row blocks take the unmasked one).
-RESIDENT_SPILL_BUDGET = {"lstm": (68, 60), "gru": (0, 0), "rnn": (0, 0)}
+# 3.6.0): spill stores per thread as first compiled (reading h with H's runtime stride and
+# masks spilled 2.2 KB; the state buffer is padded so that the read needs neither).
+RESIDENT_SPILL_BUDGET = {"lstm": (76, 68), "gru": (0, 0), "rnn": (0, 0)}
 H100_SHARED_MEMORY = 227 * 1024      # the opt-in limit per block
 
 

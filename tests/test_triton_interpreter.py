@@ -85,10 +85,10 @@ def test_split_units_match_oracle(interpret, split_units, cell, opts, rng):
 
 
 RESIDENT_SHAPES = {
-    # H=20 over programs of 8 (RNN: 16) units: the last one partial, the weight tile and h
-    # padded to 32 columns, 3 rows of a 32-row block: the masked path
+    # H=20 over programs of 8 (RNN: 16) units: the last one partial, the weight tile and the
+    # state buffer padded to 32 columns, 3 rows of a 32-row block (29 padding rows)
     "padded": dict(H=20, B=3, units=(8, 16), block_b=32),
-    # H=32 and B=16: a power of two and a whole row block, the unmasked path (EVEN)
+    # H=32 and B=16: a power of two and a whole row block, no padding
     "even": dict(H=32, B=16, units=(8, 16), block_b=16),
 }
 

@@ -106,12 +106,12 @@ def spills() -> int:
 
 
 def resident_consts(cell: int, units: int, H: int = 1024, tape: bool = True) -> dict:
-    """The resident forward of one 64-row block with the grid barrier, H a power of two."""
+    """The resident forward of one 64-row block with the grid barrier."""
     return dict(CELL=cell, G=gated.GATES[cell], TG=gated.TAPE_GATES[cell], ACT=0,
                 REVERSE=False, HAS_BIAS=True, HAS_LENGTHS=True, KEEP_TAPE=tape, GRID_SYNC=True,
                 PRECISION="ieee", BLOCK_B=64, UNITS=units,
                 G4=gated_resident.gate_slots(gated.GATES[cell]),
-                HP=triton.next_power_of_2(H), EVEN=True)
+                HP=triton.next_power_of_2(H))
 
 
 # (label, cell, units): DESIGN's 512x64x1024 on 132 SMs (RNN needs 16 units for N >= 16)

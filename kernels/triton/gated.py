@@ -118,8 +118,8 @@ def _gated_fwd_kernel(
                     acc3 = tl.dot(hk, tl.load(w_cols + 3 * H * H, mask=wmask, other=0.0), acc3,
                                   input_precision=PRECISION)
             finish_step(acc0, acc1, acc2, acc3, xg, s, own, m2, valid, rows, cols, H, h0_ptr,
-                        c0_ptr, h_ptr, c_ptr, dst, y_t, hprev_t, gates_t, ctape_t, CELL, TG, ACT,
-                        KEEP_TAPE)
+                        c0_ptr, h_ptr, c_ptr, dst, own, y_t, hprev_t, gates_t, ctape_t, CELL,
+                        TG, ACT, KEEP_TAPE)
         step_barrier(sync_ptr + pid_b, (i + 1) * n_split, GRID_SYNC)
 
 
@@ -272,16 +272,14 @@ class GatedTape:
     hprev: torch.Tensor
 
 
-def _constexprs(cell, act, tiles: Tiles, precision, grid_sync, B: int = 0, H: int = 0):
-    """The kernel's compile-time arguments; with ``tiles.resident`` (and ``B``, ``H``) the
-    resident forward's, which has no k-loop and no unit blocks."""
+def _constexprs(cell, act, tiles: Tiles, precision, grid_sync, H: int = 0):
+    """The kernel's compile-time arguments; with ``tiles.resident`` (and ``H``) the resident
+    forward's, which has no k-loop and no unit blocks."""
     common = dict(CELL=cell, G=GATES[cell], TG=TAPE_GATES[cell], ACT=act, GRID_SYNC=grid_sync,
                   PRECISION=precision, BLOCK_B=tiles.block_b, UNITS=tiles.units,
                   num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     if tiles.resident:
-        hp = triton.next_power_of_2(H)
-        return dict(common, G4=gate_slots(GATES[cell]), HP=hp,
-                    EVEN=hp == H and B % tiles.block_b == 0)
+        return dict(common, G4=gate_slots(GATES[cell]), HP=triton.next_power_of_2(H))
     return dict(common, BLOCK_H=tiles.block_h, BLOCK_K=tiles.block_k)
 
 
@@ -309,8 +307,13 @@ def gated_forward(cell: int, act: int, xw: torch.Tensor, w_hh: torch.Tensor,
     dev, dt = xw.device, xw.dtype
     f32 = torch.float32
     y = torch.empty((T, B, H), device=dev, dtype=dt)
-    hbuf = torch.empty((3, B, H), device=dev, dtype=dt)
-    hbuf[0].copy_(h0)
+    if tiles.resident:       # padded to whole row blocks and HP columns, the padding zero
+        hbuf = torch.zeros((3, triton.cdiv(B, tiles.block_b) * tiles.block_b,
+                            triton.next_power_of_2(H)), device=dev, dtype=dt)
+        hbuf[0, :B, :H].copy_(h0)
+    else:
+        hbuf = torch.empty((3, B, H), device=dev, dtype=dt)
+        hbuf[0].copy_(h0)
     h0f = h0.to(f32).contiguous()
     c0f = (c0 if c0 is not None else torch.zeros((1,), device=dev)).to(f32).contiguous()
     h = torch.empty((B, H), device=dev, dtype=f32)
@@ -323,7 +326,7 @@ def gated_forward(cell: int, act: int, xw: torch.Tensor, w_hh: torch.Tensor,
         gates = ctape = hprev = y                    # never written (KEEP_TAPE is off)
     grid = tiles.grid(B, H)
     split = grid[1] > 1
-    consts = _constexprs(cell, act, tiles, precision, grid_sync and split, B, H)
+    consts = _constexprs(cell, act, tiles, precision, grid_sync and split, H)
     kernel = gated_fwd_resident_kernel if tiles.resident else _gated_fwd_kernel
     for t_begin, n in _spans(T, grid_sync, split):
         sync = torch.zeros((grid[0],), device=dev, dtype=torch.int32)

@@ -73,18 +73,20 @@ def gated_fwd_resident_kernel(
     REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     KEEP_TAPE: tl.constexpr, GRID_SYNC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, UNITS: tl.constexpr, G4: tl.constexpr, HP: tl.constexpr,
-    EVEN: tl.constexpr,
 ):
-    """Arguments, state buffers and tape as :func:`.gated._gated_fwd_kernel`'s. ``EVEN``: H is
-    HP and B a multiple of BLOCK_B, so h_{t-1} is read with a compile-time row stride and no
-    masks (the runtime stride's 64-bit addresses, one per element, cost 2.2 KB of spill stores
-    per thread at 64 x 1024, EVEN 68 bytes; tests/triton_compile_check.py --resident)."""
+    """Arguments, state buffers and tape as :func:`.gated._gated_fwd_kernel`'s, except that
+    ``hbuf``'s slots are padded to whole row blocks and HP columns, the padding zero: h_{t-1}
+    is then read with a compile-time row stride and no masks. (Read with H's runtime stride and
+    masks it cost 2.2 KB of spill stores per thread at 64 x 1024, 64-bit addresses per element;
+    padded, 68 bytes; tests/triton_compile_check.py --resident.)"""
     pid_b = tl.program_id(0)
     n_split = tl.num_programs(1)
     rows, row_ok, _, lens, unit_end = program_rows(B, H, len_ptr, HAS_LENGTHS, BLOCK_B, UNITS)
     u0 = tl.program_id(1) * UNITS
     GH = G * H
-    BH = B.to(tl.int64) * H
+    # one padded slot of hbuf (not tl.cdiv: a jit function, whose compiled-or-interpreted mode
+    # is fixed when triton is first imported; see launch.check_mode)
+    slot = ((B + BLOCK_B - 1) // BLOCK_B).to(tl.int64) * BLOCK_B * HP
     ks = tl.arange(0, HP)
     k_ok = ks < H
     n = tl.arange(0, G4 * UNITS)
@@ -95,25 +97,22 @@ def gated_fwd_resident_kernel(
     col_ok = cols < unit_end
     m2 = row_ok[:, None] & col_ok[None, :]
     own = rows[:, None] * H + cols[None, :]
-    h_ok = row_ok[:, None] & k_ok[None, :]
     for i in range(n_steps):
         s = t_begin + i
         t = time_index(s, T, REVERSE)
         valid = valid_rows(row_ok, t, lens, HAS_LENGTHS)
         src_slot = tl.where(s == 0, 0, 1 + (s + 1) % 2)
-        src = hbuf_ptr + src_slot * BH
-        dst = hbuf_ptr + (1 + s % 2) * BH
+        src = hbuf_ptr + src_slot * slot
+        dst = hbuf_ptr + (1 + s % 2) * slot
         step = t.to(tl.int64) * B
         xg = xw_ptr + step * GH + (rows[:, None] * GH + cols[None, :])
-        if EVEN:
-            hk = tl.load(src + (rows[:, None] * HP + ks[None, :]))
-        else:
-            hk = tl.load(src + (rows[:, None] * H + ks[None, :]), mask=h_ok, other=0.0)
+        hk = tl.load(src + (rows[:, None] * HP + ks[None, :]))
         p0, p1, p2, p3 = _split_gates(tl.dot(hk, w, input_precision=PRECISION), BLOCK_B,
                                       UNITS, G4)
         x0, x1, x2, x3 = xw_plus_bias(xg, b_ptr, cols, col_ok, m2, H, CELL, G, HAS_BIAS,
                                       BLOCK_B, UNITS)
         finish_step(x0 + p0, x1 + p1, x2 + p2, x3 + p3, xg, s, own, m2, valid, rows, cols, H,
-                    h0_ptr, c0_ptr, h_ptr, c_ptr, dst, y_ptr + step * H, hprev_ptr + step * H,
+                    h0_ptr, c0_ptr, h_ptr, c_ptr, dst, rows[:, None] * HP + cols[None, :],
+                    y_ptr + step * H, hprev_ptr + step * H,
                     gates_ptr + step * (TG * H), ctape_ptr + step * H, CELL, TG, ACT, KEEP_TAPE)
         step_barrier(sync_ptr + pid_b, (i + 1) * n_split, GRID_SYNC)

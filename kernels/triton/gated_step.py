@@ -38,11 +38,13 @@ def xw_plus_bias(xg, b_ptr, cols, col_ok, m2, H, CELL: tl.constexpr, G: tl.const
 
 @triton.jit
 def finish_step(acc0, acc1, acc2, acc3, xg, s, own, m2, valid, rows, cols, H, h0_ptr, c0_ptr,
-                h_ptr, c_ptr, dst, y_t, hprev_t, gates_t, ctape_t, CELL: tl.constexpr,
-                TG: tl.constexpr, ACT: tl.constexpr, KEEP_TAPE: tl.constexpr):
+                h_ptr, c_ptr, dst, dst_own, y_t, hprev_t, gates_t, ctape_t,
+                CELL: tl.constexpr, TG: tl.constexpr, ACT: tl.constexpr,
+                KEEP_TAPE: tl.constexpr):
     """The rest of one step for these rows and units, given each gate's pre-activation
     (W_ih x + b_ih + W_hh h_{t-1} + b_hh; GRU's n gate without x): the gate math, the state
-    (fp32 in h/c, the compute dtype in ``dst`` for the next product), y and the tape."""
+    (fp32 in h/c at ``own``, the compute dtype at ``dst + dst_own`` for the next product), y
+    and the tape."""
     dtype = dst.dtype.element_ty
     if s == 0:
         h_prev = tl.load(h0_ptr + own, mask=m2, other=0.0)
@@ -72,7 +74,7 @@ def finish_step(acc0, acc1, acc2, acc3, xg, s, own, m2, valid, rows, cols, H, h0
         h_new = (1.0 - g1) * g2 + g1 * h_prev
     h_keep = tl.where(valid[:, None], h_new, h_prev)
     tl.store(h_ptr + own, h_keep, mask=m2)
-    tl.store(dst + own, h_keep.to(dtype), mask=m2)
+    tl.store(dst + dst_own, h_keep.to(dtype), mask=m2)
     tl.store(y_t + own, tl.where(valid[:, None], h_new, 0.0).to(dtype), mask=m2)
     if KEEP_TAPE:
         tl.store(hprev_t + own, h_prev.to(dtype), mask=m2)

@@ -271,3 +271,15 @@ def test_resident_tiles_are_forced_on_forwards_only(launch, Tiles):
         assert launch.chosen("lstm", 4, 64, 1024, "float16", "cpu") == (
             "resident split b64 u8 w4 (forced)")
         assert "resident" not in launch.chosen("lstm-backward", 4, 64, 1024, "float16", "cpu")
+
+
+def test_the_first_split_tiling_is_also_offered_with_half_the_programs(launch):
+    """Every program reads its rows' whole h (backward: dgates) and its W_hh columns each step,
+    so fewer, wider programs move fewer bytes; the tuner times that variant too."""
+    def described(B, H, dtype="float16"):
+        return [launch._describe(o) for o in launch.candidates(4, B, H, dtype, 132)]
+
+    assert described(64, 1024) == ["split b32 h16 k64 u16 w4", "split b16 h32 k64 u32 w4",
+                                   "split b32 h32 k64 u32 w4"]        # 128, 128, 64 programs
+    assert described(4096, 256)[2] == "split b128 h64 k64 u128 w8"     # 32 x 2 programs
+    assert not any(d.startswith("split") for d in described(16384, 128))   # none to widen

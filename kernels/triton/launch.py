@@ -30,6 +30,7 @@ Under Triton's interpreter one small fixed tiling is used (speed is meaningless 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -124,9 +125,7 @@ def _streaming_candidates(gates: int, B: int, H: int, dtype: str,
     rows_cap = max(16, triton.next_power_of_2(B))
 
     def warps(bb: int, bh: int) -> int:
-        # accumulators: gates*bb*bh fp32 values spread over the threads; 8 warps above
-        # 8K values keeps them at <= 64 registers per thread.
-        return 8 if gates * bb * bh >= 8192 else 4
+        return _warps(gates, bb, bh)
 
     out: list[tuple[Tiles, bool]] = []
     for bb in (128, 64, 32, 16):
@@ -150,7 +149,7 @@ def _streaming_candidates(gates: int, B: int, H: int, dtype: str,
             out.append(tiling)
     if not out:                                   # tiny problem: one small program is fine
         return [(Tiles(16, 16, 16, _round_up(H, 16)), False)]
-    # At most three (four with the resident one): each candidate is compiled (~1-2 s) and
+    # At most four (five with the resident one): each candidate is compiled (~1-2 s) and
     # timed on first use of a shape.
     # Split tilings with more programs first (more SMs busy), then larger row blocks.
     def programs(option):
@@ -159,7 +158,32 @@ def _streaming_candidates(gates: int, B: int, H: int, dtype: str,
 
     split = sorted((o for o in out if o[1]), key=lambda o: (-programs(o), -o[0].block_b))
     tiled = [o for o in out if not o[1]]
-    return (split[:2] + tiled)[:3]
+    return (split[:2] + _wider(split[:1], gates, H) + tiled)[:4]
+
+
+def _warps(gates: int, bb: int, bh: int) -> int:
+    # accumulators: gates*bb*bh fp32 values spread over the threads; 8 warps above 8K values
+    # keeps them at <= 64 registers per thread.
+    return 8 if gates * bb * bh >= 8192 else 4
+
+
+def _wider(split: list[tuple[Tiles, bool]], gates: int,
+           H: int) -> list[tuple[Tiles, bool]]:
+    """The first split tiling with twice the units per program (half the programs), where the
+    units still split: every program reads its rows' whole h_{t-1} (backward: dgates_t) and its
+    columns of W_hh each step, so the step's L2 traffic grows with the number of unit splits.
+    Estimate for the LSTM backward at 512x64x1024 fp16 (run 4: 28 us a step against cuDNN's
+    15): 32-row blocks of 16 units read ~48 MB a step, of 32 units ~33 MB, each program then
+    ~0.5 MB (~5 us at an SM's share of L2). Only the timing can say which wins."""
+    if not split:
+        return []
+    tiles = split[0][0]
+    units = tiles.units * 2
+    if triton.cdiv(H, units) < 2:
+        return []
+    bh = _block_h(units)
+    return [(dataclasses.replace(tiles, units=units, block_h=bh,
+                                 num_warps=_warps(gates, tiles.block_b, bh)), True)]
 
 
 def choose(kind: str, gates: int, B: int, H: int, dtype: str, device,

@@ -123,10 +123,6 @@ def _streaming_candidates(gates: int, B: int, H: int, dtype: str,
                           n_sm: int) -> list[tuple[Tiles, bool]]:
     block_k = 32 if dtype.startswith("float32") else 64     # float32, float32-tf32x3, ...
     rows_cap = max(16, triton.next_power_of_2(B))
-
-    def warps(bb: int, bh: int) -> int:
-        return _warps(gates, bb, bh)
-
     out: list[tuple[Tiles, bool]] = []
     for bb in (128, 64, 32, 16):
         if bb > rows_cap:
@@ -139,11 +135,11 @@ def _streaming_candidates(gates: int, B: int, H: int, dtype: str,
         if triton.cdiv(H, units) < 2:
             continue
         bh = _block_h(units)
-        out.append((Tiles(bb, bh, block_k, units, warps(bb, bh)), True))
+        out.append((Tiles(bb, bh, block_k, units, _warps(gates, bb, bh)), True))
     for bb in (64, 128):
         bb = min(bb, rows_cap)
         bh = 64 if H > 32 else max(16, triton.next_power_of_2(H))
-        tiling = (Tiles(bb, bh, block_k, _round_up(H, bh), warps(bb, bh)), False)
+        tiling = (Tiles(bb, bh, block_k, _round_up(H, bh), _warps(gates, bb, bh)), False)
         # batch-tiled only pays when the batch alone fills a good part of the card
         if triton.cdiv(B, bb) * 4 >= n_sm and tiling not in out:
             out.append(tiling)

@@ -11,7 +11,10 @@ gate math, and writes its units of ``h_t`` to the other half of ``hbuf``. Then t
 one row block meet at a barrier: within the program only when one program holds all units
 (large batch: no cross-program synchronisation at all), or across the grid when the units are
 split (small batch, where one program per row block would leave most SMs idle; DESIGN §5
-measured 0.04x of cuDNN without the split at 512x64x1024).
+measured 0.04x of cuDNN without the split at 512x64x1024). A second forward kernel,
+:mod:`.gated_resident`, keeps each program's columns of W_hh in shared memory for the whole
+sequence instead (small batch, half precision); :func:`gated_forward` runs either
+(``Tiles.resident``), and both end each step with :mod:`.gated_step`.
 
 State: the fp32 state of a program's own units lives in ``h``/``c`` (fp32, (B, H)), which it
 alone reads and writes; ``hbuf`` holds three (B, H) slots in the compute dtype: slot 0 is

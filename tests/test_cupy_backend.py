@@ -600,6 +600,29 @@ def test_workspaces_are_kept_per_stream_and_signature_and_bounded(fresh_workspac
         a.bind(ReplayingDevice(None), xw=None)
 
 
+def test_the_per_thread_default_stream_gets_a_workspace_per_thread(fresh_workspaces):
+    """cudaStreamPerThread is one handle for a different stream in each thread: two threads'
+    loops on it run concurrently, so they must not share a workspace (other streams, the
+    legacy default one included, order their work themselves)."""
+    import threading
+
+    buffers = {"h": ((2, 3), np.float32, "h")}
+    seen = {}
+
+    def workspace(name, stream_ptr):
+        with cgraphs.workspace(ReplayingDevice(None, stream_ptr), ("x",), "GatedFwdCall",
+                               buffers) as ws:
+            seen[name] = ws
+
+    for name, ptr in (("ptds-1", 2), ("null-1", 0)):
+        workspace(name, ptr)
+    other = threading.Thread(target=lambda: [workspace(n, p) for n, p in (("ptds-2", 2),
+                                                                           ("null-2", 0))])
+    other.start()
+    other.join()
+    assert seen["ptds-1"] is not seen["ptds-2"] and seen["null-1"] is seen["null-2"]
+
+
 def test_call_tables_are_the_kernels_structs():
     """The fields of each call table, in order, as recurrent.cu declares them: a field out of
     place would send a kernel to the wrong array."""

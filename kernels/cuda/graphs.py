@@ -139,10 +139,22 @@ def workspace(dev, signature: tuple, table: str, buffers: dict[str, tuple]):
     def make():
         return Workspace(dev, table, buffers)
 
-    ws = (workspaces.get((dev.index, dev.stream.ptr, dev.dtype_name, *signature), make)
+    ws = (workspaces.get((dev.index, stream_key(dev.stream.ptr), dev.dtype_name, *signature),
+                         make)
           if dev.graphs else make())
     with ws.lock:
         yield ws
+
+
+CUDA_STREAM_PER_THREAD = 2     # cudaStreamPerThread: one handle, a different stream per thread
+
+
+def stream_key(ptr: int):
+    """What identifies the caller's stream across calls: its handle, and for the per-thread
+    default stream (``cupy.cuda.Stream.ptds``) also the thread, since that one handle names
+    another stream in each thread and two threads' loops would run concurrently on one
+    workspace."""
+    return (ptr, threading.get_ident()) if ptr == CUDA_STREAM_PER_THREAD else ptr
 
 
 def clear_graphs() -> None:

@@ -342,7 +342,7 @@ def _filled(dev, n: int, value: float, what: str):
 
 def _copy(dev, a, what: str):
     out = dev.empty(a.shape, a.dtype, what)
-    dev.copy_raw(dev.ptr(out), dev.ptr(a), a.nbytes)
+    _copy_into(dev, out, a)
     return out
 
 
@@ -355,13 +355,15 @@ def _copy_into(dev, dst, src, offset: int = 0) -> None:
     dev.copy_raw(dev.ptr(dst) + offset, dev.ptr(src), src.nbytes)
 
 
-def _stacked(dev, mats: list, what: str):
-    """Row-wise concatenation of contiguous (r_i, H) matrices, by raw copies."""
-    rows = sum(m.shape[0] for m in mats)
-    out = dev.empty((rows, mats[0].shape[1]), dev.dtype, what)
+def _stacked(dev, mats: list, what: str, out=None):
+    """Row-wise concatenation of contiguous (r_i, H) matrices, by raw copies (into ``out``, a
+    workspace buffer, when given)."""
+    if out is None:
+        rows = sum(m.shape[0] for m in mats)
+        out = dev.empty((rows, mats[0].shape[1]), dev.dtype, what)
     offset = 0
     for m in mats:
-        dev.copy_raw(dev.ptr(out) + offset, dev.ptr(m), m.nbytes)
+        _copy_into(dev, out, m, offset)
         offset += m.nbytes
     return out
 
@@ -627,8 +629,7 @@ def _twostage_graph(dev, acts, xw, w, h0, lens, outs, reverse):
     with workspace(dev, signature, "TwoStageFwdCall", buffers) as ws:
         _to_f32(dev, h0, "the fp32 state h", out=ws["h"])
         _copy_into(dev, ws["hc"], h0)
-        _copy_into(dev, ws["w_cat"], w["weight_aa"])
-        _copy_into(dev, ws["w_cat"], w["weight_hh"], offset=w["weight_aa"].nbytes)
+        _stacked(dev, [w["weight_aa"], w["weight_hh"]], "[W_aa; W_hh]", out=ws["w_cat"])
         _copy_into(dev, ws["w_ha"], w["weight_ha"])
         ws.bind(dev, xw=xw, bias=w.get("bias_h"), lengths=lens, y=y, atape=atape,
                 htape=htape, hprev=hprev)
@@ -732,8 +733,7 @@ def _twostage_backward(dev, tape: TwoStageTape, dy, dh_T):
     signature = ("twostage_bwd", f, g, T, B, H, tape.reverse)
     with workspace(dev, signature, "TwoStageBwdCall", buffers) as ws:
         _to_f32(dev, dh_T, "the fp32 gradient dh", out=ws["dh"])
-        for i, m in enumerate((tape.w_ha, tape.w_aa, tape.w_hh)):
-            _copy_into(dev, ws["w"], m, offset=i * m.nbytes)
+        _stacked(dev, [tape.w_ha, tape.w_aa, tape.w_hh], "[W_ha; W_aa; W_hh]", out=ws["w"])
         ws.bind(dev, dy=dy, atape=tape.atape, htape=tape.htape, lengths=tape.lengths, dph=dph,
                 dxw=dxw)
         w_ha, w_aa, w_hh = (dev.ptr(ws["w"]) + i * H * H * dev.itemsize for i in range(3))

@@ -163,7 +163,17 @@ def run_case(case: Case, runners: list[Runner], *, repeats: int,
             row.ratio = peer.ms / row.ms
         if row.ok:
             row.config = by_name[row.runner].describe_run(case)
+    if log:     # each case's numbers as soon as they exist: a bench cut off by its time limit
+        log(f"timed {case.label()}: " + "; ".join(_brief(r) for r in rows))  # keeps them
     return rows
+
+
+def _brief(row: Row) -> str:
+    if not row.ok:
+        return f"{row.runner} {row.error}"
+    ratio = "" if row.ratio is None else f" {row.ratio:.2f}x"
+    err = "" if row.max_err is None else f" err {row.max_err:.1e}"
+    return f"{row.runner} {row.ms:.3f} ms{ratio}{err} [{row.config or ''}]"
 
 
 def run(cases: list[Case], runners: list[Runner], *, repeats: int = 10,

@@ -110,6 +110,34 @@ def test_nvcc_compiles_every_instantiation(nvcc_builds, src, arch):
     assert "warning" not in log.lower(), log
 
 
+# Headers seen to compile under the card's NVRTC (pip's cu13 headers, H100 run 5). Its mma.h
+# includes a crt/mma.h that those headers lack, so wmma failed there while nvcc here built it.
+NVRTC_SYSTEM_HEADERS = {"cuda_fp16.h", "cuda_bf16.h", "cooperative_groups.h"}
+
+
+def test_kernels_include_only_headers_the_cards_nvrtc_has():
+    for path in sorted(KERNELS.glob("*.cu*")):
+        system = set(re.findall(r"^\s*#include\s*<([\w./]+)>", path.read_text(), re.M))
+        assert system <= NVRTC_SYSTEM_HEADERS, (path.name, system - NVRTC_SYSTEM_HEADERS)
+
+
+def test_mma_kernel_runs_its_half_products_on_the_tensor_cores(tmp_path):
+    """The fp16 and bf16 instantiations of persistent_mma.cu emit mma.sync m16n8k16 (PTX for
+    sm_80, the oldest target): a fallback to the generic CUDA-core tile would compile too."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH (the CUDA toolkit is needed to compile the kernels)")
+    unit = tmp_path / "mma_check.cu"
+    unit.write_text(instantiating_unit("persistent_mma"))
+    ptx = tmp_path / "mma_check.ptx"
+    done = subprocess.run([nvcc, "-std=c++17", "-arch=sm_80", "-ptx", "-o", str(ptx), str(unit)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = ptx.read_text()
+    for kind in ("f16", "bf16"):
+        assert f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32" in text, kind
+
+
 def instantiating_unit(src: str) -> str:
     """C++ that includes ``src``.cu and instantiates every template the backend asks NVRTC
     for (taking a kernel template's address in host code instantiates it)."""
@@ -668,7 +696,7 @@ def test_persistent_mma_path_on_emulated_kernels_matches_numpy(emulation, force_
                                                               acts, reverse, shape):
     """The tensor-core kernel's tiling, padding and synchronisation, run on the CPU: its
     float32 instantiation computes the same 16 x 16 tiles with CUDA-core arithmetic (the
-    emulation has no tensor cores; the half and bfloat16 wmma code is checked by nvcc here and
+    emulation has no tensor cores; the half and bfloat16 mma.sync code is checked by nvcc here and
     by the gpu tests on a card). Rows and units that fill no whole tile are padded."""
     cb.FORCE_PATH = "persistent-mma"
     sh = MMA_SHAPES[shape]
@@ -762,6 +790,9 @@ def test_each_variant_forces_its_path_and_restores_the_settings(monkeypatch, nam
 
 def test_choose_path_heuristic_and_force(force_path):
     assert cb.choose_path("lstm", 8, 256) == "persistent"
+    assert cb.choose_path("lstm", 16, 512) == "persistent"      # run 5: 5.0 against 8.8 ms
+    assert cb.choose_path("lstm", 8, 1024) == "graph"           # run 5: a tie
+    assert cb.choose_path("lstm", 32, 512) == "graph"           # run 5: 10.4 against 6.3 ms
     assert cb.choose_path("lstm", 4096, 256) == "graph"
     assert cb.choose_path("lstm", 16, 1024) == "graph"        # too many MACs per step
     cb.FORCE_PATH = "graph"
@@ -844,11 +875,12 @@ def test_graph_keys_cover_every_address_and_scalar():
     assert gemm() == gemm() and len(set(variants)) == len(variants)
 
 
-def test_graph_capture_is_off_by_default_and_the_environment_turns_it_on():
-    """Off until a card has timed the replays (see the module docstring)."""
+def test_graph_capture_is_on_by_default_and_the_environment_turns_it_off():
+    """On since run 5 timed the replays faster than plain launches (module docstring)."""
     code = "import rnn_gpu.backends.cupy as c; print(c.USE_GRAPH)"
-    for value, want in (("", "False"), ("0", "False"), ("1", "True")):
-        env = {**os.environ, "RNN_GPU_CUPY_GRAPH": value}
+    unset = {k: v for k, v in os.environ.items() if k != "RNN_GPU_CUPY_GRAPH"}
+    for value, want in ((None, "True"), ("", "False"), ("0", "False"), ("1", "True")):
+        env = unset if value is None else {**unset, "RNN_GPU_CUPY_GRAPH": value}
         run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                              text=True, check=True)
         assert run.stdout.strip() == want, (value, run.stderr)
@@ -1088,7 +1120,8 @@ def test_declined_problems_say_why(kwargs, expected):
 @pytest.mark.parametrize("B, H, training, expected", [
     (8, 256, False, "persistent (graph path where the grid does not fit)"),
     (8, 256, True, "persistent forward (graph path where the grid does not fit), graph backward"),
-    (4096, 256, False, "graph path: a cuBLAS GEMM and a fused pointwise kernel per step"),
+    (4096, 256, False, "graph path: a cuBLAS GEMM and a fused pointwise kernel per step, "
+                       "captured as a CUDA graph and replayed"),
 ])
 def test_describe_run_names_the_path(B, H, training, expected):
     assert cb.choose_path("lstm", B, H) == ("graph" if "persistent" not in expected
@@ -1350,7 +1383,7 @@ def test_gpu_persistent_path_matches_oracle(registered, force_path, check_launch
                                          for dtype in ("float16", "bfloat16", "float32")])
 def test_gpu_persistent_mma_path_matches_oracle(registered, force_path, check_launches, layer,
                                                 dtype):
-    """The tensor-core persistent kernel (wmma in fp16/bf16) against the float64 oracle."""
+    """The tensor-core persistent kernel (mma.sync in fp16/bf16) against the float64 oracle."""
     reasons = registered.not_supported_reasons(problem(dtype=dtype))
     if reasons:
         pytest.skip("; ".join(reasons))
@@ -1442,7 +1475,7 @@ def test_gpu_runs_on_the_callers_stream(registered, monkeypatch):
     x_host = np.random.default_rng(4).standard_normal((5, 64, 3)).astype(np.float32)
     monkeypatch.setattr(cgraphs, "graphs", cgraphs.GraphCache())
     want, _ = m(_device(x_host, "float32", "cupy"), backend="cupy")
-    assert not cgraphs.graphs._entries                  # capture off by default: no cache use
+    assert cgraphs.graphs._entries      # capture on by default: the first call's loop is noted
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         x = cupy.asarray(x_host)

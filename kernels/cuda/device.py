@@ -31,7 +31,7 @@ from .ops import Gemm, Launch, run_ops
 from .sources import CTYPES, compiled, kernel_name
 
 PERSISTENT_THREADS = 256               # = PERSISTENT_THREADS in persistent.cuh
-MMA_TILE = 16                          # wmma's m = n = k for half and bfloat16
+MMA_TILE = 16                          # the 16 x 16 tile (two mma.sync m16n8k16) for half, bfloat16
 
 
 def round_up(n: int, m: int) -> int:
@@ -188,7 +188,7 @@ class CupyDevice:
                             batch: int) -> PersistentPlan | str:
         """As :meth:`persistent_plan` for the tensor-core kernel: the block's weight rows and a
         copy of the state (both padded to whole 16 x 16 tiles) and its fp32 products (padded
-        batch x rows) must fit in shared memory, plus 128 bytes to align them for wmma."""
+        batch x rows) must fit in shared memory, plus 128 bytes to align them."""
         grid = self._persistent_grid(hidden)
         if isinstance(grid, str):
             return grid

@@ -14,10 +14,6 @@
 // cuDNN's 4.4 ms (H100, run 4): 268 M multiply-adds a step, one warp per output element.
 // Tensor cores do one 16x16x16 tile per instruction (mma.sync) instead.
 
-#ifndef RNN_GPU_HOST_EMULATION
-#include <mma.h>
-#endif
-
 #include "persistent.cuh"
 
 // One 16 x 16 tile: c (row-major, ldc) = a (16 x K row-major, lda) . b (K x 16 column-major, ldb),
@@ -37,31 +33,67 @@ __device__ void tile_product(float* c, long long ldc, const T* a, long long lda,
 }
 
 #ifndef RNN_GPU_HOST_EMULATION
+// The tensor-core tile as PTX mma.sync m16n8k16 (sm_80+), two per 16 x 16 tile, rather than
+// <mma.h>'s wmma: the card's NVRTC headers (pip's nvidia-cuda-nvrtc / cu13 include, H100 run 5)
+// ship mma.h without the crt/mma.h it includes, so no kernel of this file compiled there.
+// Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), g = lane / 4, q = 2 (lane % 4):
+// A (16 x 16 row-major): a0 = (row g, k q..q+1), a1 = (g + 8, q..), a2 = (g, q + 8..),
+// a3 = (g + 8, q + 8..); B (16 x 8, column n = g): b0 = k q..q+1, b1 = k q + 8..;
+// D (16 x 8 fp32): d0, d1 = (row g, cols q, q + 1), d2, d3 = (row g + 8, same cols).
+#define RG_MMA_M16N8K16(KIND)                                                                \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." KIND "." KIND ".f32 "                 \
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"            \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                              \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+// d += a . b for one 16 x 8 output; the first argument only picks the element type
+__device__ __forceinline__ void mma_m16n8k16(__half, float (&d)[4], const unsigned (&a)[4],
+                                             unsigned b0, unsigned b1) {
+    RG_MMA_M16N8K16("f16");
+}
+__device__ __forceinline__ void mma_m16n8k16(__nv_bfloat16, float (&d)[4], const unsigned (&a)[4],
+                                             unsigned b0, unsigned b1) {
+    RG_MMA_M16N8K16("bf16");
+}
+#undef RG_MMA_M16N8K16
+
 template <typename T>
-__device__ __forceinline__ void wmma_tile(float* c, long long ldc, const T* a, long long lda,
-                                          const T* b, long long ldb, long long K) {
-    namespace wmma = nvcuda::wmma;
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
-    wmma::fill_fragment(fc, 0.0f);
+__device__ __forceinline__ unsigned pair_at(const T* p) {     // two 16-bit elements, 4-aligned
+    return *reinterpret_cast<const unsigned*>(p);
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_tile(float* c, long long ldc, const T* a, long long lda,
+                                         const T* b, long long ldb, long long K, int lane) {
+    const int g = lane >> 2, q = (lane & 3) * 2;
+    float d[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    const T* a_lo = a + g * lda + q;                 // rows g and g + 8 of the A tile
+    const T* a_hi = a_lo + 8 * lda;
     for (long long k = 0; k < K; k += 16) {
-        wmma::load_matrix_sync(fa, a + k, (unsigned)lda);
-        wmma::load_matrix_sync(fb, b + k, (unsigned)ldb);
-        wmma::mma_sync(fc, fa, fb, fc);
+        const unsigned fa[4] = {pair_at(a_lo + k), pair_at(a_hi + k), pair_at(a_lo + k + 8),
+                                pair_at(a_hi + k + 8)};
+        for (int half = 0; half < 2; ++half) {       // columns 0-7, then 8-15 of the tile
+            const T* col = b + (half * 8 + g) * ldb + k + q;
+            mma_m16n8k16(T(), d[half], fa, pair_at(col), pair_at(col + 8));
+        }
     }
-    wmma::store_matrix_sync(c, fc, (unsigned)ldc, wmma::mem_row_major);
+    for (int half = 0; half < 2; ++half) {
+        float* out = c + g * ldc + half * 8 + q;
+        out[0] = d[half][0];
+        out[1] = d[half][1];
+        out[8 * ldc] = d[half][2];
+        out[8 * ldc + 1] = d[half][3];
+    }
 }
 template <>
 __device__ void tile_product<__half>(float* c, long long ldc, const __half* a, long long lda,
-                                     const __half* b, long long ldb, long long K, int) {
-    wmma_tile(c, ldc, a, lda, b, ldb, K);
+                                     const __half* b, long long ldb, long long K, int lane) {
+    mma_tile(c, ldc, a, lda, b, ldb, K, lane);
 }
 template <>
 __device__ void tile_product<__nv_bfloat16>(float* c, long long ldc, const __nv_bfloat16* a,
                                             long long lda, const __nv_bfloat16* b, long long ldb,
-                                            long long K, int) {
-    wmma_tile(c, ldc, a, lda, b, ldb, K);
+                                            long long K, int lane) {
+    mma_tile(c, ldc, a, lda, b, ldb, K, lane);
 }
 #endif
 
@@ -75,7 +107,8 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
                          long long units, long long reverse, long long Bp, long long Hp,
                          long long Np) {
     RNN_GPU_DYNAMIC_SHARED(smem_raw);
-    // wmma wants 32-byte aligned tiles; the launcher adds 128 bytes for this round-up
+    // 128-byte aligned tiles (the fragments' 4-byte pair loads need 4); the launcher adds 128
+    // bytes for this round-up
     const unsigned long long base = reinterpret_cast<unsigned long long>(smem_raw);
     T* w_s = reinterpret_cast<T*>((base + 127ull) & ~127ull);
     T* h_s = w_s + Np * Hp;

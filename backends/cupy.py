@@ -44,20 +44,24 @@ Two paths (DESIGN §5), the same tape layout for both:
     per-step product is too small for a GEMM launch to pay off. Training forwards take it too
     (it writes the same tape); backward always takes the graph path.
 
-``"persistent-mma"`` (forward of RNN, LSTM and GRU; only when asked for: ``FORCE_PATH``)
+``"persistent-mma"`` (forward of RNN, LSTM and GRU in float16 and bfloat16; small batch)
     The same cooperative design with the recurrent product on the tensor cores
     (``gated_fwd_persistent_mma``, mma.sync m16n8k16 16x16 tiles, fp32 accumulation; the float32
-    instantiation computes the same tiles on the CUDA cores), the block's weight rows always in
-    shared memory, the state also kept in the compute dtype for the product. Written for item 5
-    of the issue (beat cuDNN's fp16 persistent kernel at 512x64x1024, where the CUDA-core
-    kernel above is 23x slower); **not yet run on a GPU**, so the heuristic never picks it.
+    instantiation computes the same tiles on the CUDA cores and is only run when forced), the
+    block's weight rows always in shared memory, the state also kept in the compute dtype for
+    the product. On an H100 (run 5) it is the fastest of the three paths from 8192 rows x units
+    up to 2**25 multiply-adds a step (B=8 H=1024, B=16 H=512, B=64 H=256: 2.6-3.8 ms, 1.1-1.6x
+    cuDNN in bf16, 0.2-0.6x in fp16), but at 512x64x1024 it takes 20.2 ms against cuDNN's
+    4.3 (fp16) and the graph path's 12.2, so issue 5's goal there is not met by this kernel.
     TwoStageRNN takes the plain persistent kernel; a block slice that does not fit in shared
     memory falls back to it with a warning.
 
-Heuristic (``choose_path``): persistent when ``B <= PERSISTENT_MAX_BATCH`` (16) and the
-per-step multiply-adds ``B * n_mat * H * H <= PERSISTENT_MAX_STEP_MACS`` (2**24, e.g. LSTM
-H=512 B=16; n_mat = gates, 3 for TwoStageRNN), else graph; both bounds measured (run 5, see
-the constants). Why: DESIGN §5 measured one
+Heuristic (``choose_path``): persistent-mma for float16 and bfloat16 RNN, LSTM and GRU when
+``B * H >= MMA_MIN_BATCH_UNITS`` (8192), ``B <= MMA_MAX_BATCH`` (64) and the per-step
+multiply-adds ``B * n_mat * H * H <= MMA_MAX_STEP_MACS`` (2**25); else persistent when
+``B <= PERSISTENT_MAX_BATCH`` (16) and ``B * n_mat * H * H <= PERSISTENT_MAX_STEP_MACS``
+(2**24, e.g. LSTM H=512 B=16; n_mat = gates, 3 for TwoStageRNN); else graph. The bounds come
+from run 5's timings (see the constants). Why: DESIGN §5 measured one
 ``grid.sync()`` over 132 blocks at ~1.2 µs, while a step of the graph path costs a GEMM launch
 plus a pointwise launch (~5-10 µs of fixed cost even inside a graph); the persistent kernel's
 CUDA-core dot products (~10-30 TFLOP/s at best) fall behind cuBLAS's tensor cores once a step
@@ -98,7 +102,8 @@ from rnn_gpu.kernels.cuda.graphs import clear_graphs, workspace
 from rnn_gpu.kernels.cuda.ops import Gemm, Launch
 from rnn_gpu.kernels.cuda.sources import ACT_IDS, CELL_IDS
 
-__all__ = ["FORCE_PATH", "PERSISTENT_MAX_BATCH", "PERSISTENT_MAX_STEP_MACS", "USE_GRAPH",
+__all__ = ["FORCE_PATH", "MMA_MAX_BATCH", "MMA_MAX_STEP_MACS", "MMA_MIN_BATCH_UNITS",
+           "PERSISTENT_MAX_BATCH", "PERSISTENT_MAX_STEP_MACS", "USE_GRAPH",
            "VARIANTS", "CupyBackend", "choose_path", "clear_graphs", "run_backward",
            "run_forward"]
 
@@ -113,6 +118,15 @@ USE_GRAPH = os.environ.get("RNN_GPU_CUPY_GRAPH", "1").strip() not in ("", "0")
 # H=1024 (2**25) and lost at B=32 H=512 and B=64 H=256 (10.4 / 8.7 against 6.3 / 5.7).
 PERSISTENT_MAX_BATCH = 16
 PERSISTENT_MAX_STEP_MACS = 1 << 24
+# The tensor-core persistent kernel (fp16, bf16), run 5 (H100, LSTM forward, fp16 / bf16): it
+# beat both other paths at B=8 H=1024 (3.6 / 3.8 ms against the graph's 5.8 / 6.2), B=16 H=512
+# (2.6 / 2.6 against the plain persistent kernel's 4.8) and B=64 H=256 (3.2 / 3.1 against the
+# graph's 5.7 / 5.5), and lost at B=64 H=1024 (20.2 against 12.2; 2**28 multiply-adds a step).
+# Its tiles have 16 rows and 16 units, so below 8192 rows x units most of each is padding: the
+# plain kernel keeps B=1 and B=8 H=256 (1.4-1.8 ms there), where the mma one was not timed.
+MMA_MIN_BATCH_UNITS = 8192
+MMA_MAX_BATCH = 64
+MMA_MAX_STEP_MACS = 1 << 25
 
 PATHS = ("graph", "persistent", "persistent-mma")
 # What `rnn-gpu bench --backend cupy:NAME` runs: NAME -> (FORCE_PATH, USE_GRAPH; None: as set).
@@ -141,7 +155,7 @@ class CupyBackend(Backend):
         return _unavailable_reason()
 
     def describe_run(self, problem: Problem) -> str:
-        path = choose_path(problem.cell, problem.batch, problem.hidden_size)
+        path = choose_path(problem.cell, problem.batch, problem.hidden_size, problem.dtype)
         if path == "persistent-mma" and problem.cell != "twostage":
             kind = "persistent on tensor cores"
             fallback = "plain persistent, then graph, where it cannot run"
@@ -392,16 +406,21 @@ def _bias_grad(dev, d, ones, what: str):
     return _from_f32(dev, out, what)
 
 
-def choose_path(cell: str, batch: int, hidden: int) -> str:
-    """``"persistent"`` or ``"graph"`` for one call (see the module docstring)."""
+def choose_path(cell: str, batch: int, hidden: int, dtype: str = "float32") -> str:
+    """``"persistent-mma"``, ``"persistent"`` or ``"graph"`` for one call (see the module
+    docstring)."""
     if FORCE_PATH is not None:
         if FORCE_PATH not in PATHS:
             raise ValueError(f"rnn_gpu.backends.cupy.FORCE_PATH: expected one of {PATHS} or "
                              f"None, got {FORCE_PATH!r}")
         return FORCE_PATH
     n_mat = 3 if cell == "twostage" else GATES[cell]
-    if batch <= PERSISTENT_MAX_BATCH and batch * n_mat * hidden * hidden <= (
-            PERSISTENT_MAX_STEP_MACS):
+    step_macs = batch * n_mat * hidden * hidden
+    if (dtype in ("float16", "bfloat16") and cell != "twostage"
+            and batch * hidden >= MMA_MIN_BATCH_UNITS and batch <= MMA_MAX_BATCH
+            and step_macs <= MMA_MAX_STEP_MACS):
+        return "persistent-mma"
+    if batch <= PERSISTENT_MAX_BATCH and step_macs <= PERSISTENT_MAX_STEP_MACS:
         return "persistent"
     return "graph"
 
@@ -458,7 +477,7 @@ def run_forward(dev, problem: Problem, xw, weights, state, lengths, *, reverse: 
     lens = dev.lengths(lengths)
     T, B, _ = xw.shape
     H = problem.hidden_size
-    path = choose_path(problem.cell, B, H)
+    path = choose_path(problem.cell, B, H, problem.dtype)
     if problem.cell == "twostage":
         return _twostage_forward(dev, problem, xw, w, state[0], lens, path, reverse, keep_tape)
     return _gated_forward(dev, problem, xw, w, state, lens, path, reverse, keep_tape)

@@ -795,6 +795,15 @@ def test_choose_path_heuristic_and_force(force_path):
     assert cb.choose_path("lstm", 32, 512) == "graph"           # run 5: 10.4 against 6.3 ms
     assert cb.choose_path("lstm", 4096, 256) == "graph"
     assert cb.choose_path("lstm", 16, 1024) == "graph"        # too many MACs per step
+    # half precision: the tensor-core kernel where run 5 timed it fastest
+    for dtype in ("float16", "bfloat16"):
+        assert cb.choose_path("lstm", 8, 1024, dtype) == "persistent-mma"    # 3.6 vs 5.8 ms
+        assert cb.choose_path("lstm", 16, 512, dtype) == "persistent-mma"    # 2.6 vs 4.8 ms
+        assert cb.choose_path("gru", 64, 256, dtype) == "persistent-mma"
+        assert cb.choose_path("lstm", 64, 1024, dtype) == "graph"            # 20.2 vs 12.2 ms
+        assert cb.choose_path("lstm", 8, 256, dtype) == "persistent"         # not timed: plain
+        assert cb.choose_path("twostage", 16, 512, dtype) == "persistent"    # no mma kernel
+    assert cb.choose_path("lstm", 16, 512, "float32") == "persistent"       # CUDA cores there
     cb.FORCE_PATH = "graph"
     assert cb.choose_path("lstm", 1, 8) == "graph"
     cb.FORCE_PATH = "persistent"
@@ -1128,6 +1137,11 @@ def test_describe_run_names_the_path(B, H, training, expected):
                                             else "persistent")
     got = cb.CupyBackend().describe_run(problem(B=B, H=H, training=training))
     assert got == expected
+
+
+def test_describe_run_names_the_tensor_core_path_it_chooses_for_half():
+    assert cb.CupyBackend().describe_run(problem(dtype="bfloat16", B=16, H=512)) == (
+        "persistent on tensor cores (plain persistent, then graph, where it cannot run)")
 
 
 def test_describe_run_names_the_forced_tensor_core_path(force_path):

@@ -123,7 +123,7 @@ PERSISTENT_MAX_STEP_MACS = 1 << 24
 # (2.6 / 2.6 against the plain persistent kernel's 4.8) and B=64 H=256 (3.2 / 3.1 against the
 # graph's 5.7 / 5.5), and lost at B=64 H=1024 (20.2 against 12.2; 2**28 multiply-adds a step).
 # Its tiles have 16 rows and 16 units, so below 8192 rows x units most of each is padding: the
-# plain kernel keeps B=1 and B=8 H=256 (1.4-1.8 ms there), where the mma one was not timed.
+# plain kernel keeps B=1 and B=8 H=256 (1.4-2.0 ms there), where the mma one was not timed.
 MMA_MIN_BATCH_UNITS = 8192
 MMA_MAX_BATCH = 64
 MMA_MAX_STEP_MACS = 1 << 25

@@ -53,7 +53,8 @@ Two paths (DESIGN §5), the same tape layout for both:
     up to 2**25 multiply-adds a step (B=8 H=1024, B=16 H=512, B=64 H=256: 2.6-3.8 ms, 1.1-1.6x
     cuDNN in bf16, 0.2-0.6x in fp16), but at 512x64x1024 it takes 20.2 ms against cuDNN's
     4.3 (fp16) and the graph path's 12.2, so issue 5's goal there is not met by this kernel.
-    TwoStageRNN takes the plain persistent kernel; a block slice that does not fit in shared
+    Those timings had 8-way shared-memory bank conflicts on every fragment load; the rows are
+    padded since (``MMA_SMEM_PAD``), not yet timed. TwoStageRNN takes the plain persistent kernel; a block slice that does not fit in shared
     memory falls back to it with a warning.
 
 Heuristic (``choose_path``): persistent-mma for float16 and bfloat16 RNN, LSTM and GRU when

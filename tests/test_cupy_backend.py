@@ -724,17 +724,25 @@ def test_persistent_mma_path_falls_back_to_the_cuda_core_kernel(emulation, force
 
 def test_persistent_mma_plan_counts_padded_weights_and_products():
     """(512, 64, 1024) fp16 on 132 SMs: 128 blocks of 8 units; 32 weight rows and the 64 rows
-    of the state, x 1024 halves (192 KiB), and 64 x 32 fp32 products (8 KiB), + 128 B of
-    alignment."""
+    of the state, x 1024 + 8 halves (193.5 KiB), and 64 x 32 fp32 products (8 KiB), + 128 B
+    of alignment."""
     dev = EmulatedDevice(sms=132, smem_limit=227 * 1024)
     dev.itemsize = 2
     plan = dev.persistent_mma_plan(None, 4, 1024, 64)
-    assert plan == cdev.PersistentPlan(128, 8, (32 + 64) * 1024 * 2 + 64 * 32 * 4 + 128, True)
+    assert plan == cdev.PersistentPlan(128, 8, (32 + 64) * 1032 * 2 + 64 * 32 * 4 + 128, True)
     gru = dev.persistent_mma_plan(None, 3, 1000, 5)   # 24 rows -> 32, batch 16, 1000 -> 1008
-    assert gru == cdev.PersistentPlan(125, 8, (32 + 16) * 1008 * 2 + 16 * 32 * 4 + 128, True)
+    assert gru == cdev.PersistentPlan(125, 8, (32 + 16) * 1016 * 2 + 16 * 32 * 4 + 128, True)
     assert isinstance(dev.persistent_mma_plan(None, 4, 1024, 128), str)   # 256 KiB: too much
     reason = EmulatedDevice(sms=132, smem_limit=48 * 1024).persistent_mma_plan(None, 4, 1024, 64)
     assert "shared memory per block" in reason and "allows 49152" in reason
+
+
+def test_mma_shared_memory_padding_agrees_with_the_kernel():
+    source = (KERNELS / "persistent_mma.cu").read_text()
+    pad = re.search(r"constexpr long long MMA_SMEM_PAD = (\d+);", source)
+    assert pad and int(pad.group(1)) == cdev.MMA_SMEM_PAD
+    # 16-byte row copies: a padded row of 16-bit elements stays 16-byte aligned
+    assert (cdev.MMA_SMEM_PAD * 2) % 16 == 0
 
 
 def test_persistent_plan_splits_units_and_falls_back_to_global_memory():

@@ -32,6 +32,7 @@ from .sources import CTYPES, compiled, kernel_name
 
 PERSISTENT_THREADS = 256               # = PERSISTENT_THREADS in persistent.cuh
 MMA_TILE = 16                          # the 16 x 16 tile (two mma.sync m16n8k16) for half, bfloat16
+MMA_SMEM_PAD = 8                       # persistent_mma.cu's shared-memory row padding (elements)
 
 
 def round_up(n: int, m: int) -> int:
@@ -187,14 +188,15 @@ class CupyDevice:
     def persistent_mma_plan(self, fn, n_mat: int, hidden: int,
                             batch: int) -> PersistentPlan | str:
         """As :meth:`persistent_plan` for the tensor-core kernel: the block's weight rows and a
-        copy of the state (both padded to whole 16 x 16 tiles) and its fp32 products (padded
-        batch x rows) must fit in shared memory, plus 128 bytes to align them."""
+        copy of the state (both padded to whole 16 x 16 tiles, each row MMA_SMEM_PAD elements
+        longer against bank conflicts) and its fp32 products (padded batch x rows) must fit in
+        shared memory, plus 128 bytes to align them."""
         grid = self._persistent_grid(hidden)
         if isinstance(grid, str):
             return grid
         sms, optin, units, blocks = grid
         rows, Bp, Hp = (round_up(n, MMA_TILE) for n in (n_mat * units, batch, hidden))
-        smem = (rows + Bp) * Hp * self.itemsize + Bp * rows * 4 + 128
+        smem = (rows + Bp) * (Hp + MMA_SMEM_PAD) * self.itemsize + Bp * rows * 4 + 128
         if smem > optin:
             return (f"{smem} B of shared memory per block for {units} units' weights, the state "
                     f"and the products at batch {batch}; cuda:{self.index} allows {optin}")

@@ -97,6 +97,16 @@ __device__ void tile_product<__nv_bfloat16>(float* c, long long ldc, const __nv_
 }
 #endif
 
+// Shared-memory rows of h and W are MMA_SMEM_PAD elements longer than Hp (device.py's
+// MMA_SMEM_PAD must match). Unpadded, the rows lie 2 KiB apart at H = 1024 fp16, so the 8 row
+// groups of a warp's fragment loads hit the same 4 banks: an 8-way conflict on every A and B
+// load. Padded, row g starts 4 g words further on, and the 32 lanes reach 32 banks.
+constexpr long long MMA_SMEM_PAD = 8;
+
+struct alignas(16) Words16 {                        // one 16-byte copy (ld/st .v2.u64)
+    unsigned long long lo, hi;
+};
+
 template <typename T, int CELL, int ACT>
 __global__ void __launch_bounds__(PERSISTENT_THREADS)
 gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
@@ -110,16 +120,18 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
     // 128-byte aligned tiles (the fragments' 4-byte pair loads need 4); the launcher adds 128
     // bytes for this round-up
     const unsigned long long base = reinterpret_cast<unsigned long long>(smem_raw);
+    const long long Hs = Hp + MMA_SMEM_PAD;          // row stride of w_s and h_s
     T* w_s = reinterpret_cast<T*>((base + 127ull) & ~127ull);
-    T* h_s = w_s + Np * Hp;
-    float* acc_s = reinterpret_cast<float*>(h_s + Bp * Hp);
+    T* h_s = w_s + Np * Hs;
+    float* acc_s = reinterpret_cast<float*>(h_s + Bp * Hs);
     constexpr int G = rg::CellShape<CELL>::G;
     cg::grid_group grid = cg::this_grid();
     const long long u0 = block_first_unit(units), nu = block_unit_count(u0, units, H);
     for (long long i = threadIdx.x; i < Np * Hp; i += blockDim.x) {   // column n = g*nu + uu
         const long long n = i / Hp, k = i - n * Hp;
         const long long g = nu > 0 ? n / nu : G, uu = nu > 0 ? n - g * nu : 0;
-        w_s[i] = g < G && k < H ? w_hh[(g * H + u0 + uu) * H + k] : rg::from_f32<T>(0.0f);
+        w_s[n * Hs + k] = g < G && k < H ? w_hh[(g * H + u0 + uu) * H + k]
+                                          : rg::from_f32<T>(0.0f);
     }
     __syncthreads();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -129,17 +141,20 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
         const long long t = reverse ? n_steps - 1 - s : s;
         const float* src = hbuf + (s & 1) * B * H;
         float* dst = hbuf + ((s + 1) & 1) * B * H;
-        const unsigned long long* a_src =
-            reinterpret_cast<const unsigned long long*>(hmat + (s & 1) * Bp * Hp);
+        const T* a_src = hmat + (s & 1) * Bp * Hp;
         T* a_dst = hmat + ((s + 1) & 1) * Bp * Hp;
-        unsigned long long* h_words = reinterpret_cast<unsigned long long*>(h_s);
-        const long long n_words = Bp * Hp * (long long)sizeof(T) / 8;   // Hp: whole 16s
-        for (long long i = threadIdx.x; i < n_words; i += blockDim.x) h_words[i] = a_src[i];
+        // h_{t-1} into h_s, 16 bytes a load: a row is Hp * sizeof(T) bytes (Hp: whole 16s)
+        const long long row_words = Hp * (long long)sizeof(T) / 16;
+        for (long long i = threadIdx.x; i < Bp * row_words; i += blockDim.x) {
+            const long long r = i / row_words, wd = i - r * row_words;
+            reinterpret_cast<Words16*>(h_s + r * Hs)[wd] =
+                reinterpret_cast<const Words16*>(a_src + r * Hp)[wd];
+        }
         __syncthreads();
         for (long long tile = warp; tile < m_tiles * n_tiles; tile += n_warps) {  // warp-uniform
             const long long mt = tile / n_tiles, nt = tile - mt * n_tiles;
-            tile_product<T>(acc_s + mt * 16 * Np + nt * 16, Np, h_s + mt * 16 * Hp, Hp,
-                            w_s + nt * 16 * Hp, Hp, Hp, lane);
+            tile_product<T>(acc_s + mt * 16 * Np + nt * 16, Np, h_s + mt * 16 * Hs, Hs,
+                            w_s + nt * 16 * Hs, Hs, Hp, lane);
         }
         __syncthreads();
         for (long long item = threadIdx.x; item < B * nu; item += blockDim.x) {

@@ -54,8 +54,8 @@ Two paths (DESIGN §5), the same tape layout for both:
     cuDNN in bf16, 0.2-0.6x in fp16), but at 512x64x1024 it takes 20.2 ms against cuDNN's
     4.3 (fp16) and the graph path's 12.2, so issue 5's goal there is not met by this kernel.
     Those timings had 8-way shared-memory bank conflicts on every fragment load; the rows are
-    padded since (``MMA_SMEM_PAD``), not yet timed. TwoStageRNN takes the plain persistent kernel; a block slice that does not fit in shared
-    memory falls back to it with a warning.
+    padded since (``MMA_SMEM_PAD``), not yet timed. TwoStageRNN takes the plain persistent
+    kernel; a block slice that does not fit in shared memory falls back to it with a warning.
 
 Heuristic (``choose_path``): persistent-mma for float16 and bfloat16 RNN, LSTM and GRU when
 ``B * H >= MMA_MIN_BATCH_UNITS`` (8192), ``B <= MMA_MAX_BATCH`` (64) and the per-step

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -129,6 +130,20 @@ def test_a_wrong_backend_is_reported_and_not_timed(capsys, garbage):
         assert "wrong answer" in row["error"] and row["max_err"] > 1e-4
     assert all(r["error"] is None and r["ms"] > 0 for r in report["rows"]
                if r["runner"] == "numpy")
+
+
+def test_each_case_is_logged_as_soon_as_it_is_timed(capsys, garbage):
+    """stderr gets one 'timed' line per case, with every runner's result, before the table:
+    what a bench cut off by a time limit still leaves (.ci/gpu keeps these lines)."""
+    assert main(["bench", "--quick", "--cell", "GRU", "--shape", "4x8x8,5x3x6", "--backend",
+                 f"numpy,{garbage}", "--repeats", "1"]) == 0
+    timed = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith("timed ")]
+    assert [line.split(":")[0] for line in timed] == [
+        "timed GRU 4×8×8 float32 forward on cpu", "timed GRU 5×3×6 float32 forward on cpu"]
+    for line in timed:
+        assert re.search(r"numpy [\d.]+ ms [\d.]+x err [\d.e+-]+ \[", line), line
+        assert f"{garbage} wrong answer" in line and "torch-cpu" in line
 
 
 def test_the_table_says_wrong(capsys, garbage):

@@ -72,10 +72,15 @@ def split_tf32(a):
     elements of the tf32x3 test then missed float32's tolerance by up to 6% (LSTM, GRU,
     TwoStageRNN at 48x64x256); the same test had passed while these GEMMs ran in IEEE float32
     (run 4). Rounding halves the high part's remainder (2⁻¹¹ instead of 2⁻¹⁰ relative) and
-    leaves the hardware nothing to cut. Overflow: within 2⁻¹² of
-    float32's largest value ``hi`` rounds to inf (the product is then NaN, as it is for an
-    infinite input)."""
-    hi = _round_tf32(a)
+    leaves the hardware nothing to cut.
+
+    Non-finite values: a NaN stays NaN in ``hi`` (so it reaches the product); an infinite
+    input gives ``hi`` = inf and ``lo`` = NaN, so the product is NaN there, as before; within
+    2⁻¹² of float32's largest value ``hi`` rounds to inf, with the same result."""
+    torch = _torch()
+    # A NaN whose payload fills the top mantissa bits would carry out of the int32 pattern
+    # in the rounding and come back as a zero; it keeps its own bits instead.
+    hi = torch.where(torch.isnan(a), a, _round_tf32(a))
     return hi, _round_tf32(a - hi)
 
 

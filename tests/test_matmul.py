@@ -79,6 +79,15 @@ def test_tf32x3_keeps_nan_and_inf():
     assert got[0].isnan().any() and (got[1].isinf() | got[1].isnan()).any()
 
 
+def test_tf32x3_keeps_nans_whose_payload_fills_the_mantissa():
+    """0x7FFFFFFF and 0xFFFFFFFF are NaNs; rounding their bit pattern wraps to a zero."""
+    bits = torch.tensor([[0x7FFFFFFF, -1, 0x7FFFF000, 0x3F800000]], dtype=torch.int32)
+    a = bits.view(torch.float32)
+    hi, _ = _matmul.split_tf32(a)
+    assert hi[0, :3].isnan().all() and hi[0, 3] == 1.0
+    assert _matmul.tf32x3_matmul(a, torch.eye(4))[0, :3].isnan().all()
+
+
 def test_what_takes_the_tf32_paths(monkeypatch):
     a32 = torch.ones((2, 2))
     assert not _matmul._takes_tf32(a32, a32)                     # CPU: no TF32 there

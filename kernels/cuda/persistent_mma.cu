@@ -1,31 +1,35 @@
 // Cooperative persistent forward of RNN, LSTM and GRU with the recurrent product on the tensor
-// cores: persistent.cu's design (backends/cupy.py, path "persistent-mma"). Each step, block j computes its slice of h_{t-1} W_hh^T, Bp x Np
-// (Np = its G*nu rows of W_hh padded to 16), as 16x16 tiles of 16x16x16 products, one tile at a
-// time per warp: A = h_{t-1} in the compute dtype, row-major (hmat, 2 x Bp x Hp, zero-padded,
-// copied into shared memory h_s at the start of each step with 8-byte loads: read from L2 tile
-// by tile, each warp's 64 dependent loads of a K = 1024 product would wait on L2 latency), B
-// = the block's weight rows, kept in shared memory across all steps as a column-major K x Np
-// matrix (w_s[n * Hp + k], zero-padded). The fp32 results go to shared memory (acc_s, Bp x Np),
-// then every thread finishes (row, unit) elements as the other kernels do and writes h_t to
-// hbuf (fp32) and hmat (compute dtype) for the next step, then grid.sync(). The padding rows
-// and columns of hmat are zero on entry and never written.
+// cores: persistent.cu's design (backends/cupy.py, path "persistent-mma"). Each step, block j
+// computes its slice of h_{t-1} W_hh^T, Bp x Np (Np = its G*nu rows of W_hh padded to 16), as
+// 16x16 tiles, one tile at a time per warp: A = h_{t-1} in the compute dtype, row-major (hmat,
+// 2 x Bp x Hp, zero-padded), copied into shared memory h_s at the start of each step with
+// cp.async in MMA_K_CHUNKS column chunks, the products of chunk c running while the later ones
+// are in flight (read from L2 fragment by fragment instead, each warp's 64 dependent loads of a
+// K = 1024 product would wait on L2 latency); B = the block's weight rows, kept in shared memory
+// across all steps as a column-major K x Np matrix (w_s[n * Hs + k], zero-padded). The fp32
+// results go to shared memory (acc_s, Bp x Np), then every thread finishes (row, unit) elements
+// as the other kernels do and writes h_t to hbuf (fp32) and hmat (compute dtype) for the next
+// step, then grid.sync(). The padding rows and columns of hmat are zero on entry and never
+// written.
 //
 // Why: at (T, B, H) = (512, 64, 1024) fp16 persistent.cu's CUDA-core kernel took 100 ms against
 // cuDNN's 4.4 ms (H100, run 4): 268 M multiply-adds a step, one warp per output element.
-// Tensor cores do one 16x16x16 tile per instruction (mma.sync) instead.
+// Tensor cores do one 16x8x16 product per instruction (mma.sync) instead: 20.2 ms in run 5
+// (39 us a step against cuDNN's 8.4), before the padding and the asynchronous copies below.
 
 #include "persistent.cuh"
 
 // One 16 x 16 tile: c (row-major, ldc) = a (16 x K row-major, lda) . b (K x 16 column-major, ldb),
-// K a multiple of 16. Every lane of the warp calls it. This generic version (float32, and the
-// CPU emulation of the tests) lets each lane compute 8 of the 256 elements; the half and
+// K a multiple of 16; with accumulate, c holds the product over the earlier K chunks and this
+// chunk's is added to it. Every lane of the warp calls it. This generic version (float32, and
+// the CPU emulation of the tests) lets each lane compute 8 of the 256 elements; the half and
 // bfloat16 versions below are the tensor-core ones.
 template <typename T>
 __device__ void tile_product(float* c, long long ldc, const T* a, long long lda, const T* b,
-                             long long ldb, long long K, int lane) {
+                             long long ldb, long long K, int lane, bool accumulate) {
     for (int e = lane; e < 256; e += 32) {
         const int r = e >> 4, n = e & 15;
-        float acc = 0.0f;
+        float acc = accumulate ? c[r * ldc + n] : 0.0f;
         for (long long k = 0; k < K; ++k)
             acc += rg::to_f32(a[r * lda + k]) * rg::to_f32(b[n * ldb + k]);
         c[r * ldc + n] = acc;
@@ -63,9 +67,17 @@ __device__ __forceinline__ unsigned pair_at(const T* p) {     // two 16-bit elem
 
 template <typename T>
 __device__ __forceinline__ void mma_tile(float* c, long long ldc, const T* a, long long lda,
-                                         const T* b, long long ldb, long long K, int lane) {
+                                         const T* b, long long ldb, long long K, int lane,
+                                         bool accumulate) {
     const int g = lane >> 2, q = (lane & 3) * 2;
     float d[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    for (int half = 0; accumulate && half < 2; ++half) {   // the D fragment, laid out as below
+        const float* in = c + g * ldc + half * 8 + q;
+        d[half][0] = in[0];
+        d[half][1] = in[1];
+        d[half][2] = in[8 * ldc];
+        d[half][3] = in[8 * ldc + 1];
+    }
     const T* a_lo = a + g * lda + q;                 // rows g and g + 8 of the A tile
     const T* a_hi = a_lo + 8 * lda;
     for (long long k = 0; k < K; k += 16) {
@@ -86,14 +98,15 @@ __device__ __forceinline__ void mma_tile(float* c, long long ldc, const T* a, lo
 }
 template <>
 __device__ void tile_product<__half>(float* c, long long ldc, const __half* a, long long lda,
-                                     const __half* b, long long ldb, long long K, int lane) {
-    mma_tile(c, ldc, a, lda, b, ldb, K, lane);
+                                     const __half* b, long long ldb, long long K, int lane,
+                                     bool accumulate) {
+    mma_tile(c, ldc, a, lda, b, ldb, K, lane, accumulate);
 }
 template <>
 __device__ void tile_product<__nv_bfloat16>(float* c, long long ldc, const __nv_bfloat16* a,
                                             long long lda, const __nv_bfloat16* b, long long ldb,
-                                            long long K, int lane) {
-    mma_tile(c, ldc, a, lda, b, ldb, K, lane);
+                                            long long K, int lane, bool accumulate) {
+    mma_tile(c, ldc, a, lda, b, ldb, K, lane, accumulate);
 }
 #endif
 
@@ -103,9 +116,40 @@ __device__ void tile_product<__nv_bfloat16>(float* c, long long ldc, const __nv_
 // load. Padded, row g starts 4 g words further on, and the 32 lanes reach 32 banks.
 constexpr long long MMA_SMEM_PAD = 8;
 
-struct alignas(16) Words16 {                        // one 16-byte copy (ld/st .v2.u64)
-    unsigned long long lo, hi;
-};
+// The step's copy of h_{t-1} into shared memory, Bp rows of Hp elements (128 KiB at B = 64,
+// H = 1024 fp16), goes in MMA_K_CHUNKS column chunks, each its own cp.async group: the products
+// over chunk c start once it has landed, while the later chunks are still in flight. cp.async
+// (sm_80+) holds no register and does not stall the thread, so all of a thread's copies are
+// issued back to back; run 5's loop of plain 16-byte loads waited on one L2 round trip per
+// iteration (32 per thread a step at that shape, ~0.5 us each: the largest part of its 39 us).
+constexpr int MMA_K_CHUNKS = 4;
+
+#ifndef RNN_GPU_HOST_EMULATION
+// 16 bytes global -> shared, through L2 only (.cg: other blocks wrote h_{t-1} this step)
+__device__ __forceinline__ void copy16_async(void* shared_dst, const void* global_src) {
+    unsigned long long dst;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(dst) : "l"(shared_dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
+                 :: "r"(static_cast<unsigned>(dst)), "l"(global_src) : "memory");
+}
+__device__ __forceinline__ void copy_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int PENDING>      // wait until at most PENDING of this thread's groups are in flight
+__device__ __forceinline__ void copy_wait() {
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(PENDING) : "memory");
+}
+#endif
+// Chunk c of this step landed (for this thread's copies; __syncthreads for the others').
+__device__ __forceinline__ void copy_wait_for_chunk(int c) {
+    static_assert(MMA_K_CHUNKS == 4, "one case per chunk that may stay in flight");
+    switch (MMA_K_CHUNKS - 1 - c) {
+    case 0: copy_wait<0>(); break;
+    case 1: copy_wait<1>(); break;
+    case 2: copy_wait<2>(); break;
+    default: copy_wait<3>(); break;
+    }
+}
 
 template <typename T, int CELL, int ACT>
 __global__ void __launch_bounds__(PERSISTENT_THREADS)
@@ -137,24 +181,51 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int n_warps = blockDim.x >> 5;
     const long long m_tiles = Bp / 16, n_tiles = (G * nu + 15) / 16;
+    // The copy of h: a row is row_words 16-byte words (Hp * sizeof(T) / 16), chunk ch its words
+    // [ch * chunk_words, ...), chunk_words a whole number of 16-element k steps (sizeof(T)
+    // words each). This thread copies the words (r0, w0), (r0, w0) + blockDim.x, ... of each
+    // chunk, walked without a division per word.
+    const int per_word = 16 / (int)sizeof(T);                  // elements per 16-byte word
+    const int row_words = (int)(Hp / per_word);
+    const int k_step_words = (int)sizeof(T);
+    const int chunk_words = ((row_words + MMA_K_CHUNKS - 1) / MMA_K_CHUNKS + k_step_words - 1) /
+                            k_step_words * k_step_words;
+    const int r0 = threadIdx.x / chunk_words, w0 = threadIdx.x % chunk_words;
+    const int dr = blockDim.x / chunk_words, dw = blockDim.x % chunk_words;
     for (long long s = 0; s < n_steps; ++s) {
         const long long t = reverse ? n_steps - 1 - s : s;
         const float* src = hbuf + (s & 1) * B * H;
         float* dst = hbuf + ((s + 1) & 1) * B * H;
         const T* a_src = hmat + (s & 1) * Bp * Hp;
         T* a_dst = hmat + ((s + 1) & 1) * Bp * Hp;
-        // h_{t-1} into h_s, 16 bytes a load: a row is Hp * sizeof(T) bytes (Hp: whole 16s)
-        const long long row_words = Hp * (long long)sizeof(T) / 16;
-        for (long long i = threadIdx.x; i < Bp * row_words; i += blockDim.x) {
-            const long long r = i / row_words, wd = i - r * row_words;
-            reinterpret_cast<Words16*>(h_s + r * Hs)[wd] =
-                reinterpret_cast<const Words16*>(a_src + r * Hp)[wd];
+        for (int ch = 0; ch < MMA_K_CHUNKS; ++ch) {     // issue every copy of the step
+            const int first = ch * chunk_words;
+            const int words = row_words - first < chunk_words ? row_words - first : chunk_words;
+            for (int r = r0, w = w0; r < Bp;) {
+                if (w < words)
+                    copy16_async(h_s + r * Hs + (long long)(first + w) * per_word,
+                                 a_src + r * Hp + (long long)(first + w) * per_word);
+                r += dr;
+                w += dw;
+                if (w >= chunk_words) {
+                    w -= chunk_words;
+                    ++r;
+                }
+            }
+            copy_commit();                               // an empty group is allowed
         }
-        __syncthreads();
-        for (long long tile = warp; tile < m_tiles * n_tiles; tile += n_warps) {  // warp-uniform
-            const long long mt = tile / n_tiles, nt = tile - mt * n_tiles;
-            tile_product<T>(acc_s + mt * 16 * Np + nt * 16, Np, h_s + mt * 16 * Hs, Hs,
-                            w_s + nt * 16 * Hs, Hs, Hp, lane);
+#pragma unroll
+        for (int ch = 0; ch < MMA_K_CHUNKS; ++ch) {
+            copy_wait_for_chunk(ch);
+            __syncthreads();
+            const long long k0 = (long long)ch * chunk_words * per_word;
+            const long long chunk_k = (long long)chunk_words * per_word;
+            const long long kn = Hp - k0 < chunk_k ? Hp - k0 : chunk_k;   // <= 0: empty chunk
+            for (long long tile = warp; kn > 0 && tile < m_tiles * n_tiles; tile += n_warps) {
+                const long long mt = tile / n_tiles, nt = tile - mt * n_tiles;  // warp-uniform
+                tile_product<T>(acc_s + mt * 16 * Np + nt * 16, Np, h_s + mt * 16 * Hs + k0, Hs,
+                                w_s + nt * 16 * Hs + k0, Hs, kn, lane, ch > 0);
+            }
         }
         __syncthreads();
         for (long long item = threadIdx.x; item < B * nu; item += blockDim.x) {

@@ -46,16 +46,35 @@ SPILL_BUDGET = {
 }
 
 
-def test_forward_kernel_spills_stay_within_budget(tmp_path):
+# The same for the backward kernel at the tilings run 5 chose (tests/triton_compile_check.py),
+# when its offsets within a step became int32 too. Before: 1328 / 824 / 0 / 1272 for the LSTM
+# bf16 rows, 3596 / 812 for fp32 (128x64: ptxas now stops at 128 registers there), GRU 716,
+# RNN 1356.
+BACKWARD_SPILL_BUDGET = {
+    "lstm_bf16_64x128_split": 564, "lstm_bf16_64x64_split": 80, "lstm_bf16_16x32_split": 0,
+    "lstm_bf16_64x128_tiled": 472, "lstm_fp32_128x64_split": 6364,
+    "lstm_fp32_64x64_split": 1028, "gru_bf16_64x128_split": 84, "rnn_bf16_64x128_split": 888,
+}
+
+
+def test_kernel_spills_stay_within_budget(tmp_path):
     done = run_check(tmp_path, "--spills")
     assert done.returncode == 0, done.stdout + done.stderr
-    seen = {}
+    seen, budget = {}, {}
     for line in done.stdout.splitlines():
-        _, _, label, tape, _, spilled = line.split()
-        seen[label, int(tape[-1])] = int(spilled.split("=")[1])
-    assert set(seen) == {(label, tape) for label in SPILL_BUDGET for tape in (0, 1)}
-    over = {key: (spilled, SPILL_BUDGET[key[0]][key[1]]) for key, spilled in seen.items()
-            if spilled > SPILL_BUDGET[key[0]][key[1]] * 1.25 + 32}
+        fields = line.split()
+        spilled = int(fields[-1].split("=")[1])
+        if fields[1] == "gated_fwd":
+            key = (fields[2], int(fields[3][-1]))
+            budget[key] = SPILL_BUDGET[key[0]][key[1]]
+        else:
+            key = (fields[2], "backward")
+            budget[key] = BACKWARD_SPILL_BUDGET[fields[2]]
+        seen[key] = spilled
+    assert set(seen) == ({(label, tape) for label in SPILL_BUDGET for tape in (0, 1)}
+                         | {(label, "backward") for label in BACKWARD_SPILL_BUDGET})
+    over = {key: (spilled, budget[key]) for key, spilled in seen.items()
+            if spilled > budget[key] * 1.25 + 32}
     assert not over, f"spill stores (bytes per thread, budget) grew: {over}\n{done.stdout}"
 
 

@@ -7,8 +7,9 @@ under ``TRITON_INTERPRET=1`` holds interpreted functions that cannot be compiled
 Prints one line per variant: kernel, cell, dtype, arch, shared memory bytes, seconds.
 
 ``python tests/triton_compile_check.py --spills`` instead prints, for the forward kernel's
-main tilings on sm_90, the registers per thread and the bytes of spill stores that ptxas -v
-reports (the register pressure that cost the kernels most on an H100, docs/performance.md).
+main tilings and the backward kernel's chosen ones on sm_90, the registers per thread and the
+bytes of spill stores that ptxas -v reports (the register pressure that cost the kernels most
+on an H100, docs/performance.md).
 
 ``python tests/triton_compile_check.py --resident`` prints the same for the weights-resident
 forward (kernels/triton/gated_resident.py) at DESIGN's 512x64x1024 tiling on sm_90, with its
@@ -31,7 +32,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from rnn_gpu.kernels.triton import gated, gated_resident, twostage  # noqa: E402
+from rnn_gpu.kernels.triton import gated, gated_resident, launch, twostage  # noqa: E402
 
 FP32_ARGS = {"h0_ptr", "c0_ptr", "h_ptr", "c_ptr", "gates_ptr", "ctape_ptr", "dhT_ptr",
              "dcT_ptr", "dh_ptr", "dc_ptr", "atape_ptr", "htape_ptr"}
@@ -73,6 +74,20 @@ SPILL_CASES = [(f"{name} {dtype} {label}", cell, dtype, bb, bh, units, sync, 8)
                                                   ("128x64 split", 128, 64, 64, True))]
 
 
+# (label, cell, dtype, BLOCK_B, UNITS, GRID_SYNC): the backward tilings the H100 chose in run 5
+# (docs/performance.md) at DESIGN's shapes; BLOCK_H and warps as the tuner derives them.
+BACKWARD_SPILL_CASES = [
+    ("lstm_bf16_64x128_split", 1, "bf16", 64, 128, True),     # 256x4096x256
+    ("lstm_bf16_64x64_split", 1, "bf16", 64, 64, True),       # 256x1024x512
+    ("lstm_bf16_16x32_split", 1, "bf16", 16, 32, True),       # 512x64x1024
+    ("lstm_bf16_64x128_tiled", 1, "bf16", 64, 128, False),    # 128x16384x128
+    ("lstm_fp32_128x64_split", 1, "fp32", 128, 64, True),     # 256x4096x256
+    ("lstm_fp32_64x64_split", 1, "fp32", 64, 64, True),       # 256x1024x512
+    ("gru_bf16_64x128_split", 2, "bf16", 64, 128, True),
+    ("rnn_bf16_64x128_split", 0, "bf16", 64, 128, True),
+]
+
+
 def ptxas_usage(ptx: str, arch: int = 90) -> tuple[int, int]:
     """(registers per thread, bytes of spill stores) that ptxas -v reports for ``ptx``."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -102,6 +117,16 @@ def spills() -> int:
             regs, spilled = ptxas_usage(kernel.asm["ptx"])
             print(f"spills gated_fwd {label.replace(' ', '_')} tape={int(tape)} "
                   f"registers={regs} spill_bytes={spilled}")
+    for label, cell, dtype, bb, units, sync in BACKWARD_SPILL_CASES:
+        gates = gated.GATES[cell]
+        bh = launch._block_h(units)
+        consts = dict(CELL=cell, G=gates, TG=gated.TAPE_GATES[cell], ACT=0, REVERSE=False,
+                      HAS_LENGTHS=False, GRID_SYNC=sync, PRECISION="ieee", BLOCK_B=bb,
+                      BLOCK_H=bh, BLOCK_K=32 if dtype == "fp32" else 64, UNITS=units)
+        kernel = _compile(gated._gated_bwd_kernel, dtype, 90, consts,
+                          launch._warps(gates, bb, bh))
+        regs, spilled = ptxas_usage(kernel.asm["ptx"])
+        print(f"spills gated_bwd {label} registers={regs} spill_bytes={spilled}")
     return 0
 
 

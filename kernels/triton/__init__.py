@@ -26,16 +26,19 @@ def interpreting() -> bool:
 # element, and x tiles loaded after the products stayed live across them. Spill stores per
 # thread (ptxas -v, sm_90, 8 warps, LSTM), before -> after: bf16 64 rows x 256 units 852 ->
 # 24 B, 128 x 64 units with the grid barrier 4826 -> 1204 B; fp32 the same tiles 124 -> 64 B
-# and 3476 -> 1420 B; no tiling spilled more (tests/triton_compile_check.py --spills). (The
-# backward kernel converted the same way spilled more in fp32 at 128 x 64, 3.6 -> 6.3 KB, so
-# it keeps 64-bit offsets for now.)
+# and 3476 -> 1420 B; no tiling spilled more (tests/triton_compile_check.py --spills). The
+# backward kernel's are int32 too: at the tilings run 5 chose, bf16 LSTM 64 x 128 units
+# 1328 -> 564 B, 64 x 64 824 -> 80 B, GRU 716 -> 84 B, RNN 1356 -> 888 B. fp32 LSTM at 128 x 64
+# spills more (3596 -> 6364 B: ptxas now stops at 128 registers there) and at 64 x 64
+# (812 -> 1028 B), but every shape's least-spilling candidate spills less than before (e.g.
+# 256x4096x256 fp32: 1064 -> 340 B), and the tuner times them all.
 # So what one step addresses must stay below 2**31 elements.
 MAX_STEP_ELEMENTS = 2**31 - 1
 
 
 def step_elements(B: int, H: int) -> int:
-    """The most elements the gated forward kernel addresses within one step of a (B, H)
-    problem: a step of xw or of the gates tape (B x 4H at most), or W_hh (4H x H at most)."""
+    """The most elements the gated kernels (forward and backward) address within one step of a
+    (B, H) problem: a step of xw or of the gates tape (B x 4H at most), or W_hh (4H x H at most)."""
     return 4 * H * max(B, H)
 
 

@@ -143,20 +143,28 @@ def _gated_bwd_kernel(
     pid_h = tl.program_id(1)
     n_split = tl.num_programs(1)
     dtype = dxw_ptr.dtype.element_ty
-    rows, row_ok, rows64, lens, unit_end = program_rows(B, H, len_ptr, HAS_LENGTHS, BLOCK_B,
-                                                        UNITS)
+    rows, row_ok, _, lens, unit_end = program_rows(B, H, len_ptr, HAS_LENGTHS, BLOCK_B, UNITS)
     GH = G * H
     for i in range(t_begin, t_begin + n_steps):
         s = T - 1 - i
         t, t_next, valid, valid_next = step_and_next(s, T, row_ok, lens, REVERSE, HAS_LENGTHS)
-        next_rows = (t_next.to(tl.int64) * B + rows64) * GH
-        x_rows = (t.to(tl.int64) * B + rows64) * GH
-        s_rows = (t.to(tl.int64) * B + rows64) * H
+        # int64 only for each step's start; offsets within a step are int32, as in the forward
+        # (the int64 offset tiles held every half-precision tiling at 255 registers with 0.8-5.5
+        # KB of spill stores per thread; ptxas -v, sm_90: tests/triton_compile_check.py)
+        step = t.to(tl.int64) * B
+        dhh_next = dhh_ptr + t_next.to(tl.int64) * B * GH      # dgates of step s+1
+        dx_t = dxw_ptr + step * GH
+        dhh_t = dhh_ptr + step * GH
+        gates_t = gates_ptr + step * (TG * H)
+        dy_t = dy_ptr + step * H
+        ctape_t = ctape_ptr + step * H
+        hprev_t = hprev_ptr + step * H
+        x_rows = rows * GH
         for j0 in range(pid_h * UNITS, unit_end, BLOCK_H):
             cols = j0 + tl.arange(0, BLOCK_H)
             col_ok = cols < unit_end
             m2 = row_ok[:, None] & col_ok[None, :]
-            own = rows64[:, None] * H + cols[None, :]
+            own = rows[:, None] * H + cols[None, :]        # also a step's (b, u) offset
             dc = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)   # only LSTM has a cell
             if i == 0:                                # state (the others' dc buffers are
                 dh = tl.load(dhT_ptr + own, mask=m2, other=0.0)   # one-element placeholders)
@@ -170,18 +178,17 @@ def _gated_bwd_kernel(
                 for m0 in range(0, GH, BLOCK_K):
                     ms = m0 + tl.arange(0, BLOCK_K)
                     m_ok = ms < GH
-                    a = tl.load(dhh_ptr + next_rows[:, None] + ms[None, :],
+                    a = tl.load(dhh_next + x_rows[:, None] + ms[None, :],
                                 mask=row_ok[:, None] & m_ok[None, :], other=0.0)
                     w = tl.load(w_ptr + ms[:, None] * H + cols[None, :],
                                 mask=m_ok[:, None] & col_ok[None, :], other=0.0)
                     rec = tl.dot(a, w, rec, input_precision=PRECISION)
                 dh += tl.where(valid_next[:, None], rec, 0.0)
             if i < T:
-                dh_new = dh + tl.load(dy_ptr + s_rows[:, None] + cols[None, :], mask=m2,
-                                      other=0.0).to(tl.float32)
+                dh_new = dh + tl.load(dy_t + own, mask=m2, other=0.0).to(tl.float32)
                 vm = valid[:, None] & m2
-                gt = gates_ptr + (t.to(tl.int64) * B + rows64)[:, None] * (TG * H) + cols[None, :]
-                dx_out = dxw_ptr + x_rows[:, None] + cols[None, :]
+                gt = gates_t + (rows[:, None] * (TG * H) + cols[None, :])
+                dx_out = dx_t + (x_rows[:, None] + cols[None, :])
                 g0 = tl.load(gt, mask=m2, other=0.0)
                 carry = dh
                 if CELL == 0:                                 # RNN
@@ -192,13 +199,13 @@ def _gated_bwd_kernel(
                     g1 = tl.load(gt + H, mask=m2, other=0.0)
                     g2 = tl.load(gt + 2 * H, mask=m2, other=0.0)
                     g3 = tl.load(gt + 3 * H, mask=m2, other=0.0)
-                    c_t = tl.load(ctape_ptr + s_rows[:, None] + cols[None, :], mask=m2, other=0.0)
+                    c_t = tl.load(ctape_t + own, mask=m2, other=0.0)
                     if s == 0:
                         c_prev = tl.load(c0_ptr + own, mask=m2, other=0.0)
                     else:
                         t_prev = time_index(s - 1, T, REVERSE)
-                        c_prev = tl.load(ctape_ptr + (t_prev.to(tl.int64) * B + rows64)[:, None] * H
-                                         + cols[None, :], mask=m2, other=0.0)
+                        c_prev = tl.load(ctape_ptr + t_prev.to(tl.int64) * B * H + own,
+                                         mask=m2, other=0.0)
                     tc = tanh(c_t)
                     dct = dc + dh_new * g3 * (1.0 - tc * tc)
                     d0 = tl.where(vm, dct * g2 * g0 * (1.0 - g0), 0.0)
@@ -215,8 +222,7 @@ def _gated_bwd_kernel(
                     g1 = tl.load(gt + H, mask=m2, other=0.0)
                     g2 = tl.load(gt + 2 * H, mask=m2, other=0.0)
                     g3 = tl.load(gt + 3 * H, mask=m2, other=0.0)
-                    h_prev = tl.load(hprev_ptr + s_rows[:, None] + cols[None, :], mask=m2,
-                                     other=0.0).to(tl.float32)
+                    h_prev = tl.load(hprev_t + own, mask=m2, other=0.0).to(tl.float32)
                     dn = dh_new * (1.0 - g1) * (1.0 - g2 * g2)
                     d1 = tl.where(vm, dh_new * (h_prev - g2) * g1 * (1.0 - g1), 0.0)
                     d0 = tl.where(vm, dn * g3 * g0 * (1.0 - g0), 0.0)
@@ -224,7 +230,7 @@ def _gated_bwd_kernel(
                     tl.store(dx_out, d0.to(dtype), mask=m2)
                     tl.store(dx_out + H, d1.to(dtype), mask=m2)
                     tl.store(dx_out + 2 * H, d2.to(dtype), mask=m2)
-                    dhh_out = dhh_ptr + x_rows[:, None] + cols[None, :]
+                    dhh_out = dhh_t + (x_rows[:, None] + cols[None, :])
                     tl.store(dhh_out, d0.to(dtype), mask=m2)
                     tl.store(dhh_out + H, d1.to(dtype), mask=m2)
                     tl.store(dhh_out + 2 * H, (d2 * g0).to(dtype), mask=m2)

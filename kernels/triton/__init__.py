@@ -21,17 +21,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# The gated forward kernel's offsets within one time step are int32 (only a step's start is
-# int64), and its accumulators start from xw: 64-bit offset tiles cost two registers per
+# The gated kernels' offsets within one time step are int32 (only a step's start is int64),
+# and the forward's accumulators start from xw: 64-bit offset tiles cost two registers per
 # element, and x tiles loaded after the products stayed live across them. Spill stores per
-# thread (ptxas -v, sm_90, 8 warps, LSTM), before -> after: bf16 64 rows x 256 units 852 ->
-# 24 B, 128 x 64 units with the grid barrier 4826 -> 1204 B; fp32 the same tiles 124 -> 64 B
-# and 3476 -> 1420 B; no tiling spilled more (tests/triton_compile_check.py --spills). The
-# backward kernel's are int32 too: at the tilings run 5 chose, bf16 LSTM 64 x 128 units
-# 1328 -> 564 B, 64 x 64 824 -> 80 B, GRU 716 -> 84 B, RNN 1356 -> 888 B. fp32 LSTM at 128 x 64
-# spills more (3596 -> 6364 B: ptxas now stops at 128 registers there) and at 64 x 64
-# (812 -> 1028 B), but every shape's least-spilling candidate spills less than before (e.g.
-# 256x4096x256 fp32: 1064 -> 340 B), and the tuner times them all.
+# thread (ptxas -v, sm_90, tests/triton_compile_check.py --spills) as a launch compiles them at
+# DESIGN's shapes (aligned pointers, H a multiple of 16, so vectorised loads and cp.async
+# pipelining): forward LSTM bf16 128 x 64 units with the grid barrier and tape 1152 B, 64 x 256
+# 40 B; backward (int64 -> int32) LSTM bf16 64 x 128 784 -> 680 B, 64 x 64 616 -> 720 B,
+# fp32 128 x 64 1084 -> 1116 B, GRU 192 -> 128 B. Compiled without that specialisation (an H
+# that is not a multiple of 16) the change matters more: forward 4826 -> 1204 B, backward
+# 1328 -> 564 B at those tilings (the figures the forward's change was first judged on).
 # So what one step addresses must stay below 2**31 elements.
 MAX_STEP_ELEMENTS = 2**31 - 1
 

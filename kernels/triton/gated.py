@@ -149,8 +149,7 @@ def _gated_bwd_kernel(
         s = T - 1 - i
         t, t_next, valid, valid_next = step_and_next(s, T, row_ok, lens, REVERSE, HAS_LENGTHS)
         # int64 only for each step's start; offsets within a step are int32, as in the forward
-        # (the int64 offset tiles held every half-precision tiling at 255 registers with 0.8-5.5
-        # KB of spill stores per thread; ptxas -v, sm_90: tests/triton_compile_check.py)
+        # (int64 offset tiles cost two registers per element; spills: see MAX_STEP_ELEMENTS)
         step = t.to(tl.int64) * B
         dhh_next = dhh_ptr + t_next.to(tl.int64) * B * GH      # dgates of step s+1
         dx_t = dxw_ptr + step * GH

@@ -78,7 +78,8 @@ def gated_fwd_resident_kernel(
     ``hbuf``'s slots are padded to whole row blocks and HP columns, the padding zero: h_{t-1}
     is then read with a compile-time row stride and no masks. (Read with H's runtime stride and
     masks it cost 2.2 KB of spill stores per thread at 64 x 1024, 64-bit addresses per element;
-    padded, 68 bytes; tests/triton_compile_check.py --resident.)"""
+    padded, 68 bytes, compiled without the divisibility specialisation; as a launch at that
+    shape compiles it, none; tests/triton_compile_check.py --resident.)"""
     pid_b = tl.program_id(0)
     n_split = tl.num_programs(1)
     rows, row_ok, _, lens, unit_end = program_rows(B, H, len_ptr, HAS_LENGTHS, BLOCK_B, UNITS)

@@ -43,12 +43,13 @@ def Tiles(interpret):
 
 
 def fake_call(costs: dict, calls: list | None = None):
-    """A ``time_call`` whose tiling costs ``fixed + per_step * n_steps`` milliseconds."""
+    """A ``time_call`` whose tiling costs ``fixed + per_step * n_steps`` milliseconds; a tiling
+    with a deeper pipeline than the costs name costs as its 2-stage self, unless named."""
 
     def time_call(tiles, grid_sync, n_steps):
         if calls is not None:
             calls.append((tiles, n_steps))
-        fixed, per_step = costs[tiles]
+        fixed, per_step = costs.get(tiles) or costs[dataclasses.replace(tiles, num_stages=2)]
         return fixed + per_step * n_steps
 
     return time_call
@@ -253,12 +254,46 @@ def test_a_candidate_that_cannot_run_here_is_skipped(fake_card, launch):
     assert options[0][0].resident
 
     def time_call(tiles, grid_sync, n_steps):
-        if tiles.resident:
+        if tiles.resident or tiles.num_stages > 2:
             raise OutOfResources(232 * 1024, 227 * 1024, "shared memory")
         return 0.1 + 0.01 * n_steps * (1 + options.index((tiles, grid_sync)))
 
     best = launch.choose("lstm", 4, 64, 1024, "float16", "cuda:0", time_call, resident=True)
-    assert best == options[1]
+    assert best == options[1]      # (its 3-stage variant, timed next, could not run either)
+
+
+def test_deeper_pipeline_only_for_long_product_loops(launch, Tiles):
+    """One more stage where the k-loop runs at least DEEP_PIPELINE_MIN_K_ITERATIONS times a
+    step: K = H forward, G*H backward (dgates_t @ W_hh), over BLOCK_K."""
+    tiles = Tiles(16, 32, 64, 32)
+    deeper = launch.deeper_pipeline((tiles, True), "lstm-backward", 4, 1024)   # 64 iterations
+    assert deeper == (dataclasses.replace(tiles, num_stages=3), True)
+    assert launch.deeper_pipeline((tiles, True), "lstm", 4, 1024) is not None  # 16
+    assert launch.deeper_pipeline((tiles, True), "lstm", 4, 256) is None       # 4
+    assert launch.deeper_pipeline((tiles, True), "lstm-taped", 4, 448) is None  # 7
+    assert launch.deeper_pipeline((tiles, True), "lstm-backward", 4, 128) is not None  # 8
+    assert launch.deeper_pipeline((tiles, True), "rnn-backward", 1, 128) is None       # 2
+    assert launch.deeper_pipeline(deeper, "lstm-backward", 4, 1024) is None    # once
+    resident = Tiles(64, 8, 0, 8, resident=True)
+    assert launch.deeper_pipeline((resident, True), "lstm", 4, 1024) is None   # no k-loop
+    assert launch._describe(deeper) == "split b16 h32 k64 u32 w4 s3"
+
+
+@pytest.mark.parametrize("deeper_ms", [0.5, 2.0])
+def test_choose_times_the_winner_again_with_a_deeper_pipeline(fake_card, launch, deeper_ms):
+    """At a long k-loop (LSTM backward at 512x64x1024) the winner of the first round is timed
+    again with 3 stages, and the faster of the two is kept."""
+    options = launch.candidates(4, 64, 1024, "float16", 132)
+    costs = {o[0]: (0.1, 2.0 + i) for i, o in enumerate(options)}
+    costs[options[1][0]] = (0.1, 1.0)                       # the first round's winner
+    deeper = launch.deeper_pipeline(options[1], "lstm-backward", 4, 1024)
+    costs[deeper[0]] = (0.1, deeper_ms)
+    calls: list = []
+    best = launch.choose("lstm-backward", 4, 64, 1024, "float16", "cuda:0",
+                         fake_call(costs, calls))
+    assert best == (deeper if deeper_ms < 1.0 else options[1])
+    timed = [t for t, _ in calls]
+    assert timed.count(deeper[0]) == 2 and len(set(timed)) == len(options) + 1
 
 
 def test_resident_tiles_are_forced_on_forwards_only(launch, Tiles):

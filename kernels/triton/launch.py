@@ -202,6 +202,9 @@ def choose(kind: str, gates: int, B: int, H: int, dtype: str, device,
         best = options[0]
     else:
         per_step = [_timed(time_call, option) for option in options]
+        deeper = deeper_pipeline(options[per_step.index(min(per_step))], kind, gates, H)
+        if deeper is not None:               # a second round: the winner, deeper pipelined
+            options, per_step = options + [deeper], per_step + [_timed(time_call, deeper)]
         best = options[per_step.index(min(per_step))]
         if os.environ.get("RNN_GPU_TUNE_LOG"):
             shown = ", ".join(f"{_describe(o)}: {ms * 1e3:.1f} us"
@@ -211,6 +214,33 @@ def choose(kind: str, gates: int, B: int, H: int, dtype: str, device,
     with _lock:
         _cache[key] = best
     return best
+
+
+# With num_stages=2, Triton 3.6 gives a k-loop one buffer: each iteration waits for all of its
+# own copies (ttgir async_wait num=0) before its products, so every iteration pays a full L2
+# round trip. With 3 stages the next iteration's copies are in flight during this one's
+# products (LSTM: async_wait num=5, two buffers; tests/triton_compile_check.py shows both).
+# That matters for long k-loops: the LSTM fp16 backward at 512x64x1024 runs 64 iterations a
+# step (K = 4H = 4096, BLOCK_K 64) at 25.9 us a step (H100, run 5), ~0.4 us each, about one
+# round trip. For a short loop it did not pay: 256x4096x256 fp16 forward (4 iterations), 3
+# stages 24.6 against 2 stages' 23.3 us a step (run 3's sweep). So the tuner times the winner
+# again with 3 stages where its loop has at least this many iterations a step, and keeps the
+# faster.
+DEEP_PIPELINE_MIN_K_ITERATIONS = 8
+
+
+def deeper_pipeline(option: tuple[Tiles, bool], kind: str, gates: int,
+                    H: int) -> tuple[Tiles, bool] | None:
+    """``option`` with one more pipeline stage, where its product loop is long enough for that
+    to pay (see DEEP_PIPELINE_MIN_K_ITERATIONS); None otherwise, and for the resident forward,
+    which has no k-loop."""
+    tiles, sync = option
+    if tiles.resident or tiles.num_stages != 2 or tiles.block_k <= 0:
+        return None
+    k_extent = gates * H if kind.endswith("-backward") else H   # dgates_t @ W_hh: K = G*H
+    if triton.cdiv(k_extent, tiles.block_k) < DEEP_PIPELINE_MIN_K_ITERATIONS:
+        return None
+    return dataclasses.replace(tiles, num_stages=3), sync
 
 
 def step_ms(time_call: Callable[[Tiles, bool, int], float],
@@ -270,8 +300,9 @@ def _describe(option: tuple[Tiles, bool]) -> str:
     t, sync = option
     if t.resident:
         return f"resident{' split' if sync else ''} b{t.block_b} u{t.units} w{t.num_warps}"
+    stages = f" s{t.num_stages}" if t.num_stages != 2 else ""        # 2: the default
     return (f"{'split' if sync else 'tiled'} b{t.block_b} h{t.block_h} k{t.block_k} "
-            f"u{t.units} w{t.num_warps}")
+            f"u{t.units} w{t.num_warps}{stages}")
 
 
 def time_cuda(run: Callable[[], object], repeats: int = 5) -> float:

@@ -279,6 +279,19 @@ def test_deeper_pipeline_only_for_long_product_loops(launch, Tiles):
     assert launch._describe(deeper) == "split b16 h32 k64 u32 w4 s3"
 
 
+def test_float32_fma_loops_are_also_tried_with_more_warps(launch, Tiles):
+    tiles = Tiles(32, 16, 32, 16, num_warps=4)
+    assert launch.more_warps((tiles, True), "float32") == (
+        dataclasses.replace(tiles, num_warps=8), True)
+    assert launch.more_warps((tiles, True), "float16") is None            # tensor cores
+    assert launch.more_warps((tiles, True), "float32-tf32x3") is None     # tensor cores
+    assert launch.more_warps((dataclasses.replace(tiles, num_warps=8), True), "float32") is None
+    # both variants of a long float32 loop (forward K = 1024, BLOCK_K 32: 32 iterations)
+    second = launch.second_round((tiles, True), "lstm", 4, 1024, "float32")
+    assert [launch._describe(o) for o in second] == ["split b32 h16 k32 u16 w4 s3",
+                                                     "split b32 h16 k32 u16 w8"]
+
+
 @pytest.mark.parametrize("deeper_ms", [0.5, 2.0])
 def test_choose_times_the_winner_again_with_a_deeper_pipeline(fake_card, launch, deeper_ms):
     """At a long k-loop (LSTM backward at 512x64x1024) the winner of the first round is timed

@@ -23,8 +23,11 @@ timed the GPU idling while Python launched the call. So :func:`time_cuda` first 
 GPU sleep, behind which the call's launches wait, and the two runs are 16 steps apart. The
 backward is tuned apart from the forward (kind ``"<cell>-backward"``): its best tiling is
 another one; so is a training forward, which also writes the tape (kind ``"<cell>-taped"``).
-Under Triton's interpreter one small fixed tiling is used (speed is meaningless there). With
-``RNN_GPU_TUNE_LOG=1`` each choice and the candidates' timings are printed to stderr.
+A second round times variants of the first round's winner that only a timing can judge (a
+deeper software pipeline for long k-loops, more warps for float32's FMA loops:
+:func:`second_round`). Under Triton's interpreter one small fixed tiling is used (speed is
+meaningless there). With ``RNN_GPU_TUNE_LOG=1`` each choice and the candidates' timings are
+printed to stderr.
 """
 
 from __future__ import annotations
@@ -202,9 +205,10 @@ def choose(kind: str, gates: int, B: int, H: int, dtype: str, device,
         best = options[0]
     else:
         per_step = [_timed(time_call, option) for option in options]
-        deeper = deeper_pipeline(options[per_step.index(min(per_step))], kind, gates, H)
-        if deeper is not None:               # a second round: the winner, deeper pipelined
-            options, per_step = options + [deeper], per_step + [_timed(time_call, deeper)]
+        winner = options[per_step.index(min(per_step))]
+        extra = second_round(winner, kind, gates, H, dtype)
+        options = options + extra
+        per_step = per_step + [_timed(time_call, option) for option in extra]
         best = options[per_step.index(min(per_step))]
         if os.environ.get("RNN_GPU_TUNE_LOG"):
             shown = ", ".join(f"{_describe(o)}: {ms * 1e3:.1f} us"
@@ -241,6 +245,29 @@ def deeper_pipeline(option: tuple[Tiles, bool], kind: str, gates: int,
     if triton.cdiv(k_extent, tiles.block_k) < DEEP_PIPELINE_MIN_K_ITERATIONS:
         return None
     return dataclasses.replace(tiles, num_stages=3), sync
+
+
+# float32 (IEEE) products run on the CUDA cores as FMA loops, not on the tensor cores. The
+# LSTM forward's 32-row x 16-unit tiling at 512x64x1024 issues ~1050 instructions per thread
+# and k-iteration, 516 of them FMAs (PTX, sm_90); with 4 warps, one per scheduler, nothing
+# hides the shared-memory and FMA latencies. Run 5 timed it at 158 us a step: ~0.12
+# instructions per cycle per scheduler. 8 warps split the same tile in two (128 registers,
+# no spills), two warps a scheduler; the tuner times that too.
+def more_warps(option: tuple[Tiles, bool], dtype: str) -> tuple[Tiles, bool] | None:
+    """``option`` with 8 warps where it has fewer and its products are IEEE float32 FMA
+    loops; None otherwise."""
+    tiles, sync = option
+    if dtype != "float32" or tiles.resident or tiles.num_warps >= 8:
+        return None
+    return dataclasses.replace(tiles, num_warps=8), sync
+
+
+def second_round(option: tuple[Tiles, bool], kind: str, gates: int, H: int,
+                 dtype: str) -> list[tuple[Tiles, bool]]:
+    """Variants of the first round's winner that only a timing can judge: one more pipeline
+    stage (:func:`deeper_pipeline`), more warps (:func:`more_warps`)."""
+    variants = (deeper_pipeline(option, kind, gates, H), more_warps(option, dtype))
+    return [v for v in variants if v is not None]
 
 
 def step_ms(time_call: Callable[[Tiles, bool, int], float],

@@ -5,6 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import rnn_gpu as rg
+import rnn_gpu.backends.cupy as cb
+from rnn_gpu.kernels.cuda import graphs as cgraphs
+
 
 @pytest.fixture
 def rng(request) -> np.random.Generator:
@@ -13,3 +17,28 @@ def rng(request) -> np.random.Generator:
     seed = np.random.SeedSequence().entropy
     print(f"{request.node.nodeid}: rng seed {seed}")
     return np.random.default_rng(seed)
+
+
+# ---------------------------------------------------------------------- cupy (test_cupy_*.py)
+
+@pytest.fixture
+def registered():
+    """The cupy backend in the registry (through its entry point, or registered here)."""
+    added = "cupy" not in rg.backends.names()
+    if added:
+        rg.backends.register(cb.CupyBackend)
+    yield rg.backends.get("cupy")
+    if added:
+        rg.backends.unregister("cupy")
+
+
+@pytest.fixture
+def force_path():
+    saved = cb.FORCE_PATH
+    yield
+    cb.FORCE_PATH = saved
+
+
+@pytest.fixture
+def fresh_workspaces(monkeypatch):
+    monkeypatch.setattr(cgraphs, "workspaces", cgraphs.WorkspaceCache())

@@ -1,0 +1,140 @@
+"""The cupy backend's CUDA sources (kernels/cuda/*.cu), checked on the CPU:
+
+* nvcc compiles every ``kernels/cuda/*.cu`` for sm_80 and sm_90 with every template the
+  backend asks NVRTC for instantiated: a small translation unit per source includes it and
+  takes the address of each of the backend's name expressions, so the list cannot drift
+  (skipped where nvcc is not on PATH);
+* the tensor-core kernel's PTX holds mma.sync for fp16 and bf16, and its cp.async copies
+  of h with a wait for each group;
+* the kernels include only headers the card's NVRTC has, and the source handed to NVRTC
+  inlines the shared header;
+* what the Python side mirrors from the sources: the call tables' fields (recurrent.cu's
+  structs) and the tensor-core kernel's shared-memory padding.
+
+The kernels' arithmetic is checked by test_cupy_emulated.py (on the CPU) and test_cupy_gpu.py.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+from cupy_emulation import KERNELS, SOURCES
+
+import rnn_gpu.backends.cupy as cb
+from rnn_gpu.kernels.cuda import device as cdev
+from rnn_gpu.kernels.cuda import graphs as cgraphs
+from rnn_gpu.kernels.cuda import sources as csources
+
+ARCHS = ("sm_80", "sm_90")
+
+
+# ---------------------------------------------------------------------- nvcc
+
+@pytest.fixture(scope="module")
+def nvcc_builds(tmp_path_factory):
+    """Every (source, arch) compile, started together (each takes 5-25 s)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH (the CUDA toolkit is needed to compile the kernels)")
+    out = tmp_path_factory.mktemp("nvcc")
+    procs = {}
+    for src in SOURCES:
+        unit = out / f"{src}_check.cu"
+        unit.write_text(instantiating_unit(src))
+        for arch in ARCHS:
+            cmd = [nvcc, "-std=c++17", f"-arch={arch}", "-c", "-o",
+                   str(out / f"{src}_{arch}.o"), str(unit)]
+            procs[src, arch] = subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                                stderr=subprocess.STDOUT, text=True)
+    return {key: (p.wait(timeout=600), p.stdout.read()) for key, p in procs.items()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("src", SOURCES)
+def test_nvcc_compiles_every_instantiation(nvcc_builds, src, arch):
+    code, log = nvcc_builds[src, arch]
+    assert code == 0, f"nvcc failed on {src}.cu for {arch}:\n{log}"
+    assert "warning" not in log.lower(), log
+
+
+# Headers seen to compile under the card's NVRTC (pip's cu13 headers, H100 run 5). Its mma.h
+# includes a crt/mma.h that those headers lack, so wmma failed there while nvcc here built it.
+NVRTC_SYSTEM_HEADERS = {"cuda_fp16.h", "cuda_bf16.h", "cooperative_groups.h"}
+
+
+def test_kernels_include_only_headers_the_cards_nvrtc_has():
+    for path in sorted(KERNELS.glob("*.cu*")):
+        system = set(re.findall(r"^\s*#include\s*<([\w./]+)>", path.read_text(), re.M))
+        assert system <= NVRTC_SYSTEM_HEADERS, (path.name, system - NVRTC_SYSTEM_HEADERS)
+
+
+def test_mma_kernel_runs_its_half_products_on_the_tensor_cores(tmp_path):
+    """The fp16 and bf16 instantiations of persistent_mma.cu emit mma.sync m16n8k16 (PTX for
+    sm_80, the oldest target): a fallback to the generic CUDA-core tile would compile too. The
+    step's copy of h is cp.async in four groups, each waited for before its products."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH (the CUDA toolkit is needed to compile the kernels)")
+    unit = tmp_path / "mma_check.cu"
+    unit.write_text(instantiating_unit("persistent_mma"))
+    ptx = tmp_path / "mma_check.ptx"
+    done = subprocess.run([nvcc, "-std=c++17", "-arch=sm_80", "-ptx", "-o", str(ptx), str(unit)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = ptx.read_text()
+    for kind in ("f16", "bf16"):
+        assert f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32" in text, kind
+    assert "cp.async.cg.shared.global" in text
+    source = (KERNELS / "persistent_mma.cu").read_text()
+    chunks = int(re.search(r"constexpr int MMA_K_CHUNKS = (\d+);", source).group(1))
+    for pending in range(chunks):
+        assert f"cp.async.wait_group {pending};" in text, pending
+
+
+def instantiating_unit(src: str) -> str:
+    """C++ that includes ``src``.cu and instantiates every template the backend asks NVRTC
+    for (taking a kernel template's address in host code instantiates it)."""
+    names = [n for d in cb.DTYPES for n in csources.name_expressions(src, d)]
+    body = "".join(f"    (void)&{name};\n" for name in names)
+    return (f'#include "{(KERNELS / f"{src}.cu").as_posix()}"\n\n'
+            f"void rnn_gpu_nvcc_check_{src}() {{\n{body}}}\n")
+
+
+def test_instantiating_unit_names_every_kernel_of_the_source():
+    for src in SOURCES:
+        unit = instantiating_unit(src)
+        kernels = set(re.findall(r"__global__\s+void(?:\s+__launch_bounds__\([^)]*\))?\s+(\w+)",
+                                 (KERNELS / f"{src}.cu").read_text()))
+        instantiated = set(re.findall(r"\(void\)&(\w+)<", unit))
+        assert kernels and instantiated == kernels, (src, kernels ^ instantiated)
+
+
+def test_kernel_source_inlines_the_shared_header():
+    for src in SOURCES:
+        text = csources.kernel_source(src)
+        assert not re.search(r'^#include "', text, re.MULTILINE)
+        assert "struct GatedStep" in text
+
+
+# ---------------------------------------------------------------------- what Python mirrors
+
+def test_call_tables_are_the_kernels_structs():
+    """The fields of each call table, in order, as recurrent.cu declares them: a field out of
+    place would send a kernel to the wrong array."""
+    source = (KERNELS / "recurrent.cu").read_text()
+    structs = dict(re.findall(r"struct (\w+Call) \{(.*?)\};", source, flags=re.S))
+    assert set(structs) == set(cgraphs.CALL_TABLES)
+    for name, body in structs.items():
+        fields = tuple(re.findall(r"\*\s*(\w+);", body))
+        assert fields == cgraphs.CALL_TABLES[name], name
+
+
+def test_mma_shared_memory_padding_agrees_with_the_kernel():
+    source = (KERNELS / "persistent_mma.cu").read_text()
+    pad = re.search(r"constexpr long long MMA_SMEM_PAD = (\d+);", source)
+    assert pad and int(pad.group(1)) == cdev.MMA_SMEM_PAD
+    # 16-byte row copies: a padded row of 16-bit elements stays 16-byte aligned
+    assert (cdev.MMA_SMEM_PAD * 2) % 16 == 0

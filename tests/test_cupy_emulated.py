@@ -1,0 +1,228 @@
+"""The cupy backend's algorithms on the CPU, on its CUDA kernels compiled as C++ (the
+emulation of tests/cupy_emulation.py; skipped without a C++ compiler):
+
+* the GEMMs' arguments, interpreted as cuBLAS ``gemmEx`` does (column-major), compute the
+  row-major products the backend means;
+* the graph path's whole algorithm: the float32 step kernels of recurrent.cu, the cuBLAS
+  ``gemmEx`` calls interpreted by NumPy, buffers poisoned with NaN; forward and backward of
+  every cell against the numpy backend in float64. This checks the kernel math, the kernels'
+  argument order, the time indexing, the pointer offsets and the cuBLAS argument mapping;
+  with capture on, a replayed time loop serves a new call through its call table;
+* the persistent kernels likewise, with one host thread per CUDA thread (barriers for
+  ``__syncthreads``, ``grid.sync()`` and the warp shuffles), the tensor-core kernel's tiling
+  and padding through its float32 instantiation, and the fallbacks where a kernel cannot run;
+* errors name the failing kernel or GEMM;
+* the GPU oracle tests' own harness (``run_against_oracle``), through the layer code, on the
+  emulated kernels: a harness bug shows here, not on a GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cupy_emulation import (
+    CELL_CASES,
+    LAYERS,
+    SOURCES,
+    EmulatedCupyBackend,
+    EmulatedDevice,
+    ReplayingDevice,
+    build_emulation,
+    check_against_numpy,
+    emulated_gemm_ex,
+    gemm_case,
+    run_against_oracle,
+)
+
+import rnn_gpu as rg
+import rnn_gpu.backends.cupy as cb
+from rnn_gpu.kernels.cuda import cublas as ccublas
+from rnn_gpu.kernels.cuda import graphs as cgraphs
+from rnn_gpu.kernels.cuda import ops as cops
+
+
+@pytest.fixture(scope="module")
+def emulation(tmp_path_factory):
+    path = tmp_path_factory.mktemp("emulation")
+    return {src: build_emulation(path, src) for src in SOURCES}
+
+
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("beta", [0, 1])
+def test_gemm_arguments_compute_the_row_major_product(trans_a, trans_b, beta):
+    # a and b stay bound: the op holds only their addresses
+    a, b, c, want, op = gemm_case(np.random.default_rng(0), 5, 3, 7, trans_a, trans_b, beta)
+    emulated_gemm_ex(op.cublas_args())
+    np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-5)
+
+
+LENGTHS = {"none": None, "with zeros": np.array([5, 0, 2])}
+
+
+@pytest.mark.parametrize("lengths", list(LENGTHS))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("cell,acts", CELL_CASES)
+def test_graph_path_on_emulated_kernels_matches_numpy(emulation, force_path, cell, acts,
+                                                     reverse, lengths):
+    cb.FORCE_PATH = "graph"
+    dev = EmulatedDevice(emulation)
+    tape = check_against_numpy(dev, cell, acts, 5, 3, 4, reverse=reverse,
+                               lengths=LENGTHS[lengths], bias=not reverse)
+    assert tape.path == "graph" and not any("persistent" in n for n in dev.launched)
+
+
+@pytest.mark.parametrize("cell,acts", CELL_CASES[:5])
+def test_graph_path_on_emulated_kernels_several_blocks(emulation, force_path, cell, acts):
+    cb.FORCE_PATH = "graph"                        # B*H = 315 > 256 threads: two blocks
+    check_against_numpy(EmulatedDevice(emulation), cell, acts, 3, 7, 45, reverse=True,
+                        lengths=np.array([3, 1, 0, 2, 3, 3, 1]), bias=True)
+
+
+@pytest.mark.parametrize("cell,acts", CELL_CASES[:6])
+def test_a_replayed_time_loop_serves_a_new_call(emulation, force_path, fresh_workspaces, cell,
+                                                acts):
+    """The graph path with capture on, forward (taped, then tape-free) and backward, twice with
+    new inputs and new outputs: from the second loop of each kind on, the operations recorded
+    the first time run instead of the call's own (what a CUDA graph replay does), and the
+    results still match the float64 oracle, because those operations reach the call's arrays
+    only through the rewritten call table."""
+    cb.FORCE_PATH = "graph"
+    dev = ReplayingDevice(emulation)
+    lengths = np.array([5, 0, 2])
+    check_against_numpy(dev, cell, acts, 5, 3, 4, reverse=True, lengths=lengths, bias=True)
+    assert dev.replayed == 1               # the tape-free forward replays the taped one's loop
+    check_against_numpy(dev, cell, acts, 5, 3, 4, reverse=True, lengths=lengths[::-1].copy(),
+                        bias=True, seed=1)
+    assert dev.replayed == 4 and len(dev.recorded) == 2
+    assert len(cgraphs.workspaces) == 2        # one forward, one backward workspace, kept
+    by_table: dict = {}
+    for address, content in dev.tables:
+        by_table.setdefault(address, set()).add(content)
+    # new addresses in every forward (4) and backward (2) table written: no replay could
+    # have been right by reusing the recorded call's arrays
+    assert sorted(len(v) for v in by_table.values()) == [2, 4]
+
+
+def test_without_capture_no_workspace_is_kept(emulation, force_path, fresh_workspaces):
+    cb.FORCE_PATH = "graph"
+    check_against_numpy(EmulatedDevice(emulation), "lstm", (), 3, 2, 4, reverse=False,
+                        lengths=None, bias=True)
+    assert len(cgraphs.workspaces) == 0
+
+
+@pytest.mark.parametrize("reverse,smem", [(False, "shared"), (True, "global")])
+@pytest.mark.parametrize("cell,acts", CELL_CASES)
+def test_persistent_path_on_emulated_kernels_matches_numpy(emulation, force_path, cell, acts,
+                                                          reverse, smem):
+    """H=7 over 3 emulated SMs: blocks of 3, 3 and 1 units; the weights in shared memory or
+    read from global memory. (One host thread per CUDA thread: ~2 s a case.)"""
+    cb.FORCE_PATH = "persistent"
+    dev = EmulatedDevice(emulation, sms=3, smem_limit=(1 << 16) if smem == "shared" else 0)
+    tape = check_against_numpy(dev, cell, acts, 4, 3, 7, reverse=reverse,
+                               lengths=np.array([4, 0, 2]), bias=reverse)
+    assert tape.path == "persistent"
+    assert sum("persistent" in n for n in dev.launched) == 2     # taped and tape-free forward
+
+
+@pytest.mark.parametrize("path", cb.PATHS)
+@pytest.mark.parametrize("cell,acts", CELL_CASES[:5])
+def test_emulated_kernels_at_tiny_shapes(emulation, force_path, cell, acts, path):
+    cb.FORCE_PATH = path
+    for T, B, H in ((1, 1, 1), (2, 1, 3)):
+        check_against_numpy(EmulatedDevice(emulation), cell, acts, T, B, H, reverse=True,
+                            lengths=None, bias=True)
+
+
+MMA_SHAPES = {"one tile each way": dict(T=4, B=3, H=7, sms=3),          # blocks of 3, 3, 1 units
+              "several tiles": dict(T=3, B=18, H=20, sms=2),             # Bp 32, LSTM Np 48
+              # Hp 112: float32 rows of 28 words, copied in K chunks of 8, 8, 8 and 4 words
+              "four K chunks": dict(T=3, B=5, H=100, sms=4)}
+
+
+@pytest.mark.parametrize("shape", list(MMA_SHAPES))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("cell,acts", CELL_CASES[:4])
+def test_persistent_mma_path_on_emulated_kernels_matches_numpy(emulation, force_path, cell,
+                                                              acts, reverse, shape):
+    """The tensor-core kernel's tiling, padding and synchronisation, run on the CPU: its
+    float32 instantiation computes the same 16 x 16 tiles with CUDA-core arithmetic (the
+    emulation has no tensor cores; the half and bfloat16 mma.sync code is checked by nvcc here and
+    by the gpu tests on a card). Rows and units that fill no whole tile are padded."""
+    cb.FORCE_PATH = "persistent-mma"
+    sh = MMA_SHAPES[shape]
+    dev = EmulatedDevice(emulation, sms=sh["sms"], smem_limit=1 << 20)
+    lengths = np.array(([sh["T"], 0, 2] * sh["B"])[:sh["B"]])
+    tape = check_against_numpy(dev, cell, acts, sh["T"], sh["B"], sh["H"], reverse=reverse,
+                               lengths=lengths, bias=reverse)
+    assert tape.path == "persistent-mma"
+    assert sum("persistent_mma" in n for n in dev.launched) == 2   # taped and tape-free forward
+
+
+def test_persistent_mma_path_falls_back_to_the_cuda_core_kernel(emulation, force_path):
+    """A block slice that does not fit in shared memory: the plain persistent kernel runs
+    (weights from global memory there), with a warning; TwoStageRNN takes it directly."""
+    cb.FORCE_PATH = "persistent-mma"
+    dev = EmulatedDevice(emulation, sms=3, smem_limit=0)
+    with pytest.warns(RuntimeWarning, match="cannot run here.*the CUDA-core persistent kernel"):
+        tape = check_against_numpy(dev, "gru", (), 3, 2, 5, reverse=False, lengths=None,
+                                   bias=True)
+    assert tape.path == "persistent" and not any("mma" in n for n in dev.launched)
+    tape = check_against_numpy(EmulatedDevice(emulation), "twostage", ("tanh", "tanh"), 3, 2, 5,
+                               reverse=False, lengths=None, bias=True)
+    assert tape.path == "persistent"
+
+
+def test_persistent_path_falls_back_to_the_graph_path_with_a_warning(emulation, force_path):
+    cb.FORCE_PATH = "persistent"
+    dev = EmulatedDevice(emulation, occupancy=0)
+    with pytest.warns(RuntimeWarning, match="cannot run here.*taking the graph path"):
+        tape = check_against_numpy(dev, "lstm", (), 3, 2, 5, reverse=False, lengths=None,
+                                   bias=True)
+    assert tape.path == "graph"
+
+
+def test_a_failing_operation_names_the_kernel_and_the_cause(emulation, monkeypatch):
+    class Broken(EmulatedDevice):
+        def launch(self, op):
+            raise ValueError("cudaErrorIllegalAddress: an illegal memory access")
+
+    dev = Broken(emulation)
+    a = np.zeros(4, np.float32)
+    op = cb._pointwise(dev, "cast_to_f32", n=4, args=(a, a, np.int64(4)))
+    with pytest.raises(RuntimeError, match=r"kernel cast_to_f32<float> \(grid 1 x block 256\)"
+                       r" failed: ValueError: cudaErrorIllegalAddress") as info:
+        cops.run_ops(dev, [op])
+    assert isinstance(info.value.__cause__, ValueError)
+    gemm = cb._gemm(dev, 2, 3, 4, 0, 0, 0, trans_b=True)
+    assert gemm.describe() == ("cuBLAS gemmEx C[2x3] (float32) = A Bᵀ (float32, k=4) + 0 C, "
+                               f"compute type {ccublas.CUBLAS_COMPUTE_32F}")
+    # CHECK_LAUNCHES: a synchronization after each operation, reported against it.
+    monkeypatch.setattr(cops, "CHECK_LAUNCHES", True)
+
+    class Faulting(EmulatedDevice):
+        def synchronize(self):
+            raise RuntimeError("cudaErrorLaunchFailure")
+
+    with pytest.raises(RuntimeError, match=r"cast_to_f32<float>.*cudaErrorLaunchFailure"):
+        cops.run_ops(Faulting(emulation), [op])
+
+
+@pytest.fixture
+def emulated_backend(emulation, monkeypatch):
+    pytest.importorskip("torch", reason="the oracle (tests/oracles.py) needs torch")
+    monkeypatch.setattr(EmulatedCupyBackend, "libs", emulation)
+    rg.backends.register(EmulatedCupyBackend)
+    yield EmulatedCupyBackend.name
+    rg.backends.unregister(EmulatedCupyBackend.name)
+
+
+@pytest.mark.parametrize("path,layer", [("graph", layer) for layer in LAYERS]
+                         + [("persistent", "TwoStage")])
+def test_oracle_harness_on_emulated_kernels(emulated_backend, force_path, path, layer):
+    """The GPU oracle tests' own harness, run on the CPU (graph path every layer, persistent
+    TwoStage, ~5 s): checks the harness and the backend through the layer code."""
+    cb.FORCE_PATH = path
+    tapes = run_against_oracle(layer, "float32", "numpy", seed=len(layer),
+                               backend=emulated_backend)
+    assert [t.data for t in tapes] == [{"path": path}] * 2

@@ -76,7 +76,7 @@ The backend never asks CuPy to compute on bfloat16 arrays (CuPy needs ml_dtypes 
 at all): conversions are kernels of ``recurrent.cu`` and GEMMs are direct ``gemmEx`` calls.
 
 The algorithms below talk to the GPU only through ``CupyDevice`` (``kernels/cuda/device.py``:
-allocate, launch, GEMM, copy), so that tests/test_cupy_backend.py can run them on the CPU
+allocate, launch, GEMM, copy), so that tests/test_cupy_emulated.py can run them on the CPU
 against an emulation that executes the real kernel source compiled as C++ and interprets the
 cuBLAS calls with NumPy. The rest of the machinery lives beside the sources in
 ``kernels/cuda/``: compiling them (``sources.py``), cuBLAS through ctypes (``cublas.py``), the

@@ -137,7 +137,10 @@ def test_emulated_kernels_at_tiny_shapes(emulation, force_path, cell, acts, path
 MMA_SHAPES = {"one tile each way": dict(T=4, B=3, H=7, sms=3),          # blocks of 3, 3, 1 units
               "several tiles": dict(T=3, B=18, H=20, sms=2),             # Bp 32, LSTM Np 48
               # Hp 112: float32 rows of 28 words, copied in K chunks of 8, 8, 8 and 4 words
-              "four K chunks": dict(T=3, B=5, H=100, sms=4)}
+              "four K chunks": dict(T=3, B=5, H=100, sms=4),
+              # one block of 30 units: 1200 (row, unit) elements, 5 for some of the 256
+              # threads, the first 2 with xw loaded before the products, the rest after
+              "more elements than prefetched": dict(T=3, B=40, H=30, sms=1)}
 
 
 @pytest.mark.parametrize("shape", list(MMA_SHAPES))

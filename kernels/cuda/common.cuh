@@ -5,7 +5,7 @@
 //
 // The backend loads the .cu files with importlib.resources and pastes this file in place of
 // their `#include "common.cuh"` line before handing the source to NVRTC, so no include path is
-// needed at run time. nvcc (tests/test_cupy_backend.py) resolves the include normally.
+// needed at run time. nvcc (tests/test_cupy_compile.py) resolves the include normally.
 //
 // With RNN_GPU_HOST_EMULATION defined (tests only) the float32 step kernels compile as plain
 // C++ for the CPU: the test defines __global__/__device__ away and emulates blockIdx/threadIdx.

@@ -1,7 +1,7 @@
 """One call's view of the GPU for the cupy backend (``CupyDevice``): allocation, copies, kernel
 launches, GEMMs, persistent-kernel plans, and running a time loop plainly or through the graph
 cache. The backend's algorithms talk to the GPU only through it, so that
-tests/test_cupy_backend.py can run them against a CPU emulation of the same interface."""
+tests/test_cupy_emulated.py can run them against a CPU emulation of the same interface."""
 
 from __future__ import annotations
 

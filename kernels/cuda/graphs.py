@@ -15,7 +15,7 @@ import numpy as np
 
 GRAPH_CACHE_SIZE = 16                  # time loops remembered (seen once, or captured)
 # Field order of the call tables in recurrent.cu (the per-call addresses the graph path's step
-# kernels read from device memory; tests/test_cupy_backend.py compares the two).
+# kernels read from device memory; tests/test_cupy_compile.py compares the two).
 CALL_TABLES = {
     "GatedFwdCall": ("xw", "bias", "lengths", "y", "gates", "ctape", "hprev"),
     "GatedBwdCall": ("dy", "gates", "ctape", "c0", "hprev", "lengths", "dxw", "dhh"),

@@ -151,6 +151,25 @@ __device__ __forceinline__ void copy_wait_for_chunk(int c) {
     }
 }
 
+// xw of one (row, unit) element of step t, the G gates in fp32 (zeros past the block's B*nu
+// elements). A thread's first MMA_PREFETCH_ITEMS elements are loaded at the start of the step,
+// before the copy of h: xw comes from HBM (the input GEMM wrote it before the launch; 512 KiB a
+// step at 512x64x1024 fp16), and loaded only when the gate math needs it, as before, each of a
+// thread's elements waited on that round trip after the products. 2 covers B * units <= 512
+// (B = 64 at 8 units a block); further elements load as they are finished.
+constexpr int MMA_PREFETCH_ITEMS = 2;
+
+template <typename T, int G>
+__device__ __forceinline__ void step_inputs(float (&x)[4], const T* xw, long long t,
+                                            long long item, long long B, long long H,
+                                            long long nu, long long u0) {
+    for (int g = 0; g < 4; ++g) x[g] = 0.0f;
+    if (item >= B * nu) return;
+    const long long b = item / nu, u = u0 + (item - b * nu);
+    const T* xrow = xw + rg::time_row(t, b, B) * (G * H);
+    for (int g = 0; g < G; ++g) x[g] = rg::to_f32(xrow[g * H + u]);
+}
+
 template <typename T, int CELL, int ACT>
 __global__ void __launch_bounds__(PERSISTENT_THREADS)
 gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
@@ -198,6 +217,11 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
         float* dst = hbuf + ((s + 1) & 1) * B * H;
         const T* a_src = hmat + (s & 1) * Bp * Hp;
         T* a_dst = hmat + ((s + 1) & 1) * Bp * Hp;
+        float x_pre[MMA_PREFETCH_ITEMS][4];             // loads issued now, used after the
+#pragma unroll                                            // copy and the products
+        for (int j = 0; j < MMA_PREFETCH_ITEMS; ++j)
+            step_inputs<T, G>(x_pre[j], xw, t, threadIdx.x + (long long)j * blockDim.x, B, H,
+                              nu, u0);
         for (int ch = 0; ch < MMA_K_CHUNKS; ++ch) {     // issue every copy of the step
             const int first = ch * chunk_words;
             const int words = row_words - first < chunk_words ? row_words - first : chunk_words;
@@ -228,12 +252,10 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
             }
         }
         __syncthreads();
-        for (long long item = threadIdx.x; item < B * nu; item += blockDim.x) {
+        auto finish = [&](long long item, const float (&x)[4]) {     // one (row, unit) element
             const long long b = item / nu, uu = item - b * nu, u = u0 + uu;
-            const T* xrow = xw + rg::time_row(t, b, B) * (G * H);
-            float x[4] = {0.0f, 0.0f, 0.0f, 0.0f}, acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             for (int g = 0; g < G; ++g) {
-                x[g] = rg::to_f32(xrow[g * H + u]);
                 acc[g] = acc_s[b * Np + g * nu + uu];
                 if (bias != nullptr) acc[g] += rg::to_f32(bias[g * H + u]);
             }
@@ -247,6 +269,17 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
                                                      gates, ctape, hprev);
             dst[at] = h;
             a_dst[b * Hp + u] = rg::from_f32<T>(h);
+        };
+#pragma unroll
+        for (int j = 0; j < MMA_PREFETCH_ITEMS; ++j) {
+            const long long item = threadIdx.x + (long long)j * blockDim.x;
+            if (item < B * nu) finish(item, x_pre[j]);
+        }
+        for (long long item = threadIdx.x + (long long)MMA_PREFETCH_ITEMS * blockDim.x;
+             item < B * nu; item += blockDim.x) {
+            float x[4];
+            step_inputs<T, G>(x, xw, t, item, B, H, nu, u0);
+            finish(item, x);
         }
         grid.sync();          // also orders this step's reads of acc_s, h_s before the next
     }

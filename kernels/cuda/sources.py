@@ -22,7 +22,7 @@ CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 
 def name_expressions(module: str, dtype: str) -> list[str]:
     """The template instantiations the backend asks NVRTC for, per source file and dtype
-    (tests/test_cupy_backend.py has nvcc instantiate exactly these for sm_80 and sm_90)."""
+    (tests/test_cupy_compile.py has nvcc instantiate exactly these for sm_80 and sm_90)."""
     ct = CTYPES[dtype]
     if module == "recurrent":
         names = [f"{k}<{ct}, {c}, {a}>" for k in ("gated_fwd_step", "gated_bwd_step")

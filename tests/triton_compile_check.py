@@ -40,7 +40,8 @@ FP32_ARGS = {"h0_ptr", "c0_ptr", "h_ptr", "c_ptr", "gates_ptr", "ctape_ptr", "dh
 INT_ARGS = {"len_ptr", "sync_ptr"}
 
 
-def _compile(fn, dtype: str, arch: int, consts: dict, num_warps: int, aligned: bool = True):
+def _compile(fn, dtype: str, arch: int, consts: dict, num_warps: int, aligned: bool = True,
+             num_stages: int = 2):
     """Compile ``fn`` as a launch would. ``aligned``: as the card compiles it for DESIGN's
     shapes. A launch specialises every 16-byte aligned pointer and every int argument that is a
     multiple of 16 (H; T, B and the step range are ``do_not_specialize``) with
@@ -67,13 +68,13 @@ def _compile(fn, dtype: str, arch: int, consts: dict, num_warps: int, aligned: b
                     constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                     attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": 2})
+                          options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def compile_variant(fn, dtype: str, arch: int, consts: dict, num_warps: int,
-                    aligned: bool = True):
+                    aligned: bool = True, num_stages: int = 2):
     start = time.perf_counter()
-    kernel = _compile(fn, dtype, arch, consts, num_warps, aligned)
+    kernel = _compile(fn, dtype, arch, consts, num_warps, aligned, num_stages)
     return kernel.metadata.shared, time.perf_counter() - start
 
 
@@ -206,6 +207,16 @@ def variants(arch: int):
         yield "gated_bwd", "lstm-tf32x3", gated._gated_bwd_kernel, {**lstm, **tf32x3}, "fp32"
 
 
+def deeper_variants(arch: int):
+    """What the tuner's second round may also run on sm_90 (kernels/triton/launch.py,
+    ``deeper_pipeline``): the kernels with k-loops, with 3 pipeline stages."""
+    if arch < 90:
+        return
+    for kernel, cell, fn, consts, dtype in variants(arch):
+        if cell in ("lstm", "twostage") and kernel != "gated_fwd_resident":   # no k-loop
+            yield kernel, f"{cell}-s3", fn, consts, dtype
+
+
 def main(argv: list[str]) -> int:
     if argv == ["--spills"]:
         return spills()
@@ -216,10 +227,12 @@ def main(argv: list[str]) -> int:
     for arch in archs:
         # both specialisations on sm_90 (H a multiple of 16 or not), the aligned one on sm_80
         for aligned in (True, False) if arch >= 90 else (True,):
-            for kernel, cell, fn, consts, dtype in variants(arch):
+            runs = [(v, 2) for v in variants(arch)] + [(v, 3) for v in deeper_variants(arch)]
+            for (kernel, cell, fn, consts, dtype), stages in runs:
                 what = f"{kernel} {cell} {dtype} sm_{arch} {'aligned' if aligned else 'unaligned'}"
                 try:
-                    shared, seconds = compile_variant(fn, dtype, arch, consts, 8, aligned)
+                    shared, seconds = compile_variant(fn, dtype, arch, consts, 8, aligned,
+                                                      stages)
                 except Exception as exc:                  # report every failure, then fail
                     failed += 1
                     print(f"FAILED {what}: {type(exc).__name__}: {exc}")

@@ -9,6 +9,8 @@ sequence length; clear errors on the GPU path. The large DESIGN §5 shapes are c
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from oracles import Result, as_tuple, assert_close, assert_close_rms, reference
@@ -90,9 +92,14 @@ def _forced(tiles):
 def _tilings():
     from rnn_gpu.kernels.triton.gated import Tiles
 
+    split = Tiles(block_b=16, block_h=16, block_k=32, units=16)
     return {"auto": None,
             "batch_tiled": (Tiles(block_b=16, block_h=32, block_k=32, units=64), False),
-            "split_grid_barrier": (Tiles(block_b=16, block_h=16, block_k=32, units=16), True)}
+            "split_grid_barrier": (split, True),
+            # what the tuner's second round may choose (launch.second_round)
+            "split_3_stages": (dataclasses.replace(split, num_stages=3), True),
+            "split_8_warps_3_stages": (dataclasses.replace(split, num_warps=8, num_stages=3),
+                                       True)}
 
 
 # Each (cell, dtype, tiling, direction, pass) is its own compiled kernel (~1-2 s to compile),
@@ -111,11 +118,19 @@ def test_every_cell_matches_float64_oracle(cell, opts, dtype, rng):
     run_on_gpu(Case(cell=cell, opts=opts, **SMALL), dtype, int(rng.integers(2**32)))
 
 
-@pytest.mark.parametrize("tiling", ["batch_tiled", "split_grid_barrier"])
+@pytest.mark.parametrize("tiling", ["batch_tiled", "split_grid_barrier", "split_3_stages"])
 @pytest.mark.parametrize("cell,opts", [CELL_OPTS[0], CELL_OPTS[4]])
 def test_each_tiling_matches_float64_oracle(cell, opts, tiling, rng):
     run_on_gpu(Case(cell=cell, opts=opts, **SMALL), "float16", int(rng.integers(2**32)),
                _tilings()[tiling])
+
+
+@pytest.mark.parametrize("cell,opts", [CELL_OPTS[0], CELL_OPTS[4]])
+def test_float32_with_more_warps_and_stages_matches_float64_oracle(cell, opts, rng):
+    """IEEE float32 (FMA products) with 8 warps and 3 pipeline stages, which the tuner's
+    second round times for float32 winners with 4 warps and long k-loops."""
+    run_on_gpu(Case(cell=cell, opts=opts, **SMALL), "float32", int(rng.integers(2**32)),
+               _tilings()["split_8_warps_3_stages"])
 
 
 @pytest.mark.parametrize("cell,opts,dtype,shape", [

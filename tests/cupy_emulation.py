@@ -234,6 +234,122 @@ extern "C" int emu_launch(const char* name, long long grid, long long block, lon
 """
 
 
+# One warp's tile_product through persistent_mma.cu's tensor-core tile (mma_tile), on the CPU:
+# the element type is "bfloat16" as the top 16 bits of a float, and mma_m16n8k16 is emulated
+# from the PTX ISA's fragment layouts ("Matrix Fragments for mma.m16n8k16", written out here
+# apart from the kernel's own comment): the lanes post their fragment registers, each lane
+# rebuilds the 16 x 16 A and 16 x 8 B tiles from all 32 posts and computes its own four D
+# elements. Two K chunks, the second accumulated, against a plain sum; small multiples of 1/8,
+# so every sum is exact. Exit status 0 when every element matches.
+MMA_TILE_CHECK = r"""
+#include <cstdint>
+#include <cstdio>
+#include <random>
+struct emu_bf16 { std::uint16_t bits; };
+static float bf16_value(std::uint32_t bits) {
+    const std::uint32_t u = bits << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+static unsigned posted_a[32][4], posted_b[32][2];
+static std::barrier<>* mma_warp;
+// d += A . B for one 16 x 8 output, as mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
+static void mma_m16n8k16(emu_bf16, float (&d)[4], const unsigned (&a)[4], unsigned b0,
+                         unsigned b1) {
+    const int lane = threadIdx.x % 32;
+    for (int i = 0; i < 4; ++i) posted_a[lane][i] = a[i];
+    posted_b[lane][0] = b0;
+    posted_b[lane][1] = b1;
+    mma_warp->arrive_and_wait();
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; ++l) {
+        const int group = l / 4, pair = 2 * (l % 4);   // groupID, 2 * threadID_in_group
+        // A: register i holds (row, col), (row, col + 1), lower half first
+        const int row[4] = {group, group + 8, group, group + 8};
+        const int col[4] = {pair, pair, pair + 8, pair + 8};
+        for (int i = 0; i < 4; ++i) {
+            A[row[i]][col[i]] = bf16_value(posted_a[l][i] & 0xffffu);
+            A[row[i]][col[i] + 1] = bf16_value(posted_a[l][i] >> 16);
+        }
+        // B: register i holds rows (k) pair + 8 i and the next one, column groupID
+        for (int i = 0; i < 2; ++i) {
+            B[pair + 8 * i][group] = bf16_value(posted_b[l][i] & 0xffffu);
+            B[pair + 8 * i + 1][group] = bf16_value(posted_b[l][i] >> 16);
+        }
+    }
+    mma_warp->arrive_and_wait();            // every lane has read the posts before new ones
+    const int group = lane / 4, pair = 2 * (lane % 4);
+    for (int i = 0; i < 4; ++i) {           // D: (group, pair), (group, pair + 1), then row + 8
+        const int r = group + 8 * (i / 2), n = pair + i % 2;
+        float acc = 0.0f;
+        for (int k = 0; k < 16; ++k) acc += A[r][k] * B[k][n];
+        d[i] += acc;
+    }
+}
+template <>
+void tile_product<emu_bf16>(float* c, long long ldc, const emu_bf16* a, long long lda,
+                            const emu_bf16* b, long long ldb, long long K, int lane,
+                            bool accumulate) {
+    mma_tile(c, ldc, a, lda, b, ldb, K, lane, accumulate);
+}
+int main() {
+    constexpr int K = 64, LD = K + 8, LDC = 20;          // padded rows, as in the kernel
+    std::mt19937 rng(7);
+    std::uniform_int_distribution<int> eighths(-8, 8);
+    auto draw = [&] {
+        const float f = eighths(rng) / 8.0f;
+        std::uint32_t u;
+        std::memcpy(&u, &f, 4);
+        return emu_bf16{static_cast<std::uint16_t>(u >> 16)};
+    };
+    std::vector<emu_bf16> a(16 * LD), b(16 * LD);        // a row-major, b column-major (K x 16)
+    for (auto& x : a) x = draw();
+    for (auto& x : b) x = draw();
+    std::vector<float> c(16 * LDC, -1.0f);
+    mma_warp = new std::barrier<>(32);
+    std::vector<std::thread> lanes;
+    for (int l = 0; l < 32; ++l)
+        lanes.emplace_back([&, l] {
+            threadIdx.x = (unsigned)l;
+            tile_product<emu_bf16>(c.data(), LDC, a.data(), LD, b.data(), LD, K / 2, l, false);
+            tile_product<emu_bf16>(c.data(), LDC, a.data() + K / 2, LD, b.data() + K / 2, LD,
+                                   K / 2, l, true);
+        });
+    for (auto& t : lanes) t.join();
+    int wrong = 0;
+    for (int r = 0; r < 16; ++r)
+        for (int n = 0; n < LDC; ++n) {
+            float want = -1.0f;                         // columns 16.. are not the tile's
+            if (n < 16) {
+                want = 0.0f;
+                for (int k = 0; k < K; ++k)
+                    want += bf16_value(a[r * LD + k].bits) * bf16_value(b[n * LD + k].bits);
+            }
+            if (c[r * LDC + n] != want) ++wrong;
+        }
+    std::printf("%d of %d elements wrong\n", wrong, 16 * LDC);
+    return wrong != 0;
+}
+"""
+
+
+def run_mma_tile_check(tmp_path: Path) -> subprocess.CompletedProcess:
+    """Build and run :data:`MMA_TILE_CHECK` against kernels/cuda/persistent_mma.cu."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler (g++) to build the CPU emulation of the kernels")
+    body = PERSISTENT_EMULATION.replace("{kernels}", str(KERNELS))
+    code = EMULATION_PRELUDE + body.replace("{source}", "persistent_mma") + MMA_TILE_CHECK
+    cpp, exe = tmp_path / "mma_tile_check.cpp", tmp_path / "mma_tile_check"
+    cpp.write_text(code)
+    built = subprocess.run([compiler, "-std=c++20", "-O1", "-pthread", "-Wall",
+                            "-Wno-unused-function", "-Wno-unknown-pragmas", "-o", str(exe),
+                            str(cpp)], capture_output=True, text=True)
+    assert built.returncode == 0 and "warning" not in built.stderr, built.stderr
+    return subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+
+
 def build_emulation(tmp_path: Path, source: str) -> ctypes.CDLL:
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:

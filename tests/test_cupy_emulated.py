@@ -32,6 +32,7 @@ from cupy_emulation import (
     emulated_gemm_ex,
     gemm_case,
     run_against_oracle,
+    run_mma_tile_check,
 )
 
 import rnn_gpu as rg
@@ -132,6 +133,16 @@ def test_emulated_kernels_at_tiny_shapes(emulation, force_path, cell, acts, path
     for T, B, H in ((1, 1, 1), (2, 1, 3)):
         check_against_numpy(EmulatedDevice(emulation), cell, acts, T, B, H, reverse=True,
                             lengths=None, bias=True)
+
+
+def test_mma_tile_fragments_follow_the_ptx_layouts(tmp_path):
+    """The half/bfloat16 tile of the tensor-core kernel (mma_tile: its fragment addressing,
+    the two 16 x 8 halves, padded rows, accumulating a second K chunk) on the CPU, with
+    mma.sync m16n8k16 emulated from the PTX ISA's layouts (tests/cupy_emulation.py). The
+    kernel tests above run its float32 instantiation, which has no fragments."""
+    done = run_mma_tile_check(tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("0 of 320 elements wrong"), done.stdout
 
 
 MMA_SHAPES = {"one tile each way": dict(T=4, B=3, H=7, sms=3),          # blocks of 3, 3, 1 units

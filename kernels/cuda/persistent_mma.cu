@@ -59,7 +59,10 @@ __device__ __forceinline__ void mma_m16n8k16(__nv_bfloat16, float (&d)[4], const
     RG_MMA_M16N8K16("bf16");
 }
 #undef RG_MMA_M16N8K16
+#endif
 
+// pair_at and mma_tile are plain C++ too: the tests run them on the CPU with an emulated
+// mma_m16n8k16 that follows the PTX ISA's fragment layouts (tests/test_cupy_emulated.py).
 template <typename T>
 __device__ __forceinline__ unsigned pair_at(const T* p) {     // two 16-bit elements, 4-aligned
     return *reinterpret_cast<const unsigned*>(p);
@@ -96,6 +99,7 @@ __device__ __forceinline__ void mma_tile(float* c, long long ldc, const T* a, lo
         out[8 * ldc + 1] = d[half][3];
     }
 }
+#ifndef RNN_GPU_HOST_EMULATION
 template <>
 __device__ void tile_product<__half>(float* c, long long ldc, const __half* a, long long lda,
                                      const __half* b, long long ldb, long long K, int lane,

@@ -297,3 +297,52 @@ def test_float32_precision_reaches_the_kernels(interpret, monkeypatch, rng):
     seen.clear()
     ours(*build(case, np.random.default_rng(0))[:4], backend="triton")
     assert set(seen) == {"ieee"}
+
+
+def _spy_on_launches(monkeypatch, kernel, seen: list) -> None:
+    """Record each launch of the jit ``kernel``: its precision, W_TRANSPOSED and weights.
+    (The kernel object itself stays in place: the backend checks its type.)"""
+    cls = type(kernel)
+    real = cls.__getitem__
+
+    def getitem(self, grid):
+        launch = real(self, grid)
+        if self is not kernel:
+            return launch
+
+        def run(*args, **kwargs):
+            seen.append((kwargs["PRECISION"], kwargs["W_TRANSPOSED"], args[1]))
+            return launch(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(cls, "__getitem__", getitem)
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "TwoStageRNN"])
+def test_float32_forward_takes_the_weights_transposed(interpret, monkeypatch, cell, rng):
+    """In IEEE float32 the forwards' products are FMA loops that read W_hh conflict-free from
+    shared memory only when it is contiguous along the units (kernels/triton/common.py): the
+    launcher passes W_hhᵀ then, and W_hh as stored for half precision and TF32, whose
+    tensor-core products want it K-major. Both layouts match the oracle (the other tests)."""
+    from rnn_gpu.kernels.triton import gated, twostage
+
+    kernel = gated._gated_fwd_kernel if cell == "LSTM" else twostage._twostage_fwd_kernel
+    seen: list = []
+    _spy_on_launches(monkeypatch, kernel, seen)
+    case = Case(cell=cell, dtype="float32", **LAYOUTS["plain"])
+    H, gates = case.H, 4 if cell == "LSTM" else 1
+    check(case, int(rng.integers(2**32)), TOL["float32"])
+    assert seen and all(p == "ieee" and transposed for p, transposed, _ in seen)
+    assert all(w.shape == (H, gates * H) and w.is_contiguous() for *_, w in seen)
+    seen.clear()
+    rg.set_float32_precision("tf32x3")
+    try:
+        ours(*build(case, np.random.default_rng(0))[:4], backend="triton")
+    finally:
+        rg.set_float32_precision("ieee")
+    assert seen and all(p == "tf32x3" and not transposed and w.shape == (gates * H, H)
+                        for p, transposed, w in seen)
+    seen.clear()
+    half = Case(cell=cell, dtype="float16", **LAYOUTS["plain"])
+    ours(*build(half, np.random.default_rng(0))[:4], backend="triton")
+    assert seen and all(not transposed and w.dtype == torch.float16 for _, transposed, w in seen)

@@ -12,6 +12,12 @@ main tilings and the backward kernel's chosen ones on sm_90, the registers per t
 bytes of spill stores that ptxas -v reports (the register pressure that cost the kernels most
 on an H100, docs/performance.md).
 
+``python tests/triton_compile_check.py --fma-banks`` prints, for the float32 (IEEE) kernels at
+run 5's tilings on sm_90, the shared-memory wavefronts of their FMA dots' operand reads
+(tests/fma_banks.py) per 32 of K and SM, against the FMA issue cycles; the forwards also
+with the weights as stored, the layout they had until the float32 products were found bound
+by bank conflicts (docs/performance.md).
+
 ``python tests/triton_compile_check.py --resident`` prints the same for the weights-resident
 forward (kernels/triton/gated_resident.py) at DESIGN's 512x64x1024 tiling on sm_90, with its
 shared memory and whether W_hh's copy into shared memory sits before the time loop (Triton
@@ -34,6 +40,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from rnn_gpu.kernels.triton import gated, gated_resident, launch, twostage  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fma_banks  # noqa: E402
 
 FP32_ARGS = {"h0_ptr", "c0_ptr", "h_ptr", "c_ptr", "gates_ptr", "ctape_ptr", "dhT_ptr",
              "dcT_ptr", "dh_ptr", "dc_ptr", "atape_ptr", "htape_ptr"}
@@ -126,7 +135,8 @@ def spills() -> int:
             consts = dict(CELL=cell, G=gated.GATES[cell], TG=gated.TAPE_GATES[cell], ACT=0,
                           REVERSE=False, HAS_BIAS=True, HAS_LENGTHS=False, KEEP_TAPE=tape,
                           GRID_SYNC=sync, PRECISION="ieee", BLOCK_B=bb, BLOCK_H=bh,
-                          BLOCK_K=32 if dtype == "fp32" else 64, UNITS=units)
+                          BLOCK_K=32 if dtype == "fp32" else 64, UNITS=units,
+                          W_TRANSPOSED=dtype == "fp32")
             kernel = _compile(gated._gated_fwd_kernel, dtype, 90, consts, warps)
             regs, spilled = ptxas_usage(kernel.asm["ptx"])
             print(f"spills gated_fwd {label.replace(' ', '_')} tape={int(tape)} "
@@ -141,6 +151,61 @@ def spills() -> int:
                           launch._warps(gates, bb, bh))
         regs, spilled = ptxas_usage(kernel.asm["ptx"])
         print(f"spills gated_bwd {label} registers={regs} spill_bytes={spilled}")
+    return 0
+
+
+# (cell, kind, T x B x H, BLOCK_B, BLOCK_H, UNITS, GRID_SYNC, warps): the float32 tilings the
+# H100 chose in run 5 (docs/performance.md; BLOCK_K 32), forward (inference, and the taped one
+# where it differed) and backward; TwoStageRNN at the LSTM's 256x4096x256 tiling.
+FMA_BANK_CASES = [
+    ("lstm", "fwd", "256x4096x256", 128, 64, 64, True, 8),
+    ("lstm", "fwd", "256x1024x512", 64, 64, 64, True, 8),
+    ("lstm", "fwd", "512x64x1024", 16, 32, 32, True, 4),
+    ("lstm", "fwd-taped", "512x64x1024", 32, 16, 16, True, 4),
+    ("lstm", "fwd", "128x16384x128", 128, 64, 128, False, 8),
+    ("lstm", "bwd", "256x4096x256", 128, 64, 64, True, 8),
+    ("lstm", "bwd", "256x1024x512", 64, 64, 64, True, 8),
+    ("lstm", "bwd", "512x64x1024", 16, 32, 32, True, 4),
+    ("lstm", "bwd", "128x16384x128", 64, 64, 128, False, 8),
+    ("twostage", "fwd", "256x4096x256", 128, 64, 64, True, 8),
+    ("twostage", "bwd", "256x4096x256", 128, 64, 64, True, 8),
+]
+
+
+def fma_bank_kernel(cell: str, kind: str, bb: int, bh: int, units: int, sync: bool,
+                    transposed: bool):
+    """(function, constexprs) of one FMA_BANK_CASES kernel in IEEE float32."""
+    tiles = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=32, UNITS=units, GRID_SYNC=sync,
+                 PRECISION="ieee", REVERSE=False, HAS_LENGTHS=False)
+    forward = dict(HAS_BIAS=True, KEEP_TAPE=kind == "fwd-taped", W_TRANSPOSED=transposed)
+    if cell == "twostage":
+        fn = twostage._twostage_fwd_kernel if kind.startswith("fwd") else \
+            twostage._twostage_bwd_kernel
+        return fn, dict(F=1, G=2, **tiles, **(forward if kind.startswith("fwd") else {}))
+    shape = dict(CELL=1, G=4, TG=4, ACT=0)
+    if kind.startswith("fwd"):
+        return gated._gated_fwd_kernel, dict(shape, **tiles, **forward)
+    return gated._gated_bwd_kernel, dict(shape, **tiles)
+
+
+def fma_banks_report() -> int:
+    for cell, kind, shape, bb, bh, units, sync, warps in FMA_BANK_CASES:
+        layouts = ("transposed", "as_stored") if kind.startswith("fwd") else ("as_stored",)
+        for weights in layouts:
+            fn, consts = fma_bank_kernel(cell, kind, bb, bh, units, sync,
+                                         weights == "transposed")
+            reads = fma_banks.dot_operand_reads(_compile(fn, "fp32", 90, consts, warps)
+                                                .asm["ttgir"])
+            # per 32 of K in every product of a step (one k-iteration of each k-loop), and SM
+            # (one program): each warp reads its operand tiles once; the FMAs are
+            # BLOCK_B x BLOCK_H x 32 per product, at 128 a cycle
+            dots = sum(r.operand == 1 for r in reads)
+            worst = max(r.conflict for r in reads)
+            print(f"fma_banks {cell} {kind} {shape} b{bb} h{bh} u{units} w{warps} "
+                  f"weights={weights} launched={int(weights == 'transposed' or kind == 'bwd')} "
+                  f"worst_conflict={worst:.2f} "
+                  f"wavefronts_per_32k={sum(r.wavefronts for r in reads) * warps} "
+                  f"fma_cycles_per_32k={bb * bh * 32 * dots // 128}")
     return 0
 
 
@@ -184,14 +249,16 @@ def variants(arch: int):
     dtype = "bf16" if arch >= 90 else "fp32"
     tiles = dict(BLOCK_B=64, BLOCK_H=64, BLOCK_K=64, UNITS=units)
     common = dict(REVERSE=True, HAS_LENGTHS=True, GRID_SYNC=True, PRECISION="ieee", **tiles)
+    # the forwards take float32 weights transposed in IEEE precision, as launched
+    transposed = dict(W_TRANSPOSED=dtype == "fp32")
     for cell, name in ((0, "rnn"), (1, "lstm"), (2, "gru")):
         shape = dict(CELL=cell, G=gated.GATES[cell], TG=gated.TAPE_GATES[cell], ACT=0)
         yield ("gated_fwd", name, gated._gated_fwd_kernel,
-               {**shape, **common, "HAS_BIAS": True, "KEEP_TAPE": True}, dtype)
+               {**shape, **common, "HAS_BIAS": True, "KEEP_TAPE": True, **transposed}, dtype)
         yield "gated_bwd", name, gated._gated_bwd_kernel, {**shape, **common}, dtype
     acts = dict(F=1, G=2)
     yield ("twostage_fwd", "twostage", twostage._twostage_fwd_kernel,
-           {**acts, **common, "HAS_BIAS": True, "KEEP_TAPE": True}, dtype)
+           {**acts, **common, "HAS_BIAS": True, "KEEP_TAPE": True, **transposed}, dtype)
     yield ("twostage_bwd", "twostage", twostage._twostage_bwd_kernel, {**acts, **common},
            dtype)
     resident_dtype = "bf16" if arch >= 90 else "fp16"
@@ -222,6 +289,8 @@ def main(argv: list[str]) -> int:
         return spills()
     if argv == ["--resident"]:
         return resident()
+    if argv == ["--fma-banks"]:
+        return fma_banks_report()
     archs = [int(a) for a in argv] or [80, 90]
     failed = 0
     for arch in archs:

@@ -157,6 +157,25 @@ def step_barrier(counter_ptr, target, GRID_SYNC: tl.constexpr):
         tl.debug_barrier()
 
 
+# float32 products in IEEE precision run on the CUDA cores: Triton lowers them to FMA loops whose
+# operands it reads from unswizzled shared memory, 16 bytes at a time along the tile's contiguous
+# dimension. Streamed as stored, W's tile (k, unit) is contiguous along k: the 16 lanes of a
+# warp that own different units then read addresses one column (BLOCK_K words) apart, all in
+# the same four banks, a 16-way conflict on every weight read (8 wavefronts per quarter-warp
+# where 1 would do). Shared-memory wavefronts alone, counted from the compiled layouts
+# (tests/triton_compile_check.py --fma-banks), account for 60-86% of the float32 forward's step
+# time on the H100 at the four tilings run 5 and run 3 timed: e.g. 273 of 334 us a step at
+# 256x1024x512 (64 x 64 units), 137 of 158 us at 512x64x1024. Passed as W^T (H, G*H), the
+# tile is contiguous along the units and the same reads take 1 wavefront per quarter-warp:
+# 6.6x fewer at 256x1024x512 (33.8K -> 5.1K per k-iteration and SM), which leaves the FMAs
+# (4.1K cycles) as the bound. Half precision and TF32 keep W as stored: their tensor-core
+# products read it through their own swizzled layouts (and TF32's wgmma wants B K-major).
+def weights_transposed(dtype, precision: str) -> bool:
+    """Whether the forward kernels take their recurrent weights transposed (unit-contiguous):
+    float32 products in IEEE precision (see the note above)."""
+    return str(dtype) in ("torch.float32", "float32") and precision == "ieee"
+
+
 @triton.jit
 def row_block_dot(acc, a_ptr, a_rows, row_ok, K, w_ptr, stride_wk, stride_wj, cols, col_ok,
                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):

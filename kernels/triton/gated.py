@@ -55,6 +55,7 @@ from .common import (
     tanh,
     time_index,
     valid_rows,
+    weights_transposed,
 )
 from .gated_resident import gate_slots, gated_fwd_resident_kernel
 from .gated_step import finish_step, xw_plus_bias
@@ -72,6 +73,7 @@ def _gated_fwd_kernel(
     REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     KEEP_TAPE: tl.constexpr, GRID_SYNC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, UNITS: tl.constexpr,
+    W_TRANSPOSED: tl.constexpr = False,
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -79,6 +81,12 @@ def _gated_fwd_kernel(
     rows, row_ok, _, lens, unit_end = program_rows(B, H, len_ptr, HAS_LENGTHS, BLOCK_B, UNITS)
     GH = G * H
     BH = B.to(tl.int64) * H
+    # w_ptr holds W_hh (G*H, H), element (unit n, k) at n*H + k, or with W_TRANSPOSED W_hhᵀ
+    # (H, G*H), at k*G*H + n: the float32 FMA products' layout (common.weights_transposed)
+    if W_TRANSPOSED:
+        gate_stride = H
+    else:
+        gate_stride = H * H
     for i in range(n_steps):
         s = t_begin + i
         t = time_index(s, T, REVERSE)
@@ -109,17 +117,20 @@ def _gated_fwd_kernel(
                 hk = tl.load(src + (rows[:, None] * H + ks[None, :]),
                              mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 wmask = k_ok[:, None] & col_ok[None, :]
-                w_cols = w_ptr + cols[None, :] * H + ks[:, None]    # W_hhᵀ block (k, unit)
+                if W_TRANSPOSED:                                     # W_hhᵀ block (k, unit)
+                    w_cols = w_ptr + ks[:, None] * GH + cols[None, :]
+                else:
+                    w_cols = w_ptr + cols[None, :] * H + ks[:, None]
                 acc0 = tl.dot(hk, tl.load(w_cols, mask=wmask, other=0.0), acc0,
                               input_precision=PRECISION)
                 if G > 1:
-                    acc1 = tl.dot(hk, tl.load(w_cols + H * H, mask=wmask, other=0.0), acc1,
-                                  input_precision=PRECISION)
-                    acc2 = tl.dot(hk, tl.load(w_cols + 2 * H * H, mask=wmask, other=0.0), acc2,
-                                  input_precision=PRECISION)
+                    acc1 = tl.dot(hk, tl.load(w_cols + gate_stride, mask=wmask, other=0.0),
+                                  acc1, input_precision=PRECISION)
+                    acc2 = tl.dot(hk, tl.load(w_cols + 2 * gate_stride, mask=wmask, other=0.0),
+                                  acc2, input_precision=PRECISION)
                 if G > 3:
-                    acc3 = tl.dot(hk, tl.load(w_cols + 3 * H * H, mask=wmask, other=0.0), acc3,
-                                  input_precision=PRECISION)
+                    acc3 = tl.dot(hk, tl.load(w_cols + 3 * gate_stride, mask=wmask, other=0.0),
+                                  acc3, input_precision=PRECISION)
             finish_step(acc0, acc1, acc2, acc3, xg, s, own, m2, valid, rows, cols, H, h0_ptr,
                         c0_ptr, h_ptr, c_ptr, dst, own, y_t, hprev_t, gates_t, ctape_t, CELL,
                         TG, ACT, KEEP_TAPE)
@@ -281,7 +292,7 @@ class GatedTape:
 
 
 def _constexprs(cell, act, tiles: Tiles, precision, grid_sync, H: int = 0):
-    """The kernel's compile-time arguments; with ``tiles.resident`` (and ``H``) the resident
+    """The kernels' compile-time arguments; with ``tiles.resident`` (and ``H``) the resident
     forward's, which has no k-loop and no unit blocks."""
     common = dict(CELL=cell, G=GATES[cell], TG=TAPE_GATES[cell], ACT=act, GRID_SYNC=grid_sync,
                   PRECISION=precision, BLOCK_B=tiles.block_b, UNITS=tiles.units,
@@ -335,11 +346,16 @@ def gated_forward(cell: int, act: int, xw: torch.Tensor, w_hh: torch.Tensor,
     grid = tiles.grid(B, H)
     split = grid[1] > 1
     consts = _constexprs(cell, act, tiles, precision, grid_sync and split, H)
-    kernel = gated_fwd_resident_kernel if tiles.resident else _gated_fwd_kernel
+    kernel, w_arg = gated_fwd_resident_kernel, w_hh
+    if not tiles.resident:
+        kernel = _gated_fwd_kernel
+        consts["W_TRANSPOSED"] = weights_transposed(dt, precision)
+        if consts["W_TRANSPOSED"]:     # conflict-free FMA operand reads (see common.py)
+            w_arg = w_hh.t().contiguous()
     for t_begin, n in _spans(T, grid_sync, split):
         sync = torch.zeros((grid[0],), device=dev, dtype=torch.int32)
         kernel[grid](
-            xw, w_hh, b_hh if b_hh is not None else w_hh, h0f, c0f,
+            xw, w_arg, b_hh if b_hh is not None else w_hh, h0f, c0f,
             lengths if lengths is not None else sync,
             y, hbuf, h, c, gates, ctape, hprev, sync, T, B, H, t_begin, n,
             REVERSE=reverse, HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None,

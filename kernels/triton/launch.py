@@ -247,12 +247,13 @@ def deeper_pipeline(option: tuple[Tiles, bool], kind: str, gates: int,
     return dataclasses.replace(tiles, num_stages=3), sync
 
 
-# float32 (IEEE) products run on the CUDA cores as FMA loops, not on the tensor cores. The
-# LSTM forward's 32-row x 16-unit tiling at 512x64x1024 issues ~1050 instructions per thread
-# and k-iteration, 516 of them FMAs (PTX, sm_90); with 4 warps, one per scheduler, nothing
-# hides the shared-memory and FMA latencies. Run 5 timed it at 158 us a step: ~0.12
-# instructions per cycle per scheduler. 8 warps split the same tile in two (128 registers,
-# no spills), two warps a scheduler; the tuner times that too.
+# float32 (IEEE) products run on the CUDA cores as FMA loops, not on the tensor cores. Until
+# their weights came transposed, their shared-memory reads were 16-way bank conflicts, which
+# account for 137 of run 5's 158 us a step of the LSTM forward's 16 x 32 tiling at 512x64x1024
+# (tests/triton_compile_check.py --fma-banks; common.weights_transposed). Without them the
+# loop's FMAs and reads take ~0.5K and ~1.3K cycles per k-iteration and SM at 4 warps, one
+# warp per scheduler, so latencies are exposed; 8 warps split the same tile in two (two warps
+# a scheduler, no spills). Only a timing can say which wins, so the tuner times both.
 def more_warps(option: tuple[Tiles, bool], dtype: str) -> tuple[Tiles, bool] | None:
     """``option`` with 8 warps where it has fewer and its products are IEEE float32 FMA
     loops; None otherwise."""

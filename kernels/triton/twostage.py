@@ -34,6 +34,7 @@ from .common import (
     step_barrier,
     time_index,
     valid_rows,
+    weights_transposed,
 )
 from .gated import Tiles
 
@@ -46,7 +47,7 @@ def _twostage_fwd_kernel(
     F: tl.constexpr, G: tl.constexpr, REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, KEEP_TAPE: tl.constexpr, GRID_SYNC: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr, UNITS: tl.constexpr,
+    BLOCK_K: tl.constexpr, UNITS: tl.constexpr, W_TRANSPOSED: tl.constexpr = False,
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -56,6 +57,12 @@ def _twostage_fwd_kernel(
                                                         UNITS)
     BH = B.to(tl.int64) * H
     h_rows = rows64 * H
+    # W (unit j, k) at j*H + k as stored, or at k*H + j when the weights come transposed (the
+    # float32 FMA products' layout, common.weights_transposed)
+    if W_TRANSPOSED:
+        stride_wk, stride_wj = H, 1
+    else:
+        stride_wk, stride_wj = 1, H
     for q in range(n_phases):
         p = p_begin + q
         s = p // 2
@@ -70,8 +77,8 @@ def _twostage_fwd_kernel(
             if p % 2 == 0:                                   # phase A: a_t
                 acc = tl.load(xw_ptr + s_rows[:, None] + cols[None, :], mask=m2,
                               other=0.0).to(tl.float32)
-                acc = row_block_dot(acc, src, h_rows, row_ok, H, waa_ptr, 1, H, cols, col_ok,
-                                    BLOCK_K, PRECISION)
+                acc = row_block_dot(acc, src, h_rows, row_ok, H, waa_ptr, stride_wk, stride_wj,
+                                    cols, col_ok, BLOCK_K, PRECISION)
                 a = activate(acc, F)
                 tl.store(abuf_ptr + own, a.to(dtype), mask=m2)
                 if KEEP_TAPE:
@@ -80,10 +87,10 @@ def _twostage_fwd_kernel(
                 acc = tl.full((BLOCK_B, BLOCK_H), 0.0, tl.float32)
                 if HAS_BIAS:
                     acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-                acc = row_block_dot(acc, abuf_ptr, h_rows, row_ok, H, wha_ptr, 1, H, cols,
-                                    col_ok, BLOCK_K, PRECISION)
-                acc = row_block_dot(acc, src, h_rows, row_ok, H, whh_ptr, 1, H, cols, col_ok,
-                                    BLOCK_K, PRECISION)
+                acc = row_block_dot(acc, abuf_ptr, h_rows, row_ok, H, wha_ptr, stride_wk,
+                                    stride_wj, cols, col_ok, BLOCK_K, PRECISION)
+                acc = row_block_dot(acc, src, h_rows, row_ok, H, whh_ptr, stride_wk,
+                                    stride_wj, cols, col_ok, BLOCK_K, PRECISION)
                 h_new = activate(acc, G)
                 if s == 0:
                     h_prev = tl.load(h0_ptr + own, mask=m2, other=0.0)
@@ -211,13 +218,16 @@ def twostage_forward(acts: tuple[int, int], xw, w_aa, w_ha, w_hh, b_h, h0, lengt
     grid = tiles.grid(B, H)
     split = grid[1] > 1
     consts = _consts(acts, tiles, precision, grid_sync and split)
+    transposed = weights_transposed(dt, precision)
+    ws = [w.t().contiguous() if transposed else w for w in (w_aa, w_ha, w_hh)]
     for p_begin, n in _launch_spans(2 * T, grid_sync, split):
         sync = torch.zeros((grid[0],), device=dev, dtype=torch.int32)
         _twostage_fwd_kernel[grid](
-            xw, w_aa, w_ha, w_hh, b_h if b_h is not None else w_hh, h0f,
+            xw, *ws, b_h if b_h is not None else w_hh, h0f,
             lengths if lengths is not None else sync, y, hbuf, abuf, h, atape, htape, hprev,
             sync, T, B, H, p_begin, n, REVERSE=reverse, HAS_BIAS=b_h is not None,
-            HAS_LENGTHS=lengths is not None, KEEP_TAPE=keep_tape, **consts)
+            HAS_LENGTHS=lengths is not None, KEEP_TAPE=keep_tape, W_TRANSPOSED=transposed,
+            **consts)
     tape = None
     if keep_tape:
         tape = TwoStageTape(acts, reverse, precision, tiles, grid_sync, (w_aa, w_ha, w_hh),

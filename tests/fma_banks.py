@@ -106,8 +106,10 @@ def operand_reads(shape: tuple[int, int], operand: int, parent: dict, shared: di
         per_lane.append([(address(*e) * elem_bytes, width * elem_bytes)
                          for e, width in _vectors(elements, fast, per_vector)])
     loads = len(per_lane[0])
-    if any(len(v) != loads for v in per_lane):
-        raise ValueError("lanes issue different numbers of loads: not a layout this models")
+    widths = [nbytes for _, nbytes in per_lane[0]]
+    if any([nbytes for _, nbytes in reads] != widths for reads in per_lane):
+        raise ValueError("lanes issue different loads (count or width): not a layout this "
+                         "models")
     wavefronts = ideal = 0
     for i in range(loads):
         size = per_lane[0][i][1]

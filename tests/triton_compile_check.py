@@ -59,6 +59,10 @@ def _compile(fn, dtype: str, arch: int, consts: dict, num_warps: int, aligned: b
     pressure differs: LSTM bf16 backward 64 x 128 units, 680 B of spill stores aligned, 564
     not (run 5's tilings; ``--spills``)."""
     signature, attrs = {}, {}
+    # a constexpr parameter left out takes its default, as a launch does (compiled as a runtime
+    # int instead, an ``if`` on it stays in the kernel and the loads lose their vectorisation)
+    consts = {**{p.name: p.default for p in fn.params
+                 if p.is_constexpr and p.name not in consts and p.has_default}, **consts}
     for index, name in enumerate(fn.arg_names):
         if name in consts:
             signature[name] = "constexpr"

@@ -98,6 +98,7 @@ def _tilings():
             "split_grid_barrier": (split, True),
             # what the tuner's second round may choose (launch.second_round)
             "split_3_stages": (dataclasses.replace(split, num_stages=3), True),
+            "split_4_stages": (dataclasses.replace(split, num_stages=4), True),
             "split_8_warps_3_stages": (dataclasses.replace(split, num_warps=8, num_stages=3),
                                        True)}
 
@@ -118,7 +119,8 @@ def test_every_cell_matches_float64_oracle(cell, opts, dtype, rng):
     run_on_gpu(Case(cell=cell, opts=opts, **SMALL), dtype, int(rng.integers(2**32)))
 
 
-@pytest.mark.parametrize("tiling", ["batch_tiled", "split_grid_barrier", "split_3_stages"])
+@pytest.mark.parametrize("tiling", ["batch_tiled", "split_grid_barrier", "split_3_stages",
+                                    "split_4_stages"])
 @pytest.mark.parametrize("cell,opts", [CELL_OPTS[0], CELL_OPTS[4]])
 def test_each_tiling_matches_float64_oracle(cell, opts, tiling, rng):
     run_on_gpu(Case(cell=cell, opts=opts, **SMALL), "float16", int(rng.integers(2**32)),

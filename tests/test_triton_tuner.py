@@ -277,6 +277,13 @@ def test_deeper_pipeline_only_for_long_product_loops(launch, Tiles):
     resident = Tiles(64, 8, 0, 8, resident=True)
     assert launch.deeper_pipeline((resident, True), "lstm", 4, 1024) is None   # no k-loop
     assert launch._describe(deeper) == "split b16 h32 k64 u32 w4 s3"
+    # 4 stages from 16 iterations a step
+    deepest = launch.deeper_pipeline((tiles, True), "lstm-backward", 4, 1024, stages=4)
+    assert deepest == (dataclasses.replace(tiles, num_stages=4), True)
+    assert launch._describe(deepest) == "split b16 h32 k64 u32 w4 s4"
+    assert launch.deeper_pipeline((tiles, True), "lstm", 4, 1024, stages=4) is not None   # 16
+    assert launch.deeper_pipeline((tiles, True), "lstm", 4, 960, stages=4) is None        # 15
+    assert launch.deeper_pipeline((tiles, True), "lstm-backward", 4, 128, stages=4) is None  # 8
 
 
 def test_float32_fma_loops_are_also_tried_with_more_warps(launch, Tiles):
@@ -292,21 +299,26 @@ def test_float32_fma_loops_are_also_tried_with_more_warps(launch, Tiles):
                                                      "split b32 h16 k32 u16 w8"]
 
 
-@pytest.mark.parametrize("deeper_ms", [0.5, 2.0])
-def test_choose_times_the_winner_again_with_a_deeper_pipeline(fake_card, launch, deeper_ms):
-    """At a long k-loop (LSTM backward at 512x64x1024) the winner of the first round is timed
-    again with 3 stages, and the faster of the two is kept."""
+@pytest.mark.parametrize("s3_ms,s4_ms,winner", [(0.5, 2.0, 3), (0.5, 0.3, 4), (2.0, 0.5, 2),
+                                                 (2.0, 2.0, 2)])
+def test_choose_times_the_winner_again_with_deeper_pipelines(fake_card, launch, s3_ms, s4_ms,
+                                                            winner):
+    """At a long k-loop (LSTM backward at 512x64x1024: 64 iterations) the winner of the first
+    round is timed again with 3 stages, and where that paid with 4; the fastest is kept."""
     options = launch.candidates(4, 64, 1024, "float16", 132)
     costs = {o[0]: (0.1, 2.0 + i) for i, o in enumerate(options)}
     costs[options[1][0]] = (0.1, 1.0)                       # the first round's winner
-    deeper = launch.deeper_pipeline(options[1], "lstm-backward", 4, 1024)
-    costs[deeper[0]] = (0.1, deeper_ms)
+    s3 = launch.deeper_pipeline(options[1], "lstm-backward", 4, 1024)
+    s4 = launch.deeper_pipeline(options[1], "lstm-backward", 4, 1024, stages=4)
+    costs[s3[0]], costs[s4[0]] = (0.1, s3_ms), (0.1, s4_ms)
     calls: list = []
     best = launch.choose("lstm-backward", 4, 64, 1024, "float16", "cuda:0",
                          fake_call(costs, calls))
-    assert best == (deeper if deeper_ms < 1.0 else options[1])
+    assert best == {2: options[1], 3: s3, 4: s4}[winner]
     timed = [t for t, _ in calls]
-    assert timed.count(deeper[0]) == 2 and len(set(timed)) == len(options) + 1
+    fourth = s3_ms < 1.0                          # timed only where the third stage paid
+    assert timed.count(s3[0]) == 2 and timed.count(s4[0]) == (2 if fourth else 0)
+    assert len(set(timed)) == len(options) + 1 + fourth
 
 
 def test_resident_tiles_are_forced_on_forwards_only(launch, Tiles):

@@ -278,14 +278,16 @@ def variants(arch: int):
         yield "gated_bwd", "lstm-tf32x3", gated._gated_bwd_kernel, {**lstm, **tf32x3}, "fp32"
 
 
-def deeper_variants(arch: int):
+def deeper_variants(arch: int, stages: int = 3):
     """What the tuner's second round may also run on sm_90 (kernels/triton/launch.py,
-    ``deeper_pipeline``): the kernels with k-loops, with 3 pipeline stages."""
+    ``deeper_pipeline``): the kernels with k-loops with 3 pipeline stages, and the LSTM's with
+    4 (``stages=4``)."""
     if arch < 90:
         return
+    cells = ("lstm", "twostage") if stages == 3 else ("lstm",)
     for kernel, cell, fn, consts, dtype in variants(arch):
-        if cell in ("lstm", "twostage") and kernel != "gated_fwd_resident":   # no k-loop
-            yield kernel, f"{cell}-s3", fn, consts, dtype
+        if cell in cells and kernel != "gated_fwd_resident":   # the resident has no k-loop
+            yield kernel, f"{cell}-s{stages}", fn, consts, dtype
 
 
 def main(argv: list[str]) -> int:
@@ -300,7 +302,8 @@ def main(argv: list[str]) -> int:
     for arch in archs:
         # both specialisations on sm_90 (H a multiple of 16 or not), the aligned one on sm_80
         for aligned in (True, False) if arch >= 90 else (True,):
-            runs = [(v, 2) for v in variants(arch)] + [(v, 3) for v in deeper_variants(arch)]
+            runs = ([(v, 2) for v in variants(arch)] + [(v, 3) for v in deeper_variants(arch)]
+                    + [(v, 4) for v in deeper_variants(arch, 4)])
             for (kernel, cell, fn, consts, dtype), stages in runs:
                 what = f"{kernel} {cell} {dtype} sm_{arch} {'aligned' if aligned else 'unaligned'}"
                 try:

@@ -210,6 +210,11 @@ def choose(kind: str, gates: int, B: int, H: int, dtype: str, device,
         options = options + extra
         per_step = per_step + [_timed(time_call, option) for option in extra]
         best = options[per_step.index(min(per_step))]
+        deepest = deeper_pipeline(winner, kind, gates, H, stages=4)
+        if deepest is not None and best[0].num_stages == 3:    # a third stage paid: a fourth?
+            options.append(deepest)
+            per_step.append(_timed(time_call, deepest))
+            best = options[per_step.index(min(per_step))]
         if os.environ.get("RNN_GPU_TUNE_LOG"):
             shown = ", ".join(f"{_describe(o)}: {ms * 1e3:.1f} us"
                               for o, ms in zip(options, per_step))
@@ -223,28 +228,37 @@ def choose(kind: str, gates: int, B: int, H: int, dtype: str, device,
 # With num_stages=2, Triton 3.6 gives a k-loop one buffer: each iteration waits for all of its
 # own copies (ttgir async_wait num=0) before its products, so every iteration pays a full L2
 # round trip. With 3 stages the next iteration's copies are in flight during this one's
-# products (LSTM: async_wait num=5, two buffers; tests/triton_compile_check.py shows both).
-# That matters for long k-loops: the LSTM fp16 backward at 512x64x1024 runs 64 iterations a
-# step (K = 4H = 4096, BLOCK_K 64) at 25.9 us a step (H100, run 5), ~0.4 us each, about one
-# round trip. For a short loop it did not pay: 256x4096x256 fp16 forward (4 iterations), 3
-# stages 24.6 against 2 stages' 23.3 us a step (run 3's sweep). So the tuner times the winner
-# again with 3 stages where its loop has at least this many iterations a step, and keeps the
-# faster.
+# products (LSTM: async_wait num=5, two buffers; tests/triton_compile_check.py shows both),
+# with 4 stages the next two iterations' (backward: async_wait num=4, three buffers).
+# That matters for long k-loops whose products are short next to a round trip: the LSTM fp16
+# backward at 512x64x1024 runs 64 iterations a step (K = 4H = 4096, BLOCK_K 64) at 25.9 us a
+# step (H100, run 5), ~0.4 us each, about one round trip; at 256x4096x256 its two passes of 16
+# iterations took 84 us a step, their 64 x 64 x 64 products a few hundred cycles each. For a
+# short loop it did not pay: 256x4096x256 fp16 forward (4 iterations), 3 stages 24.6 against
+# 2 stages' 23.3 us a step (run 3's sweep). So the tuner times the winner again with 3 stages
+# where its loop has at least DEEP_PIPELINE_MIN_K_ITERATIONS iterations a step, and with 4
+# where it has DEEPER_PIPELINE_MIN_K_ITERATIONS and 3 stages paid (where they did not, the loop
+# is not waiting on its copies, and each variant timed costs ~2-3 s of compile and timing on
+# first use), and keeps the fastest. (A 4-stage tiling whose
+# buffers exceed the card's shared memory, e.g. the fp16 forward's 128 x 64 tile at 192 KiB
+# on a smaller card, fails to launch and is skipped.)
 DEEP_PIPELINE_MIN_K_ITERATIONS = 8
+DEEPER_PIPELINE_MIN_K_ITERATIONS = 16
 
 
 def deeper_pipeline(option: tuple[Tiles, bool], kind: str, gates: int,
-                    H: int) -> tuple[Tiles, bool] | None:
-    """``option`` with one more pipeline stage, where its product loop is long enough for that
-    to pay (see DEEP_PIPELINE_MIN_K_ITERATIONS); None otherwise, and for the resident forward,
-    which has no k-loop."""
+                    H: int, stages: int = 3) -> tuple[Tiles, bool] | None:
+    """``option`` with ``stages`` (3 or 4) pipeline stages, where its product loop is long
+    enough for that to pay (DEEP_PIPELINE_MIN_K_ITERATIONS, DEEPER_PIPELINE_MIN_K_ITERATIONS);
+    None otherwise, and for the resident forward, which has no k-loop."""
     tiles, sync = option
     if tiles.resident or tiles.num_stages != 2 or tiles.block_k <= 0:
         return None
     k_extent = gates * H if kind.endswith("-backward") else H   # dgates_t @ W_hh: K = G*H
-    if triton.cdiv(k_extent, tiles.block_k) < DEEP_PIPELINE_MIN_K_ITERATIONS:
+    needed = {3: DEEP_PIPELINE_MIN_K_ITERATIONS, 4: DEEPER_PIPELINE_MIN_K_ITERATIONS}[stages]
+    if triton.cdiv(k_extent, tiles.block_k) < needed:
         return None
-    return dataclasses.replace(tiles, num_stages=3), sync
+    return dataclasses.replace(tiles, num_stages=stages), sync
 
 
 # float32 (IEEE) products run on the CUDA cores as FMA loops, not on the tensor cores. Until
@@ -266,7 +280,8 @@ def more_warps(option: tuple[Tiles, bool], dtype: str) -> tuple[Tiles, bool] | N
 def second_round(option: tuple[Tiles, bool], kind: str, gates: int, H: int,
                  dtype: str) -> list[tuple[Tiles, bool]]:
     """Variants of the first round's winner that only a timing can judge: one more pipeline
-    stage (:func:`deeper_pipeline`), more warps (:func:`more_warps`)."""
+    stage (:func:`deeper_pipeline`), more warps (:func:`more_warps`). (A fourth stage is timed
+    after them, where the third paid: :func:`choose`.)"""
     variants = (deeper_pipeline(option, kind, gates, H), more_warps(option, dtype))
     return [v for v in variants if v is not None]
 

@@ -8,7 +8,10 @@ shared layout (which dimension is contiguous) and the dot's blocked layout (whic
 columns each lane owns). This module replays those reads for one warp and counts wavefronts
 (bank cycles) the way the hardware serves them: a 16-byte access in four phases of 8 lanes,
 an 8-byte one in two of 16, a 4-byte one in one; within a phase, one wavefront per distinct
-word in the busiest bank (lanes reading the same word share it).
+word in the busiest bank (lanes reading the same word share it). Phases are counted apart even
+where lanes of two phases read the same words; if the hardware merges those, the true counts
+are lower for the conflict-free layouts (by up to 2x where half the lanes repeat the other
+half), never higher for the conflicted ones, so the before/after ratio is a lower bound.
 
 No GPU and no Triton import: ``tests/triton_compile_check.py --fma-banks`` feeds it the TTGIR
 of the kernels as a launch compiles them (docs/performance.md: the float32 forward's step

@@ -8,10 +8,13 @@ shared layout (which dimension is contiguous) and the dot's blocked layout (whic
 columns each lane owns). This module replays those reads for one warp and counts wavefronts
 (bank cycles) the way the hardware serves them: a 16-byte access in four phases of 8 lanes,
 an 8-byte one in two of 16, a 4-byte one in one; within a phase, one wavefront per distinct
-word in the busiest bank (lanes reading the same word share it). Phases are counted apart even
-where lanes of two phases read the same words; if the hardware merges those, the true counts
-are lower for the conflict-free layouts (by up to 2x where half the lanes repeat the other
-half), never higher for the conflicted ones, so the before/after ratio is a lower bound.
+word in the busiest bank (lanes reading the same word share it). A 16-byte read so takes at
+least four wavefronts, as it must: shared memory returns 128 bytes a cycle, a quarter of what
+a warp's 16-byte read delivers. Two assumptions, both from NVIDIA's forum answers rather than
+the manuals: conflicts arise only within a phase (lanes 0 and 16 reading the same word are
+still served in two phases), and the uniform-pair case (lane n reading what lane n^1 or n^2
+reads, which can take two wavefronts instead of four) is ignored, so the broadcast reads of
+the A operand may be counted up to 2x high.
 
 No GPU and no Triton import: ``tests/triton_compile_check.py --fma-banks`` feeds it the TTGIR
 of the kernels as a launch compiles them (docs/performance.md: the float32 forward's step

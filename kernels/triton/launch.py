@@ -239,9 +239,9 @@ def choose(kind: str, gates: int, B: int, H: int, dtype: str, device,
 # where its loop has at least DEEP_PIPELINE_MIN_K_ITERATIONS iterations a step, and with 4
 # where it has DEEPER_PIPELINE_MIN_K_ITERATIONS and 3 stages paid (where they did not, the loop
 # is not waiting on its copies, and each variant timed costs ~2-3 s of compile and timing on
-# first use), and keeps the fastest. (A 4-stage tiling whose
-# buffers exceed the card's shared memory, e.g. the fp16 forward's 128 x 64 tile at 192 KiB
-# on a smaller card, fails to launch and is skipped.)
+# first use), and keeps the fastest. (A 4-stage tiling whose buffers exceed the card's shared
+# memory, e.g. the fp16 forward's 128 x 64 tile at 192 KiB on a smaller card, fails to launch
+# and is skipped.)
 DEEP_PIPELINE_MIN_K_ITERATIONS = 8
 DEEPER_PIPELINE_MIN_K_ITERATIONS = 16
 

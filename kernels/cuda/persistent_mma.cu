@@ -155,23 +155,38 @@ __device__ __forceinline__ void copy_wait_for_chunk(int c) {
     }
 }
 
-// xw of one (row, unit) element of step t, the G gates in fp32 (zeros past the block's B*nu
-// elements). A thread's first MMA_PREFETCH_ITEMS elements are loaded at the start of the step,
-// before the copy of h: xw comes from HBM (the input GEMM wrote it before the launch; 512 KiB a
-// step at 512x64x1024 fp16), and loaded only when the gate math needs it, as before, each of a
-// thread's elements waited on that round trip after the products. 2 covers B * units <= 512
-// (B = 64 at 8 units a block); further elements load as they are finished.
+// What one (row, unit) element of step t needs besides the products: xw, the G gates in fp32,
+// and h_{t-1} and (LSTM) c_{t-1} in fp32 (zeros past the block's B*nu elements). A thread's
+// first MMA_PREFETCH_ITEMS elements are loaded at the start of the step, before the copy of h:
+// xw comes from HBM (the input GEMM wrote it before the launch; 512 KiB a step at 512x64x1024
+// fp16), h_{t-1} and c_{t-1} from L2, and loaded only when the gate math needs them, each of
+// a thread's elements waited on those round trips after the products (the state's loads also
+// after the previous element's stores, which the compiler cannot prove apart). h_{t-1} and
+// c_{t-1} of an element were written by this very thread in the previous step (an element's
+// thread is the same every step), so reading them early needs no barrier. 2 covers
+// B * units <= 512 (B = 64 at 8 units a block); further elements load as they are finished.
 constexpr int MMA_PREFETCH_ITEMS = 2;
 
-template <typename T, int G>
-__device__ __forceinline__ void step_inputs(float (&x)[4], const T* xw, long long t,
-                                            long long item, long long B, long long H,
-                                            long long nu, long long u0) {
-    for (int g = 0; g < 4; ++g) x[g] = 0.0f;
+struct ElementInputs {
+    float x[4];
+    float h_prev;
+    float c_prev;
+};
+
+template <typename T, int CELL>
+__device__ __forceinline__ void element_inputs(ElementInputs& in, const T* xw, const float* src,
+                                               const float* c, long long t, long long item,
+                                               long long B, long long H, long long nu,
+                                               long long u0) {
+    constexpr int G = rg::CellShape<CELL>::G;
+    for (int g = 0; g < 4; ++g) in.x[g] = 0.0f;
+    in.h_prev = in.c_prev = 0.0f;
     if (item >= B * nu) return;
     const long long b = item / nu, u = u0 + (item - b * nu);
     const T* xrow = xw + rg::time_row(t, b, B) * (G * H);
-    for (int g = 0; g < G; ++g) x[g] = rg::to_f32(xrow[g * H + u]);
+    for (int g = 0; g < G; ++g) in.x[g] = rg::to_f32(xrow[g * H + u]);
+    in.h_prev = src[b * H + u];
+    if (CELL == rg::LSTM) in.c_prev = c[b * H + u];
 }
 
 template <typename T, int CELL, int ACT>
@@ -221,11 +236,11 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
         float* dst = hbuf + ((s + 1) & 1) * B * H;
         const T* a_src = hmat + (s & 1) * Bp * Hp;
         T* a_dst = hmat + ((s + 1) & 1) * Bp * Hp;
-        float x_pre[MMA_PREFETCH_ITEMS][4];             // loads issued now, used after the
+        ElementInputs pre[MMA_PREFETCH_ITEMS];          // loads issued now, used after the
 #pragma unroll                                            // copy and the products
         for (int j = 0; j < MMA_PREFETCH_ITEMS; ++j)
-            step_inputs<T, G>(x_pre[j], xw, t, threadIdx.x + (long long)j * blockDim.x, B, H,
-                              nu, u0);
+            element_inputs<T, CELL>(pre[j], xw, src, c, t,
+                                    threadIdx.x + (long long)j * blockDim.x, B, H, nu, u0);
         for (int ch = 0; ch < MMA_K_CHUNKS; ++ch) {     // issue every copy of the step
             const int first = ch * chunk_words;
             const int words = row_words - first < chunk_words ? row_words - first : chunk_words;
@@ -256,7 +271,7 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
             }
         }
         __syncthreads();
-        auto finish = [&](long long item, const float (&x)[4]) {     // one (row, unit) element
+        auto finish = [&](long long item, const ElementInputs& in) {   // one (row, unit)
             const long long b = item / nu, uu = item - b * nu, u = u0 + uu;
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             for (int g = 0; g < G; ++g) {
@@ -264,11 +279,9 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
                 if (bias != nullptr) acc[g] += rg::to_f32(bias[g * H + u]);
             }
             const long long at = b * H + u;
-            const float h_prev = src[at];
-            const float c_prev = CELL == rg::LSTM ? c[at] : 0.0f;
-            const rg::GatedStep r = rg::gated_math<CELL, ACT>(x, acc, h_prev, c_prev);
-            const float h = rg::gated_store<T, CELL>(r, rg::is_valid(lengths, t, b), h_prev,
-                                                     c_prev, t, b, u, B, H,
+            const rg::GatedStep r = rg::gated_math<CELL, ACT>(in.x, acc, in.h_prev, in.c_prev);
+            const float h = rg::gated_store<T, CELL>(r, rg::is_valid(lengths, t, b), in.h_prev,
+                                                     in.c_prev, t, b, u, B, H,
                                                      CELL == rg::LSTM ? c + at : nullptr, y,
                                                      gates, ctape, hprev);
             dst[at] = h;
@@ -277,13 +290,13 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
 #pragma unroll
         for (int j = 0; j < MMA_PREFETCH_ITEMS; ++j) {
             const long long item = threadIdx.x + (long long)j * blockDim.x;
-            if (item < B * nu) finish(item, x_pre[j]);
+            if (item < B * nu) finish(item, pre[j]);
         }
         for (long long item = threadIdx.x + (long long)MMA_PREFETCH_ITEMS * blockDim.x;
              item < B * nu; item += blockDim.x) {
-            float x[4];
-            step_inputs<T, G>(x, xw, t, item, B, H, nu, u0);
-            finish(item, x);
+            ElementInputs in;
+            element_inputs<T, CELL>(in, xw, src, c, t, item, B, H, nu, u0);
+            finish(item, in);
         }
         grid.sync();          // also orders this step's reads of acc_s, h_s before the next
     }

@@ -40,9 +40,17 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from rnn_gpu.kernels.triton import gated, gated_resident, launch, twostage  # noqa: E402
+from rnn_gpu.kernels.triton.common import weights_transposed  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fma_banks  # noqa: E402
+
+
+def launched_transposed(dtype: str, precision: str = "ieee") -> bool:
+    """W_TRANSPOSED as the launchers set it (common.weights_transposed), for a signature
+    dtype of this module ("fp32", "fp16", "bf16")."""
+    return weights_transposed({"fp32": "float32"}.get(dtype, dtype), precision)
+
 
 FP32_ARGS = {"h0_ptr", "c0_ptr", "h_ptr", "c_ptr", "gates_ptr", "ctape_ptr", "dhT_ptr",
              "dcT_ptr", "dh_ptr", "dc_ptr", "atape_ptr", "htape_ptr"}
@@ -140,7 +148,7 @@ def spills() -> int:
                           REVERSE=False, HAS_BIAS=True, HAS_LENGTHS=False, KEEP_TAPE=tape,
                           GRID_SYNC=sync, PRECISION="ieee", BLOCK_B=bb, BLOCK_H=bh,
                           BLOCK_K=32 if dtype == "fp32" else 64, UNITS=units,
-                          W_TRANSPOSED=dtype == "fp32")
+                          W_TRANSPOSED=launched_transposed(dtype))
             kernel = _compile(gated._gated_fwd_kernel, dtype, 90, consts, warps)
             regs, spilled = ptxas_usage(kernel.asm["ptx"])
             print(f"spills gated_fwd {label.replace(' ', '_')} tape={int(tape)} "
@@ -253,8 +261,7 @@ def variants(arch: int):
     dtype = "bf16" if arch >= 90 else "fp32"
     tiles = dict(BLOCK_B=64, BLOCK_H=64, BLOCK_K=64, UNITS=units)
     common = dict(REVERSE=True, HAS_LENGTHS=True, GRID_SYNC=True, PRECISION="ieee", **tiles)
-    # the forwards take float32 weights transposed in IEEE precision, as launched
-    transposed = dict(W_TRANSPOSED=dtype == "fp32")
+    transposed = dict(W_TRANSPOSED=launched_transposed(dtype))     # as launched
     for cell, name in ((0, "rnn"), (1, "lstm"), (2, "gru")):
         shape = dict(CELL=cell, G=gated.GATES[cell], TG=gated.TAPE_GATES[cell], ACT=0)
         yield ("gated_fwd", name, gated._gated_fwd_kernel,

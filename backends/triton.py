@@ -69,9 +69,6 @@ class TritonBackend(Backend):
             if major < 8:
                 reasons.append(f"bfloat16 needs compute capability 8.0, {problem.device} has "
                                f"{major}.{minor} (use float16 or float32)")
-        if problem.proj_size:
-            reasons.append("the triton backend has no LSTM projection (proj_size > 0); use the "
-                           "numpy backend")
         if problem.cell not in ("rnn", "lstm", "gru", "twostage"):
             reasons.append(f"the triton backend has no cell {problem.cell!r}")
         elif problem.cell != "twostage":
@@ -127,10 +124,18 @@ class TritonBackend(Backend):
                 cell = _CELL_IDS[problem.cell]
                 act = _act_ids(problem.activations)[0] if problem.cell == "rnn" else 0
                 c0 = state[1] if problem.cell == "lstm" else None
+                w_hh, h0 = w["weight_hh"], state[0]
+                if problem.proj_size:         # a plain LSTM over m (kernels/triton/projected)
+                    from rnn_gpu.kernels.triton import projected
+
+                    first, stepped = projected.first_steps(T, B, lens, reverse, xw.device)
+                    xw, folded = projected.fold_initial_state(xw, h0, w_hh, first, precision)
+                    w_hh = projected.folded_weight(w_hh, w["weight_hr"], precision)
+                    h0 = xw.new_zeros((B, H))
 
                 def run(xw_, tiles, sync, keep):
                     y_, h_, c_, tape_ = gated_forward(
-                        cell, act, xw_, w["weight_hh"], w.get("bias_hh"), state[0], c0, lens,
+                        cell, act, xw_, w_hh, w.get("bias_hh"), h0, c0, lens,
                         reverse=reverse, keep_tape=keep, precision=precision, tiles=tiles,
                         grid_sync=sync)
                     return y_, (h_, c_), tape_
@@ -151,6 +156,16 @@ class TritonBackend(Backend):
                                         _tuned_dtype(problem.dtype), xw.device, time_call,
                                         resident=problem.cell != "twostage")
             y, final, ktape = run(xw, tiles, sync, keep_tape)
+            ptape = None
+            if problem.proj_size:
+                m, m_final = y, final[0]
+                y, h_final = projected.project_outputs(m, m_final, state[0], w["weight_hr"],
+                                                       stepped, precision)
+                final = (h_final, final[1])
+                if keep_tape:
+                    ptape = projected.ProjectionTape(
+                        w["weight_hh"], w["weight_hr"], state[0], m, m_final, first, stepped,
+                        folded, precision)
         dt = xw.dtype
         if problem.cell == "twostage":
             final_state = (final.to(dt),)
@@ -160,7 +175,8 @@ class TritonBackend(Backend):
             final_state = (final[0].to(dt),)
         tape = None
         if keep_tape:
-            tape = Tape(self.name, problem, reverse, {"kernel_tape": ktape})
+            tape = Tape(self.name, problem, reverse, {"kernel_tape": ktape,
+                                                      "projection": ptape})
         return y, final_state, tape
 
     def backward(self, tape: Tape, dy, dstate):
@@ -172,7 +188,7 @@ class TritonBackend(Backend):
             raise RuntimeError("tape: this triton tape was already used by backward()")
         dy = dy.contiguous()
         dt = dy.dtype
-        _, B, H = dy.shape
+        B, H = dy.shape[1], problem.hidden_size          # (dy is P wide with proj_size)
         with _on(dy.device):
             if problem.cell == "twostage":
                 from rnn_gpu.kernels.triton.twostage import twostage_backward, twostage_tape_steps
@@ -185,9 +201,16 @@ class TritonBackend(Backend):
                 from rnn_gpu.kernels.triton.gated import gated_backward, gated_tape_steps
 
                 dc = dstate[1] if problem.cell == "lstm" else None
+                dh = dstate[0]
+                ptape = tape.data.get("projection")
+                if ptape is not None:         # into m's gradients (kernels/triton/projected)
+                    from rnn_gpu.kernels.triton import projected
+
+                    dy_h, dh_h = dy, dh
+                    dy, dh = projected.gradients_in(ptape, dy_h, dh_h)
 
                 def run(tape_, dy_, tiles, sync):
-                    return gated_backward(tape_, dy_, dstate[0], dc, tiles=tiles, grid_sync=sync)
+                    return gated_backward(tape_, dy_, dh, dc, tiles=tiles, grid_sync=sync)
 
                 tape_steps = gated_tape_steps
 
@@ -209,7 +232,11 @@ class TritonBackend(Backend):
                     grads["bias_h"] = dbh
                 return dxw, (dh0.to(dt),), grads
             dxw, dh0, dc0, dw, db = run(ktape, dy, tiles, sync)
-        grads: dict[str, Any] = {"weight_hh": dw}
+            grads: dict[str, Any] = {"weight_hh": dw}
+            if ptape is not None:
+                dh0, dw_hh, dw_hr = projected.gradients_out(ptape, dy_h, dh_h, dxw, dw)
+                grads = {"weight_hh": dw_hh.to(ptape.w_hh.dtype),
+                         "weight_hr": dw_hr.to(ptape.w_hr.dtype)}
         if db is not None:
             grads["bias_hh"] = db
         d0 = (dh0.to(dt), dc0.to(dt)) if problem.cell == "lstm" else (dh0.to(dt),)

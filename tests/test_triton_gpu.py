@@ -159,16 +159,23 @@ def test_two_layers_longer_sequence_fp16(rng):
     run_on_gpu(case, "float16", int(rng.integers(2**32)))
 
 
-def test_torch_dropin_uses_triton_by_default_and_trains():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lstm_projection_matches_float64_oracle(dtype, rng):
+    # proj_size: the LSTM over m with W_hh W_hr folded (kernels/triton/projected.py)
+    run_on_gpu(Case(cell="LSTM", proj_size=13, **SMALL), dtype, int(rng.integers(2**32)))
+
+
+@pytest.mark.parametrize("proj_size", [0, 24])
+def test_torch_dropin_uses_triton_by_default_and_trains(proj_size):
     from rnn_gpu.torch import LSTM
 
     torch.manual_seed(0)
     torch.backends.cudnn.allow_tf32 = False
-    ours = LSTM(16, 64, num_layers=2, bidirectional=True).cuda()
-    ref = torch.nn.LSTM(16, 64, num_layers=2, bidirectional=True).double()
+    ours = LSTM(16, 64, num_layers=2, bidirectional=True, proj_size=proj_size).cuda()
+    ref = torch.nn.LSTM(16, 64, num_layers=2, bidirectional=True, proj_size=proj_size).double()
     ref.load_state_dict({k: v.double().cpu() for k, v in ours.state_dict().items()})
     x = torch.randn(20, 8, 16, device="cuda")
-    problem = rg.registry.select(_problem(x))
+    problem = rg.registry.select(_problem(x, proj_size))
     assert problem.name == "triton"
     y, (h, c) = ours(x)
     (y.square().sum() + h.sum() + c.sum()).backward()
@@ -180,12 +187,12 @@ def test_torch_dropin_uses_triton_by_default_and_trains():
                                    msg=name)
 
 
-def _problem(x):
+def _problem(x, proj_size=0):
     from rnn_gpu.backend_api import Problem
 
     return Problem(cell="lstm", activations=(), dtype="float32", device="cuda:0",
                    input_kind="torch", seq_len=x.shape[0], batch=x.shape[1],
-                   input_size=x.shape[2], hidden_size=64, training=True)
+                   input_size=x.shape[2], hidden_size=64, proj_size=proj_size, training=True)
 
 
 def test_cupy_input_comes_back_as_cupy_zero_copy():

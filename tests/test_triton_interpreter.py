@@ -84,6 +84,37 @@ def test_split_units_match_oracle(interpret, split_units, cell, opts, rng):
     check(case, int(rng.integers(2**32)), TOL["float32"])
 
 
+PROJECTED = {
+    # h_0 and c_0 given (h_0 folded into xw), both directions, lengths with a 0 and a full row
+    "state_lengths": dict(T=5, B=4, I=3, H=20, proj_size=7, bidirectional=True, lengths="zero",
+                          with_state=True),
+    # no state (h_0 = 0: xw is not copied), two layers (the second takes the 2P-wide y)
+    "two_layers": dict(T=4, B=3, I=5, H=16, proj_size=5, num_layers=2, bidirectional=True,
+                       batch_first=True, bias=False),
+}
+
+
+@pytest.mark.parametrize("layout", list(PROJECTED))
+def test_lstm_projection_matches_oracle(interpret, layout, rng):
+    """proj_size > 0: the gated kernels run the LSTM over m with W_hh W_hr folded
+    (kernels/triton/projected.py); outputs, final states and every gradient (W_hr, W_hh, h_0,
+    c_0, x) against torch.nn.LSTM(proj_size=...) in float64."""
+    case = Case(cell="LSTM", dtype="float32", **PROJECTED[layout])
+    check(case, int(rng.integers(2**32)), TOL["float32"])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_lstm_projection_half_precision_matches_oracle(interpret, dtype, rng):
+    case = Case(cell="LSTM", dtype="float32", **PROJECTED["state_lengths"])
+    check_half(case, dtype, int(rng.integers(2**32)))
+
+
+def test_lstm_projection_split_units_matches_oracle(interpret, split_units, rng):
+    case = Case(cell="LSTM", dtype="float32", T=4, B=3, I=4, H=40, proj_size=9,
+                bidirectional=True, lengths="zero", with_state=True)
+    check(case, int(rng.integers(2**32)), TOL["float32"])
+
+
 RESIDENT_SHAPES = {
     # H=20 over programs of 8 (RNN: 16) units: the last one partial, the weight tile and the
     # state buffer padded to 32 columns, 3 rows of a 32-row block (29 padding rows)
@@ -118,10 +149,16 @@ def test_half_precision_matches_oracle(interpret, cell, opts, dtype, rng):
     between 0 and 1 (bf16 TwoStageRNN(sigmoid, relu): dstate0 off by 0.2 in one run)."""
     case = Case(cell=cell, opts=opts, dtype="float32", T=5, B=3, I=4, H=20,
                 bidirectional=True, lengths="full", with_state=True)
-    seed = int(rng.integers(2**32))
+    check_half(case, dtype, int(rng.integers(2**32)))
+
+
+def check_half(case: Case, dtype: str, seed: int):
+    """The float32 case's model, weights and inputs rounded to ``dtype``, forward and backward
+    against the float64 oracle of the float32 weights."""
     m, x, state, lengths, dy, dstate = build(case, np.random.default_rng(seed))
     want = reference(m, x, state, lengths, dy, dstate)
-    half = getattr(rg, cell)(case.I, case.H, bidirectional=True, dtype=dtype, **(opts or {}))
+    config = m.config()
+    half = getattr(rg, config.pop("cell"))(**{**config, "dtype": dtype})
     half.load_state_dict(m.state_dict())
     tdt = getattr(torch, dtype)
 
@@ -135,7 +172,7 @@ def test_half_precision_matches_oracle(interpret, cell, opts, dtype, rng):
                  tuple(_f64(s) for s in as_tuple(dstate0)), {k: _f64(v) for k, v in grads.items()})
     # The oracle saw the float32 weights, the kernels their fp16/bf16 rounding: relative RMS
     # per field (DESIGN §6), which an element of a gradient summed over T*B terms cannot trip.
-    assert_close_rms(got, want, tol=TOL[dtype], what=f"{dtype} {cell}: ")
+    assert_close_rms(got, want, tol=TOL[dtype], what=f"{dtype} {case}: ")
 
 
 def _f64(a) -> np.ndarray:
@@ -199,8 +236,6 @@ def test_declines_with_reasons(interpret):
     x = np.zeros((3, 2, 4))
     with pytest.raises(BackendError, match="float64.*numpy backend"):
         rg.LSTM(4, 8, dtype="float64")(x, backend="triton")
-    with pytest.raises(BackendError, match="proj_size"):
-        rg.LSTM(4, 8, proj_size=3)(x.astype(np.float32), backend="triton")
 
 
 def test_without_interpreter_or_gpu_the_reason_names_the_fix(monkeypatch):

@@ -65,11 +65,14 @@ def _bench_cases(args: argparse.Namespace, device: str):
     for pass_ in passes:
         if pass_ not in bench_cases.PASSES:
             raise ValueError(f"pass: expected forward, train or all, got {pass_!r}")
+    proj = args.proj_size or 0
+    if proj < 0:
+        raise ValueError(f"proj-size: expected a positive LSTM projection size, got {proj}")
     if args.quick:
-        return bench.quick_cases(cells, shapes, dtypes, passes, device)
+        return bench.quick_cases(cells, shapes, dtypes, passes, device, proj_size=proj)
     if on_gpu:
-        return bench_cases.gpu_cases(cells, shapes, dtypes, passes, device)
-    return bench.cpu_cases(cells, shapes, dtypes, passes)
+        return bench_cases.gpu_cases(cells, shapes, dtypes, passes, device, proj_size=proj)
+    return bench.cpu_cases(cells, shapes, dtypes, passes, proj_size=proj)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -158,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "bfloat16 (default: all three)")
     bench.add_argument("--shape", action="append", metavar="TxBxH",
                        help="T×B×H with I = H, or T×B×I×H (comma-separated or repeated)")
+    bench.add_argument("--proj-size", type=int, metavar="P",
+                       help="LSTM with a projection of size P (torch.nn's proj_size; LSTM "
+                            "only, P below each shape's H)")
     bench.add_argument("--repeats", type=int, metavar="N",
                        help="timed calls per runner and case (default 10; 3 with --quick)")
     bench.add_argument("--threads", type=int, metavar="N",

@@ -173,6 +173,32 @@ def test_shapes_cells_and_flops():
     assert flops.train_flops("GRU", 2, 3, 5, 7) == 3 * flops.forward_flops("GRU", 2, 3, 5, 7)
 
 
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+def test_lstm_projection_cases(capsys):
+    """--proj-size: LSTM with torch.nn's proj_size on both sides, outputs and gradients
+    checked against torch.nn before timing, the problem's flops counted with P."""
+    rows = _bench_json(capsys, "--cell", "LSTM", "--shape", "6x8x5x12", "--proj-size", "4",
+                       "--pass", "all", "--repeats", "1")["rows"]
+    assert {(r["runner"], r["pass_"]) for r in rows} >= {
+        (runner, p) for runner in ("numpy", "torch-cpu") for p in ("forward", "train")}
+    for row in rows:
+        if row["runner"] in ("numpy", "torch-cpu"):
+            assert row["shape"] == "6×8×5×12 P=4" and row["error"] is None, row
+            assert row["max_err"] <= 1e-4
+    assert flops.forward_flops("LSTM", 6, 8, 5, 12, 4) == 2 * 6 * 8 * ((5 + 4) * 48 + 4 * 12)
+    assert cases.Case("LSTM", 6, 8, 5, 12, P=4).out_size == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cell", "GRU", "--proj-size", "4"], "proj-size: only LSTM has a projection, got cells GRU"),
+    (["--cell", "LSTM", "--shape", "4x4x8", "--proj-size", "8"],
+     "proj-size: expected less than the hidden size of every shape, got 8 for H=8"),
+    (["--proj-size", "-1"], "proj-size: expected a positive LSTM projection size, got -1")])
+def test_bad_projection_arguments_exit_2(capsys, args, message):
+    assert main(["bench", "--quick", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_without_the_peer_no_row_claims_a_ratio(capsys, monkeypatch):
     """torch missing: numpy is still timed, but a ratio against itself would read as 'level
     with torch', so no row gets one, and the peer row says why it did not run."""

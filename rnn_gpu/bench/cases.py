@@ -44,12 +44,22 @@ class Case:
     dtype: str = "float32"
     device: str = "cpu"
     pass_: str = "forward"  # "forward", or "train" (forward + backward)
+    P: int = 0             # LSTM proj_size (0: no projection)
 
     @property
     def shape(self) -> str:
-        """``T×B×H`` when I = H (the usual case), else ``T×B×I×H``."""
+        """``T×B×H`` when I = H (the usual case), else ``T×B×I×H``; `` P=n`` with a projection."""
         dims = (self.T, self.B, self.H) if self.I == self.H else (self.T, self.B, self.I, self.H)
-        return "×".join(map(str, dims))
+        return "×".join(map(str, dims)) + (f" P={self.P}" if self.P else "")
+
+    def layer_options(self) -> dict:
+        """Constructor options beyond (I, H) for our layers and torch.nn's alike."""
+        return {"proj_size": self.P} if self.P else {}
+
+    @property
+    def out_size(self) -> int:
+        """The width of y and h: P with a projection, else H."""
+        return self.P or self.H
 
     @property
     def tokens(self) -> int:
@@ -85,30 +95,47 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
     return T, B, I, H
 
 
-def _cases(cells, shapes, dtypes, device="cpu", passes=("forward",)) -> list[Case]:
+def _cases(cells, shapes, dtypes, device="cpu", passes=("forward",),
+           proj_size: int = 0) -> list[Case]:
+    """Every combination; with ``proj_size``, LSTM only, and a shape whose H is not above it
+    is a ValueError naming both."""
+    if proj_size and any(cell != "LSTM" for cell in cells):
+        raise ValueError(f"proj-size: only LSTM has a projection, got cells {', '.join(cells)}")
     out = []
     for pass_ in passes:
         for cell in cells:
             for shape in shapes:
                 T, B, I, H = shape if len(shape) == 4 else (*shape[:2], shape[2], shape[2])
+                if proj_size >= H:
+                    raise ValueError(f"proj-size: expected less than the hidden size of "
+                                     f"every shape, got {proj_size} for H={H}")
                 for dtype in dtypes:
-                    out.append(Case(cell, T, B, I, H, dtype, device, pass_))
+                    out.append(Case(cell, T, B, I, H, dtype, device, pass_, proj_size))
     return out
 
 
-def cpu_cases(cells=None, shapes=None, dtypes=CPU_DTYPES, passes=("forward",)) -> list[Case]:
+def cpu_cases(cells=None, shapes=None, dtypes=CPU_DTYPES, passes=("forward",),
+              proj_size: int = 0) -> list[Case]:
     """The CPU acceptance set plus TwoStageRNN for information (or the filtered subset)."""
-    return _cases(cells or CELLS, shapes or CPU_SHAPES, dtypes, "cpu", passes)
+    return _cases(cells or _cells(proj_size), shapes or CPU_SHAPES, dtypes, "cpu", passes,
+                  proj_size)
 
 
 def gpu_cases(cells=None, shapes=None, dtypes=GPU_DTYPES, passes=PASSES,
-              device="cuda") -> list[Case]:
+              device="cuda", proj_size: int = 0) -> list[Case]:
     """DESIGN §5's shapes and the long sequence, every GPU dtype, forward and train."""
-    return _cases(cells or CELLS, shapes or (*GPU_SHAPES, LONG_SHAPE), dtypes, device, passes)
+    return _cases(cells or _cells(proj_size), shapes or (*GPU_SHAPES, LONG_SHAPE), dtypes,
+                  device, passes, proj_size)
 
 
 def quick_cases(cells=None, shapes=None, dtypes=CPU_DTYPES, passes=("forward",),
-                device="cpu") -> list[Case]:
+                device="cpu", proj_size: int = 0) -> list[Case]:
     """Small shapes for a smoke run (``rnn-gpu bench --quick``)."""
     default = GPU_QUICK_SHAPES if device.startswith("cuda") else QUICK_SHAPES
-    return _cases(cells or CELLS, shapes or default, dtypes, device, passes)
+    return _cases(cells or _cells(proj_size), shapes or default, dtypes, device, passes,
+                  proj_size)
+
+
+def _cells(proj_size: int) -> tuple[str, ...]:
+    """The default cells: all of them, or LSTM alone with a projection."""
+    return ("LSTM",) if proj_size else CELLS

@@ -56,8 +56,9 @@ def train_grads(case, seed: int = 2):
     """The output and final-state gradients a train pass back-propagates (float32, seeded):
     the gradient of ``sum(y * dy) + sum(h_n * dh) (+ sum(c_n * dc))``. NumPy on the CPU; on a
     GPU drawn there (a 128x16384x128 dy is 1 GiB: drawing it on the host took seconds)."""
-    shapes = [(case.T, case.B, case.H)] + [(1, case.B, case.H)] * (2 if case.cell == "LSTM"
-                                                                   else 1)
+    shapes = [(case.T, case.B, case.out_size), (1, case.B, case.out_size)]
+    if case.cell == "LSTM":
+        shapes.append((1, case.B, case.H))                      # c_n: H wide, P or not
     if case.on_gpu:
         import torch
 
@@ -125,7 +126,8 @@ class BackendRunner(Runner):
     def prepare(self, case, params, x):
         import rnn_gpu
 
-        layer = getattr(rnn_gpu, case.cell)(case.I, case.H, dtype=case.dtype, seed=0).eval()
+        layer = getattr(rnn_gpu, case.cell)(case.I, case.H, dtype=case.dtype, seed=0,
+                                            **case.layer_options()).eval()
         layer.load_state_dict(params)
         if case.device != "cpu":
             layer.to(case.device)
@@ -200,7 +202,8 @@ class TorchRunner(Runner):
         if case.cell == "TwoStageRNN":
             step, weights = _torch_twostage(tensors), [tensors[k] for k in names]
         else:
-            module = getattr(torch.nn, case.cell)(case.I, case.H, device=device, dtype=dtype)
+            module = getattr(torch.nn, case.cell)(case.I, case.H, device=device, dtype=dtype,
+                                                  **case.layer_options())
             module.load_state_dict(tensors)
             if case.on_gpu:
                 # No-op for bfloat16: torch's cudnn.is_acceptable() excludes it, so cuDNN
@@ -278,7 +281,7 @@ def _problem(case):
     return Problem(cell=LAYERS[case.cell]._spec.kind, activations=activations, dtype=case.dtype,
                    device=case.device, input_kind="torch" if case.on_gpu else "numpy",
                    seq_len=case.T, batch=case.B, input_size=case.I, hidden_size=case.H,
-                   training=case.pass_ == "train")
+                   proj_size=case.P, training=case.pass_ == "train")
 
 
 def _torch_twostage(p: dict[str, Any]):

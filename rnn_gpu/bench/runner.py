@@ -33,7 +33,8 @@ def make_inputs(case: Case, seed: int = 0) -> tuple[dict[str, np.ndarray], np.nd
     import rnn_gpu
 
     host = "float64" if case.dtype == "float64" else "float32"
-    layer = getattr(rnn_gpu, case.cell)(case.I, case.H, dtype=host, seed=seed)
+    layer = getattr(rnn_gpu, case.cell)(case.I, case.H, dtype=host, seed=seed,
+                                        **case.layer_options())
     shape = (case.T, case.B, case.I)
     if case.on_gpu:          # drawn on the device: 1 GiB of x took seconds on the host
         import torch

@@ -190,14 +190,17 @@ def test_odd_shapes(interpret, cell, T, B, H, rng):
     check(case, int(rng.integers(2**32)), TOL["float32"])
 
 
-def test_torch_dropin_trains_through_the_kernels(interpret, rng):
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+@pytest.mark.parametrize("proj_size", [0, 5])
+def test_torch_dropin_trains_through_the_kernels(interpret, proj_size, rng):
     """rnn_gpu.torch.LSTM on CPU tensors with backend='triton': outputs and every gradient
-    match torch.nn.LSTM run in float64 with the same weights."""
+    match torch.nn.LSTM run in float64 with the same weights (with proj_size too)."""
     from rnn_gpu.torch import LSTM
 
     torch.manual_seed(int(rng.integers(2**31)))
-    ours_m = LSTM(4, 12, num_layers=2, bidirectional=True, backend="triton")
-    ref = torch.nn.LSTM(4, 12, num_layers=2, bidirectional=True).double()
+    ours_m = LSTM(4, 12, num_layers=2, bidirectional=True, proj_size=proj_size,
+                  backend="triton")
+    ref = torch.nn.LSTM(4, 12, num_layers=2, bidirectional=True, proj_size=proj_size).double()
     ref.load_state_dict({k: v.double() for k, v in ours_m.state_dict().items()})
     x = torch.randn(5, 3, 4)
     y, (h, c) = ours_m(x)

@@ -95,6 +95,9 @@ def _tilings():
     split = Tiles(block_b=16, block_h=16, block_k=32, units=16)
     return {"auto": None,
             "batch_tiled": (Tiles(block_b=16, block_h=32, block_k=32, units=64), False),
+            # what launch.co_resident offers: 64-row blocks (a wgmma tile) on 4 warps
+            "batch_tiled_64_rows_4_warps": (Tiles(block_b=64, block_h=32, block_k=64, units=64,
+                                                  num_warps=4), False),
             "split_grid_barrier": (split, True),
             # what the tuner's second round may choose (launch.second_round)
             "split_3_stages": (dataclasses.replace(split, num_stages=3), True),
@@ -119,8 +122,8 @@ def test_every_cell_matches_float64_oracle(cell, opts, dtype, rng):
     run_on_gpu(Case(cell=cell, opts=opts, **SMALL), dtype, int(rng.integers(2**32)))
 
 
-@pytest.mark.parametrize("tiling", ["batch_tiled", "split_grid_barrier", "split_3_stages",
-                                    "split_4_stages"])
+@pytest.mark.parametrize("tiling", ["batch_tiled", "batch_tiled_64_rows_4_warps",
+                                    "split_grid_barrier", "split_3_stages", "split_4_stages"])
 @pytest.mark.parametrize("cell,opts", [CELL_OPTS[0], CELL_OPTS[4]])
 def test_each_tiling_matches_float64_oracle(cell, opts, tiling, rng):
     run_on_gpu(Case(cell=cell, opts=opts, **SMALL), "float16", int(rng.integers(2**32)),

@@ -299,6 +299,35 @@ def test_float32_fma_loops_are_also_tried_with_more_warps(launch, Tiles):
                                                      "split b32 h16 k32 u16 w8"]
 
 
+def test_a_tiled_grid_larger_than_the_card_is_also_tried_two_programs_an_sm(launch, Tiles):
+    tiled = Tiles(64, 64, 64, 128, num_warps=8)
+    spread = (Tiles(64, 32, 64, 128, num_warps=4), False)
+    assert launch.co_resident((tiled, False), 16384, 128, 132) == spread   # 256 programs
+    assert launch.co_resident((tiled, False), 8192, 128, 132) is None      # 128: one wave
+    assert launch.co_resident((tiled, True), 16384, 128, 132) is None      # split
+    assert launch.co_resident(spread, 16384, 128, 132) is None             # already 4 warps
+    assert launch.co_resident((Tiles(64, 16, 64, 128, 8), False), 16384, 128, 132) is None
+    assert launch.co_resident((Tiles(64, 64, 0, 64, 8, resident=True), False), 16384, 128,
+                              132) is None
+
+
+@pytest.mark.parametrize("spread_ms,chosen", [(0.5, "spread"), (2.0, "winner")])
+def test_choose_times_a_tiled_winner_again_two_programs_an_sm(fake_card, launch, spread_ms,
+                                                              chosen):
+    """LSTM fp16 at B=16384, H=128: the 64-row tiling's 256 programs outnumber the 132 SMs, so
+    the winner is timed again with 4 warps over half-width unit blocks; the faster is kept."""
+    options = launch.candidates(4, 16384, 128, "float16", 132)
+    winner = options[0]
+    assert winner[0].block_b == 64 and not winner[1]
+    spread = launch.co_resident(winner, 16384, 128, 132)
+    costs = {o[0]: (0.1, 1.0 + i) for i, o in enumerate(options)}
+    costs[spread[0]] = (0.1, spread_ms)
+    calls: list = []
+    best = launch.choose("lstm", 4, 16384, 128, "float16", "cuda:0", fake_call(costs, calls))
+    assert best == {"spread": spread, "winner": winner}[chosen]
+    assert [t for t, _ in calls].count(spread[0]) == 2      # the short and the long run
+
+
 @pytest.mark.parametrize("s3_ms,s4_ms,winner", [(0.5, 2.0, 3), (0.5, 0.3, 4), (2.0, 0.5, 2),
                                                  (2.0, 2.0, 2)])
 def test_choose_times_the_winner_again_with_deeper_pipelines(fake_card, launch, s3_ms, s4_ms,

@@ -106,11 +106,14 @@ SPILL_CASES = [(f"{name} {dtype} {label}", cell, dtype, bb, bh, units, sync, 8)
                for name, cell in (("lstm", 1), ("gru", 2))
                for dtype in ("bf16", "fp32")
                for label, bb, bh, units, sync in (("64x256 tiled", 64, 64, 256, False),
-                                                  ("128x64 split", 128, 64, 64, True))]
+                                                  ("128x64 split", 128, 64, 64, True))] + [
+    # 128x16384x128's 64-row tiling as the tuner's two-programs-an-SM variant (launch.co_resident)
+    ("lstm bf16 64x128 tiled w4", 1, "bf16", 64, 32, 128, False, 4)]
 
 
-# (label, cell, dtype, BLOCK_B, UNITS, GRID_SYNC): the backward tilings the H100 chose in run 5
-# (docs/performance.md) at DESIGN's shapes; BLOCK_H and warps as the tuner derives them.
+# (label, cell, dtype, BLOCK_B, UNITS, GRID_SYNC[, (BLOCK_H, warps)]): the backward tilings the
+# H100 chose in run 5 (docs/performance.md) at DESIGN's shapes; BLOCK_H and warps as the tuner
+# derives them unless given.
 BACKWARD_SPILL_CASES = [
     ("lstm_bf16_64x128_split", 1, "bf16", 64, 128, True),     # 256x4096x256
     ("lstm_bf16_64x64_split", 1, "bf16", 64, 64, True),       # 256x1024x512
@@ -120,6 +123,7 @@ BACKWARD_SPILL_CASES = [
     ("lstm_fp32_64x64_split", 1, "fp32", 64, 64, True),       # 256x1024x512
     ("gru_bf16_64x128_split", 2, "bf16", 64, 128, True),
     ("rnn_bf16_64x128_split", 0, "bf16", 64, 128, True),
+    ("lstm_bf16_64x128_tiled_w4", 1, "bf16", 64, 128, False, (32, 4)),   # launch.co_resident
 ]
 
 
@@ -153,14 +157,14 @@ def spills() -> int:
             regs, spilled = ptxas_usage(kernel.asm["ptx"])
             print(f"spills gated_fwd {label.replace(' ', '_')} tape={int(tape)} "
                   f"registers={regs} spill_bytes={spilled}")
-    for label, cell, dtype, bb, units, sync in BACKWARD_SPILL_CASES:
+    for label, cell, dtype, bb, units, sync, *variant in BACKWARD_SPILL_CASES:
         gates = gated.GATES[cell]
         bh = launch._block_h(units)
+        bh, warps = variant[0] if variant else (bh, launch._warps(gates, bb, bh))
         consts = dict(CELL=cell, G=gates, TG=gated.TAPE_GATES[cell], ACT=0, REVERSE=False,
                       HAS_LENGTHS=False, GRID_SYNC=sync, PRECISION="ieee", BLOCK_B=bb,
                       BLOCK_H=bh, BLOCK_K=32 if dtype == "fp32" else 64, UNITS=units)
-        kernel = _compile(gated._gated_bwd_kernel, dtype, 90, consts,
-                          launch._warps(gates, bb, bh))
+        kernel = _compile(gated._gated_bwd_kernel, dtype, 90, consts, warps)
         regs, spilled = ptxas_usage(kernel.asm["ptx"])
         print(f"spills gated_bwd {label} registers={regs} spill_bytes={spilled}")
     return 0

@@ -25,7 +25,8 @@ backward is tuned apart from the forward (kind ``"<cell>-backward"``): its best 
 another one; so is a training forward, which also writes the tape (kind ``"<cell>-taped"``).
 A second round times variants of the first round's winner that only a timing can judge (a
 deeper software pipeline for long k-loops, more warps for float32's FMA loops:
-:func:`second_round`). Under Triton's interpreter one small fixed tiling is used (speed is
+:func:`second_round`; two programs an SM for a batch-tiled grid larger than the card:
+:func:`co_resident`). Under Triton's interpreter one small fixed tiling is used (speed is
 meaningless there). With ``RNN_GPU_TUNE_LOG=1`` each choice and the candidates' timings are
 printed to stderr.
 """
@@ -207,6 +208,8 @@ def choose(kind: str, gates: int, B: int, H: int, dtype: str, device,
         per_step = [_timed(time_call, option) for option in options]
         winner = options[per_step.index(min(per_step))]
         extra = second_round(winner, kind, gates, H, dtype)
+        spread = co_resident(winner, B, H, props.multi_processor_count)
+        extra += [spread] if spread is not None else []
         options = options + extra
         per_step = per_step + [_timed(time_call, option) for option in extra]
         best = options[per_step.index(min(per_step))]
@@ -284,6 +287,32 @@ def second_round(option: tuple[Tiles, bool], kind: str, gates: int, H: int,
     after them, where the third paid: :func:`choose`.)"""
     variants = (deeper_pipeline(option, kind, gates, H), more_warps(option, dtype))
     return [v for v in variants if v is not None]
+
+
+# A batch-tiled grid with more programs than SMs runs in waves when one program fills an SM's
+# register file. At 128x16384x128 the half-precision forward's 64-row tiling (run 5's choice)
+# compiles to 255 registers x 256 threads (sm_90, tests/triton_compile_check.py), so its 256
+# programs ran as two waves, 132 then 124, each program's step a chain of dependent L2 and HBM
+# round trips: ~19 us a step per wave (5.43 ms, 128 steps, two waves, ~0.5 ms of input GEMM)
+# against ~4 us of bytes and products. With 4 warps over unit blocks half as wide, the same rows
+# take 255 x 128 registers (no spills in the forward; the backward spills 724 B against 668 B
+# at 8 warps) and 48 KiB of shared memory, so two programs share an SM and the whole grid is
+# resident at once: where the steps wait on latency, the second program runs in the first's
+# stalls. Where they do not (run 5 also chose 64 rows over 128, which would fit in one wave),
+# it is slower, so only a timing can say.
+def co_resident(option: tuple[Tiles, bool], B: int, H: int,
+                n_sm: int) -> tuple[Tiles, bool] | None:
+    """``option`` with 4 warps and unit blocks half as wide, for a batch-tiled ``option`` at 8
+    warps whose programs outnumber the SMs; None otherwise."""
+    tiles, sync = option
+    if sync or tiles.resident or tiles.num_warps != 8:
+        return None
+    if triton.cdiv(B, tiles.block_b) * triton.cdiv(H, tiles.units) <= n_sm:
+        return None
+    block_h = tiles.block_h // 2
+    if block_h < 16 or tiles.units % block_h:
+        return None
+    return dataclasses.replace(tiles, num_warps=4, block_h=block_h), sync
 
 
 def step_ms(time_call: Callable[[Tiles, bool, int], float],

@@ -33,6 +33,8 @@ from rnn_gpu._matmul import matmul
 
 @dataclass
 class ProjectionTape:
+    """What the backward needs beside the gated kernel's own tape."""
+
     w_hh: torch.Tensor          # (4H, P)
     w_hr: torch.Tensor          # (P, H)
     h0: torch.Tensor            # (B, P), the caller's dtype

@@ -294,7 +294,7 @@ def test_float32_fma_loops_are_also_tried_with_more_warps(launch, Tiles):
     assert launch.more_warps((tiles, True), "float32-tf32x3") is None     # tensor cores
     assert launch.more_warps((dataclasses.replace(tiles, num_warps=8), True), "float32") is None
     # both variants of a long float32 loop (forward K = 1024, BLOCK_K 32: 32 iterations)
-    second = launch.second_round((tiles, True), "lstm", 4, 1024, "float32")
+    second = launch.second_round((tiles, True), "lstm", 4, 64, 1024, "float32", 132)
     assert [launch._describe(o) for o in second] == ["split b32 h16 k32 u16 w4 s3",
                                                      "split b32 h16 k32 u16 w8"]
 

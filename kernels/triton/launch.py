@@ -24,11 +24,10 @@ GPU sleep, behind which the call's launches wait, and the two runs are 16 steps 
 backward is tuned apart from the forward (kind ``"<cell>-backward"``): its best tiling is
 another one; so is a training forward, which also writes the tape (kind ``"<cell>-taped"``).
 A second round times variants of the first round's winner that only a timing can judge (a
-deeper software pipeline for long k-loops, more warps for float32's FMA loops:
-:func:`second_round`; two programs an SM for a batch-tiled grid larger than the card:
-:func:`co_resident`). Under Triton's interpreter one small fixed tiling is used (speed is
-meaningless there). With ``RNN_GPU_TUNE_LOG=1`` each choice and the candidates' timings are
-printed to stderr.
+deeper software pipeline for long k-loops, more warps for float32's FMA loops, two programs an
+SM for a batch-tiled grid larger than the card: :func:`second_round`). Under Triton's
+interpreter one small fixed tiling is used (speed is meaningless there). With
+``RNN_GPU_TUNE_LOG=1`` each choice and the candidates' timings are printed to stderr.
 """
 
 from __future__ import annotations
@@ -207,9 +206,7 @@ def choose(kind: str, gates: int, B: int, H: int, dtype: str, device,
     else:
         per_step = [_timed(time_call, option) for option in options]
         winner = options[per_step.index(min(per_step))]
-        extra = second_round(winner, kind, gates, H, dtype)
-        spread = co_resident(winner, B, H, props.multi_processor_count)
-        extra += [spread] if spread is not None else []
+        extra = second_round(winner, kind, gates, B, H, dtype, props.multi_processor_count)
         options = options + extra
         per_step = per_step + [_timed(time_call, option) for option in extra]
         best = options[per_step.index(min(per_step))]
@@ -280,12 +277,14 @@ def more_warps(option: tuple[Tiles, bool], dtype: str) -> tuple[Tiles, bool] | N
     return dataclasses.replace(tiles, num_warps=8), sync
 
 
-def second_round(option: tuple[Tiles, bool], kind: str, gates: int, H: int,
-                 dtype: str) -> list[tuple[Tiles, bool]]:
+def second_round(option: tuple[Tiles, bool], kind: str, gates: int, B: int, H: int,
+                 dtype: str, n_sm: int) -> list[tuple[Tiles, bool]]:
     """Variants of the first round's winner that only a timing can judge: one more pipeline
-    stage (:func:`deeper_pipeline`), more warps (:func:`more_warps`). (A fourth stage is timed
-    after them, where the third paid: :func:`choose`.)"""
-    variants = (deeper_pipeline(option, kind, gates, H), more_warps(option, dtype))
+    stage (:func:`deeper_pipeline`), more warps (:func:`more_warps`), two programs an SM
+    (:func:`co_resident`). (A fourth stage is timed after them, where the third paid:
+    :func:`choose`.)"""
+    variants = (deeper_pipeline(option, kind, gates, H), more_warps(option, dtype),
+                co_resident(option, B, H, n_sm))
     return [v for v in variants if v is not None]
 
 

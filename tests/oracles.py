@@ -269,6 +269,17 @@ def naive_reference(m, x, state=None, lengths=None, dy=None, dstate=None,
     return _finish(y, final, xt, st, params, dy, dstate)
 
 
+def in_dtype(m, dtype: str):
+    """The same layer (config and weights) built in ``dtype`` (float16, bfloat16: the weights
+    rounded to it)."""
+    import rnn_gpu as rg
+
+    config = m.config()
+    layer = getattr(rg, config.pop("cell"))(**{**config, "dtype": dtype})
+    layer.load_state_dict(m.state_dict())
+    return layer
+
+
 def reference(m, x, state=None, lengths=None, dy=None, dstate=None) -> Result:
     """torch.nn where it applies (LSTM/GRU/RNN, T, B >= 1, lengths >= 1), else the naive
     implementation."""

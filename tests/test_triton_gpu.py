@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from oracles import Result, as_tuple, assert_close, assert_close_rms, reference
+from oracles import Result, as_tuple, assert_close, assert_close_rms, in_dtype, reference
 from test_layers_vs_torch import Case, build
 
 import rnn_gpu as rg
@@ -48,7 +48,7 @@ def run_on_gpu(case: Case, dtype: str, seed: int, tiles=None):
     float64 oracle on the CPU with the same (float32-drawn) weights."""
     m, x, state, lengths, dy, dstate = build(case, np.random.default_rng(seed))
     want = reference(m, x, state, lengths, dy, dstate)
-    gpu = _clone(m, dtype).to("cuda")
+    gpu = in_dtype(m, dtype).to("cuda")
     ctx = _forced(tiles)
     with ctx:
         y, final, tape = gpu.forward(_cast(x, dtype), _cast(state, dtype), lengths=lengths,
@@ -68,15 +68,6 @@ def run_on_gpu(case: Case, dtype: str, seed: int, tiles=None):
         assert_close_rms(got, want, tol=tol, what=f"{case} {dtype}: ")
         assert_close_rms(inference, Result(want.y, want.state), tol=tol,
                          what=f"{case} {dtype} m(x): ")
-
-
-def _clone(m, dtype):
-    cfg = m.config()
-    cls = getattr(rg, cfg.pop("cell"))
-    cfg["dtype"] = dtype
-    clone = cls(cfg.pop("input_size"), cfg.pop("hidden_size"), **cfg)
-    clone.load_state_dict(m.state_dict())
-    return clone
 
 
 def _forced(tiles):

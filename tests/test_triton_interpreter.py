@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from oracles import Result, as_tuple, assert_close, assert_close_rms, ours, reference
+from oracles import Result, as_tuple, assert_close, assert_close_rms, in_dtype, ours, reference
 from test_layers_vs_torch import Case, build
 
 import rnn_gpu as rg
@@ -157,9 +157,7 @@ def check_half(case: Case, dtype: str, seed: int):
     against the float64 oracle of the float32 weights."""
     m, x, state, lengths, dy, dstate = build(case, np.random.default_rng(seed))
     want = reference(m, x, state, lengths, dy, dstate)
-    config = m.config()
-    half = getattr(rg, config.pop("cell"))(**{**config, "dtype": dtype})
-    half.load_state_dict(m.state_dict())
+    half = in_dtype(m, dtype)
     tdt = getattr(torch, dtype)
 
     def cast(a):

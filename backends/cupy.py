@@ -97,10 +97,24 @@ from typing import Any
 import numpy as np
 
 from rnn_gpu.backend_api import Backend, Problem, Tape
-from rnn_gpu.kernels.cuda.cublas import CUDA_DATA_TYPES
+from rnn_gpu.kernels.cuda.blocks import (
+    bias_grad,
+    contiguous,
+    copied,
+    copy_into,
+    filled,
+    from_f32,
+    gemm,
+    i64,
+    outer_grad,
+    pointwise,
+    stacked,
+    time_of,
+    to_f32,
+)
 from rnn_gpu.kernels.cuda.device import MMA_TILE, PERSISTENT_THREADS, CupyDevice, round_up
 from rnn_gpu.kernels.cuda.graphs import clear_graphs, workspace
-from rnn_gpu.kernels.cuda.ops import Gemm, Launch
+from rnn_gpu.kernels.cuda.ops import Launch
 from rnn_gpu.kernels.cuda.sources import ACT_IDS, CELL_IDS
 
 __all__ = ["FORCE_PATH", "MMA_MAX_BATCH", "MMA_MAX_STEP_MACS", "MMA_MIN_BATCH_UNITS",
@@ -138,7 +152,6 @@ CELLS = ("rnn", "lstm", "gru", "twostage")
 PRIORITY = 90                          # below triton (100), above numpy (0)
 INSTALL_HINT = "pip install 'rnn-gpu[cupy-cuda13]'"
 
-THREADS = 256                          # block size of the pointwise kernels
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 TAPE_GATES = {"rnn": 1, "lstm": 4, "gru": 4}
 
@@ -309,104 +322,6 @@ def _bfloat16_reasons(device: str) -> list[str]:
     return reasons
 
 
-# ---------------------------------------------------------------------- building blocks
-
-def _i64(v: int) -> np.int64:
-    return np.int64(v)
-
-
-def _blocks(n: int) -> int:
-    return max(1, -(-n // THREADS))
-
-
-def _contiguous(dev, a):
-    return a if a.flags.c_contiguous else dev.contiguous(a)
-
-
-def _time(s: int, T: int, reverse: bool) -> int:
-    return T - 1 - s if reverse else s
-
-
-def _row(dev, a, t: int) -> int:
-    """Address of a[t] for a contiguous (T, ...) array."""
-    return dev.ptr(a) + t * a.strides[0]
-
-
-def _pointwise(dev, base: str, *template_args: int, n: int, args: tuple) -> Launch:
-    name, fn = dev.kernel("recurrent", base, *template_args)
-    return Launch(name, fn, _blocks(n), THREADS, tuple(args))
-
-
-def _gemm(dev, m: int, n: int, k: int, a: int, b: int, c: int, *, trans_a: bool = False,
-          trans_b: bool = False, beta: int = 0) -> Gemm:
-    """A and B in the compute dtype, C in float32."""
-    return Gemm(m, n, k, a, trans_a, b, trans_b, c, CUDA_DATA_TYPES[dev.dtype_name],
-                 CUDA_DATA_TYPES["float32"], beta, dev.compute)
-
-
-def _to_f32(dev, a, what: str, out=None):
-    out = dev.empty(a.shape, np.float32, what) if out is None else out
-    dev.run([_pointwise(dev, "cast_to_f32", n=a.size, args=(a, out, _i64(a.size)))])
-    return out
-
-
-def _from_f32(dev, a32, what: str):
-    out = dev.empty(a32.shape, dev.dtype, what)
-    dev.run([_pointwise(dev, "cast_from_f32", n=a32.size, args=(a32, out, _i64(a32.size)))])
-    return out
-
-
-def _filled(dev, n: int, value: float, what: str):
-    out = dev.empty((n,), dev.dtype, what)
-    dev.run([_pointwise(dev, "fill_value", n=n, args=(out, np.float32(value), _i64(n)))])
-    return out
-
-
-def _copy(dev, a, what: str):
-    out = dev.empty(a.shape, a.dtype, what)
-    _copy_into(dev, out, a)
-    return out
-
-
-def _copy_into(dev, dst, src, offset: int = 0) -> None:
-    """The bytes of contiguous ``src`` into ``dst`` from byte ``offset`` on (a workspace
-    buffer of the same dtype)."""
-    if offset + src.nbytes > dst.nbytes or np.dtype(src.dtype) != np.dtype(dst.dtype):
-        raise ValueError(f"cannot copy {src.nbytes} bytes of {src.dtype} into {dst.nbytes} "
-                         f"bytes of {dst.dtype} at offset {offset}")
-    dev.copy_raw(dev.ptr(dst) + offset, dev.ptr(src), src.nbytes)
-
-
-def _stacked(dev, mats: list, what: str, out=None):
-    """Row-wise concatenation of contiguous (r_i, H) matrices, by raw copies (into ``out``, a
-    workspace buffer, when given)."""
-    if out is None:
-        rows = sum(m.shape[0] for m in mats)
-        out = dev.empty((rows, mats[0].shape[1]), dev.dtype, what)
-    offset = 0
-    for m in mats:
-        _copy_into(dev, out, m, offset)
-        offset += m.nbytes
-    return out
-
-
-def _outer_grad(dev, d, x, what: str):
-    """``dᵀ x`` over all T*B rows -> (cols of d, cols of x) in the compute dtype."""
-    rows, n_d, n_x = d.size // d.shape[-1], d.shape[-1], x.shape[-1]
-    out = dev.empty((n_d, n_x), np.float32, what)
-    dev.run([_gemm(dev, n_d, n_x, rows, dev.ptr(d), dev.ptr(x), dev.ptr(out), trans_a=True)])
-    return _from_f32(dev, out, what)
-
-
-def _bias_grad(dev, d, ones, what: str):
-    """``1ᵀ d`` over all T*B rows (a GEMM with a ones vector: fp32 accumulation for every
-    dtype without asking CuPy to reduce bfloat16)."""
-    rows, n_d = d.size // d.shape[-1], d.shape[-1]
-    out = dev.empty((n_d,), np.float32, what)
-    dev.run([_gemm(dev, 1, n_d, rows, dev.ptr(ones), dev.ptr(d), dev.ptr(out))])
-    return _from_f32(dev, out, what)
-
-
 def choose_path(cell: str, batch: int, hidden: int, dtype: str = "float32") -> str:
     """``"persistent-mma"``, ``"persistent"`` or ``"graph"`` for one call (see the module
     docstring)."""
@@ -472,9 +387,9 @@ def run_forward(dev, problem: Problem, xw, weights, state, lengths, *, reverse: 
                 keep_tape: bool):
     """One layer and direction (rnn_gpu.backend_api's contract); returns y, final state and
     the kernel tape (None without keep_tape)."""
-    xw = _contiguous(dev, xw)
-    w = {k: _contiguous(dev, v) for k, v in weights.items()}
-    state = tuple(_contiguous(dev, s) for s in state)
+    xw = contiguous(dev, xw)
+    w = {k: contiguous(dev, v) for k, v in weights.items()}
+    state = tuple(contiguous(dev, s) for s in state)
     lens = dev.lengths(lengths)
     T, B, _ = xw.shape
     H = problem.hidden_size
@@ -496,7 +411,7 @@ def _gated_forward(dev, problem, xw, w, state, lens, path, reverse, keep_tape):
         gates = dev.empty((T, B, TAPE_GATES[cell] * H), np.float32, "the gates tape")
         ctape = dev.empty((T, B, H), np.float32, "the cell-state tape") if lstm else None
         hprev = dev.empty((T, B, H), dev.dtype, "the h_{t-1} tape")
-    c0 = _to_f32(dev, state[1], "the fp32 cell state c0") if lstm else None
+    c0 = to_f32(dev, state[1], "the fp32 cell state c0") if lstm else None
     outs = (y, gates, ctape, hprev)
     final = None
     if path == "persistent-mma":
@@ -520,8 +435,8 @@ GRADIENTS_OF_STATE0 = ("the gradient of h0", "the gradient of c0")
 
 def _final_state(dev, h32, c32=None, what=("the final h", "the final c")) -> tuple:
     """The final state (or its gradient) in the compute dtype: ``(h,)`` or ``(h, c)``."""
-    final = (_from_f32(dev, h32, what[0]),)
-    return final if c32 is None else final + (_from_f32(dev, c32, what[1]),)
+    final = (from_f32(dev, h32, what[0]),)
+    return final if c32 is None else final + (from_f32(dev, c32, what[1]),)
 
 
 def _gated_graph(dev, cell, act, xw, w, h0, c0, lens, outs, reverse):
@@ -539,22 +454,22 @@ def _gated_graph(dev, cell, act, xw, w, h0, c0, lens, outs, reverse):
         buffers["c"] = ((B, H), np.float32, "the fp32 cell state c")
     signature = ("gated_fwd", cell, act, T, B, H, reverse)
     with workspace(dev, signature, "GatedFwdCall", buffers) as ws:
-        _to_f32(dev, h0, "the fp32 state h", out=ws["h"])
-        _copy_into(dev, ws["hc"], h0)
-        _copy_into(dev, ws["w_hh"], w["weight_hh"])
+        to_f32(dev, h0, "the fp32 state h", out=ws["h"])
+        copy_into(dev, ws["hc"], h0)
+        copy_into(dev, ws["w_hh"], w["weight_hh"])
         if c0 is not None:
-            _copy_into(dev, ws["c"], c0)
+            copy_into(dev, ws["c"], c0)
         ws.bind(dev, xw=xw, bias=w.get("bias_hh"), lengths=lens, y=y, gates=gates,
                 ctape=ctape, hprev=hprev)
         c = ws.buffers.get("c")
-        product = _gemm(dev, B, GH, H, dev.ptr(ws["hc"]), dev.ptr(ws["w_hh"]),
+        product = gemm(dev, B, GH, H, dev.ptr(ws["hc"]), dev.ptr(ws["w_hh"]),
                         dev.ptr(ws["hh"]), trans_b=True)
         ops = []
         for s in range(T):
             ops.append(product)
-            ops.append(_pointwise(dev, "gated_fwd_step", CELL_IDS[cell], act, n=B * H,
+            ops.append(pointwise(dev, "gated_fwd_step", CELL_IDS[cell], act, n=B * H,
                                   args=(ws.table, ws["hh"], ws["h"], c, ws["hc"],
-                                        _i64(_time(s, T, reverse)), _i64(B), _i64(H))))
+                                        i64(time_of(s, T, reverse)), i64(B), i64(H))))
         dev.run(ops, graph=True, workspace=ws)
         return _final_state(dev, ws["h"], c)
 
@@ -587,26 +502,26 @@ def _gated_persistent(dev, cell, act, xw, w, h0, c0, lens, outs, reverse, *, mma
     the kernel cannot run here."""
     T, B, GH = xw.shape
     H = GH // GATES[cell]
-    c = None if c0 is None else _copy(dev, c0, "the fp32 cell state c")
+    c = None if c0 is None else copied(dev, c0, "the fp32 cell state c")
     hbuf = dev.empty((2, B, H), np.float32, "the fp32 state buffers")
-    _to_f32(dev, h0, "the fp32 state h", out=hbuf)          # slot 0 = h0
+    to_f32(dev, h0, "the fp32 state h", out=hbuf)          # slot 0 = h0
     head = (xw, w["weight_hh"], w.get("bias_hh"), lens, hbuf)
-    shape = (_i64(T), _i64(B), _i64(H))
+    shape = (i64(T), i64(B), i64(H))
     if mma:
         Bp, Hp = round_up(B, MMA_TILE), round_up(H, MMA_TILE)
         # h in the compute dtype for the products, zero-padded to whole tiles (both slots)
-        hmat = _filled(dev, 2 * Bp * Hp, 0.0, "the padded state in the compute dtype")
+        hmat = filled(dev, 2 * Bp * Hp, 0.0, "the padded state in the compute dtype")
         hmat = hmat.reshape(2, Bp, Hp)
         dev.copy_2d(dev.ptr(hmat), Hp * dev.itemsize, dev.ptr(h0), H * dev.itemsize,
                     H * dev.itemsize, B)
 
         def args_of(plan):
-            return (*head, hmat, c, *outs, *shape, _i64(plan.units), _i64(int(reverse)),
-                    _i64(Bp), _i64(Hp), _i64(round_up(GATES[cell] * plan.units, MMA_TILE)))
+            return (*head, hmat, c, *outs, *shape, i64(plan.units), i64(int(reverse)),
+                    i64(Bp), i64(Hp), i64(round_up(GATES[cell] * plan.units, MMA_TILE)))
     else:
         def args_of(plan):
-            return (*head, c, *outs, *shape, _i64(plan.units), _i64(int(reverse)),
-                    _i64(int(plan.use_smem)))
+            return (*head, c, *outs, *shape, i64(plan.units), i64(int(reverse)),
+                    i64(int(plan.use_smem)))
 
     base = "gated_fwd_persistent_mma" if mma else "gated_fwd_persistent"
     if not _persistent_launch(dev, base, (CELL_IDS[cell], act), GATES[cell], H, args_of,
@@ -654,26 +569,26 @@ def _twostage_graph(dev, acts, xw, w, h0, lens, outs, reverse):
                "w_ha": ((H, H), dev.dtype, "the graph path's copy of W_ha")}
     signature = ("twostage_fwd", *acts, T, B, H, reverse)
     with workspace(dev, signature, "TwoStageFwdCall", buffers) as ws:
-        _to_f32(dev, h0, "the fp32 state h", out=ws["h"])
-        _copy_into(dev, ws["hc"], h0)
-        _stacked(dev, [w["weight_aa"], w["weight_hh"]], "[W_aa; W_hh]", out=ws["w_cat"])
-        _copy_into(dev, ws["w_ha"], w["weight_ha"])
+        to_f32(dev, h0, "the fp32 state h", out=ws["h"])
+        copy_into(dev, ws["hc"], h0)
+        stacked(dev, [w["weight_aa"], w["weight_hh"]], "[W_aa; W_hh]", out=ws["w_cat"])
+        copy_into(dev, ws["w_ha"], w["weight_ha"])
         ws.bind(dev, xw=xw, bias=w.get("bias_h"), lengths=lens, y=y, atape=atape,
                 htape=htape, hprev=hprev)
-        first = _gemm(dev, B, 2 * H, H, dev.ptr(ws["hc"]), dev.ptr(ws["w_cat"]),
+        first = gemm(dev, B, 2 * H, H, dev.ptr(ws["hc"]), dev.ptr(ws["w_cat"]),
                       dev.ptr(ws["pa"]), trans_b=True)
-        second = _gemm(dev, B, H, H, dev.ptr(ws["a_c"]), dev.ptr(ws["w_ha"]),
+        second = gemm(dev, B, H, H, dev.ptr(ws["a_c"]), dev.ptr(ws["w_ha"]),
                        dev.ptr(ws["pb"]), trans_b=True)
         ops = []
         for s in range(T):
-            t = _i64(_time(s, T, reverse))
+            t = i64(time_of(s, T, reverse))
             ops.append(first)
-            ops.append(_pointwise(dev, "twostage_fwd_a", acts[0], n=B * H,
-                                  args=(ws.table, ws["pa"], ws["a_c"], t, _i64(B), _i64(H))))
+            ops.append(pointwise(dev, "twostage_fwd_a", acts[0], n=B * H,
+                                  args=(ws.table, ws["pa"], ws["a_c"], t, i64(B), i64(H))))
             ops.append(second)
-            ops.append(_pointwise(dev, "twostage_fwd_b", acts[1], n=B * H,
+            ops.append(pointwise(dev, "twostage_fwd_b", acts[1], n=B * H,
                                   args=(ws.table, ws["pa"], ws["pb"], ws["h"], ws["hc"], t,
-                                        _i64(B), _i64(H))))
+                                        i64(B), i64(H))))
         dev.run(ops, graph=True, workspace=ws)
         return _final_state(dev, ws["h"])
 
@@ -681,16 +596,16 @@ def _twostage_graph(dev, acts, xw, w, h0, lens, outs, reverse):
 def _twostage_persistent(dev, acts, xw, w, h0, lens, outs, reverse):
     T, B, H = xw.shape
     y, atape, htape, hprev = outs
-    w_all = _stacked(dev, [w["weight_aa"], w["weight_ha"], w["weight_hh"]],
+    w_all = stacked(dev, [w["weight_aa"], w["weight_ha"], w["weight_hh"]],
                      "[W_aa; W_ha; W_hh]")
     hbuf = dev.empty((2, B, H), np.float32, "the fp32 state buffers")
-    _to_f32(dev, h0, "the fp32 state h", out=hbuf)
+    to_f32(dev, h0, "the fp32 state h", out=hbuf)
     abuf = dev.empty((B, H), np.float32, "the fp32 a_t buffer")
 
     def args_of(plan):
-        return (xw, w_all, w.get("bias_h"), lens, hbuf, abuf, y, atape, htape, hprev, _i64(T),
-                _i64(B), _i64(H), _i64(plan.units), _i64(int(reverse)),
-                _i64(int(plan.use_smem)))
+        return (xw, w_all, w.get("bias_h"), lens, hbuf, abuf, y, atape, htape, hprev, i64(T),
+                i64(B), i64(H), i64(plan.units), i64(int(reverse)),
+                i64(int(plan.use_smem)))
 
     if not _persistent_launch(dev, "twostage_fwd_persistent", acts, 3, H, args_of):
         return None
@@ -701,8 +616,8 @@ def _twostage_persistent(dev, acts, xw, w, h0, lens, outs, reverse):
 
 def run_backward(dev, problem: Problem, ktape, dy, dstate):
     """Returns ``(dxw, dstate0, dweights)`` (rnn_gpu.backend_api's contract)."""
-    dy = _contiguous(dev, dy)
-    dstate = tuple(_contiguous(dev, d) for d in dstate)
+    dy = contiguous(dev, dy)
+    dstate = tuple(contiguous(dev, d) for d in dstate)
     if isinstance(ktape, TwoStageTape):
         return _twostage_backward(dev, ktape, dy, dstate[0])
     return _gated_backward(dev, ktape, dy, dstate)
@@ -721,29 +636,29 @@ def _gated_backward(dev, tape: GatedTape, dy, dstate):
         buffers["dc"] = ((B, H), np.float32, "the fp32 gradient dc")
     signature = ("gated_bwd", cell, tape.act, T, B, H, tape.reverse)
     with workspace(dev, signature, "GatedBwdCall", buffers) as ws:
-        _to_f32(dev, dstate[0], "the fp32 gradient dh", out=ws["dh"])
+        to_f32(dev, dstate[0], "the fp32 gradient dh", out=ws["dh"])
         if lstm:
-            _to_f32(dev, dstate[1], "the fp32 gradient dc", out=ws["dc"])
-        _copy_into(dev, ws["w_hh"], tape.w_hh)
+            to_f32(dev, dstate[1], "the fp32 gradient dc", out=ws["dc"])
+        copy_into(dev, ws["w_hh"], tape.w_hh)
         ws.bind(dev, dy=dy, gates=tape.gates, ctape=tape.ctape, c0=tape.c0, hprev=tape.hprev,
                 lengths=tape.lengths, dxw=dxw, dhh=dhh)
         dc = ws.buffers.get("dc")
-        recurrent = _gemm(dev, B, H, GH, dev.ptr(ws["drec"]), dev.ptr(ws["w_hh"]),
+        recurrent = gemm(dev, B, H, GH, dev.ptr(ws["drec"]), dev.ptr(ws["w_hh"]),
                           dev.ptr(ws["dh"]), beta=1)
         ops = []
         for s in reversed(range(T)):
-            t = _time(s, T, tape.reverse)
-            t_prev = _time(s - 1, T, tape.reverse) if s > 0 else -1
-            ops.append(_pointwise(dev, "gated_bwd_step", CELL_IDS[cell], tape.act, n=B * H,
-                                  args=(ws.table, ws["dh"], dc, ws["drec"], _i64(t),
-                                        _i64(t_prev), _i64(B), _i64(H))))
+            t = time_of(s, T, tape.reverse)
+            t_prev = time_of(s - 1, T, tape.reverse) if s > 0 else -1
+            ops.append(pointwise(dev, "gated_bwd_step", CELL_IDS[cell], tape.act, n=B * H,
+                                  args=(ws.table, ws["dh"], dc, ws["drec"], i64(t),
+                                        i64(t_prev), i64(B), i64(H))))
             ops.append(recurrent)
         dev.run(ops, graph=True, workspace=ws)
         d0 = _final_state(dev, ws["dh"], dc, GRADIENTS_OF_STATE0)
-    grads = {"weight_hh": _outer_grad(dev, dhh, tape.hprev, "the gradient of W_hh")}
+    grads = {"weight_hh": outer_grad(dev, dhh, tape.hprev, "the gradient of W_hh")}
     if tape.has_bias:
-        ones = _filled(dev, T * B, 1.0, "a ones vector")
-        grads["bias_hh"] = _bias_grad(dev, dhh, ones, "the gradient of b_hh")
+        ones = filled(dev, T * B, 1.0, "a ones vector")
+        grads["bias_hh"] = bias_grad(dev, dhh, ones, "the gradient of b_hh")
     return dxw, d0, grads
 
 
@@ -759,31 +674,31 @@ def _twostage_backward(dev, tape: TwoStageTape, dy, dh_T):
                "w": ((3 * H, H), dev.dtype, "the graph path's copy of [W_ha; W_aa; W_hh]")}
     signature = ("twostage_bwd", f, g, T, B, H, tape.reverse)
     with workspace(dev, signature, "TwoStageBwdCall", buffers) as ws:
-        _to_f32(dev, dh_T, "the fp32 gradient dh", out=ws["dh"])
-        _stacked(dev, [tape.w_ha, tape.w_aa, tape.w_hh], "[W_ha; W_aa; W_hh]", out=ws["w"])
+        to_f32(dev, dh_T, "the fp32 gradient dh", out=ws["dh"])
+        stacked(dev, [tape.w_ha, tape.w_aa, tape.w_hh], "[W_ha; W_aa; W_hh]", out=ws["w"])
         ws.bind(dev, dy=dy, atape=tape.atape, htape=tape.htape, lengths=tape.lengths, dph=dph,
                 dxw=dxw)
         w_ha, w_aa, w_hh = (dev.ptr(ws["w"]) + i * H * H * dev.itemsize for i in range(3))
         dh, da, dph_t, dx_t = (dev.ptr(ws[k]) for k in ("dh", "da", "dph_t", "dx_t"))
-        gemms = (_gemm(dev, B, H, H, dph_t, w_ha, da),
-                 _gemm(dev, B, H, H, dx_t, w_aa, dh, beta=1),
-                 _gemm(dev, B, H, H, dph_t, w_hh, dh, beta=1))
+        gemms = (gemm(dev, B, H, H, dph_t, w_ha, da),
+                 gemm(dev, B, H, H, dx_t, w_aa, dh, beta=1),
+                 gemm(dev, B, H, H, dph_t, w_hh, dh, beta=1))
         ops = []
         for s in reversed(range(T)):
-            t = _i64(_time(s, T, tape.reverse))
-            ops.append(_pointwise(dev, "twostage_bwd_a", g, n=B * H,
-                                  args=(ws.table, ws["dh"], ws["dph_t"], t, _i64(B), _i64(H))))
+            t = i64(time_of(s, T, tape.reverse))
+            ops.append(pointwise(dev, "twostage_bwd_a", g, n=B * H,
+                                  args=(ws.table, ws["dh"], ws["dph_t"], t, i64(B), i64(H))))
             ops.append(gemms[0])
-            ops.append(_pointwise(dev, "twostage_bwd_b", f, n=B * H,
-                                  args=(ws.table, ws["da"], ws["dx_t"], t, _i64(B), _i64(H))))
+            ops.append(pointwise(dev, "twostage_bwd_b", f, n=B * H,
+                                  args=(ws.table, ws["da"], ws["dx_t"], t, i64(B), i64(H))))
             ops.extend(gemms[1:])
         dev.run(ops, graph=True, workspace=ws)
         d0 = _final_state(dev, ws["dh"], what=GRADIENTS_OF_STATE0)
-    a_c = _from_f32(dev, tape.atape, "the a_t tape in the compute dtype")
-    grads = {"weight_aa": _outer_grad(dev, dxw, tape.hprev, "the gradient of W_aa"),
-             "weight_ha": _outer_grad(dev, dph, a_c, "the gradient of W_ha"),
-             "weight_hh": _outer_grad(dev, dph, tape.hprev, "the gradient of W_hh")}
+    a_c = from_f32(dev, tape.atape, "the a_t tape in the compute dtype")
+    grads = {"weight_aa": outer_grad(dev, dxw, tape.hprev, "the gradient of W_aa"),
+             "weight_ha": outer_grad(dev, dph, a_c, "the gradient of W_ha"),
+             "weight_hh": outer_grad(dev, dph, tape.hprev, "the gradient of W_hh")}
     if tape.has_bias:
-        ones = _filled(dev, T * B, 1.0, "a ones vector")
-        grads["bias_h"] = _bias_grad(dev, dph, ones, "the gradient of b_h")
+        ones = filled(dev, T * B, 1.0, "a ones vector")
+        grads["bias_h"] = bias_grad(dev, dph, ones, "the gradient of b_h")
     return dxw, d0, grads

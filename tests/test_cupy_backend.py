@@ -31,6 +31,7 @@ from cupy_emulation import CELL_CASES, EmulatedDevice, ReplayingDevice, gemm_cas
 
 import rnn_gpu as rg
 import rnn_gpu.backends.cupy as cb
+from rnn_gpu.kernels.cuda import blocks as cblocks
 from rnn_gpu.kernels.cuda import cublas as ccublas
 from rnn_gpu.kernels.cuda import device as cdev
 from rnn_gpu.kernels.cuda import graphs as cgraphs
@@ -189,7 +190,7 @@ def test_graph_keys_cover_every_address_and_scalar():
     a, b, c = (np.zeros(8, np.float32) for _ in range(3))
 
     def launch(x, y, n):
-        return cb._pointwise(dev, "cast_to_f32", n=8, args=(x, y, np.int64(n))).key(dev)
+        return cblocks.pointwise(dev, "cast_to_f32", n=8, args=(x, y, np.int64(n))).key(dev)
 
     assert launch(a, b, 8) == launch(a, b, 8)
     assert len({launch(a, b, 8), launch(a, c, 8), launch(c, b, 8), launch(a, b, 7)}) == 4

@@ -37,6 +37,7 @@ from cupy_emulation import (
 
 import rnn_gpu as rg
 import rnn_gpu.backends.cupy as cb
+from rnn_gpu.kernels.cuda import blocks as cblocks
 from rnn_gpu.kernels.cuda import cublas as ccublas
 from rnn_gpu.kernels.cuda import graphs as cgraphs
 from rnn_gpu.kernels.cuda import ops as cops
@@ -203,12 +204,12 @@ def test_a_failing_operation_names_the_kernel_and_the_cause(emulation, monkeypat
 
     dev = Broken(emulation)
     a = np.zeros(4, np.float32)
-    op = cb._pointwise(dev, "cast_to_f32", n=4, args=(a, a, np.int64(4)))
+    op = cblocks.pointwise(dev, "cast_to_f32", n=4, args=(a, a, np.int64(4)))
     with pytest.raises(RuntimeError, match=r"kernel cast_to_f32<float> \(grid 1 x block 256\)"
                        r" failed: ValueError: cudaErrorIllegalAddress") as info:
         cops.run_ops(dev, [op])
     assert isinstance(info.value.__cause__, ValueError)
-    gemm = cb._gemm(dev, 2, 3, 4, 0, 0, 0, trans_b=True)
+    gemm = cblocks.gemm(dev, 2, 3, 4, 0, 0, 0, trans_b=True)
     assert gemm.describe() == ("cuBLAS gemmEx C[2x3] (float32) = A Bᵀ (float32, k=4) + 0 C, "
                                f"compute type {ccublas.CUBLAS_COMPUTE_32F}")
     # CHECK_LAUNCHES: a synchronization after each operation, reported against it.

@@ -18,6 +18,7 @@ from cupy_emulation import LAYERS, _device, _host, check_errors, problem, run_ag
 
 import rnn_gpu as rg
 import rnn_gpu.backends.cupy as cb
+from rnn_gpu.kernels.cuda import blocks as cblocks
 from rnn_gpu.kernels.cuda import cublas as ccublas
 from rnn_gpu.kernels.cuda import device as cdev
 from rnn_gpu.kernels.cuda import graphs as cgraphs
@@ -130,8 +131,8 @@ def test_gpu_graph_capture_and_replay_give_the_plain_result(registered, graph_ca
         b = cupy.asarray(rng.standard_normal((3, 5)).astype(np.float32))
         c = cupy.empty((4, 5), np.float32)
         d = cupy.empty((4, 5), np.float32)
-        ops = [cb._gemm(dev, 4, 5, 3, a.data.ptr, b.data.ptr, c.data.ptr),
-               cb._pointwise(dev, "cast_from_f32", n=20, args=(c, d, np.int64(20)))]
+        ops = [cblocks.gemm(dev, 4, 5, 3, a.data.ptr, b.data.ptr, c.data.ptr),
+               cblocks.pointwise(dev, "cast_from_f32", n=20, args=(c, d, np.int64(20)))]
         for _ in range(4):
             a_host = rng.standard_normal((4, 3)).astype(np.float32)
             a.set(a_host)

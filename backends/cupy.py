@@ -1,6 +1,8 @@
 """CuPy backend: the fused recurrence as CUDA C++ kernels (``kernels/cuda/*.cu``) loaded with
 ``cupy.RawModule``, for RNN (tanh, relu), LSTM, GRU and TwoStageRNN in float32, float16 and
-bfloat16, with fp32 accumulation and fp32 state; results come back in the input dtype.
+bfloat16, with fp32 accumulation and fp32 state; results come back in the input dtype. An LSTM
+with ``proj_size`` runs as the LSTM over m with ``W_hh W_hr`` folded, on any path
+(``kernels/cuda/projected.py``).
 
 Two paths (DESIGN §5), the same tape layout for both:
 
@@ -97,6 +99,7 @@ from typing import Any
 import numpy as np
 
 from rnn_gpu.backend_api import Backend, Problem, Tape
+from rnn_gpu.kernels.cuda import projected
 from rnn_gpu.kernels.cuda.blocks import (
     bias_grad,
     contiguous,
@@ -213,9 +216,6 @@ class CupyBackend(Backend):
                            f"{problem.dtype} (use the numpy backend for float64)")
         elif problem.dtype == "bfloat16":
             reasons.extend(_bfloat16_reasons(problem.device))
-        if problem.proj_size:
-            reasons.append("the cupy backend has no LSTM projection (proj_size > 0); use the "
-                           "numpy backend")
         if problem.cell not in CELLS:
             reasons.append(f"the cupy backend has no cell {problem.cell!r}")
         else:
@@ -361,6 +361,7 @@ class GatedTape:
     ctape: Any
     hprev: Any
     path: str
+    projection: projected.ProjectionTape | None = None   # LSTM with proj_size (w_hh: W_hh W_hr)
 
 
 @dataclass
@@ -396,7 +397,28 @@ def run_forward(dev, problem: Problem, xw, weights, state, lengths, *, reverse: 
     path = choose_path(problem.cell, B, H, problem.dtype)
     if problem.cell == "twostage":
         return _twostage_forward(dev, problem, xw, w, state[0], lens, path, reverse, keep_tape)
+    if problem.proj_size:
+        return _projected_forward(dev, problem, xw, w, state, lens, path, reverse, keep_tape)
     return _gated_forward(dev, problem, xw, w, state, lens, path, reverse, keep_tape)
+
+
+def _projected_forward(dev, problem, xw, w, state, lens, path, reverse, keep_tape):
+    """LSTM with proj_size: the LSTM over m with W_hh W_hr folded, on the same paths as any
+    LSTM (kernels/cuda/projected.py)."""
+    T, B, _ = xw.shape
+    H = problem.hidden_size
+    h0, c0 = state
+    xw, folded = projected.fold_initial_state(dev, xw, h0, w["weight_hh"], lens, reverse)
+    inner = {k: v for k, v in w.items() if k != "weight_hr"}
+    inner["weight_hh"] = projected.folded_weight(dev, w["weight_hh"], w["weight_hr"])
+    m0 = filled(dev, B * H, 0.0, "m_0 = 0").reshape(B, H)
+    m, (m_final, c_final), tape = _gated_forward(dev, problem, xw, inner, (m0, c0), lens, path,
+                                                 reverse, keep_tape)
+    y, h_final = projected.project_outputs(dev, m, m_final, h0, w["weight_hr"], lens)
+    if tape is not None:
+        tape.projection = projected.ProjectionTape(w["weight_hh"], w["weight_hr"], h0, m,
+                                                   m_final, lens, reverse, folded)
+    return y, (h_final, c_final), tape
 
 
 def _gated_forward(dev, problem, xw, w, state, lens, path, reverse, keep_tape):
@@ -620,7 +642,20 @@ def run_backward(dev, problem: Problem, ktape, dy, dstate):
     dstate = tuple(contiguous(dev, d) for d in dstate)
     if isinstance(ktape, TwoStageTape):
         return _twostage_backward(dev, ktape, dy, dstate[0])
+    if ktape.projection is not None:
+        return _projected_backward(dev, ktape, dy, dstate)
     return _gated_backward(dev, ktape, dy, dstate)
+
+
+def _projected_backward(dev, tape: GatedTape, dy, dstate):
+    """The LSTM over m's backward between the projection's maps (kernels/cuda/projected.py);
+    the gradient the LSTM gives its m_0 is dropped: m_0 is the constant 0."""
+    p = tape.projection
+    dm, dm_final = projected.gradients_in(dev, p, dy, dstate[0])
+    dxw, (_, dc0), grads = _gated_backward(dev, tape, dm, (dm_final, dstate[1]))
+    dh0, dw_hh, dw_hr = projected.gradients_out(dev, p, dy, dstate[0], dxw, grads["weight_hh"])
+    grads.update(weight_hh=dw_hh, weight_hr=dw_hr)
+    return dxw, (dh0, dc0), grads
 
 
 def _gated_backward(dev, tape: GatedTape, dy, dstate):

@@ -402,6 +402,9 @@ class EmulatedDevice:
     def copy_raw(self, dst, src, nbytes):
         ctypes.memmove(dst, src, nbytes)
 
+    def any_nonzero(self, a):
+        return bool(a.view(np.uint8).any())
+
     def upload(self, dst, host):
         assert dst.dtype == host.dtype and dst.shape == host.shape
         dst[...] = host
@@ -554,7 +557,8 @@ class ReplayingDevice(EmulatedDevice):
 
 # ---------------------------------------------------------------------- oracle harness
 
-LAYERS = {"LSTM": ("LSTM", {}), "GRU": ("GRU", {}), "RNN-tanh": ("RNN", {"nonlinearity": "tanh"}),
+LAYERS = {"LSTM": ("LSTM", {}), "LSTM-proj": ("LSTM", {"proj_size": 3}), "GRU": ("GRU", {}),
+          "RNN-tanh": ("RNN", {"nonlinearity": "tanh"}),
           "RNN-relu": ("RNN", {"nonlinearity": "relu"}),
           "TwoStage": ("TwoStageRNN", {"f": "tanh", "g": "sigmoid"})}
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
@@ -630,11 +634,12 @@ def run_against_oracle(layer: str, dtype: str, kind: str, *, seed: int, T=6, B=5
     if kind != "numpy":
         m.to("cuda")
     D = 2 if bidirectional else 1
-    n_state = 2 if name == "LSTM" else 1
+    P = opts.get("proj_size") or H                 # the width of h (and of y per direction)
+    widths = (P, H) if name == "LSTM" else (H,)    # h, and the LSTM's c
     x = _round(rng.standard_normal((T, B, I)), dtype)
-    state = tuple(_round(0.5 * rng.standard_normal((D, B, H)), dtype) for _ in range(n_state))
-    dy = _round(rng.standard_normal((T, B, D * H)), dtype)
-    dstate = tuple(_round(rng.standard_normal((D, B, H)), dtype) for _ in range(n_state))
+    state = tuple(_round(0.5 * rng.standard_normal((D, B, w)), dtype) for w in widths)
+    dy = _round(rng.standard_normal((T, B, D * P)), dtype)
+    dstate = tuple(_round(rng.standard_normal((D, B, w)), dtype) for w in widths)
     lengths = rng.integers(0, T + 1, B)
     lengths[0] = T
     lengths[1] = 0

@@ -443,13 +443,17 @@ def test_explicit_cupy_on_numpy_input_raises_with_the_reason(registered):
 
 @pytest.mark.parametrize("kwargs,expected", [
     (dict(dtype="float64"), "use the numpy backend for float64"),
-    (dict(proj_size=2), "no LSTM projection"),
     (dict(device="cpu"), "runs on CUDA, but the input is on cpu"),
     (dict(cell="rnn", acts=("sigmoid",)), "no activation 'sigmoid'"),
 ])
 def test_declined_problems_say_why(kwargs, expected):
     reasons = cb.CupyBackend().not_supported_reasons(problem(**kwargs))
     assert any(expected in r for r in reasons), reasons
+
+
+def test_lstm_projection_is_served():
+    # proj_size runs as the LSTM over m with W_hh W_hr folded (kernels/cuda/projected.py)
+    assert cb.CupyBackend().not_supported_reasons(problem(proj_size=2)) == []
 
 
 @pytest.mark.parametrize("B, H, training, expected", [

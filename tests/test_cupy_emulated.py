@@ -233,11 +233,45 @@ def emulated_backend(emulation, monkeypatch):
 
 
 @pytest.mark.parametrize("path,layer", [("graph", layer) for layer in LAYERS]
-                         + [("persistent", "TwoStage")])
+                         + [("persistent", "TwoStage"), ("persistent", "LSTM-proj"),
+                            ("persistent-mma", "LSTM-proj")])
 def test_oracle_harness_on_emulated_kernels(emulated_backend, force_path, path, layer):
     """The GPU oracle tests' own harness, run on the CPU (graph path every layer, persistent
-    TwoStage, ~5 s): checks the harness and the backend through the layer code."""
+    TwoStage, ~5 s): checks the harness and the backend through the layer code. LSTM-proj
+    (proj_size, kernels/cuda/projected.py) on every path: given states (so h_0 is folded into
+    xw), a row of length 0, both directions, every gradient against torch.nn in float64."""
     cb.FORCE_PATH = path
     tapes = run_against_oracle(layer, "float32", "numpy", seed=len(layer),
                                backend=emulated_backend)
     assert [t.data for t in tapes] == [{"path": path}] * 2
+
+
+def test_lstm_projection_without_initial_state_skips_the_fold(emulated_backend, force_path,
+                                                              monkeypatch):
+    """No h_0 (zeros): xw is used as it is, no copy (kernels/cuda/projected.py); two layers,
+    both directions, lengths with a zero, against the numpy backend."""
+    from rnn_gpu.kernels.cuda import projected
+
+    folded = []
+    fold = projected.fold_initial_state
+
+    def recording(*args):
+        out = fold(*args)
+        folded.append(out[1])
+        return out
+
+    monkeypatch.setattr(projected, "fold_initial_state", recording)
+    cb.FORCE_PATH = "graph"
+    rng = np.random.default_rng(5)
+    m = rg.LSTM(3, 7, num_layers=2, bidirectional=True, proj_size=2, seed=5)
+    x = rng.standard_normal((4, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((4, 3, 4)).astype(np.float32)
+    lengths = np.array([4, 0, 2])
+    runs = {}
+    for backend in ("numpy", emulated_backend):
+        y, state, tape = m.forward(x, lengths=lengths, backend=backend)
+        dx, _, grads = m.backward(tape, dy)
+        runs[backend] = [y, *state, dx, *grads.values()]
+    assert folded == [False] * 4                  # two layers, two directions
+    for got, want in zip(runs[emulated_backend], runs["numpy"]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -92,7 +92,8 @@ def test_gpu_persistent_path_matches_oracle(registered, force_path, check_launch
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("layer,dtype", [(layer, dtype) for layer in ("LSTM", "GRU", "RNN-tanh")
+@pytest.mark.parametrize("layer,dtype", [(layer, dtype)
+                                         for layer in ("LSTM", "LSTM-proj", "GRU", "RNN-tanh")
                                          for dtype in ("float16", "bfloat16", "float32")])
 def test_gpu_persistent_mma_path_matches_oracle(registered, force_path, check_launches, layer,
                                                 dtype):
@@ -221,7 +222,8 @@ def test_gpu_compile_failure_names_the_kernels_and_shows_nvrtc_log(registered, m
 
 @gpu
 @needs_gpu
-def test_gpu_torch_lstm_trains_like_torch_nn(registered, monkeypatch):
+@pytest.mark.parametrize("proj_size", [0, 4])
+def test_gpu_torch_lstm_trains_like_torch_nn(registered, monkeypatch, proj_size):
     import torch
 
     import rnn_gpu.torch as rt
@@ -229,8 +231,9 @@ def test_gpu_torch_lstm_trains_like_torch_nn(registered, monkeypatch):
     torch.manual_seed(0)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    ours = rt.LSTM(5, 12, num_layers=2, bidirectional=True, backend="cupy").cuda()
-    ref = torch.nn.LSTM(5, 12, num_layers=2, bidirectional=True).cuda()
+    ours = rt.LSTM(5, 12, num_layers=2, bidirectional=True, proj_size=proj_size,
+                   backend="cupy").cuda()
+    ref = torch.nn.LSTM(5, 12, num_layers=2, bidirectional=True, proj_size=proj_size).cuda()
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(7, 9, 5, device="cuda")
     for model in (ours, ref):

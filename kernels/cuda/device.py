@@ -127,6 +127,13 @@ class CupyDevice:
             raise RuntimeError(f"rnn_gpu cupy backend: a device-to-device copy of {rows} rows "
                                f"of {width} bytes failed: {type(exc).__name__}: {exc}") from exc
 
+    def any_nonzero(self, a) -> bool:
+        """Whether any byte of contiguous ``a`` is not zero (a -0.0 counts: a false "yes" only
+        costs work). Reads one value back, so it waits for the stream; CuPy reduces the bytes,
+        so bfloat16 needs nothing from ml_dtypes."""
+        raw = self.cupy.ndarray((a.nbytes,), dtype=self.cupy.uint8, memptr=a.data)
+        return bool(raw.any())
+
     def upload(self, dst, host: np.ndarray) -> None:
         """Host bytes into a device array on the caller's stream (CUDA stages a pageable
         source before returning, so ``host`` may go at once)."""

@@ -273,3 +273,55 @@ __global__ void fill_value(T* __restrict__ dst, float value, long long n) {
     const long long i = thread_index();
     if (i < n) dst[i] = rg::from_f32<T>(value);
 }
+
+// ---------------------------------------------------------------- LSTM projection (proj_size)
+
+// The cupy backend runs an LSTM with a projection as a plain LSTM over m_t = o * tanh(c_t),
+// with W_hh W_hr folded into one recurrent weight (kernels/cuda/projected.py); these kernels
+// move the rows that do not fold: W_hh h_0 enters each row at its first step, and a row of
+// length 0 keeps h_0 as its final state.
+
+// The step a row starts from: 0, or with reverse its length - 1 (0 for a row that never steps,
+// harmless: every step of such a row is masked).
+__device__ __forceinline__ long long first_step(const long long* lengths, long long b,
+                                                long long n_steps, long long reverse) {
+    if (!reverse) return 0;
+    const long long len = lengths != nullptr ? lengths[b] : n_steps;
+    return len > 0 ? len - 1 : 0;
+}
+
+// xw[t0_b, b, :] += add[b, :], xw (n_steps, B, n), add (B, n) fp32: h_0 W_hh^T into each
+// row's first step.
+template <typename T>
+__global__ void add_at_first_step(T* __restrict__ xw, const float* __restrict__ add,
+                                  const long long* __restrict__ lengths, long long n_steps,
+                                  long long B, long long n, long long reverse) {
+    const long long i = thread_index();
+    if (i >= B * n) return;
+    const long long b = i / n;
+    T* at = xw + rg::time_row(first_step(lengths, b, n_steps, reverse), b, B) * n + (i - b * n);
+    *at = rg::from_f32<T>(rg::to_f32(*at) + add[i]);
+}
+
+// out[b, :] = src[t0_b, b, :], src (n_steps, B, n), out (B, n): the gradient of h_0 W_hh^T.
+template <typename T>
+__global__ void gather_first_step(const T* __restrict__ src, T* __restrict__ out,
+                                  const long long* __restrict__ lengths, long long n_steps,
+                                  long long B, long long n, long long reverse) {
+    const long long i = thread_index();
+    if (i >= B * n) return;
+    const long long b = i / n;
+    out[i] = src[rg::time_row(first_step(lengths, b, n_steps, reverse), b, B) * n + (i - b * n)];
+}
+
+// out[b, :] = stepped[b, :] for a row with at least one step, otherwise[b, :] for a row of
+// length 0; all (B, n). The final h of an empty row is h_0 (and the gradient of h_0 is dh_T).
+template <typename T>
+__global__ void rows_that_stepped(const T* __restrict__ stepped, const T* __restrict__ otherwise,
+                                  T* __restrict__ out, const long long* __restrict__ lengths,
+                                  long long B, long long n) {
+    const long long i = thread_index();
+    if (i >= B * n) return;
+    const long long b = i / n;
+    out[i] = lengths == nullptr || lengths[b] > 0 ? stepped[i] : otherwise[i];
+}

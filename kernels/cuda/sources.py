@@ -30,7 +30,9 @@ def name_expressions(module: str, dtype: str) -> list[str]:
         names += [f"{k}<{ct}, {a}>" for k in ("twostage_fwd_a", "twostage_fwd_b",
                                               "twostage_bwd_a", "twostage_bwd_b")
                   for a in range(3)]
-        return names + [f"{k}<{ct}>" for k in ("cast_to_f32", "cast_from_f32", "fill_value")]
+        return names + [f"{k}<{ct}>" for k in ("cast_to_f32", "cast_from_f32", "fill_value",
+                                               "add_at_first_step", "gather_first_step",
+                                               "rows_that_stepped")]
     if module == "persistent_mma":
         return [f"gated_fwd_persistent_mma<{ct}, {c}, {a}>" for c, a in GATED_VARIANTS]
     if module == "persistent":

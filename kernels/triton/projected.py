@@ -89,11 +89,13 @@ def project_outputs(m: torch.Tensor, m_final: torch.Tensor, h0: torch.Tensor,
 
 def gradients_in(tape: ProjectionTape, dy: torch.Tensor,
                  dh_final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's incoming gradients: ``(dm, dm_T)`` from ``(dy, dh_T)``."""
+    """The kernel's incoming gradients: ``(dm, dm_T)`` from ``(dy, dh_T)``. A row of length 0
+    needs no mask: its final h is h_0, but its ``dm_T`` only passes through the kernel's masked
+    steps to the gradient of m_0, which is dropped (m_0 is the constant 0), and its m_T is 0 in
+    ``dW_hr``'s ``dh_Tᵀ m_T``."""
     T, B, P = dy.shape
     dm = matmul(dy.reshape(T * B, P), tape.w_hr.to(dy.dtype), tape.precision)
-    dm_final = matmul(torch.where(tape.stepped, dh_final.float(), 0.0), tape.w_hr.float(),
-                      tape.precision)
+    dm_final = matmul(dh_final.float(), tape.w_hr.float(), tape.precision)
     return dm.reshape(T, B, -1), dm_final
 
 
@@ -113,6 +115,5 @@ def gradients_out(tape: ProjectionTape, dy: torch.Tensor, dh_final: torch.Tensor
         dw_hh += matmul(d_first.t(), tape.h0.float(), p)
     dw_hr = matmul(w_hh.t(), dw_eff, p)
     dw_hr += matmul(dy.reshape(T * B, P).t(), tape.m.reshape(T * B, -1), p).float()
-    dh_stepped = torch.where(tape.stepped, dh_final.float(), 0.0)
-    dw_hr += matmul(dh_stepped.t(), tape.m_final, p)
+    dw_hr += matmul(dh_final.float().t(), tape.m_final, p)
     return dh0, dw_hh, dw_hr

@@ -135,6 +135,74 @@ __device__ __forceinline__ float gated_store(const GatedStep& r, bool valid, flo
     return valid ? r.h_new : h_prev;
 }
 
+// The backward of one element (row b, unit u) of the step at time t (t_prev: the time of the
+// step before it, -1 for the first step, whose c_{t-1} is c0), shared by recurrent.cu's step
+// kernel and persistent_mma.cu's persistent backward. dh_in, dc_in are dL/dh_t (without y_t's
+// own gradient, added here from dy) and dL/dc_t. Writes the pre-activation gradients to dxw[t]
+// (and, GRU, the gradients of W_hh h + b_hh to dhh[t]). Returns those of W_hh h + b_hh (what
+// the recurrent product dh_{t-1} += d_rec W_hh reads: the same as dxw's but for GRU's n gate,
+// which the reset factor r scales), the part of dL/dh_{t-1} that does not go through W_hh, and
+// dL/dc_{t-1}. A row past its length passes dh, dc through and gets zeros.
+struct GatedGrad {
+    float d_rec[4];
+    float carry;
+    float dc;
+};
+
+template <typename T, int CELL, int ACT>
+__device__ __forceinline__ GatedGrad gated_bwd_element(
+        float dh_in, float dc_in, const T* dy, const float* gates, const float* ctape,
+        const float* c0, const T* hprev, const long long* lengths, T* dxw, T* dhh, long long t,
+        long long t_prev, long long b, long long u, long long B, long long H) {
+    constexpr int G = CellShape<CELL>::G;
+    constexpr int TG = CellShape<CELL>::TG;
+    const long long row = time_row(t, b, B);
+    const bool valid = is_valid(lengths, t, b);
+    const float dh_new = dh_in + to_f32(dy[row * H + u]);
+    const float* gt = gates + row * (TG * H) + u;
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};   // gradients of the pre-activations (xw's gates)
+    float d_rec_n = 0.0f;                     // GRU: gradient of W_hn h + b_hn
+    GatedGrad r;
+    r.carry = 0.0f;                           // dL/dh_{t-1} not through W_hh
+    r.dc = dc_in;
+    if (CELL == RNN) {
+        d[0] = dh_new * activation_grad<ACT>(gt[0]);
+    } else if (CELL == LSTM) {
+        const float i = gt[0], f = gt[H], g = gt[2 * H], o = gt[3 * H];
+        const float c_t = ctape[row * H + u];
+        const float c_prev = t_prev < 0 ? c0[b * H + u] : ctape[time_row(t_prev, b, B) * H + u];
+        const float tc = tanhf(c_t);
+        const float dct = dc_in + dh_new * o * (1.0f - tc * tc);
+        d[0] = dct * g * i * (1.0f - i);
+        d[1] = dct * c_prev * f * (1.0f - f);
+        d[2] = dct * i * (1.0f - g * g);
+        d[3] = dh_new * tc * o * (1.0f - o);
+        if (valid) r.dc = dct * f;
+    } else {                                  // GRU
+        const float rr = gt[0], z = gt[H], n = gt[2 * H], hn = gt[3 * H];
+        const float hp = to_f32(hprev[row * H + u]);
+        const float dn = dh_new * (1.0f - z) * (1.0f - n * n);
+        d[0] = dn * hn * rr * (1.0f - rr);
+        d[1] = dh_new * (hp - n) * z * (1.0f - z);
+        d[2] = dn;
+        d_rec_n = dn * rr;
+        r.carry = dh_new * z;
+    }
+    if (!valid) {
+        d[0] = d[1] = d[2] = d[3] = 0.0f;
+        d_rec_n = 0.0f;
+        r.carry = dh_in;
+    }
+    T* dx = dxw + row * (G * H) + u;
+    for (int k = 0; k < 4; ++k) r.d_rec[k] = CELL == GRU && k == 2 ? d_rec_n : d[k];
+    for (int k = 0; k < G; ++k) dx[k * H] = from_f32<T>(d[k]);
+    if (CELL == GRU) {
+        T* dr = dhh + row * (G * H) + u;
+        for (int k = 0; k < G; ++k) dr[k * H] = from_f32<T>(r.d_rec[k]);
+    }
+    return r;
+}
+
 // TwoStageRNN, second stage of one element: h_t = g(pre) with pre = W_ha a_t + W_hh h_{t-1} + b_h.
 // Writes y and the tape (h_t before the mask, h_{t-1}); returns the state kept.
 template <typename T, int G>

@@ -124,56 +124,13 @@ __global__ void gated_bwd_step(const GatedBwdCall<T>* __restrict__ call, float* 
     const GatedBwdCall<T> p = *call;
     const long long b = idx / H, u = idx - b * H;
     constexpr int G = rg::CellShape<CELL>::G;
-    constexpr int TG = rg::CellShape<CELL>::TG;
-    const long long row = rg::time_row(t, b, B);
-    const bool valid = rg::is_valid(p.lengths, t, b);
-    const float dh_in = dh[idx];
-    const float dh_new = dh_in + rg::to_f32(p.dy[row * H + u]);
-    const float* gt = p.gates + row * (TG * H) + u;
-    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};   // gradients of the pre-activations (xw's gates)
-    float d_rec_n = 0.0f;                     // GRU: gradient of W_hn h + b_hn
-    float carry = 0.0f;                       // dL/dh_{t-1} not through W_hh
-    if (CELL == rg::RNN) {
-        d[0] = dh_new * rg::activation_grad<ACT>(gt[0]);
-    } else if (CELL == rg::LSTM) {
-        const float i = gt[0], f = gt[H], g = gt[2 * H], o = gt[3 * H];
-        const float c_t = p.ctape[row * H + u];
-        const float c_prev =
-            t_prev < 0 ? p.c0[idx] : p.ctape[rg::time_row(t_prev, b, B) * H + u];
-        const float tc = tanhf(c_t);
-        const float dct = dc[idx] + dh_new * o * (1.0f - tc * tc);
-        d[0] = dct * g * i * (1.0f - i);
-        d[1] = dct * c_prev * f * (1.0f - f);
-        d[2] = dct * i * (1.0f - g * g);
-        d[3] = dh_new * tc * o * (1.0f - o);
-        if (valid) dc[idx] = dct * f;
-    } else {                                  // GRU
-        const float r = gt[0], z = gt[H], n = gt[2 * H], hn = gt[3 * H];
-        const float hp = rg::to_f32(p.hprev[row * H + u]);
-        const float dn = dh_new * (1.0f - z) * (1.0f - n * n);
-        d[0] = dn * hn * r * (1.0f - r);
-        d[1] = dh_new * (hp - n) * z * (1.0f - z);
-        d[2] = dn;
-        d_rec_n = dn * r;
-        carry = dh_new * z;
-    }
-    if (!valid) {
-        d[0] = d[1] = d[2] = d[3] = 0.0f;
-        d_rec_n = 0.0f;
-        carry = dh_in;
-    }
-    T* dx = p.dxw + row * (G * H) + u;
+    const rg::GatedGrad r = rg::gated_bwd_element<T, CELL, ACT>(
+        dh[idx], CELL == rg::LSTM ? dc[idx] : 0.0f, p.dy, p.gates, p.ctape, p.c0, p.hprev,
+        p.lengths, p.dxw, p.dhh, t, t_prev, b, u, B, H);
     T* dr = drec + b * (G * H) + u;
-    for (int g = 0; g < G; ++g) {
-        const T v = rg::from_f32<T>(d[g]);
-        dx[g * H] = v;
-        dr[g * H] = CELL == rg::GRU && g == 2 ? rg::from_f32<T>(d_rec_n) : v;
-    }
-    if (CELL == rg::GRU) {
-        T* dhh = p.dhh + row * (G * H) + u;
-        for (int g = 0; g < G; ++g) dhh[g * H] = dr[g * H];
-    }
-    dh[idx] = carry;
+    for (int g = 0; g < G; ++g) dr[g * H] = rg::from_f32<T>(r.d_rec[g]);
+    dh[idx] = r.carry;
+    if (CELL == rg::LSTM) dc[idx] = r.dc;
 }
 
 // ---------------------------------------------------------------- TwoStageRNN

@@ -44,7 +44,7 @@ Two paths (DESIGN §5), the same tape layout for both:
     step (twice for TwoStageRNN), hidden units split across blocks, each block's slice of the
     recurrent weights in shared memory when it fits. No tensor cores: it wins only where the
     per-step product is too small for a GEMM launch to pay off. Training forwards take it too
-    (it writes the same tape); backward always takes the graph path.
+    (it writes the same tape); the backward takes the graph path unless forced (below).
 
 ``"persistent-mma"`` (forward of RNN, LSTM and GRU in float16 and bfloat16; small batch)
     The same cooperative design with the recurrent product on the tensor cores
@@ -58,6 +58,18 @@ Two paths (DESIGN §5), the same tape layout for both:
     Those timings had 8-way shared-memory bank conflicts on every fragment load; the rows are
     padded since (``MMA_SMEM_PAD``), not yet timed. TwoStageRNN takes the plain persistent
     kernel; a block slice that does not fit in shared memory falls back to it with a warning.
+
+Backward ``"persistent-mma"`` (RNN, LSTM, GRU; only where ``FORCE_BACKWARD_PATH`` asks for it)
+    The reverse-time loop as one cooperative kernel (``gated_bwd_persistent_mma``): each
+    block's columns of W_hh in shared memory for all steps, per step the block's part of the
+    gate math's backward, one ``grid.sync()``, then ``dh += d_rec W_hh`` for its units on the
+    tensor cores, the recurrent gradients streamed through shared memory in ``cp.async``
+    chunks. It replaces the graph path's GEMM and pointwise launch per step (~24 of the 36.2
+    ms of a fp16 training step at 512x64x1024, H100 run 5). Checked on the CPU emulation, not
+    yet timed: the heuristic (``choose_backward_path``) keeps the graph path until a card has
+    (``rnn-gpu bench --backend cupy:persistent-mma-train``). Where the block's columns do not
+    fit in shared memory (above ~H = 1024 at batch 64 in half precision) it falls back to the
+    graph path with a warning.
 
 Heuristic (``choose_path``): persistent-mma for float16 and bfloat16 RNN, LSTM and GRU when
 ``B * H >= MMA_MIN_BATCH_UNITS`` (8192), ``B <= MMA_MAX_BATCH`` (64) and the per-step
@@ -115,14 +127,22 @@ from rnn_gpu.kernels.cuda.blocks import (
     time_of,
     to_f32,
 )
-from rnn_gpu.kernels.cuda.device import MMA_TILE, PERSISTENT_THREADS, CupyDevice, round_up
+from rnn_gpu.kernels.cuda.device import (
+    MMA_TILE,
+    PERSISTENT_THREADS,
+    CupyDevice,
+    bwd_k_split,
+    round_up,
+)
 from rnn_gpu.kernels.cuda.graphs import clear_graphs, workspace
 from rnn_gpu.kernels.cuda.ops import Launch
 from rnn_gpu.kernels.cuda.sources import ACT_IDS, CELL_IDS
 
-__all__ = ["FORCE_PATH", "MMA_MAX_BATCH", "MMA_MAX_STEP_MACS", "MMA_MIN_BATCH_UNITS",
-           "PERSISTENT_MAX_BATCH", "PERSISTENT_MAX_STEP_MACS", "USE_GRAPH",
-           "VARIANTS", "CupyBackend", "choose_path", "clear_graphs", "run_backward",
+__all__ = ["BACKWARD_PATHS", "FORCE_BACKWARD_PATH", "FORCE_PATH", "MMA_MAX_BATCH",
+           "MMA_MAX_STEP_MACS", "MMA_MIN_BATCH_UNITS", "PERSISTENT_MAX_BATCH",
+           "PERSISTENT_MAX_STEP_MACS", "USE_GRAPH",
+           "VARIANTS", "CupyBackend", "choose_backward_path", "choose_path", "clear_graphs",
+           "run_backward",
            "run_forward"]
 
 # ---------------------------------------------------------------------- switches (see above)
@@ -147,9 +167,18 @@ MMA_MAX_BATCH = 64
 MMA_MAX_STEP_MACS = 1 << 25
 
 PATHS = ("graph", "persistent", "persistent-mma")
-# What `rnn-gpu bench --backend cupy:NAME` runs: NAME -> (FORCE_PATH, USE_GRAPH; None: as set).
-VARIANTS = {"graph": ("graph", False), "graph-captured": ("graph", True),
-            "persistent": ("persistent", None), "persistent-mma": ("persistent-mma", None)}
+# The backward's path (choose_backward_path): "graph" unless forced. The tensor-core persistent
+# backward (gated_bwd_persistent_mma) is checked on the CPU emulation but not yet timed on a
+# card, so the heuristic does not take it; `rnn-gpu bench --backend cupy:persistent-mma-train`
+# times it.
+FORCE_BACKWARD_PATH: str | None = None
+BACKWARD_PATHS = ("graph", "persistent-mma")
+# What `rnn-gpu bench --backend cupy:NAME` runs: NAME -> (FORCE_PATH, USE_GRAPH,
+# FORCE_BACKWARD_PATH; None: as set).
+VARIANTS = {"graph": ("graph", False, None), "graph-captured": ("graph", True, None),
+            "persistent": ("persistent", None, None),
+            "persistent-mma": ("persistent-mma", None, None),
+            "persistent-mma-train": ("persistent-mma", None, "persistent-mma")}
 DTYPES = ("float32", "float16", "bfloat16")
 CELLS = ("rnn", "lstm", "gru", "twostage")
 PRIORITY = 90                          # below triton (100), above numpy (0)
@@ -182,7 +211,11 @@ class CupyBackend(Backend):
             captured = ", captured as a CUDA graph and replayed" if USE_GRAPH else ""
             return f"graph path: a cuBLAS GEMM and a fused pointwise kernel per step{captured}"
         if problem.training:
-            return f"{kind} forward ({fallback}), graph backward"
+            backward = choose_backward_path(problem.cell, problem.batch, problem.hidden_size,
+                                            problem.dtype)
+            backward = ("persistent backward on tensor cores (graph where it cannot run)"
+                        if backward == "persistent-mma" else "graph backward")
+            return f"{kind} forward ({fallback}), {backward}"
         return f"{kind} ({fallback})"
 
     def variants(self) -> tuple[str, ...]:
@@ -192,19 +225,21 @@ class CupyBackend(Backend):
 
     @contextlib.contextmanager
     def variant(self, name: str) -> Iterator[None]:
-        """Calls inside run the named path (``FORCE_PATH``), with capture on or off where the
-        variant says; both settings are restored on exit. Process-wide while entered."""
-        global FORCE_PATH, USE_GRAPH
+        """Calls inside run the named path (``FORCE_PATH``, and ``FORCE_BACKWARD_PATH`` where the
+        variant names one), with capture on or off where the variant says; every setting is
+        restored on exit. Process-wide while entered."""
+        global FORCE_PATH, USE_GRAPH, FORCE_BACKWARD_PATH
         if name not in VARIANTS:
             raise ValueError(f"variant: expected one of {tuple(VARIANTS)}, got {name!r}")
-        path, capture = VARIANTS[name]
-        saved = FORCE_PATH, USE_GRAPH
+        path, capture, backward = VARIANTS[name]
+        saved = FORCE_PATH, USE_GRAPH, FORCE_BACKWARD_PATH
         FORCE_PATH = path
         USE_GRAPH = USE_GRAPH if capture is None else capture
+        FORCE_BACKWARD_PATH = FORCE_BACKWARD_PATH if backward is None else backward
         try:
             yield
         finally:
-            FORCE_PATH, USE_GRAPH = saved
+            FORCE_PATH, USE_GRAPH, FORCE_BACKWARD_PATH = saved
 
     def not_supported_reasons(self, problem: Problem) -> list[str]:
         reasons = []
@@ -320,6 +355,18 @@ def _bfloat16_reasons(device: str) -> list[str]:
                 reasons.append(f"bfloat16 needs compute capability 8.0, {device} has "
                                f"{cc // 10}.{cc % 10} (use float16 or float32)")
     return reasons
+
+
+def choose_backward_path(cell: str, batch: int, hidden: int, dtype: str = "float32") -> str:
+    """``"graph"``, or ``"persistent-mma"`` where ``FORCE_BACKWARD_PATH`` says so (RNN, LSTM
+    and GRU; TwoStageRNN's backward is always the graph path). Not chosen by itself until a
+    card has timed it (see ``FORCE_BACKWARD_PATH``)."""
+    if FORCE_BACKWARD_PATH is not None:
+        if FORCE_BACKWARD_PATH not in BACKWARD_PATHS:
+            raise ValueError(f"rnn_gpu.backends.cupy.FORCE_BACKWARD_PATH: expected one of "
+                             f"{BACKWARD_PATHS} or None, got {FORCE_BACKWARD_PATH!r}")
+        return "graph" if cell == "twostage" else FORCE_BACKWARD_PATH
+    return "graph"
 
 
 def choose_path(cell: str, batch: int, hidden: int, dtype: str = "float32") -> str:
@@ -497,20 +544,26 @@ def _gated_graph(dev, cell, act, xw, w, h0, c0, lens, outs, reverse):
 
 
 def _persistent_launch(dev, base: str, template_args: tuple, n_mat: int, H: int, args_of,
-                       batch: int | None = None):
+                       batch: int | None = None, backward: bool = False):
     """Plans and launches a persistent kernel; returns False (after a warning) when it
     cannot run, so that the caller takes the next path. ``args_of(plan)`` gives the args;
-    ``batch`` plans the tensor-core kernel (:meth:`CupyDevice.persistent_mma_plan`)."""
+    ``batch`` plans the tensor-core kernel (:meth:`CupyDevice.persistent_mma_plan`, or with
+    ``backward`` :meth:`CupyDevice.persistent_mma_bwd_plan`)."""
     name, fn = dev.kernel("persistent" if batch is None else "persistent_mma", base,
                           *template_args)
     try:
-        plan = (dev.persistent_plan(fn, n_mat, H) if batch is None
-                else dev.persistent_mma_plan(fn, n_mat, H, batch))
+        if batch is None:
+            plan = dev.persistent_plan(fn, n_mat, H)
+        elif backward:
+            plan = dev.persistent_mma_bwd_plan(fn, n_mat, H, batch)
+        else:
+            plan = dev.persistent_mma_plan(fn, n_mat, H, batch)
     except Exception as exc:      # the occupancy query or the shared-memory opt-in failed
         raise RuntimeError(f"rnn_gpu cupy backend: planning the persistent kernel {name} "
                            f"(H={H}) failed: {type(exc).__name__}: {exc}") from exc
     if isinstance(plan, str):
-        then = "the CUDA-core persistent kernel" if batch is not None else "the graph path"
+        then = ("the CUDA-core persistent kernel" if batch is not None and not backward
+                else "the graph path")
         warnings.warn(f"rnn_gpu cupy backend: the persistent kernel {name} cannot run here "
                       f"({plan}); taking {then}", RuntimeWarning, stacklevel=4)
         return False
@@ -660,10 +713,53 @@ def _projected_backward(dev, tape: GatedTape, dy, dstate):
 
 def _gated_backward(dev, tape: GatedTape, dy, dstate):
     T, B, H = dy.shape
-    cell, lstm = tape.cell, tape.cell == "lstm"
+    cell = tape.cell
     GH = GATES[cell] * H
     dxw = dev.empty((T, B, GH), dev.dtype, "the gradient of xw")
     dhh = dev.empty((T, B, GH), dev.dtype, "the gradient of h W_hh^T") if cell == "gru" else dxw
+    d0 = None
+    if choose_backward_path(cell, B, H, dev.dtype_name) == "persistent-mma":
+        d0 = _gated_backward_persistent(dev, tape, dy, dstate, dxw, dhh)
+    if d0 is None:
+        d0 = _gated_backward_graph(dev, tape, dy, dstate, dxw, dhh)
+    grads = {"weight_hh": outer_grad(dev, dhh, tape.hprev, "the gradient of W_hh")}
+    if tape.has_bias:
+        ones = filled(dev, T * B, 1.0, "a ones vector")
+        grads["bias_hh"] = bias_grad(dev, dhh, ones, "the gradient of b_hh")
+    return dxw, d0, grads
+
+
+def _gated_backward_persistent(dev, tape: GatedTape, dy, dstate, dxw, dhh):
+    """Backward path "persistent-mma" (``gated_bwd_persistent_mma``): the whole reverse-time
+    loop in one cooperative launch; returns the gradients of the initial state, or None when
+    the kernel cannot run here (after a warning; the graph path runs instead)."""
+    T, B, H = dy.shape
+    cell = tape.cell
+    Bp, GHp = round_up(B, MMA_TILE), round_up(GATES[cell] * H, MMA_TILE)
+    dh = to_f32(dev, dstate[0], "the fp32 gradient dh")
+    dc = to_f32(dev, dstate[1], "the fp32 gradient dc") if cell == "lstm" else None
+    # the recurrent gradients in the compute dtype, zero-padded to whole tiles (both slots)
+    drec = filled(dev, 2 * Bp * GHp, 0.0, "the padded recurrent gradients")
+
+    def args_of(plan):
+        Np = round_up(plan.units, MMA_TILE)
+        return (dy, tape.w_hh, tape.lengths, tape.gates, tape.ctape, tape.c0, tape.hprev, dh,
+                dc, drec, dxw, dhh if cell == "gru" else None, i64(T), i64(B), i64(H),
+                i64(plan.units), i64(int(tape.reverse)), i64(Bp), i64(GHp), i64(Np),
+                i64(bwd_k_split(Bp, Np, dev.itemsize)))
+
+    if not _persistent_launch(dev, "gated_bwd_persistent_mma", (CELL_IDS[cell], tape.act),
+                              GATES[cell], H, args_of, batch=B, backward=True):
+        return None
+    return _final_state(dev, dh, dc, GRADIENTS_OF_STATE0)
+
+
+def _gated_backward_graph(dev, tape: GatedTape, dy, dstate, dxw, dhh):
+    """Backward path "graph": per step the pointwise kernel, then ``dh += d_rec W_hh``
+    (cuBLAS); returns the gradients of the initial state."""
+    T, B, H = dy.shape
+    cell, lstm = tape.cell, tape.cell == "lstm"
+    GH = GATES[cell] * H
     buffers = {"dh": ((B, H), np.float32, "the fp32 gradient dh"),
                "drec": ((B, GH), dev.dtype, "a step's gradient of h W_hh^T"),
                "w_hh": ((GH, H), dev.dtype, "the graph path's copy of W_hh")}
@@ -689,12 +785,7 @@ def _gated_backward(dev, tape: GatedTape, dy, dstate):
                                         i64(t_prev), i64(B), i64(H))))
             ops.append(recurrent)
         dev.run(ops, graph=True, workspace=ws)
-        d0 = _final_state(dev, ws["dh"], dc, GRADIENTS_OF_STATE0)
-    grads = {"weight_hh": outer_grad(dev, dhh, tape.hprev, "the gradient of W_hh")}
-    if tape.has_bias:
-        ones = filled(dev, T * B, 1.0, "a ones vector")
-        grads["bias_hh"] = bias_grad(dev, dhh, ones, "the gradient of b_hh")
-    return dxw, d0, grads
+        return _final_state(dev, ws["dh"], dc, GRADIENTS_OF_STATE0)
 
 
 def _twostage_backward(dev, tape: TwoStageTape, dy, dh_T):

@@ -188,6 +188,47 @@ def test_persistent_mma_path_falls_back_to_the_cuda_core_kernel(emulation, force
     assert tape.path == "persistent"
 
 
+BWD_SHAPES = {"one tile each way": dict(T=4, B=3, H=7, sms=3),        # blocks of 3, 3, 1 units
+              # LSTM GH 80: one chunk; Bp 32, 2 x 1 tiles, so 4 warps share each
+              "several row tiles": dict(T=3, B=18, H=20, sms=2),
+              # GH = 4 x 100 = 400: four chunks of 128 float32 columns, the last one 16 wide
+              # (fewer than the warps' slices); blocks of 25 units, Np 32
+              "four chunks": dict(T=3, B=5, H=100, sms=4),
+              # one block of 30 units (Np 32): 1200 elements, 5 for some of the 256 threads
+              "more elements than threads": dict(T=3, B=40, H=30, sms=1)}
+
+
+@pytest.mark.parametrize("shape", list(BWD_SHAPES))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("cell,acts", CELL_CASES[:4])
+def test_persistent_mma_backward_on_emulated_kernels_matches_numpy(emulation, force_path, cell,
+                                                                  acts, reverse, shape):
+    """The tensor-core persistent backward (gated_bwd_persistent_mma): the reverse-time loop
+    with one grid barrier a step, the recurrent gradients double-buffered in global memory and
+    streamed through shared memory in cp.async chunks, warps sharing a tile over slices of a
+    chunk; its float32 instantiation on the CPU (as the forward's), against the numpy backend
+    in float64: dxw, the initial state's gradients and every weight gradient."""
+    cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "graph", "persistent-mma"
+    sh = BWD_SHAPES[shape]
+    dev = EmulatedDevice(emulation, sms=sh["sms"], smem_limit=1 << 20)
+    lengths = np.array(([sh["T"], 0, 2] * sh["B"])[:sh["B"]])
+    check_against_numpy(dev, cell, acts, sh["T"], sh["B"], sh["H"], reverse=reverse,
+                        lengths=lengths, bias=reverse)
+    assert dev.launched.count(f"gated_bwd_persistent_mma<float, {cb.CELL_IDS[cell]}, "
+                              f"{cb.ACT_IDS[acts[0]] if acts else 0}>") == 1
+    assert not any(n.startswith("gated_bwd_step") for n in dev.launched)
+
+
+def test_persistent_mma_backward_falls_back_to_the_graph_path_with_a_warning(emulation,
+                                                                           force_path):
+    cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "graph", "persistent-mma"
+    dev = EmulatedDevice(emulation, sms=3, smem_limit=1 << 12)
+    with pytest.warns(RuntimeWarning, match=r"gated_bwd_persistent_mma.*cannot run here.*"
+                                            r"shared memory.*taking the graph path"):
+        check_against_numpy(dev, "lstm", (), 3, 2, 5, reverse=False, lengths=None, bias=True)
+    assert any(n.startswith("gated_bwd_step") for n in dev.launched)
+
+
 def test_persistent_path_falls_back_to_the_graph_path_with_a_warning(emulation, force_path):
     cb.FORCE_PATH = "persistent"
     dev = EmulatedDevice(emulation, occupancy=0)
@@ -244,6 +285,26 @@ def test_oracle_harness_on_emulated_kernels(emulated_backend, force_path, path, 
     tapes = run_against_oracle(layer, "float32", "numpy", seed=len(layer),
                                backend=emulated_backend)
     assert [t.data for t in tapes] == [{"path": path}] * 2
+
+
+@pytest.mark.parametrize("layer", ["LSTM-proj", "GRU"])
+def test_oracle_harness_trains_through_the_persistent_backward(emulated_backend, force_path,
+                                                               monkeypatch, layer):
+    """The tensor-core forward and backward (bench variant cupy:persistent-mma-train) through
+    the layer code against torch.nn in float64: both directions, given states, a row of
+    length 0."""
+    cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "persistent-mma", "persistent-mma"
+    launched = []
+    launch = EmulatedDevice.launch
+
+    def recording(self, op):
+        launched.append(op.name)
+        return launch(self, op)
+
+    monkeypatch.setattr(EmulatedDevice, "launch", recording)
+    run_against_oracle(layer, "float32", "numpy", seed=3, backend=emulated_backend)
+    assert sum(n.startswith("gated_bwd_persistent_mma") for n in launched) == 2
+    assert not any(n.startswith("gated_bwd_step") for n in launched)
 
 
 def test_lstm_projection_without_initial_state_skips_the_fold(emulated_backend, force_path,

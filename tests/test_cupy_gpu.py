@@ -12,6 +12,8 @@ shape. Kept short (small shapes).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from cupy_emulation import LAYERS, _device, _host, check_errors, problem, run_against_oracle
@@ -104,6 +106,35 @@ def test_gpu_persistent_mma_path_matches_oracle(registered, force_path, check_la
     cb.FORCE_PATH = "persistent-mma"
     tapes = run_against_oracle(layer, dtype, "cupy", seed=11)
     assert [t.data for t in tapes] == [{"path": "persistent-mma"}] * 2
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("layer,dtype", [(layer, dtype)
+                                         for layer in ("LSTM", "LSTM-proj", "GRU", "RNN-tanh")
+                                         for dtype in ("float16", "bfloat16", "float32")])
+def test_gpu_persistent_mma_backward_matches_oracle(registered, force_path, check_launches,
+                                                    layer, dtype, monkeypatch):
+    """The tensor-core persistent backward (gated_bwd_persistent_mma) against the float64
+    oracle, after the tensor-core forward; a fall back to the graph path would warn, and the
+    warning is an error here."""
+    reasons = registered.not_supported_reasons(problem(dtype=dtype))
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "persistent-mma", "persistent-mma"
+    launched = []
+    launch = cdev.CupyDevice.launch
+
+    def recording(self, op):
+        launched.append(op.name)
+        return launch(self, op)
+
+    monkeypatch.setattr(cdev.CupyDevice, "launch", recording)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        run_against_oracle(layer, dtype, "cupy", seed=13)
+    assert sum(n.startswith("gated_bwd_persistent_mma") for n in launched) == 2   # 2 directions
+    assert not any(n.startswith("gated_bwd_step") for n in launched)
 
 
 @gpu

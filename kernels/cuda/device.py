@@ -35,8 +35,24 @@ MMA_TILE = 16                          # the 16 x 16 tile (two mma.sync m16n8k16
 MMA_SMEM_PAD = 8                       # persistent_mma.cu's shared-memory row padding (elements)
 
 
+BWD_CHUNK_BYTES = 512                  # = BWD_CHUNK_BYTES in persistent_mma.cu
+
+
 def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+def bwd_k_split(Bp: int, Np: int, itemsize: int) -> int:
+    """How many warps of ``gated_bwd_persistent_mma`` share one 16 x 16 output tile, each over
+    a slice of every chunk: the largest power of two that keeps the warps busy (the tiles are
+    (Bp / 16) x (Np / 16), 4 at batch 64 with 8 units a block) and the slices whole k-steps of
+    16."""
+    warps, tiles = PERSISTENT_THREADS // 32, (Bp // MMA_TILE) * (Np // MMA_TILE)
+    chunk = BWD_CHUNK_BYTES // itemsize
+    k = 1
+    while 2 * k * tiles <= warps and chunk // (2 * k) >= MMA_TILE:
+        k *= 2
+    return k
 
 
 @dataclass(frozen=True)
@@ -207,6 +223,29 @@ class CupyDevice:
         if smem > optin:
             return (f"{smem} B of shared memory per block for {units} units' weights, the state "
                     f"and the products at batch {batch}; cuda:{self.index} allows {optin}")
+        if self._occupancy(fn, smem) * sms < blocks:
+            return (f"{blocks} blocks of {PERSISTENT_THREADS} threads with {smem} B of shared "
+                    f"memory cannot all be resident on cuda:{self.index} ({sms} SMs)")
+        return PersistentPlan(blocks, units, smem, True)
+
+    def persistent_mma_bwd_plan(self, fn, gates: int, hidden: int,
+                                batch: int) -> PersistentPlan | str:
+        """As :meth:`persistent_mma_plan` for the tensor-core backward
+        (``gated_bwd_persistent_mma``): the block's columns of W_hh (``gates * hidden`` rows by
+        its units, both padded to whole tiles), two chunk buffers of the recurrent gradient and
+        the fp32 partial products (:func:`bwd_k_split` of them) must fit in shared memory."""
+        grid = self._persistent_grid(hidden)
+        if isinstance(grid, str):
+            return grid
+        sms, optin, units, blocks = grid
+        Bp, GHp, Np = (round_up(n, MMA_TILE) for n in (batch, gates * hidden, units))
+        chunk = BWD_CHUNK_BYTES // self.itemsize
+        smem = ((Np * (GHp + MMA_SMEM_PAD) + 2 * Bp * (chunk + MMA_SMEM_PAD)) * self.itemsize
+                + bwd_k_split(Bp, Np, self.itemsize) * Bp * Np * 4 + 128)
+        if smem > optin:
+            return (f"{smem} B of shared memory per block for {units} units' columns of W_hh, "
+                    f"the gradient chunks and the products at batch {batch}; "
+                    f"cuda:{self.index} allows {optin}")
         if self._occupancy(fn, smem) * sms < blocks:
             return (f"{blocks} blocks of {PERSISTENT_THREADS} threads with {smem} B of shared "
                     f"memory cannot all be resident on cuda:{self.index} ({sms} SMs)")

@@ -301,3 +301,124 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
         grid.sync();          // also orders this step's reads of acc_s, h_s before the next
     }
 }
+
+// ---------------------------------------------------------------- backward
+
+// Cooperative persistent backward of RNN, LSTM and GRU (backends/cupy.py, backward path
+// "persistent-mma"): the graph path's reverse-time loop in one launch. Block j owns the hidden
+// units [u0, u0 + nu) of every row. Each step s, from the last to the first, it
+//   1. back-propagates the step's gate math for its (row, unit) elements (gated_bwd_element, as
+//      recurrent.cu's gated_bwd_step does): dxw[t] (GRU also dhh[t]), dh and dc of its units
+//      (fp32, in global memory, each element read and written by one thread only), and its
+//      columns of d_rec, the gradient of W_hh h_{t-1} + b_hh, into drec (compute dtype,
+//      Bp x GHp, zero-padded, double-buffered by step parity);
+//   2. grid.sync(): every block's columns of d_rec are written;
+//   3. adds d_rec W_hh to its units of dh: the product of d_rec (Bp x GHp) and its columns of
+//      W_hh (GHp x Np, Np = nu padded to 16; column-major in shared memory for all steps), as
+//      16 x 16 tiles on the tensor cores. d_rec comes through shared memory in chunks of
+//      BWD_CHUNK_BYTES per row (cp.async, two buffers: chunk c + 1 lands while c is
+//      multiplied); when the tiles are fewer than the warps, k_split warps share a tile, each
+//      over a slice of the chunk into its own fp32 partial (acc_s), summed in the finish.
+// One barrier a step: the product of step s reads slot s & 1 of drec, and step s - 1 writes
+// the other slot only after every block has passed the barrier of step s, that is, after their
+// products of step s + 1 had read it. At the end dh holds dL/dh_0 and dc dL/dc_0.
+//
+// Why: the graph path's backward is a cuBLAS GEMM and a pointwise kernel per step: ~24 of the
+// 36.2 ms of a training step at LSTM fp16 512x64x1024 (H100, run 5), where cuDNN's whole
+// training step takes 11.7 ms. By count this kernel's step is ~12-17 us there: every block
+// reads all of d_rec (512 KiB) from L2 each step (64 MiB in all, ~9 us at ~7 TB/s), and its
+// copies and tiles move ~1.5 MiB through shared memory (~6 us); not timed yet.
+constexpr long long BWD_CHUNK_BYTES = 512;      // per row: 256 fp16/bf16 elements, 128 fp32
+
+template <typename T, int CELL, int ACT>
+__global__ void __launch_bounds__(PERSISTENT_THREADS)
+gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
+                         const long long* __restrict__ lengths, const float* __restrict__ gates,
+                         const float* __restrict__ ctape, const float* __restrict__ c0,
+                         const T* __restrict__ hprev, float* __restrict__ dh,
+                         float* __restrict__ dc, T* __restrict__ drec, T* __restrict__ dxw,
+                         T* __restrict__ dhh, long long n_steps, long long B, long long H,
+                         long long units, long long reverse, long long Bp, long long GHp,
+                         long long Np, long long k_split) {
+    RNN_GPU_DYNAMIC_SHARED(smem_raw);
+    constexpr int G = rg::CellShape<CELL>::G;
+    const long long GH = G * H;
+    const long long CK = BWD_CHUNK_BYTES / (long long)sizeof(T);   // chunk width (elements)
+    const long long Ks = GHp + MMA_SMEM_PAD, As = CK + MMA_SMEM_PAD;  // padded row strides
+    // 128-byte aligned (the launcher adds 128 bytes for this round-up)
+    const unsigned long long base = reinterpret_cast<unsigned long long>(smem_raw);
+    T* w_s = reinterpret_cast<T*>((base + 127ull) & ~127ull);
+    T* a_s = w_s + Np * Ks;                       // two chunk buffers of Bp x As
+    float* acc_s = reinterpret_cast<float*>(a_s + 2 * Bp * As);
+    cg::grid_group grid = cg::this_grid();
+    const long long u0 = block_first_unit(units), nu = block_unit_count(u0, units, H);
+    for (long long i = threadIdx.x; i < Np * Ks; i += blockDim.x) {   // column n: unit u0 + n
+        const long long n = i / Ks, k = i - n * Ks;
+        w_s[i] = n < nu && k < GH ? w_hh[k * H + u0 + n] : rg::from_f32<T>(0.0f);
+    }
+    for (long long i = threadIdx.x; i < k_split * Bp * Np; i += blockDim.x) acc_s[i] = 0.0f;
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    const long long n_tiles = Np / 16, tiles = (Bp / 16) * n_tiles;
+    const long long span = CK / k_split;         // a multiple of 16 (the launcher's choice)
+    const long long n_chunks = (GHp + CK - 1) / CK;
+    const long long per_word = 16 / (long long)sizeof(T);            // elements per 16 bytes
+    for (long long s = n_steps - 1; s >= 0; --s) {
+        const long long t = reverse ? n_steps - 1 - s : s;
+        const long long t_prev = s == 0 ? -1 : (reverse ? n_steps - s : s - 1);
+        T* slot = drec + (s & 1) * Bp * GHp;
+        for (long long item = threadIdx.x; item < B * nu; item += blockDim.x) {
+            const long long b = item / nu, u = u0 + (item - b * nu), at = b * H + u;
+            const rg::GatedGrad r = rg::gated_bwd_element<T, CELL, ACT>(
+                dh[at], CELL == rg::LSTM ? dc[at] : 0.0f, dy, gates, ctape, c0, hprev, lengths,
+                dxw, dhh, t, t_prev, b, u, B, H);
+            for (int g = 0; g < G; ++g) slot[b * GHp + g * H + u] = rg::from_f32<T>(r.d_rec[g]);
+            dh[at] = r.carry;
+            if (CELL == rg::LSTM) dc[at] = r.dc;
+        }
+        grid.sync();
+        // chunk ch of d_rec into buffer ch & 1, as one cp.async group of this thread's copies
+        auto issue = [&](long long ch) {
+            T* dst = a_s + (ch & 1) * Bp * As;
+            const long long k0 = ch * CK;
+            const long long words = (GHp - k0 < CK ? GHp - k0 : CK) / per_word;
+            for (long long i = threadIdx.x; i < Bp * words; i += blockDim.x) {
+                const long long r = i / words, w = i - r * words;
+                copy16_async(dst + r * As + w * per_word, slot + r * GHp + k0 + w * per_word);
+            }
+            copy_commit();
+        };
+        issue(0);
+        for (long long ch = 0; ch < n_chunks; ++ch) {
+            if (ch + 1 < n_chunks) {
+                issue(ch + 1);
+                copy_wait<1>();
+            } else {
+                copy_wait<0>();
+            }
+            __syncthreads();
+            const T* a = a_s + (ch & 1) * Bp * As;
+            const long long k0 = ch * CK, kn = GHp - k0 < CK ? GHp - k0 : CK;
+            for (long long job = warp; job < tiles * k_split; job += n_warps) {   // warp-uniform
+                const long long tile = job % tiles, part = job / tiles;
+                const long long kb = part * span, ke = kb + span < kn ? kb + span : kn;
+                if (ke <= kb) continue;
+                const long long mt = tile / n_tiles, nt = tile - mt * n_tiles;
+                tile_product<T>(acc_s + part * Bp * Np + mt * 16 * Np + nt * 16, Np,
+                                a + mt * 16 * As + kb, As, w_s + nt * 16 * Ks + k0 + kb, Ks,
+                                ke - kb, lane, true);
+            }
+            __syncthreads();                      // before chunk ch + 2 refills the buffer
+        }
+        for (long long item = threadIdx.x; item < B * nu; item += blockDim.x) {
+            const long long b = item / nu, uu = item - b * nu;
+            float sum = 0.0f;
+            for (long long part = 0; part < k_split; ++part) {   // read, and zero for step s-1
+                float* p = acc_s + part * Bp * Np + b * Np + uu;
+                sum += *p;
+                *p = 0.0f;
+            }
+            dh[b * H + u0 + uu] += sum;
+        }
+    }
+}

@@ -34,7 +34,9 @@ def name_expressions(module: str, dtype: str) -> list[str]:
                                                "add_at_first_step", "gather_first_step",
                                                "rows_that_stepped")]
     if module == "persistent_mma":
-        return [f"gated_fwd_persistent_mma<{ct}, {c}, {a}>" for c, a in GATED_VARIANTS]
+        return [f"{k}<{ct}, {c}, {a}>" for k in ("gated_fwd_persistent_mma",
+                                                 "gated_bwd_persistent_mma")
+                for c, a in GATED_VARIANTS]
     if module == "persistent":
         names = [f"gated_fwd_persistent<{ct}, {c}, {a}>" for c, a in GATED_VARIANTS]
         return names + [f"twostage_fwd_persistent<{ct}, {f}, {g}>" for f in range(3)

@@ -135,6 +135,7 @@ static void emulate(void (*f)(P...), long long grid, long long block, long long 
 
 PERSISTENT_EMULATION = r"""
 #include <barrier>
+#include <chrono>
 #include <cstring>
 #include <deque>
 #include <thread>
@@ -177,8 +178,19 @@ template <int PENDING> static void copy_wait() {
     for (; (int)copy_groups.size() > PENDING; copy_groups.pop_front())
         for (const PendingCopy& c : copy_groups.front()) std::memcpy(c.dst, c.src, 16);
 }
+// A straggler: block 0 leaves every grid barrier late, so that the other blocks run ahead into
+// the next step meanwhile. A kernel that overwrites what a slower block may still read (one
+// d_rec slot where the persistent backward keeps two, say) then gives wrong results here
+// every time instead of once in a while.
+constexpr int STRAGGLER_MS = 5;
 namespace cooperative_groups {
-struct grid_group { void sync() { grid_barrier->arrive_and_wait(); } };
+struct grid_group {
+    void sync() {
+        grid_barrier->arrive_and_wait();
+        if (blockIdx.x == 0)
+            std::this_thread::sleep_for(std::chrono::milliseconds(STRAGGLER_MS));
+    }
+};
 inline grid_group this_grid() { return {}; }
 }
 #include "{kernels}/{source}.cu"

@@ -130,7 +130,8 @@ def test_persistent_path_on_emulated_kernels_matches_numpy(emulation, force_path
 @pytest.mark.parametrize("path", cb.PATHS)
 @pytest.mark.parametrize("cell,acts", CELL_CASES[:5])
 def test_emulated_kernels_at_tiny_shapes(emulation, force_path, cell, acts, path):
-    cb.FORCE_PATH = path
+    cb.FORCE_PATH = path          # with persistent-mma, the tensor-core backward too
+    cb.FORCE_BACKWARD_PATH = "persistent-mma" if path == "persistent-mma" else "graph"
     for T, B, H in ((1, 1, 1), (2, 1, 3)):
         check_against_numpy(EmulatedDevice(emulation), cell, acts, T, B, H, reverse=True,
                             lengths=None, bias=True)
@@ -195,7 +196,9 @@ BWD_SHAPES = {"one tile each way": dict(T=4, B=3, H=7, sms=3),        # blocks o
               # (fewer than the warps' slices); blocks of 25 units, Np 32
               "four chunks": dict(T=3, B=5, H=100, sms=4),
               # one block of 30 units (Np 32): 1200 elements, 5 for some of the 256 threads
-              "more elements than threads": dict(T=3, B=40, H=30, sms=1)}
+              "more elements than threads": dict(T=3, B=40, H=30, sms=1),
+              # H = 63 on 4 SMs: blocks of 16, 16, 16, 15 units; LSTM GH 252 padded to 256
+              "odd hidden size": dict(T=2, B=3, H=63, sms=4)}
 
 
 @pytest.mark.parametrize("shape", list(BWD_SHAPES))

@@ -452,8 +452,7 @@ def run_forward(dev, problem: Problem, xw, weights, state, lengths, *, reverse: 
 def _projected_forward(dev, problem, xw, w, state, lens, path, reverse, keep_tape):
     """LSTM with proj_size: the LSTM over m with W_hh W_hr folded, on the same paths as any
     LSTM (kernels/cuda/projected.py)."""
-    T, B, _ = xw.shape
-    H = problem.hidden_size
+    B, H = xw.shape[1], problem.hidden_size
     h0, c0 = state
     xw, folded = projected.fold_initial_state(dev, xw, h0, w["weight_hh"], lens, reverse)
     inner = {k: v for k, v in w.items() if k != "weight_hr"}

@@ -51,32 +51,33 @@ Two paths (DESIGN §5), the same tape layout for both:
     (``gated_fwd_persistent_mma``, mma.sync m16n8k16 16x16 tiles, fp32 accumulation; the float32
     instantiation computes the same tiles on the CUDA cores and is only run when forced), the
     block's weight rows always in shared memory, the state also kept in the compute dtype for
-    the product. On an H100 (run 5) it is the fastest of the three paths from 8192 rows x units
-    up to 2**25 multiply-adds a step (B=8 H=1024, B=16 H=512, B=64 H=256: 2.6-3.8 ms, 1.1-1.6x
-    cuDNN in bf16, 0.2-0.6x in fp16), but at 512x64x1024 it takes 20.2 ms against cuDNN's
-    4.3 (fp16) and the graph path's 12.2, so issue 5's goal there is not met by this kernel.
-    Those timings had 8-way shared-memory bank conflicts on every fragment load; the rows are
-    padded since (``MMA_SMEM_PAD``), not yet timed. TwoStageRNN takes the plain persistent
-    kernel; a block slice that does not fit in shared memory falls back to it with a warning.
+    the product. On an H100 (run 5) it was the fastest of the three paths from 8192 rows x
+    units up to 2**25 multiply-adds a step (B=8 H=1024, B=16 H=512, B=64 H=256: 2.6-3.8 ms,
+    1.1-1.6x cuDNN in bf16, 0.2-0.6x in fp16) and took 20.2 ms at 512x64x1024, with 8-way
+    shared-memory bank conflicts on every fragment load. With the rows padded
+    (``MMA_SMEM_PAD``) and the copy of h asynchronous, run 6 (H200) timed 9.3 ms there in fp16
+    (cuDNN 4.7, the graph path 19.8) and 9.4 in bf16 (cuDNN 11.8: 1.26x), so it now serves up
+    to 2**28. TwoStageRNN takes the plain persistent kernel; a block slice that does not fit in
+    shared memory falls back to it with a warning.
 
-Backward ``"persistent-mma"`` (RNN, LSTM, GRU; only where ``FORCE_BACKWARD_PATH`` asks for it)
+Backward ``"persistent-mma"`` (RNN, LSTM, GRU in float16 and bfloat16; small batch)
     The reverse-time loop as one cooperative kernel (``gated_bwd_persistent_mma``): each
     block's columns of W_hh in shared memory for all steps, per step the block's part of the
     gate math's backward, one ``grid.sync()``, then ``dh += d_rec W_hh`` for its units on the
     tensor cores, the recurrent gradients streamed through shared memory in ``cp.async``
-    chunks. It replaces the graph path's GEMM and pointwise launch per step (~24 of the 36.2
-    ms of a fp16 training step at 512x64x1024, H100 run 5). Checked on the CPU emulation, not
-    yet timed: the heuristic (``choose_backward_path``) keeps the graph path until a card has
-    (``rnn-gpu bench --backend cupy:persistent-mma-train``). Where the block's columns do not
-    fit in shared memory (above ~H = 1024 at batch 64 in half precision) it falls back to the
-    graph path with a warning.
+    chunks, instead of the graph path's GEMM and pointwise launch per step. Run 6 (H200): a
+    training step 1.2-1.7x faster than with the graph backward at B=8 H=1024, B=16 H=512 and
+    B=64 H=256, but slower at B=64 H=1024 (~28 against ~22 ms of backward), so
+    ``choose_backward_path`` takes it within the tensor-core forward's bounds up to
+    ``BWD_MMA_MAX_STEP_MACS`` (2**25) multiply-adds a step. Where the block's columns do not
+    fit in shared memory it falls back to the graph path with a warning.
 
 Heuristic (``choose_path``): persistent-mma for float16 and bfloat16 RNN, LSTM and GRU when
 ``B * H >= MMA_MIN_BATCH_UNITS`` (8192), ``B <= MMA_MAX_BATCH`` (64) and the per-step
-multiply-adds ``B * n_mat * H * H <= MMA_MAX_STEP_MACS`` (2**25); else persistent when
+multiply-adds ``B * n_mat * H * H <= MMA_MAX_STEP_MACS`` (2**28); else persistent when
 ``B <= PERSISTENT_MAX_BATCH`` (16) and ``B * n_mat * H * H <= PERSISTENT_MAX_STEP_MACS``
 (2**24, e.g. LSTM H=512 B=16; n_mat = gates, 3 for TwoStageRNN); else graph. The bounds come
-from run 5's timings (see the constants). Why: DESIGN §5 measured one
+from runs 5 and 6's timings (see the constants). Why: DESIGN §5 measured one
 ``grid.sync()`` over 132 blocks at ~1.2 µs, while a step of the graph path costs a GEMM launch
 plus a pointwise launch (~5-10 µs of fixed cost even inside a graph); the persistent kernel's
 CUDA-core dot products (~10-30 TFLOP/s at best) fall behind cuBLAS's tensor cores once a step
@@ -138,7 +139,8 @@ from rnn_gpu.kernels.cuda.graphs import clear_graphs, workspace
 from rnn_gpu.kernels.cuda.ops import Launch
 from rnn_gpu.kernels.cuda.sources import ACT_IDS, CELL_IDS
 
-__all__ = ["BACKWARD_PATHS", "FORCE_BACKWARD_PATH", "FORCE_PATH", "MMA_MAX_BATCH",
+__all__ = ["BACKWARD_PATHS", "BWD_MMA_MAX_STEP_MACS", "FORCE_BACKWARD_PATH", "FORCE_PATH",
+           "MMA_MAX_BATCH",
            "MMA_MAX_STEP_MACS", "MMA_MIN_BATCH_UNITS", "PERSISTENT_MAX_BATCH",
            "PERSISTENT_MAX_STEP_MACS", "USE_GRAPH",
            "VARIANTS", "CupyBackend", "choose_backward_path", "choose_path", "clear_graphs",
@@ -162,15 +164,23 @@ PERSISTENT_MAX_STEP_MACS = 1 << 24
 # graph's 5.7 / 5.5), and lost at B=64 H=1024 (20.2 against 12.2; 2**28 multiply-adds a step).
 # Its tiles have 16 rows and 16 units, so below 8192 rows x units most of each is padding: the
 # plain kernel keeps B=1 and B=8 H=256 (1.4-2.0 ms there), where the mma one was not timed.
+# Run 6 (H200, after the padded shared memory and the cp.async copy of h) moved the top bound:
+# at B=64 H=1024 (2**28 multiply-adds a step) the kernel took 9.3 / 9.4 ms (fp16 / bf16)
+# against the graph path's 19.8 / 19.5 and cuDNN's 4.7 / 11.8.
 MMA_MIN_BATCH_UNITS = 8192
 MMA_MAX_BATCH = 64
-MMA_MAX_STEP_MACS = 1 << 25
+MMA_MAX_STEP_MACS = 1 << 28
+# The tensor-core persistent backward, run 6 (H200, LSTM training with the tensor-core forward
+# on both sides, fp16 / bf16): the persistent backward made the step 10.6 / 10.8 ms against the
+# graph backward's 12.3 / 12.1 at B=8 H=1024, 6.8 / 6.9 against 11.5 / 11.5 at B=16 H=512 and
+# 7.6 / 7.6 against 12.4 / 12.2 at B=64 H=256 (2**24 multiply-adds a step), but at B=64 H=1024
+# (2**28) it took ~28 ms against the graph backward's ~22 (train less forward). So it is chosen
+# up to 2**25, inside the forward's own bounds.
+BWD_MMA_MAX_STEP_MACS = 1 << 25
 
 PATHS = ("graph", "persistent", "persistent-mma")
-# The backward's path (choose_backward_path): "graph" unless forced. The tensor-core persistent
-# backward (gated_bwd_persistent_mma) is checked on the CPU emulation but not yet timed on a
-# card, so the heuristic does not take it; `rnn-gpu bench --backend cupy:persistent-mma-train`
-# times it.
+# The backward's path (choose_backward_path, bounds above), or forced: "graph" |
+# "persistent-mma" (`rnn-gpu bench --backend cupy:persistent-mma-train` forces both kernels).
 FORCE_BACKWARD_PATH: str | None = None
 BACKWARD_PATHS = ("graph", "persistent-mma")
 # What `rnn-gpu bench --backend cupy:NAME` runs: NAME -> (FORCE_PATH, USE_GRAPH,
@@ -358,14 +368,20 @@ def _bfloat16_reasons(device: str) -> list[str]:
 
 
 def choose_backward_path(cell: str, batch: int, hidden: int, dtype: str = "float32") -> str:
-    """``"graph"``, or ``"persistent-mma"`` where ``FORCE_BACKWARD_PATH`` says so (RNN, LSTM
-    and GRU; TwoStageRNN's backward is always the graph path). Not chosen by itself until a
-    card has timed it (see ``FORCE_BACKWARD_PATH``)."""
+    """``"persistent-mma"`` (the tensor-core persistent backward) for float16 and bfloat16 RNN,
+    LSTM and GRU where the tensor-core forward's bounds hold and a step is at most
+    ``BWD_MMA_MAX_STEP_MACS`` multiply-adds (run 6's timings, above), else ``"graph"``;
+    TwoStageRNN's backward is always the graph path. ``FORCE_BACKWARD_PATH`` overrides."""
     if FORCE_BACKWARD_PATH is not None:
         if FORCE_BACKWARD_PATH not in BACKWARD_PATHS:
             raise ValueError(f"rnn_gpu.backends.cupy.FORCE_BACKWARD_PATH: expected one of "
                              f"{BACKWARD_PATHS} or None, got {FORCE_BACKWARD_PATH!r}")
         return "graph" if cell == "twostage" else FORCE_BACKWARD_PATH
+    if cell == "twostage" or dtype not in ("float16", "bfloat16"):
+        return "graph"
+    if (batch * hidden >= MMA_MIN_BATCH_UNITS and batch <= MMA_MAX_BATCH
+            and batch * GATES[cell] * hidden * hidden <= BWD_MMA_MAX_STEP_MACS):
+        return "persistent-mma"
     return "graph"
 
 

@@ -163,10 +163,21 @@ def test_each_variant_forces_its_path_and_restores_the_settings(monkeypatch, nam
         pass
 
 
-def test_backward_path_is_the_graph_unless_forced(force_path):
-    # the tensor-core persistent backward is not timed yet: never chosen by itself
-    for B, H, dtype in ((64, 1024, "float16"), (16, 512, "bfloat16"), (4096, 256, "float32")):
-        assert cb.choose_backward_path("lstm", B, H, dtype) == "graph"
+def test_backward_path_heuristic_and_force(force_path):
+    # run 6 (H200): the tensor-core persistent backward up to 2**25 multiply-adds a step, in
+    # half precision, inside the tensor-core forward's bounds
+    for dtype in ("float16", "bfloat16"):
+        assert cb.choose_backward_path("lstm", 8, 1024, dtype) == "persistent-mma"   # 10.6/12.3
+        assert cb.choose_backward_path("lstm", 16, 512, dtype) == "persistent-mma"   # 6.8/11.5
+        assert cb.choose_backward_path("lstm", 64, 256, dtype) == "persistent-mma"   # 7.6/12.4
+        assert cb.choose_backward_path("gru", 64, 256, dtype) == "persistent-mma"
+        assert cb.choose_backward_path("lstm", 64, 1024, dtype) == "graph"    # ~28 vs ~22 ms
+        assert cb.choose_backward_path("lstm", 8, 256, dtype) == "graph"      # 2048 rows x units
+        assert cb.choose_backward_path("lstm", 128, 256, dtype) == "graph"    # batch above 64
+        assert cb.choose_backward_path("twostage", 16, 512, dtype) == "graph"
+    assert cb.choose_backward_path("lstm", 16, 512, "float32") == "graph"     # no tensor cores
+    cb.FORCE_BACKWARD_PATH = "graph"
+    assert cb.choose_backward_path("lstm", 16, 512, "float16") == "graph"
     cb.FORCE_BACKWARD_PATH = "persistent-mma"
     assert cb.choose_backward_path("gru", 64, 1024) == "persistent-mma"
     assert cb.choose_backward_path("twostage", 64, 1024) == "graph"   # no persistent backward
@@ -182,12 +193,14 @@ def test_choose_path_heuristic_and_force(force_path):
     assert cb.choose_path("lstm", 32, 512) == "graph"           # run 5: 10.4 against 6.3 ms
     assert cb.choose_path("lstm", 4096, 256) == "graph"
     assert cb.choose_path("lstm", 16, 1024) == "graph"        # too many MACs per step
-    # half precision: the tensor-core kernel where run 5 timed it fastest
+    # half precision: the tensor-core kernel where runs 5 and 6 timed it fastest
     for dtype in ("float16", "bfloat16"):
         assert cb.choose_path("lstm", 8, 1024, dtype) == "persistent-mma"    # 3.6 vs 5.8 ms
         assert cb.choose_path("lstm", 16, 512, dtype) == "persistent-mma"    # 2.6 vs 4.8 ms
         assert cb.choose_path("gru", 64, 256, dtype) == "persistent-mma"
-        assert cb.choose_path("lstm", 64, 1024, dtype) == "graph"            # 20.2 vs 12.2 ms
+        assert cb.choose_path("lstm", 64, 1024, dtype) == "persistent-mma"   # run 6: 9.3 vs 19.8
+        assert cb.choose_path("lstm", 128, 256, dtype) == "graph"            # batch above 64
+        assert cb.choose_path("lstm", 64, 2048, dtype) == "graph"            # 2**30 MACs a step
         assert cb.choose_path("lstm", 8, 256, dtype) == "persistent"         # not timed: plain
         assert cb.choose_path("twostage", 16, 512, dtype) == "persistent"    # no mma kernel
     assert cb.choose_path("lstm", 16, 512, "float32") == "persistent"       # CUDA cores there

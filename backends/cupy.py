@@ -140,11 +140,9 @@ from rnn_gpu.kernels.cuda.ops import Launch
 from rnn_gpu.kernels.cuda.sources import ACT_IDS, CELL_IDS
 
 __all__ = ["BACKWARD_PATHS", "BWD_MMA_MAX_STEP_MACS", "FORCE_BACKWARD_PATH", "FORCE_PATH",
-           "MMA_MAX_BATCH",
-           "MMA_MAX_STEP_MACS", "MMA_MIN_BATCH_UNITS", "PERSISTENT_MAX_BATCH",
-           "PERSISTENT_MAX_STEP_MACS", "USE_GRAPH",
-           "VARIANTS", "CupyBackend", "choose_backward_path", "choose_path", "clear_graphs",
-           "run_backward",
+           "MMA_MAX_BATCH", "MMA_MAX_STEP_MACS", "MMA_MIN_BATCH_UNITS", "PERSISTENT_MAX_BATCH",
+           "PERSISTENT_MAX_STEP_MACS", "USE_GRAPH", "VARIANTS", "CupyBackend",
+           "choose_backward_path", "choose_path", "clear_graphs", "run_backward",
            "run_forward"]
 
 # ---------------------------------------------------------------------- switches (see above)
@@ -377,12 +375,18 @@ def choose_backward_path(cell: str, batch: int, hidden: int, dtype: str = "float
             raise ValueError(f"rnn_gpu.backends.cupy.FORCE_BACKWARD_PATH: expected one of "
                              f"{BACKWARD_PATHS} or None, got {FORCE_BACKWARD_PATH!r}")
         return "graph" if cell == "twostage" else FORCE_BACKWARD_PATH
-    if cell == "twostage" or dtype not in ("float16", "bfloat16"):
-        return "graph"
-    if (batch * hidden >= MMA_MIN_BATCH_UNITS and batch <= MMA_MAX_BATCH
-            and batch * GATES[cell] * hidden * hidden <= BWD_MMA_MAX_STEP_MACS):
+    if _tensor_core_shape(cell, batch, hidden, dtype, BWD_MMA_MAX_STEP_MACS):
         return "persistent-mma"
     return "graph"
+
+
+def _tensor_core_shape(cell: str, batch: int, hidden: int, dtype: str, max_step_macs: int) -> bool:
+    """Whether the tensor-core persistent kernels serve this call: float16 or bfloat16 RNN,
+    LSTM or GRU, ``B * H >= MMA_MIN_BATCH_UNITS``, ``B <= MMA_MAX_BATCH`` and at most
+    ``max_step_macs`` recurrent multiply-adds a step."""
+    return (dtype in ("float16", "bfloat16") and cell != "twostage"
+            and batch * hidden >= MMA_MIN_BATCH_UNITS and batch <= MMA_MAX_BATCH
+            and batch * GATES[cell] * hidden * hidden <= max_step_macs)
 
 
 def choose_path(cell: str, batch: int, hidden: int, dtype: str = "float32") -> str:
@@ -393,12 +397,10 @@ def choose_path(cell: str, batch: int, hidden: int, dtype: str = "float32") -> s
             raise ValueError(f"rnn_gpu.backends.cupy.FORCE_PATH: expected one of {PATHS} or "
                              f"None, got {FORCE_PATH!r}")
         return FORCE_PATH
+    if _tensor_core_shape(cell, batch, hidden, dtype, MMA_MAX_STEP_MACS):
+        return "persistent-mma"
     n_mat = 3 if cell == "twostage" else GATES[cell]
     step_macs = batch * n_mat * hidden * hidden
-    if (dtype in ("float16", "bfloat16") and cell != "twostage"
-            and batch * hidden >= MMA_MIN_BATCH_UNITS and batch <= MMA_MAX_BATCH
-            and step_macs <= MMA_MAX_STEP_MACS):
-        return "persistent-mma"
     if batch <= PERSISTENT_MAX_BATCH and step_macs <= PERSISTENT_MAX_STEP_MACS:
         return "persistent"
     return "graph"

@@ -147,6 +147,17 @@ def test_mma_tile_fragments_follow_the_ptx_layouts(tmp_path):
     assert done.stdout.startswith("0 of 320 elements wrong"), done.stdout
 
 
+def check_shape(emulation, sh: dict, cell, acts, reverse):
+    """``check_against_numpy`` at one shape of MMA_SHAPES or BWD_SHAPES (T, B, H and the
+    emulated SM count), on a device with 1 MiB of shared memory a block, lengths T, 0, 2, ...
+    and the bias on the reverse direction only. Returns the device and the kernel tape."""
+    dev = EmulatedDevice(emulation, sms=sh["sms"], smem_limit=1 << 20)
+    lengths = np.array(([sh["T"], 0, 2] * sh["B"])[:sh["B"]])
+    tape = check_against_numpy(dev, cell, acts, sh["T"], sh["B"], sh["H"], reverse=reverse,
+                               lengths=lengths, bias=reverse)
+    return dev, tape
+
+
 MMA_SHAPES = {"one tile each way": dict(T=4, B=3, H=7, sms=3),          # blocks of 3, 3, 1 units
               "several tiles": dict(T=3, B=18, H=20, sms=2),             # Bp 32, LSTM Np 48
               # Hp 112: float32 rows of 28 words, copied in K chunks of 8, 8, 8 and 4 words
@@ -166,11 +177,7 @@ def test_persistent_mma_path_on_emulated_kernels_matches_numpy(emulation, force_
     emulation has no tensor cores; the half and bfloat16 mma.sync code is checked by nvcc here and
     by the gpu tests on a card). Rows and units that fill no whole tile are padded."""
     cb.FORCE_PATH = "persistent-mma"
-    sh = MMA_SHAPES[shape]
-    dev = EmulatedDevice(emulation, sms=sh["sms"], smem_limit=1 << 20)
-    lengths = np.array(([sh["T"], 0, 2] * sh["B"])[:sh["B"]])
-    tape = check_against_numpy(dev, cell, acts, sh["T"], sh["B"], sh["H"], reverse=reverse,
-                               lengths=lengths, bias=reverse)
+    dev, tape = check_shape(emulation, MMA_SHAPES[shape], cell, acts, reverse)
     assert tape.path == "persistent-mma"
     assert sum("persistent_mma" in n for n in dev.launched) == 2   # taped and tape-free forward
 
@@ -212,11 +219,7 @@ def test_persistent_mma_backward_on_emulated_kernels_matches_numpy(emulation, fo
     chunk; its float32 instantiation on the CPU (as the forward's), against the numpy backend
     in float64: dxw, the initial state's gradients and every weight gradient."""
     cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "graph", "persistent-mma"
-    sh = BWD_SHAPES[shape]
-    dev = EmulatedDevice(emulation, sms=sh["sms"], smem_limit=1 << 20)
-    lengths = np.array(([sh["T"], 0, 2] * sh["B"])[:sh["B"]])
-    check_against_numpy(dev, cell, acts, sh["T"], sh["B"], sh["H"], reverse=reverse,
-                        lengths=lengths, bias=reverse)
+    dev, _ = check_shape(emulation, BWD_SHAPES[shape], cell, acts, reverse)
     assert dev.launched.count(f"gated_bwd_persistent_mma<float, {cb.CELL_IDS[cell]}, "
                               f"{cb.ACT_IDS[acts[0]] if acts else 0}>") == 1
     assert not any(n.startswith("gated_bwd_step") for n in dev.launched)

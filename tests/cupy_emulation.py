@@ -450,6 +450,7 @@ class EmulatedDevice:
     persistent_plan = cdev.CupyDevice.persistent_plan      # the real planning code
     persistent_mma_plan = cdev.CupyDevice.persistent_mma_plan
     persistent_mma_bwd_plan = cdev.CupyDevice.persistent_mma_bwd_plan
+    _tensor_core_plan = cdev.CupyDevice._tensor_core_plan
     _persistent_grid = cdev.CupyDevice._persistent_grid
 
     def copy_2d(self, dst, dst_pitch, src, src_pitch, width, rows):

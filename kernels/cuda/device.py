@@ -214,19 +214,12 @@ class CupyDevice:
         copy of the state (both padded to whole 16 x 16 tiles, each row MMA_SMEM_PAD elements
         longer against bank conflicts) and its fp32 products (padded batch x rows) must fit in
         shared memory, plus 128 bytes to align them."""
-        grid = self._persistent_grid(hidden)
-        if isinstance(grid, str):
-            return grid
-        sms, optin, units, blocks = grid
-        rows, Bp, Hp = (round_up(n, MMA_TILE) for n in (n_mat * units, batch, hidden))
-        smem = (rows + Bp) * (Hp + MMA_SMEM_PAD) * self.itemsize + Bp * rows * 4 + 128
-        if smem > optin:
-            return (f"{smem} B of shared memory per block for {units} units' weights, the state "
-                    f"and the products at batch {batch}; cuda:{self.index} allows {optin}")
-        if self._occupancy(fn, smem) * sms < blocks:
-            return (f"{blocks} blocks of {PERSISTENT_THREADS} threads with {smem} B of shared "
-                    f"memory cannot all be resident on cuda:{self.index} ({sms} SMs)")
-        return PersistentPlan(blocks, units, smem, True)
+        def layout(units: int) -> tuple[int, str]:
+            rows, Bp, Hp = (round_up(n, MMA_TILE) for n in (n_mat * units, batch, hidden))
+            return ((rows + Bp) * (Hp + MMA_SMEM_PAD) * self.itemsize + Bp * rows * 4,
+                    f"{units} units' weights, the state and the products")
+
+        return self._tensor_core_plan(fn, hidden, batch, layout)
 
     def persistent_mma_bwd_plan(self, fn, gates: int, hidden: int,
                                 batch: int) -> PersistentPlan | str:
@@ -234,17 +227,27 @@ class CupyDevice:
         (``gated_bwd_persistent_mma``): the block's columns of W_hh (``gates * hidden`` rows by
         its units, both padded to whole tiles), two chunk buffers of the recurrent gradient and
         the fp32 partial products (:func:`bwd_k_split` of them) must fit in shared memory."""
+        def layout(units: int) -> tuple[int, str]:
+            Bp, GHp, Np = (round_up(n, MMA_TILE) for n in (batch, gates * hidden, units))
+            chunk = BWD_CHUNK_BYTES // self.itemsize
+            return ((Np * (GHp + MMA_SMEM_PAD) + 2 * Bp * (chunk + MMA_SMEM_PAD)) * self.itemsize
+                    + bwd_k_split(Bp, Np, self.itemsize) * Bp * Np * 4,
+                    f"{units} units' columns of W_hh, the gradient chunks and the products")
+
+        return self._tensor_core_plan(fn, hidden, batch, layout)
+
+    def _tensor_core_plan(self, fn, hidden: int, batch: int, layout) -> PersistentPlan | str:
+        """The persistent grid over ``hidden`` units with ``layout(units)`` = (bytes, what they
+        hold) of shared memory a block, plus 128 bytes of alignment, or why it cannot run: more
+        than the opt-in limit, or too many blocks to be resident at once."""
         grid = self._persistent_grid(hidden)
         if isinstance(grid, str):
             return grid
         sms, optin, units, blocks = grid
-        Bp, GHp, Np = (round_up(n, MMA_TILE) for n in (batch, gates * hidden, units))
-        chunk = BWD_CHUNK_BYTES // self.itemsize
-        smem = ((Np * (GHp + MMA_SMEM_PAD) + 2 * Bp * (chunk + MMA_SMEM_PAD)) * self.itemsize
-                + bwd_k_split(Bp, Np, self.itemsize) * Bp * Np * 4 + 128)
+        smem, holds = layout(units)
+        smem += 128
         if smem > optin:
-            return (f"{smem} B of shared memory per block for {units} units' columns of W_hh, "
-                    f"the gradient chunks and the products at batch {batch}; "
+            return (f"{smem} B of shared memory per block for {holds} at batch {batch}; "
                     f"cuda:{self.index} allows {optin}")
         if self._occupancy(fn, smem) * sms < blocks:
             return (f"{blocks} blocks of {PERSISTENT_THREADS} threads with {smem} B of shared "

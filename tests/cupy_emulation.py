@@ -346,8 +346,10 @@ int main() {
 """
 
 
-def run_mma_tile_check(tmp_path: Path) -> subprocess.CompletedProcess:
-    """Build and run :data:`MMA_TILE_CHECK` against kernels/cuda/persistent_mma.cu."""
+def run_mma_tile_check(tmp_path: Path, defines: tuple[str, ...] = ()
+                       ) -> subprocess.CompletedProcess:
+    """Build and run :data:`MMA_TILE_CHECK` against kernels/cuda/persistent_mma.cu, with
+    ``defines`` (-D options: the kernel's tuning constants)."""
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         pytest.skip("no C++ compiler (g++) to build the CPU emulation of the kernels")
@@ -356,8 +358,8 @@ def run_mma_tile_check(tmp_path: Path) -> subprocess.CompletedProcess:
     cpp, exe = tmp_path / "mma_tile_check.cpp", tmp_path / "mma_tile_check"
     cpp.write_text(code)
     built = subprocess.run([compiler, "-std=c++20", "-O1", "-pthread", "-Wall",
-                            "-Wno-unused-function", "-Wno-unknown-pragmas", "-o", str(exe),
-                            str(cpp)], capture_output=True, text=True)
+                            "-Wno-unused-function", "-Wno-unknown-pragmas", *defines, "-o",
+                            str(exe), str(cpp)], capture_output=True, text=True)
     assert built.returncode == 0 and "warning" not in built.stderr, built.stderr
     return subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
 

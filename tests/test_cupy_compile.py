@@ -94,6 +94,33 @@ def test_mma_kernel_runs_its_half_products_on_the_tensor_cores(tmp_path):
         assert f"cp.async.wait_group {pending};" in text, pending
 
 
+@pytest.mark.parametrize("clocks", [False, True], ids=["default", "phase-clocks"])
+def test_phase_clocks_are_compiled_in_only_when_asked_for(tmp_path, clocks):
+    """.ci/phase_clocks.py compiles persistent_mma.cu with RNN_GPU_PHASE_CLOCKS: its kernels
+    then read the cycle counter and the global timer and keep their totals in the rg_phase_*
+    arrays (extern "C", so the script finds them by name). The build the backend uses has
+    neither: the instrumentation costs nothing there."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH (the CUDA toolkit is needed to compile the kernels)")
+    unit = tmp_path / "clocks_check.cu"
+    unit.write_text(instantiating_unit("persistent_mma"))
+    ptx = tmp_path / "clocks_check.ptx"
+    define = ["-DRNN_GPU_PHASE_CLOCKS"] if clocks else []
+    done = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-ptx", *define, "-o", str(ptx),
+                           str(unit)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = ptx.read_text()
+    if clocks:          # and nvcc's host pass, which -ptx skips, takes it too
+        done = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-c", *define, "-o",
+                               str(tmp_path / "clocks_check.o"), str(unit)],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+    for needle in ("%globaltimer", "%clock64", ".global .align 8 .b8 rg_phase_sum[64]",
+                   "rg_phase_min", "rg_phase_max", "rg_phase_loop"):
+        assert (needle in text) == clocks, needle
+
+
 def instantiating_unit(src: str) -> str:
     """C++ that includes ``src``.cu and instantiates every template the backend asks NVRTC
     for (taking a kernel template's address in host code instantiates it)."""

@@ -137,12 +137,15 @@ def test_emulated_kernels_at_tiny_shapes(emulation, force_path, cell, acts, path
                             lengths=None, bias=True)
 
 
-def test_mma_tile_fragments_follow_the_ptx_layouts(tmp_path):
+@pytest.mark.parametrize("chains", [None, 2, 3])
+def test_mma_tile_fragments_follow_the_ptx_layouts(tmp_path, chains):
     """The half/bfloat16 tile of the tensor-core kernel (mma_tile: its fragment addressing,
     the two 16 x 8 halves, padded rows, accumulating a second K chunk) on the CPU, with
     mma.sync m16n8k16 emulated from the PTX ISA's layouts (tests/cupy_emulation.py). The
-    kernel tests above run its float32 instantiation, which has no fragments."""
-    done = run_mma_tile_check(tmp_path)
+    kernel tests above run its float32 instantiation, which has no fragments. Also with the
+    k loop split over 2 and 3 accumulator sets (MMA_CHAINS; each chunk is 2 k-steps, so 3
+    leaves a set unused)."""
+    done = run_mma_tile_check(tmp_path, () if chains is None else (f"-DMMA_CHAINS={chains}",))
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("0 of 320 elements wrong"), done.stdout
 

@@ -29,4 +29,65 @@ __device__ __forceinline__ long long block_unit_count(long long u0, long long un
     return u0 < H ? (H - u0 < units ? H - u0 : units) : 0;
 }
 
+// Phase clocks: where a persistent kernel's step time goes, measured on the card without a
+// profiler (run 6's H200 image had no Nsight Compute; by count the tensor-core forward's step
+// at LSTM fp16 512x64x1024 should take ~5-7 us, and it took 18). Compiled in only with
+// RNN_GPU_PHASE_CLOCKS defined (.ci/phase_clocks.py); otherwise every call is empty. Thread 0
+// of each block reads the SM's cycle counter at the end of each phase of each step (after a
+// block barrier where the phase ends in one, so the count is the block's) and adds the
+// difference to its phase's total; at the end of the kernel every block adds its totals to
+// rg_phase_sum and folds them into rg_phase_min / rg_phase_max (the host zeroes the sums and
+// maxima and fills the minima with ones first), and block 0 writes its cycles and nanoseconds
+// (%globaltimer) over the whole loop, which give the clock rate.
+constexpr int RG_MAX_PHASES = 8;
+#if defined(RNN_GPU_PHASE_CLOCKS) && !defined(RNN_GPU_HOST_EMULATION)
+extern "C" {
+__device__ unsigned long long rg_phase_sum[RG_MAX_PHASES];
+__device__ unsigned long long rg_phase_min[RG_MAX_PHASES];
+__device__ unsigned long long rg_phase_max[RG_MAX_PHASES];
+__device__ unsigned long long rg_phase_loop[2];             // block 0: cycles, nanoseconds
+}
+__device__ __forceinline__ unsigned long long rg_globaltimer() {
+    unsigned long long ns;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+    return ns;
+}
+__device__ __forceinline__ long long rg_clock64() {   // clock64, which nvcc's host pass lacks
+    long long cycles;
+    asm volatile("mov.u64 %0, %%clock64;" : "=l"(cycles));
+    return cycles;
+}
+struct PhaseClocks {
+    unsigned long long total[RG_MAX_PHASES];
+    long long start, last;
+    unsigned long long start_ns;
+    __device__ PhaseClocks() : start(rg_clock64()), last(start), start_ns(rg_globaltimer()) {
+        for (int p = 0; p < RG_MAX_PHASES; ++p) total[p] = 0;
+    }
+    __device__ __forceinline__ void mark(int phase) {
+        if (threadIdx.x != 0) return;
+        const long long now = rg_clock64();
+        total[phase] += (unsigned long long)(now - last);
+        last = now;
+    }
+    __device__ void flush() {
+        if (threadIdx.x != 0) return;
+        for (int p = 0; p < RG_MAX_PHASES; ++p) {
+            atomicAdd(&rg_phase_sum[p], total[p]);
+            atomicMin(&rg_phase_min[p], total[p]);
+            atomicMax(&rg_phase_max[p], total[p]);
+        }
+        if (blockIdx.x == 0) {
+            rg_phase_loop[0] = (unsigned long long)(rg_clock64() - start);
+            rg_phase_loop[1] = rg_globaltimer() - start_ns;
+        }
+    }
+};
+#else
+struct PhaseClocks {
+    __device__ __forceinline__ void mark(int) {}
+    __device__ __forceinline__ void flush() {}
+};
+#endif
+
 #endif  // RNN_GPU_PERSISTENT_CUH

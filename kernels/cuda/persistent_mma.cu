@@ -68,35 +68,52 @@ __device__ __forceinline__ unsigned pair_at(const T* p) {     // two 16-bit elem
     return *reinterpret_cast<const unsigned*>(p);
 }
 
+// Independent accumulator sets a warp's k loop alternates between (k-step j feeds set
+// j % MMA_CHAINS, summed at the end): with one, each mma.sync waits for the previous one's
+// result on the same output. A tuning constant (.ci/phase_clocks.py --variant -DMMA_CHAINS=2).
+#ifndef MMA_CHAINS
+#define MMA_CHAINS 1
+#endif
+
 template <typename T>
 __device__ __forceinline__ void mma_tile(float* c, long long ldc, const T* a, long long lda,
                                          const T* b, long long ldb, long long K, int lane,
                                          bool accumulate) {
     const int g = lane >> 2, q = (lane & 3) * 2;
-    float d[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    float d[MMA_CHAINS][2][4];
+    for (int j = 0; j < MMA_CHAINS; ++j)
+        for (int half = 0; half < 2; ++half)
+            for (int e = 0; e < 4; ++e) d[j][half][e] = 0.0f;
     for (int half = 0; accumulate && half < 2; ++half) {   // the D fragment, laid out as below
         const float* in = c + g * ldc + half * 8 + q;
-        d[half][0] = in[0];
-        d[half][1] = in[1];
-        d[half][2] = in[8 * ldc];
-        d[half][3] = in[8 * ldc + 1];
+        d[0][half][0] = in[0];
+        d[0][half][1] = in[1];
+        d[0][half][2] = in[8 * ldc];
+        d[0][half][3] = in[8 * ldc + 1];
     }
     const T* a_lo = a + g * lda + q;                 // rows g and g + 8 of the A tile
     const T* a_hi = a_lo + 8 * lda;
-    for (long long k = 0; k < K; k += 16) {
-        const unsigned fa[4] = {pair_at(a_lo + k), pair_at(a_hi + k), pair_at(a_lo + k + 8),
-                                pair_at(a_hi + k + 8)};
-        for (int half = 0; half < 2; ++half) {       // columns 0-7, then 8-15 of the tile
-            const T* col = b + (half * 8 + g) * ldb + k + q;
-            mma_m16n8k16(T(), d[half], fa, pair_at(col), pair_at(col + 8));
+    for (long long k0 = 0; k0 < K; k0 += 16 * MMA_CHAINS) {
+#pragma unroll
+        for (int j = 0; j < MMA_CHAINS; ++j) {
+            const long long k = k0 + 16 * j;
+            if (MMA_CHAINS > 1 && k >= K) break;
+            const unsigned fa[4] = {pair_at(a_lo + k), pair_at(a_hi + k), pair_at(a_lo + k + 8),
+                                    pair_at(a_hi + k + 8)};
+            for (int half = 0; half < 2; ++half) {   // columns 0-7, then 8-15 of the tile
+                const T* col = b + (half * 8 + g) * ldb + k + q;
+                mma_m16n8k16(T(), d[j][half], fa, pair_at(col), pair_at(col + 8));
+            }
         }
     }
     for (int half = 0; half < 2; ++half) {
+        for (int j = 1; j < MMA_CHAINS; ++j)
+            for (int e = 0; e < 4; ++e) d[0][half][e] += d[j][half][e];
         float* out = c + g * ldc + half * 8 + q;
-        out[0] = d[half][0];
-        out[1] = d[half][1];
-        out[8 * ldc] = d[half][2];
-        out[8 * ldc + 1] = d[half][3];
+        out[0] = d[0][half][0];
+        out[1] = d[0][half][1];
+        out[8 * ldc] = d[0][half][2];
+        out[8 * ldc + 1] = d[0][half][3];
     }
 }
 #ifndef RNN_GPU_HOST_EMULATION
@@ -230,6 +247,8 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
                             k_step_words * k_step_words;
     const int r0 = threadIdx.x / chunk_words, w0 = threadIdx.x % chunk_words;
     const int dr = blockDim.x / chunk_words, dw = blockDim.x % chunk_words;
+    PhaseClocks clocks;     // phases: 0 inputs and copies issued, 1 first chunk landed,
+                            // 2 products, 3 finish, 4 grid.sync (.ci/phase_clocks.py)
     for (long long s = 0; s < n_steps; ++s) {
         const long long t = reverse ? n_steps - 1 - s : s;
         const float* src = hbuf + (s & 1) * B * H;
@@ -257,10 +276,12 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
             }
             copy_commit();                               // an empty group is allowed
         }
+        clocks.mark(0);
 #pragma unroll
         for (int ch = 0; ch < MMA_K_CHUNKS; ++ch) {
             copy_wait_for_chunk(ch);
             __syncthreads();
+            if (ch == 0) clocks.mark(1);
             const long long k0 = (long long)ch * chunk_words * per_word;
             const long long chunk_k = (long long)chunk_words * per_word;
             const long long kn = Hp - k0 < chunk_k ? Hp - k0 : chunk_k;   // <= 0: empty chunk
@@ -271,6 +292,7 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
             }
         }
         __syncthreads();
+        clocks.mark(2);
         auto finish = [&](long long item, const ElementInputs& in) {   // one (row, unit)
             const long long b = item / nu, uu = item - b * nu, u = u0 + uu;
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -298,8 +320,11 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
             element_inputs<T, CELL>(in, xw, src, c, t, item, B, H, nu, u0);
             finish(item, in);
         }
+        clocks.mark(3);
         grid.sync();          // also orders this step's reads of acc_s, h_s before the next
+        clocks.mark(4);
     }
+    clocks.flush();
 }
 
 // ---------------------------------------------------------------- backward
@@ -363,6 +388,8 @@ gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
     const long long span = CK / k_split;         // a multiple of 16 (the launcher's choice)
     const long long n_chunks = (GHp + CK - 1) / CK;
     const long long per_word = 16 / (long long)sizeof(T);            // elements per 16 bytes
+    PhaseClocks clocks;     // phases: 0 gate backward, 1 grid.sync, 2 chunks of d_rec and
+                            // their products, 3 finish (.ci/phase_clocks.py)
     for (long long s = n_steps - 1; s >= 0; --s) {
         const long long t = reverse ? n_steps - 1 - s : s;
         const long long t_prev = s == 0 ? -1 : (reverse ? n_steps - s : s - 1);
@@ -376,7 +403,9 @@ gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
             dh[at] = r.carry;
             if (CELL == rg::LSTM) dc[at] = r.dc;
         }
+        clocks.mark(0);
         grid.sync();
+        clocks.mark(1);
         // chunk ch of d_rec into buffer ch & 1, as one cp.async group of this thread's copies
         auto issue = [&](long long ch) {
             T* dst = a_s + (ch & 1) * Bp * As;
@@ -410,6 +439,7 @@ gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
             }
             __syncthreads();                      // before chunk ch + 2 refills the buffer
         }
+        clocks.mark(2);
         for (long long item = threadIdx.x; item < B * nu; item += blockDim.x) {
             const long long b = item / nu, uu = item - b * nu;
             float sum = 0.0f;
@@ -420,5 +450,7 @@ gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
             }
             dh[b * H + u0 + uu] += sum;
         }
+        clocks.mark(3);
     }
+    clocks.flush();
 }

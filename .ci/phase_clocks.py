@@ -14,7 +14,7 @@ for the kernel's tuning constants; "" is the source as it is) it prints
 * the launch's time without the instrumentation (CUDA events, median of ``--repeats``), the
   forward alone and forward plus backward, so that variants compare by their real cost.
 
-    python3 .ci/phase_clocks.py lstm float16 512x64x1024 --variant "" --variant "-DMMA_CHAINS=2"
+    python3 .ci/phase_clocks.py lstm float16 512x64x1024 --variant= --variant=-DMMA_CHAINS=2
 
 Only the LSTM/GRU/RNN forward and backward of persistent_mma.cu are compiled (seconds, not the
 whole module). Results also go to ``--json``.
@@ -84,8 +84,9 @@ def main() -> None:
     parser.add_argument("dtype", choices=["float16", "bfloat16"])
     parser.add_argument("shape", help="TxBxH (I = H)")
     parser.add_argument("--variant", action="append", default=None,
-                        help='extra nvcc-style -D options, e.g. "-DMMA_CHAINS=2"; repeatable; '
-                             '"" is the source as it is (the default)')
+                        help="extra -D options, as --variant=-DMMA_CHAINS=2 (with '=': the value "
+                             "starts with a dash); repeatable; --variant= is the source as it "
+                             "is (the default)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

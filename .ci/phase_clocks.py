@@ -29,9 +29,10 @@ import statistics
 
 import numpy as np
 
-FORWARD_PHASES = ("inputs, copies issued", "first chunk of h landed", "products", "finish",
-                  "grid.sync")
-BACKWARD_PHASES = ("gate backward", "grid.sync", "d_rec chunks and products", "finish")
+FORWARD_PHASES = ("element inputs prefetched", "copies of h issued", "chunk waits + barrier",
+                  "products (warp 0)", "closing barrier", "finish", "grid.sync")
+BACKWARD_PHASES = ("gate backward", "grid.sync", "chunk issue, wait + barrier",
+                   "products (warp 0)", "barrier after products", "finish")
 CELLS = {"rnn": ("RNN", 0, 0), "lstm": ("LSTM", 1, 0), "gru": ("GRU", 2, 0)}
 
 

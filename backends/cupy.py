@@ -132,6 +132,7 @@ from rnn_gpu.kernels.cuda.device import (
     MMA_TILE,
     PERSISTENT_THREADS,
     CupyDevice,
+    bwd_k_split,
     round_up,
 )
 from rnn_gpu.kernels.cuda.graphs import clear_graphs, workspace
@@ -608,8 +609,7 @@ def _gated_persistent(dev, cell, act, xw, w, h0, c0, lens, outs, reverse, *, mma
 
         def args_of(plan):
             return (*head, hmat, c, *outs, *shape, i64(plan.units), i64(int(reverse)),
-                    i64(Bp), i64(Hp), i64(round_up(GATES[cell] * plan.units, MMA_TILE)),
-                    i64(plan.k_split))
+                    i64(Bp), i64(Hp), i64(round_up(GATES[cell] * plan.units, MMA_TILE)))
     else:
         def args_of(plan):
             return (*head, c, *outs, *shape, i64(plan.units), i64(int(reverse)),
@@ -759,10 +759,11 @@ def _gated_backward_persistent(dev, tape: GatedTape, dy, dstate, dxw, dhh):
     drec = filled(dev, 2 * Bp * GHp, 0.0, "the padded recurrent gradients")
 
     def args_of(plan):
+        Np = round_up(plan.units, MMA_TILE)
         return (dy, tape.w_hh, tape.lengths, tape.gates, tape.ctape, tape.c0, tape.hprev, dh,
                 dc, drec, dxw, dhh if cell == "gru" else None, i64(T), i64(B), i64(H),
-                i64(plan.units), i64(int(tape.reverse)), i64(Bp), i64(GHp),
-                i64(round_up(plan.units, MMA_TILE)), i64(plan.k_split), i64(plan.stages))
+                i64(plan.units), i64(int(tape.reverse)), i64(Bp), i64(GHp), i64(Np),
+                i64(bwd_k_split(Bp, Np, dev.itemsize)))
 
     if not _persistent_launch(dev, "gated_bwd_persistent_mma", (CELL_IDS[cell], tape.act),
                               GATES[cell], H, args_of, batch=B, backward=True):

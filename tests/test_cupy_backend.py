@@ -92,9 +92,7 @@ def test_persistent_mma_plan_counts_padded_weights_and_products():
     plan = dev.persistent_mma_plan(None, 4, 1024, 64)
     assert plan == cdev.PersistentPlan(128, 8, (32 + 64) * 1032 * 2 + 64 * 32 * 4 + 128, True)
     gru = dev.persistent_mma_plan(None, 3, 1000, 5)   # 24 rows -> 32, batch 16, 1000 -> 1008
-    # 2 tiles, 4 warps each over 64 of a 256-wide chunk: 4 partials of 16 x 32 fp32
-    assert gru == cdev.PersistentPlan(125, 8, (32 + 16) * 1016 * 2 + 4 * 16 * 32 * 4 + 128, True,
-                                      4, 0)
+    assert gru == cdev.PersistentPlan(125, 8, (32 + 16) * 1016 * 2 + 16 * 32 * 4 + 128, True)
     assert isinstance(dev.persistent_mma_plan(None, 4, 1024, 128), str)   # 256 KiB: too much
     reason = EmulatedDevice(sms=132, smem_limit=48 * 1024).persistent_mma_plan(None, 4, 1024, 64)
     assert "shared memory per block" in reason and "allows 49152" in reason
@@ -102,49 +100,20 @@ def test_persistent_mma_plan_counts_padded_weights_and_products():
 
 def test_persistent_mma_bwd_plan_counts_padded_columns_chunks_and_partials():
     """The backward at (512, 64, 1024) fp16 on 132 SMs: 128 blocks of 8 units, their columns
-    of W_hh padded to 16 (x 4096 + 8 halves: 128.3 KiB), 4 tiles shared by 2 warps each: 2
-    partials of 64 x 16 fp32 (8 KiB), + 128 B of alignment; what the 227 KiB leave holds 5
-    chunk buffers of 64 rows x (128 + 8) halves (17 KiB each) in the ring."""
+    of W_hh padded to 16 (x 4096 + 8 halves: 128.3 KiB), two chunk buffers of 64 rows x
+    (256 + 8) halves (66 KiB), and 4 tiles shared by 2 warps each: 2 partials of 64 x 16
+    fp32 (8 KiB), + 128 B of alignment."""
     dev = EmulatedDevice(sms=132, smem_limit=227 * 1024)
     dev.itemsize = 2
     assert cdev.bwd_k_split(64, 16, 2) == 2
     plan = dev.persistent_mma_bwd_plan(None, 4, 1024, 64)
     assert plan == cdev.PersistentPlan(
-        128, 8, 16 * 4104 * 2 + 2 * 64 * 16 * 4 + 5 * 64 * 136 * 2 + 128, True, 2, 5)
-    # batch 16, one tile: 8 warps share it, each a 16-wide slice of a 128-wide chunk; float32
-    # chunks are 64 wide, so 4 warps
-    assert cdev.bwd_k_split(16, 16, 2) == 8 and cdev.bwd_k_split(16, 16, 4) == 4
+        128, 8, 16 * 4104 * 2 + 2 * 64 * 264 * 2 + 2 * 64 * 16 * 4 + 128, True)
+    # batch 16, one tile: 8 warps share it, each a 32-wide slice of a 256-wide chunk
+    assert cdev.bwd_k_split(16, 16, 2) == 8 and cdev.bwd_k_split(16, 16, 4) == 8
     assert cdev.bwd_k_split(128, 32, 2) == 1                   # 16 tiles: one warp each
-    # (256, 16, 512) bf16: 128 blocks of 4 units, GH 2048: all 16 chunks at once (66 KiB)
-    small = dev.persistent_mma_bwd_plan(None, 4, 512, 16)
-    assert (small.k_split, small.stages) == (8, 16)
-    assert small.shared_mem == 16 * 2056 * 2 + 8 * 16 * 16 * 4 + 16 * 16 * 136 * 2 + 128
     reason = dev.persistent_mma_bwd_plan(None, 4, 2048, 64)   # 16 units x 8192: 256 KiB
     assert "shared memory per block" in reason and "columns of W_hh" in reason
-
-
-def test_bwd_stages_fill_the_room_up_to_one_a_chunk():
-    assert cdev.bwd_stages(100, 10, 20) == 10
-    assert cdev.bwd_stages(1000, 10, 7) == 7                   # no more buffers than chunks
-    assert cdev.bwd_stages(10**9, 10, 100) == cdev.BWD_MAX_STAGES
-    assert cdev.bwd_stages(5, 10, 7) == 1                      # the plan says it does not fit
-
-
-def test_fwd_k_split_shares_tiles_over_whole_k_steps():
-    """The forward's chunks (a quarter of the padded row, whole k-steps): 256 wide at H=1024,
-    128 at 512, 48 at 192 (fp16). 8 tiles at 512x64x1024 (64 rows x 32 gate rows): one warp
-    each; one tile at 256x16x512 (16 x 16): 8 warps over 16-wide slices; 48-wide chunks
-    split in 2 (slices of 32 and 16), not 3."""
-    assert [cdev.fwd_chunk(h, 2) for h in (1024, 512, 192, 16)] == [256, 128, 48, 16]
-    assert [cdev.fwd_chunk(h, 4) for h in (1024, 112, 16)] == [256, 32, 16]
-    assert cdev.fwd_k_split(64, 32, 1024, 2) == 1
-    assert cdev.fwd_k_split(16, 16, 512, 2) == 8
-    assert cdev.fwd_k_split(16, 16, 192, 2) == 2
-    dev = EmulatedDevice(sms=132, smem_limit=227 * 1024)
-    dev.itemsize = 2
-    plan = dev.persistent_mma_plan(None, 4, 512, 16)          # 8 partials of 16 x 16 fp32
-    assert plan.k_split == 8
-    assert plan.shared_mem == (16 + 16) * 520 * 2 + 8 * 16 * 16 * 4 + 128
 
 
 def test_persistent_plan_splits_units_and_falls_back_to_global_memory():

@@ -165,15 +165,3 @@ def test_mma_shared_memory_padding_agrees_with_the_kernel():
     assert pad and int(pad.group(1)) == cdev.MMA_SMEM_PAD
     # 16-byte row copies: a padded row of 16-bit elements stays 16-byte aligned
     assert (cdev.MMA_SMEM_PAD * 2) % 16 == 0
-
-
-def test_backward_ring_constants_agree_with_the_kernel():
-    """device.py plans the backward's shared memory with the kernel's chunk width and ring
-    limit; a mismatch would size the ring wrongly (or past the wait's cases)."""
-    source = (KERNELS / "persistent_mma.cu").read_text()
-    chunk = re.search(r"constexpr long long BWD_CHUNK_BYTES = (\d+);", source)
-    stages = re.search(r"constexpr int BWD_MAX_STAGES = (\d+);", source)
-    assert chunk and int(chunk.group(1)) == cdev.BWD_CHUNK_BYTES
-    assert stages and int(stages.group(1)) == cdev.BWD_MAX_STAGES
-    cases = re.search(r"copy_wait_for_pending\(long long pending\) \{(.*?)\n\}", source, re.S)
-    assert cases and len(re.findall(r"copy_wait<(\d+)>", cases.group(1))) == cdev.BWD_MAX_STAGES

@@ -152,10 +152,9 @@ def test_mma_tile_fragments_follow_the_ptx_layouts(tmp_path, chains):
 
 def check_shape(emulation, sh: dict, cell, acts, reverse):
     """``check_against_numpy`` at one shape of MMA_SHAPES or BWD_SHAPES (T, B, H and the
-    emulated SM count), on a device with 1 MiB of shared memory a block (or the shape's "smem"),
-    lengths T, 0, 2, ...
+    emulated SM count), on a device with 1 MiB of shared memory a block, lengths T, 0, 2, ...
     and the bias on the reverse direction only. Returns the device and the kernel tape."""
-    dev = EmulatedDevice(emulation, sms=sh["sms"], smem_limit=sh.get("smem", 1 << 20))
+    dev = EmulatedDevice(emulation, sms=sh["sms"], smem_limit=1 << 20)
     lengths = np.array(([sh["T"], 0, 2] * sh["B"])[:sh["B"]])
     tape = check_against_numpy(dev, cell, acts, sh["T"], sh["B"], sh["H"], reverse=reverse,
                                lengths=lengths, bias=reverse)
@@ -168,12 +167,7 @@ MMA_SHAPES = {"one tile each way": dict(T=4, B=3, H=7, sms=3),          # blocks
               "four K chunks": dict(T=3, B=5, H=100, sms=4),
               # one block of 30 units: 1200 (row, unit) elements, 5 for some of the 256
               # threads, the first 2 with xw loaded before the products, the rest after
-              "more elements than prefetched": dict(T=3, B=40, H=30, sms=1),
-              # blocks of 16 units, Hp 128: K chunks of 32; LSTM 4 tiles, GRU 3, RNN 1, so 2
-              # warps share each tile, each over 16 of a chunk (fwd_k_split)
-              "warps share a tile": dict(T=3, B=5, H=128, sms=8),
-              # Hp 192: K chunks of 48; RNN (2 tiles) splits them 32 + 16
-              "uneven slices of a chunk": dict(T=3, B=5, H=192, sms=8)}
+              "more elements than prefetched": dict(T=3, B=40, H=30, sms=1)}
 
 
 @pytest.mark.parametrize("shape", list(MMA_SHAPES))
@@ -206,15 +200,11 @@ def test_persistent_mma_path_falls_back_to_the_cuda_core_kernel(emulation, force
 
 
 BWD_SHAPES = {"one tile each way": dict(T=4, B=3, H=7, sms=3),        # blocks of 3, 3, 1 units
-              # LSTM GH 80: two chunks; Bp 32, 2 x 1 tiles, so 4 warps share each
+              # LSTM GH 80: one chunk; Bp 32, 2 x 1 tiles, so 4 warps share each
               "several row tiles": dict(T=3, B=18, H=20, sms=2),
-              # GH = 4 x 100 = 400: seven chunks of 64 float32 columns, the last one 16 wide
-              # (fewer than the warps' slices); blocks of 25 units, Np 32; all in flight
-              "seven chunks": dict(T=3, B=5, H=100, sms=4),
-              # the same through a ring of 2 buffers (GRU: 4 for its 5 chunks; bwd_stages)
-              "a ring of two buffers": dict(T=3, B=5, H=100, sms=4, smem=69760),
-              # and of 1 (GRU: 3), each chunk waited for as soon as it is issued
-              "a ring of one buffer": dict(T=3, B=5, H=100, sms=4, smem=65152),
+              # GH = 4 x 100 = 400: four chunks of 128 float32 columns, the last one 16 wide
+              # (fewer than the warps' slices); blocks of 25 units, Np 32
+              "four chunks": dict(T=3, B=5, H=100, sms=4),
               # one block of 30 units (Np 32): 1200 elements, 5 for some of the 256 threads
               "more elements than threads": dict(T=3, B=40, H=30, sms=1),
               # H = 63 on 4 SMs: blocks of 16, 16, 16, 15 units; LSTM GH 252 padded to 256

@@ -35,57 +35,24 @@ MMA_TILE = 16                          # the 16 x 16 tile (two mma.sync m16n8k16
 MMA_SMEM_PAD = 8                       # persistent_mma.cu's shared-memory row padding (elements)
 
 
-# The persistent backward streams the recurrent gradient through shared memory in chunks of
-# BWD_CHUNK_BYTES a row, into a ring of as many buffers as fit (at most BWD_MAX_STAGES), all but
-# one in flight. Run 7 (H200, .ci/phase_clocks.py): with two 512-byte buffers, one in flight,
-# the chunks took 11.1 of a 14.1 us step at LSTM bf16 256x16x512, each chunk waiting out an
-# L2 round trip; 256-byte chunks fit 5 buffers at 512x64x1024 fp16 (4 in flight) and every
-# chunk at once at B <= 16.
-BWD_CHUNK_BYTES = 256                  # = BWD_CHUNK_BYTES in persistent_mma.cu
-BWD_MAX_STAGES = 16                    # = BWD_MAX_STAGES in persistent_mma.cu
+BWD_CHUNK_BYTES = 512                  # = BWD_CHUNK_BYTES in persistent_mma.cu
 
 
 def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def mma_k_split(tiles: int, chunk: int) -> int:
-    """How many warps of a tensor-core kernel share one 16 x 16 output tile, each over a slice
-    of every ``chunk`` elements of K: the largest power of two that keeps the warps busy and
-    leaves each slice at least one k-step of 16. Run 7 (H200): the forward at LSTM bf16
-    256x16x512 has one tile a block (16 rows x 4 units x 4 gates), and one warp took 2.1 of a
-    5.5 us step over its K = 512 while seven waited."""
-    warps = PERSISTENT_THREADS // 32
+def bwd_k_split(Bp: int, Np: int, itemsize: int) -> int:
+    """How many warps of ``gated_bwd_persistent_mma`` share one 16 x 16 output tile, each over
+    a slice of every chunk: the largest power of two that keeps the warps busy (the tiles are
+    (Bp / 16) x (Np / 16), 4 at batch 64 with 8 units a block) and the slices whole k-steps of
+    16."""
+    warps, tiles = PERSISTENT_THREADS // 32, (Bp // MMA_TILE) * (Np // MMA_TILE)
+    chunk = BWD_CHUNK_BYTES // itemsize
     k = 1
     while 2 * k * tiles <= warps and chunk // (2 * k) >= MMA_TILE:
         k *= 2
     return k
-
-
-def bwd_k_split(Bp: int, Np: int, itemsize: int) -> int:
-    """:func:`mma_k_split` for ``gated_bwd_persistent_mma``: (Bp / 16) x (Np / 16) tiles (4 at
-    batch 64 with 8 units a block), chunks of BWD_CHUNK_BYTES a row."""
-    return mma_k_split((Bp // MMA_TILE) * (Np // MMA_TILE), BWD_CHUNK_BYTES // itemsize)
-
-
-def fwd_chunk(Hp: int, itemsize: int) -> int:
-    """Elements of K in each of the tensor-core forward's MMA_K_CHUNKS (4) copies of h: a
-    quarter of the padded row, rounded up to whole k-steps (persistent_mma.cu's chunk_words)."""
-    word, row_words = 16 // itemsize, Hp * itemsize // 16
-    return round_up(round_up(row_words, 4) // 4, itemsize) * word
-
-
-def fwd_k_split(Bp: int, rows: int, Hp: int, itemsize: int) -> int:
-    """:func:`mma_k_split` for ``gated_fwd_persistent_mma``: (Bp / 16) x (rows / 16) tiles
-    (rows: the block's gate rows, padded), chunks of :func:`fwd_chunk`."""
-    return mma_k_split((Bp // MMA_TILE) * (rows // MMA_TILE), fwd_chunk(Hp, itemsize))
-
-
-def bwd_stages(room: int, per_stage: int, n_chunks: int) -> int:
-    """Chunk buffers in the persistent backward's ring: as many as ``room`` bytes hold, at most
-    one per chunk and BWD_MAX_STAGES; at least one (a plan then counts its bytes and says
-    whether they fit)."""
-    return max(1, min(BWD_MAX_STAGES, n_chunks, room // per_stage))
 
 
 @dataclass(frozen=True)
@@ -94,8 +61,6 @@ class PersistentPlan:
     units: int                    # hidden units per block
     shared_mem: int               # bytes of dynamic shared memory (0 without the weights)
     use_smem: bool
-    k_split: int = 1              # tensor-core kernels: warps that share an output tile
-    stages: int = 0               # tensor-core backward: chunk buffers in its ring
 
 
 _smem_attribute_lock = threading.Lock()
@@ -249,11 +214,10 @@ class CupyDevice:
         copy of the state (both padded to whole 16 x 16 tiles, each row MMA_SMEM_PAD elements
         longer against bank conflicts) and its fp32 products (padded batch x rows) must fit in
         shared memory, plus 128 bytes to align them."""
-        def layout(units: int, room: int) -> tuple[int, str, int, int]:
+        def layout(units: int) -> tuple[int, str]:
             rows, Bp, Hp = (round_up(n, MMA_TILE) for n in (n_mat * units, batch, hidden))
-            k_split = fwd_k_split(Bp, rows, Hp, self.itemsize)
-            return ((rows + Bp) * (Hp + MMA_SMEM_PAD) * self.itemsize + k_split * Bp * rows * 4,
-                    f"{units} units' weights, the state and the products", k_split, 0)
+            return ((rows + Bp) * (Hp + MMA_SMEM_PAD) * self.itemsize + Bp * rows * 4,
+                    f"{units} units' weights, the state and the products")
 
         return self._tensor_core_plan(fn, hidden, batch, layout)
 
@@ -261,32 +225,26 @@ class CupyDevice:
                                 batch: int) -> PersistentPlan | str:
         """As :meth:`persistent_mma_plan` for the tensor-core backward
         (``gated_bwd_persistent_mma``): the block's columns of W_hh (``gates * hidden`` rows by
-        its units, both padded to whole tiles) and the fp32 partial products (:func:`bwd_k_split`
-        of them) must fit in shared memory, and at least one chunk buffer of the recurrent
-        gradient; the ring takes as many as then fit (:func:`bwd_stages`)."""
-        def layout(units: int, room: int) -> tuple[int, str, int, int]:
+        its units, both padded to whole tiles), two chunk buffers of the recurrent gradient and
+        the fp32 partial products (:func:`bwd_k_split` of them) must fit in shared memory."""
+        def layout(units: int) -> tuple[int, str]:
             Bp, GHp, Np = (round_up(n, MMA_TILE) for n in (batch, gates * hidden, units))
             chunk = BWD_CHUNK_BYTES // self.itemsize
-            k_split = bwd_k_split(Bp, Np, self.itemsize)
-            fixed = Np * (GHp + MMA_SMEM_PAD) * self.itemsize + k_split * Bp * Np * 4
-            per_stage = Bp * (chunk + MMA_SMEM_PAD) * self.itemsize
-            stages = bwd_stages(room - fixed, per_stage, -(-GHp // chunk))
-            return (fixed + stages * per_stage,
-                    f"{units} units' columns of W_hh, the gradient chunks and the products",
-                    k_split, stages)
+            return ((Np * (GHp + MMA_SMEM_PAD) + 2 * Bp * (chunk + MMA_SMEM_PAD)) * self.itemsize
+                    + bwd_k_split(Bp, Np, self.itemsize) * Bp * Np * 4,
+                    f"{units} units' columns of W_hh, the gradient chunks and the products")
 
         return self._tensor_core_plan(fn, hidden, batch, layout)
 
     def _tensor_core_plan(self, fn, hidden: int, batch: int, layout) -> PersistentPlan | str:
-        """The persistent grid over ``hidden`` units with ``layout(units, room)`` = (bytes, what
-        they hold, k_split, stages) of shared memory a block (``room``: the bytes the opt-in
-        limit leaves), plus 128 bytes of alignment, or why it cannot run: more than the opt-in
-        limit, or too many blocks to be resident at once."""
+        """The persistent grid over ``hidden`` units with ``layout(units)`` = (bytes, what they
+        hold) of shared memory a block, plus 128 bytes of alignment, or why it cannot run: more
+        than the opt-in limit, or too many blocks to be resident at once."""
         grid = self._persistent_grid(hidden)
         if isinstance(grid, str):
             return grid
         sms, optin, units, blocks = grid
-        smem, holds, k_split, stages = layout(units, optin - 128)
+        smem, holds = layout(units)
         smem += 128
         if smem > optin:
             return (f"{smem} B of shared memory per block for {holds} at batch {batch}; "
@@ -294,7 +252,7 @@ class CupyDevice:
         if self._occupancy(fn, smem) * sms < blocks:
             return (f"{blocks} blocks of {PERSISTENT_THREADS} threads with {smem} B of shared "
                     f"memory cannot all be resident on cuda:{self.index} ({sms} SMs)")
-        return PersistentPlan(blocks, units, smem, True, k_split, stages)
+        return PersistentPlan(blocks, units, smem, True)
 
     def _persistent_grid(self, hidden: int) -> tuple[int, int, int, int] | str:
         """``(SMs, shared-memory opt-in limit, units per block, blocks)`` of a persistent grid

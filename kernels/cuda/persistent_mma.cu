@@ -214,7 +214,7 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
                          T* __restrict__ y, float* __restrict__ gates, float* __restrict__ ctape,
                          T* __restrict__ hprev, long long n_steps, long long B, long long H,
                          long long units, long long reverse, long long Bp, long long Hp,
-                         long long Np, long long k_split) {
+                         long long Np) {
     RNN_GPU_DYNAMIC_SHARED(smem_raw);
     // 128-byte aligned tiles (the fragments' 4-byte pair loads need 4); the launcher adds 128
     // bytes for this round-up
@@ -232,12 +232,10 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
         w_s[n * Hs + k] = g < G && k < H ? w_hh[(g * H + u0 + uu) * H + k]
                                           : rg::from_f32<T>(0.0f);
     }
-    for (long long i = threadIdx.x; i < k_split * Bp * Np; i += blockDim.x) acc_s[i] = 0.0f;
     __syncthreads();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int n_warps = blockDim.x >> 5;
     const long long m_tiles = Bp / 16, n_tiles = (G * nu + 15) / 16;
-    const long long tiles = m_tiles * n_tiles;
     // The copy of h: a row is row_words 16-byte words (Hp * sizeof(T) / 16), chunk ch its words
     // [ch * chunk_words, ...), chunk_words a whole number of 16-element k steps (sizeof(T)
     // words each). This thread copies the words (r0, w0), (r0, w0) + blockDim.x, ... of each
@@ -249,8 +247,9 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
                             k_step_words * k_step_words;
     const int r0 = threadIdx.x / chunk_words, w0 = threadIdx.x % chunk_words;
     const int dr = blockDim.x / chunk_words, dw = blockDim.x % chunk_words;
-    PhaseClocks clocks;     // phases: 0 inputs and copies issued, 1 first chunk landed,
-                            // 2 products, 3 finish, 4 grid.sync (.ci/phase_clocks.py)
+    PhaseClocks clocks;     // phases (.ci/phase_clocks.py): 0 element inputs prefetched,
+                            // 1 copies issued, 2 waits for chunks (with the barrier),
+                            // 3 products, 4 closing barrier, 5 finish, 6 grid.sync
     for (long long s = 0; s < n_steps; ++s) {
         const long long t = reverse ? n_steps - 1 - s : s;
         const float* src = hbuf + (s & 1) * B * H;
@@ -262,6 +261,7 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
         for (int j = 0; j < MMA_PREFETCH_ITEMS; ++j)
             element_inputs<T, CELL>(pre[j], xw, src, c, t,
                                     threadIdx.x + (long long)j * blockDim.x, B, H, nu, u0);
+        clocks.mark(0);
         for (int ch = 0; ch < MMA_K_CHUNKS; ++ch) {     // issue every copy of the step
             const int first = ch * chunk_words;
             const int words = row_words - first < chunk_words ? row_words - first : chunk_words;
@@ -278,39 +278,29 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
             }
             copy_commit();                               // an empty group is allowed
         }
-        clocks.mark(0);
+        clocks.mark(1);
 #pragma unroll
         for (int ch = 0; ch < MMA_K_CHUNKS; ++ch) {
             copy_wait_for_chunk(ch);
             __syncthreads();
-            if (ch == 0) clocks.mark(1);
+            clocks.mark(2);
             const long long k0 = (long long)ch * chunk_words * per_word;
             const long long chunk_k = (long long)chunk_words * per_word;
             const long long kn = Hp - k0 < chunk_k ? Hp - k0 : chunk_k;   // <= 0: empty chunk
-            // k_split warps share a tile, each over its slice of the chunk (whole k-steps),
-            // into its own fp32 partial; the finish sums them and zeroes them for the next step
-            const long long span = (chunk_k / k_split + 15) / 16 * 16;
-            for (long long job = warp; kn > 0 && job < tiles * k_split; job += n_warps) {
-                const long long tile = job % tiles, part = job / tiles;      // warp-uniform
-                const long long kb = part * span, ke = kb + span < kn ? kb + span : kn;
-                if (ke <= kb) continue;
-                const long long mt = tile / n_tiles, nt = tile - mt * n_tiles;
-                tile_product<T>(acc_s + part * Bp * Np + mt * 16 * Np + nt * 16, Np,
-                                h_s + mt * 16 * Hs + k0 + kb, Hs, w_s + nt * 16 * Hs + k0 + kb,
-                                Hs, ke - kb, lane, true);
+            for (long long tile = warp; kn > 0 && tile < m_tiles * n_tiles; tile += n_warps) {
+                const long long mt = tile / n_tiles, nt = tile - mt * n_tiles;  // warp-uniform
+                tile_product<T>(acc_s + mt * 16 * Np + nt * 16, Np, h_s + mt * 16 * Hs + k0, Hs,
+                                w_s + nt * 16 * Hs + k0, Hs, kn, lane, ch > 0);
             }
+            clocks.mark(3);
         }
         __syncthreads();
-        clocks.mark(2);
+        clocks.mark(4);
         auto finish = [&](long long item, const ElementInputs& in) {   // one (row, unit)
             const long long b = item / nu, uu = item - b * nu, u = u0 + uu;
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             for (int g = 0; g < G; ++g) {
-                for (long long part = 0; part < k_split; ++part) {   // read, and zero
-                    float* p = acc_s + part * Bp * Np + b * Np + g * nu + uu;
-                    acc[g] += *p;
-                    *p = 0.0f;
-                }
+                acc[g] = acc_s[b * Np + g * nu + uu];
                 if (bias != nullptr) acc[g] += rg::to_f32(bias[g * H + u]);
             }
             const long long at = b * H + u;
@@ -333,9 +323,9 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
             element_inputs<T, CELL>(in, xw, src, c, t, item, B, H, nu, u0);
             finish(item, in);
         }
-        clocks.mark(3);
+        clocks.mark(5);
         grid.sync();          // also orders this step's reads of acc_s, h_s before the next
-        clocks.mark(4);
+        clocks.mark(6);
     }
     clocks.flush();
 }
@@ -354,11 +344,9 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
 //   3. adds d_rec W_hh to its units of dh: the product of d_rec (Bp x GHp) and its columns of
 //      W_hh (GHp x Np, Np = nu padded to 16; column-major in shared memory for all steps), as
 //      16 x 16 tiles on the tensor cores. d_rec comes through shared memory in chunks of
-//      BWD_CHUNK_BYTES per row (cp.async) into a ring of `stages` buffers (as many as the
-//      launcher fits, device.py's bwd_stages): chunks c + 1 ... c + stages - 1 are in flight
-//      while c is multiplied; when the tiles are fewer than the warps, k_split warps share a
-//      tile, each over a slice of the chunk into its own fp32 partial (acc_s), summed in the
-//      finish.
+//      BWD_CHUNK_BYTES per row (cp.async, two buffers: chunk c + 1 lands while c is
+//      multiplied); when the tiles are fewer than the warps, k_split warps share a tile, each
+//      over a slice of the chunk into its own fp32 partial (acc_s), summed in the finish.
 // One barrier a step: the product of step s reads slot s & 1 of drec, and step s - 1 writes
 // the other slot only after every block has passed the barrier of step s, that is, after their
 // products of step s + 1 had read it. At the end dh holds dL/dh_0 and dc dL/dc_0.
@@ -367,36 +355,8 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
 // 36.2 ms of a training step at LSTM fp16 512x64x1024 (H100, run 5), where cuDNN's whole
 // training step takes 11.7 ms. By count this kernel's step is ~12-17 us there: every block
 // reads all of d_rec (512 KiB) from L2 each step (64 MiB in all, ~9 us at ~7 TB/s), and its
-// copies and tiles move ~1.5 MiB through shared memory (~6 us). Run 6 (H200) timed ~55 us a
-// step there with two 512-byte buffers, and run 7's phase clocks at 256x16x512 bf16 found the
-// chunks taking 11.1 of 14.1 us: one chunk in flight, each waiting out an L2 round trip. So
-// the chunks are narrower and the ring as deep as shared memory allows (5 buffers at
-// 512x64x1024 fp16, every chunk at once at B <= 16).
-constexpr long long BWD_CHUNK_BYTES = 256;      // per row: 128 fp16/bf16 elements, 64 fp32
-constexpr int BWD_MAX_STAGES = 16;              // the most buffers copy_wait_for_pending serves
-
-// Wait until at most `pending` (< BWD_MAX_STAGES) of this thread's copy groups are in flight.
-__device__ __forceinline__ void copy_wait_for_pending(long long pending) {
-    static_assert(BWD_MAX_STAGES == 16, "one case per count of groups that may stay in flight");
-    switch (pending) {
-    case 0: copy_wait<0>(); break;
-    case 1: copy_wait<1>(); break;
-    case 2: copy_wait<2>(); break;
-    case 3: copy_wait<3>(); break;
-    case 4: copy_wait<4>(); break;
-    case 5: copy_wait<5>(); break;
-    case 6: copy_wait<6>(); break;
-    case 7: copy_wait<7>(); break;
-    case 8: copy_wait<8>(); break;
-    case 9: copy_wait<9>(); break;
-    case 10: copy_wait<10>(); break;
-    case 11: copy_wait<11>(); break;
-    case 12: copy_wait<12>(); break;
-    case 13: copy_wait<13>(); break;
-    case 14: copy_wait<14>(); break;
-    default: copy_wait<15>(); break;
-    }
-}
+// copies and tiles move ~1.5 MiB through shared memory (~6 us); not timed yet.
+constexpr long long BWD_CHUNK_BYTES = 512;      // per row: 256 fp16/bf16 elements, 128 fp32
 
 template <typename T, int CELL, int ACT>
 __global__ void __launch_bounds__(PERSISTENT_THREADS)
@@ -407,7 +367,7 @@ gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
                          float* __restrict__ dc, T* __restrict__ drec, T* __restrict__ dxw,
                          T* __restrict__ dhh, long long n_steps, long long B, long long H,
                          long long units, long long reverse, long long Bp, long long GHp,
-                         long long Np, long long k_split, long long stages) {
+                         long long Np, long long k_split) {
     RNN_GPU_DYNAMIC_SHARED(smem_raw);
     constexpr int G = rg::CellShape<CELL>::G;
     const long long GH = G * H;
@@ -416,8 +376,8 @@ gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
     // 128-byte aligned (the launcher adds 128 bytes for this round-up)
     const unsigned long long base = reinterpret_cast<unsigned long long>(smem_raw);
     T* w_s = reinterpret_cast<T*>((base + 127ull) & ~127ull);
-    T* a_s = w_s + Np * Ks;                       // the ring: `stages` buffers of Bp x As
-    float* acc_s = reinterpret_cast<float*>(a_s + stages * Bp * As);
+    T* a_s = w_s + Np * Ks;                       // two chunk buffers of Bp x As
+    float* acc_s = reinterpret_cast<float*>(a_s + 2 * Bp * As);
     cg::grid_group grid = cg::this_grid();
     const long long u0 = block_first_unit(units), nu = block_unit_count(u0, units, H);
     for (long long i = threadIdx.x; i < Np * Ks; i += blockDim.x) {   // column n: unit u0 + n
@@ -431,8 +391,9 @@ gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
     const long long span = CK / k_split;         // a multiple of 16 (the launcher's choice)
     const long long n_chunks = (GHp + CK - 1) / CK;
     const long long per_word = 16 / (long long)sizeof(T);            // elements per 16 bytes
-    PhaseClocks clocks;     // phases: 0 gate backward, 1 grid.sync, 2 chunks of d_rec and
-                            // their products, 3 finish (.ci/phase_clocks.py)
+    PhaseClocks clocks;     // phases (.ci/phase_clocks.py): 0 gate backward, 1 grid.sync,
+                            // 2 chunk copies issued and waited for (with the barrier),
+                            // 3 products, 4 barrier after them, 5 finish
     for (long long s = n_steps - 1; s >= 0; --s) {
         const long long t = reverse ? n_steps - 1 - s : s;
         const long long t_prev = s == 0 ? -1 : (reverse ? n_steps - s : s - 1);
@@ -449,29 +410,28 @@ gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
         clocks.mark(0);
         grid.sync();
         clocks.mark(1);
-        // chunk ch of d_rec into buffer ch % stages, as one cp.async group of this thread's
-        // copies; past the last chunk an empty group, so that every iteration below may leave
-        // the same number of groups in flight
+        // chunk ch of d_rec into buffer ch & 1, as one cp.async group of this thread's copies
         auto issue = [&](long long ch) {
-            if (ch < n_chunks) {
-                T* dst = a_s + (ch % stages) * Bp * As;
-                const long long k0 = ch * CK;
-                const long long words = (GHp - k0 < CK ? GHp - k0 : CK) / per_word;
-                for (long long i = threadIdx.x; i < Bp * words; i += blockDim.x) {
-                    const long long r = i / words, w = i - r * words;
-                    copy16_async(dst + r * As + w * per_word,
-                                 slot + r * GHp + k0 + w * per_word);
-                }
+            T* dst = a_s + (ch & 1) * Bp * As;
+            const long long k0 = ch * CK;
+            const long long words = (GHp - k0 < CK ? GHp - k0 : CK) / per_word;
+            for (long long i = threadIdx.x; i < Bp * words; i += blockDim.x) {
+                const long long r = i / words, w = i - r * words;
+                copy16_async(dst + r * As + w * per_word, slot + r * GHp + k0 + w * per_word);
             }
             copy_commit();
         };
-        for (long long ch = 0; ch + 1 < stages; ++ch) issue(ch);
+        issue(0);
         for (long long ch = 0; ch < n_chunks; ++ch) {
-            // into the buffer the previous iteration multiplied (freed by its last barrier)
-            issue(ch + stages - 1);
-            copy_wait_for_pending(stages - 1);      // chunk ch has landed (this thread's part)
+            if (ch + 1 < n_chunks) {
+                issue(ch + 1);
+                copy_wait<1>();
+            } else {
+                copy_wait<0>();
+            }
             __syncthreads();
-            const T* a = a_s + (ch % stages) * Bp * As;
+            clocks.mark(2);
+            const T* a = a_s + (ch & 1) * Bp * As;
             const long long k0 = ch * CK, kn = GHp - k0 < CK ? GHp - k0 : CK;
             for (long long job = warp; job < tiles * k_split; job += n_warps) {   // warp-uniform
                 const long long tile = job % tiles, part = job / tiles;
@@ -482,9 +442,10 @@ gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
                                 a + mt * 16 * As + kb, As, w_s + nt * 16 * Ks + k0 + kb, Ks,
                                 ke - kb, lane, true);
             }
-            __syncthreads();                      // before chunk ch + stages refills it
+            clocks.mark(3);
+            __syncthreads();                      // before chunk ch + 2 refills the buffer
+            clocks.mark(4);
         }
-        clocks.mark(2);
         for (long long item = threadIdx.x; item < B * nu; item += blockDim.x) {
             const long long b = item / nu, uu = item - b * nu;
             float sum = 0.0f;
@@ -495,7 +456,7 @@ gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
             }
             dh[b * H + u0 + uu] += sum;
         }
-        clocks.mark(3);
+        clocks.mark(5);
     }
     clocks.flush();
 }

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 from cupy_emulation import KERNELS, SOURCES
@@ -165,3 +166,13 @@ def test_mma_shared_memory_padding_agrees_with_the_kernel():
     assert pad and int(pad.group(1)) == cdev.MMA_SMEM_PAD
     # 16-byte row copies: a padded row of 16-bit elements stays 16-byte aligned
     assert (cdev.MMA_SMEM_PAD * 2) % 16 == 0
+
+
+@pytest.mark.parametrize("script", ["phase_clocks.py", "profile_cupy_step.py"])
+def test_the_cards_scripts_start(script):
+    """.ci/gpu runs these on a lent card only; here they must at least import and parse their
+    arguments (a typo would cost a card run)."""
+    path = KERNELS.parents[1] / ".ci" / script
+    done = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stdout + done.stderr

@@ -364,7 +364,9 @@ def run_mma_tile_check(tmp_path: Path, defines: tuple[str, ...] = ()
     return subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
 
 
-def build_emulation(tmp_path: Path, source: str) -> ctypes.CDLL:
+def build_emulation(tmp_path: Path, source: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The emulation library of one kernel source, with ``defines`` (-D options: the kernels'
+    tuning constants); built in ``tmp_path``, which must differ between defines."""
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         pytest.skip("no C++ compiler (g++) to build the CPU emulation of the kernels")
@@ -375,8 +377,8 @@ def build_emulation(tmp_path: Path, source: str) -> ctypes.CDLL:
     cpp, lib = tmp_path / f"emulate_{source}.cpp", tmp_path / f"emulate_{source}.so"
     cpp.write_text(code)
     run = subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall",
-                          "-Wno-unused-function", "-Wno-unknown-pragmas", "-o", str(lib), str(cpp)],
-                         capture_output=True, text=True)
+                          "-Wno-unused-function", "-Wno-unknown-pragmas", *defines, "-o", str(lib),
+                          str(cpp)], capture_output=True, text=True)
     assert run.returncode == 0 and "warning" not in run.stderr, run.stderr
     dll = ctypes.CDLL(str(lib))
     dll.emu_launch.restype = ctypes.c_int

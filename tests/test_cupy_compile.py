@@ -93,6 +93,13 @@ def test_mma_kernel_runs_its_half_products_on_the_tensor_cores(tmp_path):
     chunks = int(re.search(r"constexpr int MMA_K_CHUNKS = (\d+);", source).group(1))
     for pending in range(chunks):
         assert f"cp.async.wait_group {pending};" in text, pending
+    # shared memory is addressed as shared memory: no generic ld/st (persistent.cuh's
+    # shared_from_128; rounding the base through an integer made every access generic). The
+    # grid barrier's own loads (cooperative groups: ld.acquire.gpu) are generic by design.
+    generic = re.findall(r"\b(?:ld|st)\.(?!global|shared|param|local|const|acquire|release|"
+                         r"relaxed|volatile)[\w.]+", text)
+    assert not generic, sorted(set(generic))
+    assert "ld.shared" in text and "st.shared" in text
 
 
 @pytest.mark.parametrize("clocks", [False, True], ids=["default", "phase-clocks"])

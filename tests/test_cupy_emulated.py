@@ -228,6 +228,20 @@ def test_persistent_mma_backward_on_emulated_kernels_matches_numpy(emulation, fo
     assert not any(n.startswith("gated_bwd_step") for n in dev.launched)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_persistent_mma_backward_with_staggered_chunks_matches_numpy(tmp_path, force_path,
+                                                                     reverse):
+    """BWD_STAGGER (a tuning constant, off by default): block j multiplies the chunks of d_rec
+    from chunk j on. At LSTM H = 100 on 4 SMs the 4 blocks start at the 4 different chunks
+    (GH 400: three of 128 float32 columns and one of 16); the results must not change."""
+    cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "graph", "persistent-mma"
+    staggered = {"persistent_mma": build_emulation(tmp_path, "persistent_mma",
+                                                   ("-DBWD_STAGGER=1",)),
+                 "recurrent": build_emulation(tmp_path, "recurrent")}
+    dev, _ = check_shape(staggered, dict(T=3, B=5, H=100, sms=4), "lstm", (), reverse)
+    assert dev.launched.count("gated_bwd_persistent_mma<float, 1, 0>") == 1
+
+
 def test_persistent_mma_backward_falls_back_to_the_graph_path_with_a_warning(emulation,
                                                                            force_path):
     cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "graph", "persistent-mma"

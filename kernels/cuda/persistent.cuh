@@ -19,6 +19,18 @@ namespace cg = cooperative_groups;
 
 constexpr int PERSISTENT_THREADS = 256;     // the launcher uses the same block size
 
+// The block's dynamic shared memory from its first 128-byte boundary on (the launcher adds 128
+// bytes for the round-up). Computed as an offset from the array, not by rounding the address
+// as an integer: through an integer the compiler loses that the pointer is shared memory, and
+// every access through it becomes a generic ld/st (the tensor-core kernels' PTX had no
+// ld.shared at all until 2026-11-28; tests/test_cupy_compile.py checks it).
+template <typename T>
+__device__ __forceinline__ T* shared_from_128(unsigned char* smem) {
+    const unsigned misalign =
+        static_cast<unsigned>(reinterpret_cast<unsigned long long>(smem) & 127ull);
+    return reinterpret_cast<T*>(smem + ((128u - misalign) & 127u));
+}
+
 // Block j owns the hidden units [j * units, j * units + nu): nu = units, fewer in the last
 // block, 0 in a block past H (the launcher rounds the grid up).
 __device__ __forceinline__ long long block_first_unit(long long units) {

@@ -182,26 +182,32 @@ __device__ __forceinline__ void copy_wait_for_chunk(int c) {
 // c_{t-1} of an element were written by this very thread in the previous step (an element's
 // thread is the same every step), so reading them early needs no barrier. 2 covers
 // B * units <= 512 (B = 64 at 8 units a block); further elements load as they are finished.
+// xw stays in its own dtype until the finish: converted here, every thread waited out the HBM
+// round trip before issuing its copies of h (run 7, H200: 1.6 us of a 12.9 us step at LSTM fp16
+// 512x64x1024, .ci/phase_clocks.py), where the conversion at the finish finds it long arrived.
 constexpr int MMA_PREFETCH_ITEMS = 2;
 
+template <typename T>
 struct ElementInputs {
-    float x[4];
+    T x[4];                // xw's gates, as stored
+    T bias[4];             // b_hh's gates (zero without a bias)
     float h_prev;
     float c_prev;
 };
 
 template <typename T, int CELL>
-__device__ __forceinline__ void element_inputs(ElementInputs& in, const T* xw, const float* src,
-                                               const float* c, long long t, long long item,
-                                               long long B, long long H, long long nu,
-                                               long long u0) {
+__device__ __forceinline__ void element_inputs(ElementInputs<T>& in, const T* xw,
+                                               const float* src, const float* c, long long t,
+                                               long long item, long long B, long long H,
+                                               long long nu, long long u0, const T* bias) {
     constexpr int G = rg::CellShape<CELL>::G;
-    for (int g = 0; g < 4; ++g) in.x[g] = 0.0f;
+    for (int g = 0; g < 4; ++g) in.x[g] = in.bias[g] = rg::from_f32<T>(0.0f);
     in.h_prev = in.c_prev = 0.0f;
     if (item >= B * nu) return;
     const long long b = item / nu, u = u0 + (item - b * nu);
     const T* xrow = xw + rg::time_row(t, b, B) * (G * H);
-    for (int g = 0; g < G; ++g) in.x[g] = rg::to_f32(xrow[g * H + u]);
+    for (int g = 0; g < G; ++g) in.x[g] = xrow[g * H + u];
+    for (int g = 0; bias != nullptr && g < G; ++g) in.bias[g] = bias[g * H + u];
     in.h_prev = src[b * H + u];
     if (CELL == rg::LSTM) in.c_prev = c[b * H + u];
 }
@@ -216,11 +222,9 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
                          long long units, long long reverse, long long Bp, long long Hp,
                          long long Np) {
     RNN_GPU_DYNAMIC_SHARED(smem_raw);
-    // 128-byte aligned tiles (the fragments' 4-byte pair loads need 4); the launcher adds 128
-    // bytes for this round-up
-    const unsigned long long base = reinterpret_cast<unsigned long long>(smem_raw);
+    // 128-byte aligned tiles (the fragments' 4-byte pair loads need 4)
     const long long Hs = Hp + MMA_SMEM_PAD;          // row stride of w_s and h_s
-    T* w_s = reinterpret_cast<T*>((base + 127ull) & ~127ull);
+    T* w_s = shared_from_128<T>(smem_raw);
     T* h_s = w_s + Np * Hs;
     float* acc_s = reinterpret_cast<float*>(h_s + Bp * Hs);
     constexpr int G = rg::CellShape<CELL>::G;
@@ -256,11 +260,11 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
         float* dst = hbuf + ((s + 1) & 1) * B * H;
         const T* a_src = hmat + (s & 1) * Bp * Hp;
         T* a_dst = hmat + ((s + 1) & 1) * Bp * Hp;
-        ElementInputs pre[MMA_PREFETCH_ITEMS];          // loads issued now, used after the
+        ElementInputs<T> pre[MMA_PREFETCH_ITEMS];          // loads issued now, used after the
 #pragma unroll                                            // copy and the products
         for (int j = 0; j < MMA_PREFETCH_ITEMS; ++j)
             element_inputs<T, CELL>(pre[j], xw, src, c, t,
-                                    threadIdx.x + (long long)j * blockDim.x, B, H, nu, u0);
+                                    threadIdx.x + (long long)j * blockDim.x, B, H, nu, u0, bias);
         clocks.mark(0);
         for (int ch = 0; ch < MMA_K_CHUNKS; ++ch) {     // issue every copy of the step
             const int first = ch * chunk_words;
@@ -296,15 +300,15 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
         }
         __syncthreads();
         clocks.mark(4);
-        auto finish = [&](long long item, const ElementInputs& in) {   // one (row, unit)
+        auto finish = [&](long long item, const ElementInputs<T>& in) {   // one (row, unit)
             const long long b = item / nu, uu = item - b * nu, u = u0 + uu;
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (int g = 0; g < G; ++g) {
-                acc[g] = acc_s[b * Np + g * nu + uu];
-                if (bias != nullptr) acc[g] += rg::to_f32(bias[g * H + u]);
-            }
+            for (int g = 0; g < G; ++g)
+                acc[g] = acc_s[b * Np + g * nu + uu] + rg::to_f32(in.bias[g]);
             const long long at = b * H + u;
-            const rg::GatedStep r = rg::gated_math<CELL, ACT>(in.x, acc, in.h_prev, in.c_prev);
+            float x[4];
+            for (int g = 0; g < 4; ++g) x[g] = rg::to_f32(in.x[g]);
+            const rg::GatedStep r = rg::gated_math<CELL, ACT>(x, acc, in.h_prev, in.c_prev);
             const float h = rg::gated_store<T, CELL>(r, rg::is_valid(lengths, t, b), in.h_prev,
                                                      in.c_prev, t, b, u, B, H,
                                                      CELL == rg::LSTM ? c + at : nullptr, y,
@@ -319,8 +323,8 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
         }
         for (long long item = threadIdx.x + (long long)MMA_PREFETCH_ITEMS * blockDim.x;
              item < B * nu; item += blockDim.x) {
-            ElementInputs in;
-            element_inputs<T, CELL>(in, xw, src, c, t, item, B, H, nu, u0);
+            ElementInputs<T> in;
+            element_inputs<T, CELL>(in, xw, src, c, t, item, B, H, nu, u0, bias);
             finish(item, in);
         }
         clocks.mark(5);
@@ -358,6 +362,15 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
 // copies and tiles move ~1.5 MiB through shared memory (~6 us); not timed yet.
 constexpr long long BWD_CHUNK_BYTES = 512;      // per row: 256 fp16/bf16 elements, 128 fp32
 
+// Run 7 (H200, .ci/phase_clocks.py): at LSTM fp16 512x64x1024 the chunks' copies waited 28 of a
+// 50 us step, ~2.4 TB/s of L2 reads across the card, while all 128 blocks asked for the same
+// chunk at the same moment. With BWD_STAGGER, block j starts at chunk j (mod the count), so
+// that the blocks read different lines at any moment; a tuning constant, off until a card
+// times it (.ci/phase_clocks.py --variant=-DBWD_STAGGER=1).
+#ifndef BWD_STAGGER
+#define BWD_STAGGER 0
+#endif
+
 template <typename T, int CELL, int ACT>
 __global__ void __launch_bounds__(PERSISTENT_THREADS)
 gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
@@ -373,9 +386,7 @@ gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
     const long long GH = G * H;
     const long long CK = BWD_CHUNK_BYTES / (long long)sizeof(T);   // chunk width (elements)
     const long long Ks = GHp + MMA_SMEM_PAD, As = CK + MMA_SMEM_PAD;  // padded row strides
-    // 128-byte aligned (the launcher adds 128 bytes for this round-up)
-    const unsigned long long base = reinterpret_cast<unsigned long long>(smem_raw);
-    T* w_s = reinterpret_cast<T*>((base + 127ull) & ~127ull);
+    T* w_s = shared_from_128<T>(smem_raw);        // 128-byte aligned
     T* a_s = w_s + Np * Ks;                       // two chunk buffers of Bp x As
     float* acc_s = reinterpret_cast<float*>(a_s + 2 * Bp * As);
     cg::grid_group grid = cg::this_grid();
@@ -411,9 +422,13 @@ gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
         grid.sync();
         clocks.mark(1);
         // chunk ch of d_rec into buffer ch & 1, as one cp.async group of this thread's copies
+        // (block j takes the chunks from chunk j on, wrapping, with BWD_STAGGER)
+        auto chunk_start = [&](long long ch) {
+            return (BWD_STAGGER ? (ch + blockIdx.x) % n_chunks : ch) * CK;
+        };
         auto issue = [&](long long ch) {
             T* dst = a_s + (ch & 1) * Bp * As;
-            const long long k0 = ch * CK;
+            const long long k0 = chunk_start(ch);
             const long long words = (GHp - k0 < CK ? GHp - k0 : CK) / per_word;
             for (long long i = threadIdx.x; i < Bp * words; i += blockDim.x) {
                 const long long r = i / words, w = i - r * words;
@@ -432,7 +447,7 @@ gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
             __syncthreads();
             clocks.mark(2);
             const T* a = a_s + (ch & 1) * Bp * As;
-            const long long k0 = ch * CK, kn = GHp - k0 < CK ? GHp - k0 : CK;
+            const long long k0 = chunk_start(ch), kn = GHp - k0 < CK ? GHp - k0 : CK;
             for (long long job = warp; job < tiles * k_split; job += n_warps) {   // warp-uniform
                 const long long tile = job % tiles, part = job / tiles;
                 const long long kb = part * span, ke = kb + span < kn ? kb + span : kn;

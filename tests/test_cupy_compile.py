@@ -72,20 +72,27 @@ def test_kernels_include_only_headers_the_cards_nvrtc_has():
         assert system <= NVRTC_SYSTEM_HEADERS, (path.name, system - NVRTC_SYSTEM_HEADERS)
 
 
-def test_mma_kernel_runs_its_half_products_on_the_tensor_cores(tmp_path):
-    """The fp16 and bf16 instantiations of persistent_mma.cu emit mma.sync m16n8k16 (PTX for
-    sm_80, the oldest target): a fallback to the generic CUDA-core tile would compile too. The
-    step's copy of h is cp.async in four groups, each waited for before its products."""
+def persistent_mma_ptx(tmp_path, arch: str, *options: str) -> str:
+    """persistent_mma.cu with every instantiation the backend asks for, compiled by nvcc for
+    ``arch`` with ``options``: its PTX (with "-c" among them, an object file; then "")."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on PATH (the CUDA toolkit is needed to compile the kernels)")
     unit = tmp_path / "mma_check.cu"
     unit.write_text(instantiating_unit("persistent_mma"))
-    ptx = tmp_path / "mma_check.ptx"
-    done = subprocess.run([nvcc, "-std=c++17", "-arch=sm_80", "-ptx", "-o", str(ptx), str(unit)],
-                          capture_output=True, text=True, timeout=600)
+    out = tmp_path / ("mma_check.o" if "-c" in options else "mma_check.ptx")
+    mode = [] if "-c" in options else ["-ptx"]
+    done = subprocess.run([nvcc, "-std=c++17", f"-arch={arch}", *mode, *options, "-o", str(out),
+                           str(unit)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    text = ptx.read_text()
+    return "" if "-c" in options else out.read_text()
+
+
+def test_mma_kernel_runs_its_half_products_on_the_tensor_cores(tmp_path):
+    """The fp16 and bf16 instantiations of persistent_mma.cu emit mma.sync m16n8k16 (PTX for
+    sm_80, the oldest target): a fallback to the generic CUDA-core tile would compile too. The
+    step's copy of h is cp.async in four groups, each waited for before its products."""
+    text = persistent_mma_ptx(tmp_path, "sm_80")
     for kind in ("f16", "bf16"):
         assert f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32" in text, kind
     assert "cp.async.cg.shared.global" in text
@@ -108,22 +115,10 @@ def test_phase_clocks_are_compiled_in_only_when_asked_for(tmp_path, clocks):
     then read the cycle counter and the global timer and keep their totals in the rg_phase_*
     arrays (extern "C", so the script finds them by name). The build the backend uses has
     neither: the instrumentation costs nothing there."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc is not on PATH (the CUDA toolkit is needed to compile the kernels)")
-    unit = tmp_path / "clocks_check.cu"
-    unit.write_text(instantiating_unit("persistent_mma"))
-    ptx = tmp_path / "clocks_check.ptx"
     define = ["-DRNN_GPU_PHASE_CLOCKS"] if clocks else []
-    done = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-ptx", *define, "-o", str(ptx),
-                           str(unit)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    text = ptx.read_text()
+    text = persistent_mma_ptx(tmp_path, "sm_90", *define)
     if clocks:          # and nvcc's host pass, which -ptx skips, takes it too
-        done = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-c", *define, "-o",
-                               str(tmp_path / "clocks_check.o"), str(unit)],
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout + done.stderr
+        persistent_mma_ptx(tmp_path, "sm_90", *define, "-c")
     for needle in ("%globaltimer", "%clock64", ".global .align 8 .b8 rg_phase_sum[64]",
                    "rg_phase_min", "rg_phase_max", "rg_phase_loop"):
         assert (needle in text) == clocks, needle

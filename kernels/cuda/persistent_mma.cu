@@ -15,7 +15,11 @@
 // Why: at (T, B, H) = (512, 64, 1024) fp16 persistent.cu's CUDA-core kernel took 100 ms against
 // cuDNN's 4.4 ms (H100, run 4): 268 M multiply-adds a step, one warp per output element.
 // Tensor cores do one 16x8x16 product per instruction (mma.sync) instead: 20.2 ms in run 5
-// (39 us a step against cuDNN's 8.4), before the padding and the asynchronous copies below.
+// (39 us a step against cuDNN's 8.4), before the padding and the asynchronous copies below;
+// 9.4 ms in run 7 (H200), whose phase clocks (.ci/phase_clocks.py) split its 12.9 us step into
+// 5.6 of products (~160 cycles a k-step), 2.9 issuing the copies of h (every block reads all of
+// h from L2: 16 MiB a step), 1.6 waiting for xw (since loaded without waiting), 1.5 finishing
+// and 1.2 in grid.sync().
 
 #include "persistent.cuh"
 
@@ -359,7 +363,11 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
 // 36.2 ms of a training step at LSTM fp16 512x64x1024 (H100, run 5), where cuDNN's whole
 // training step takes 11.7 ms. By count this kernel's step is ~12-17 us there: every block
 // reads all of d_rec (512 KiB) from L2 each step (64 MiB in all, ~9 us at ~7 TB/s), and its
-// copies and tiles move ~1.5 MiB through shared memory (~6 us); not timed yet.
+// copies and tiles move ~1.5 MiB through shared memory (~6 us). Run 7 (H200) timed 50.5 us a
+// step (.ci/phase_clocks.py): 27.8 waiting for the chunks of d_rec (64 MiB a step from L2 across
+// the card, ~2.4 TB/s), 17.4 in the products (242 cycles a k-step, before shared memory was
+// addressed as such), 2.5 in the gate backward, 1.8 in grid.sync(). A ring of up to 16
+// narrower buffers, more of them in flight, was slower (77 us; docs/performance.md).
 constexpr long long BWD_CHUNK_BYTES = 512;      // per row: 256 fp16/bf16 elements, 128 fp32
 
 // Run 7 (H200, .ci/phase_clocks.py): at LSTM fp16 512x64x1024 the chunks' copies waited 28 of a

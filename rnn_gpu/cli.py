@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
@@ -108,17 +109,30 @@ def _bench(args: argparse.Namespace) -> int:
 
             info["peak_gemm_gflops"] = peak_gemm_gflops()
             peak = max(info["peak_gemm_gflops"].values())
-        rows = bench.run(cases, runners, repeats=repeats, peak_gflops=peak, log=log)
+        save = None
+        if args.json and not to_stdout:
+            def save(rows_so_far):      # after every case: a bench cut off keeps what it timed
+                _write_atomically(args.json, bench.to_json(rows_so_far, info, complete=False))
+        rows = bench.run(cases, runners, repeats=repeats, peak_gflops=peak, log=log,
+                         after_case=save)
     if args.json:
         text = bench.to_json(rows, info)
         if to_stdout:
             print(text)
         else:
-            with open(args.json, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
+            _write_atomically(args.json, text)
     if not to_stdout:
         print(bench.format_table(rows, info, markdown=args.markdown))
     return 0
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """``text`` and a newline into ``path`` through a temporary file beside it, renamed over it:
+    a reader (or a kill mid-write) never sees half a report."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    os.replace(tmp, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -146,6 +146,38 @@ def test_each_case_is_logged_as_soon_as_it_is_timed(capsys, garbage):
         assert f"{garbage} wrong answer" in line and "torch-cpu" in line
 
 
+def test_a_bench_cut_off_keeps_the_cases_it_finished_in_its_json(tmp_path, monkeypatch):
+    """--json PATH is rewritten after every case, marked incomplete until the end: run 7's
+    bench-cells hit its time limit in its last case and lost every row it had timed."""
+    from rnn_gpu.bench import runner
+
+    real, calls = runner.run_case, []
+
+    def run_case(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt          # stopped mid-case (timeout's SIGTERM kills it
+                                             # outright: the file holds what was finished)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_case", run_case)
+    path = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--quick", "--cell", "GRU", "--shape", "4x8x8,5x3x6", "--backend",
+              "numpy", "--repeats", "1", "--json", str(path)])
+    report = json.loads(path.read_text())
+    assert report["complete"] is False
+    assert {r["shape"] for r in report["rows"]} == {"4×8×8"}
+    assert any(r["runner"] == "numpy" and r["ms"] > 0 for r in report["rows"])
+    assert not (tmp_path / "bench.json.tmp").exists()
+    monkeypatch.setattr(runner, "run_case", real)
+    assert main(["bench", "--quick", "--cell", "GRU", "--shape", "4x8x8,5x3x6", "--backend",
+                 "numpy", "--repeats", "1", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["complete"] is True and {r["shape"] for r in report["rows"]} == {"4×8×8",
+                                                                                    "5×3×6"}
+
+
 def test_the_table_says_wrong(capsys, garbage):
     assert main(["bench", "--quick", "--cell", "GRU", "--shape", "4x8x8", "--backend",
                  garbage, "--repeats", "1"]) == 0

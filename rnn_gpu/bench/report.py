@@ -203,6 +203,8 @@ def format_table(rows: list[Row], info: dict | None = None, markdown: bool = Fal
     return "\n".join(out)
 
 
-def to_json(rows: list[Row], info: dict) -> str:
-    return json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, indent=2,
-                      ensure_ascii=False)
+def to_json(rows: list[Row], info: dict, complete: bool = True) -> str:
+    """The report as JSON; ``complete`` is False in the copies saved while the bench still
+    runs (a run cut off by a time limit leaves the cases it finished, marked so)."""
+    return json.dumps({"machine": info, "complete": complete,
+                       "rows": [asdict(r) for r in rows]}, indent=2, ensure_ascii=False)

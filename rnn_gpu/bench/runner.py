@@ -179,9 +179,13 @@ def _brief(row: Row) -> str:
 
 def run(cases: list[Case], runners: list[Runner], *, repeats: int = 10,
         peak_gflops: float | None = None,
-        log: Callable[[str], None] | None = None) -> list[Row]:
-    """All cases; thread settings are the caller's (see :mod:`rnn_gpu.bench.threads`)."""
+        log: Callable[[str], None] | None = None,
+        after_case: Callable[[list[Row]], None] | None = None) -> list[Row]:
+    """All cases; thread settings are the caller's (see :mod:`rnn_gpu.bench.threads`).
+    ``after_case(rows so far)`` is called as each case is done (the CLI saves its JSON then)."""
     rows = []
     for case in cases:
         rows += run_case(case, runners, repeats=repeats, peak_gflops=peak_gflops, log=log)
+        if after_case is not None:
+            after_case(rows)
     return rows

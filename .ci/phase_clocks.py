@@ -170,10 +170,10 @@ def main() -> None:
             print(f"  failed: {type(exc).__name__}: {exc}", flush=True)
             entry["error"] = f"{type(exc).__name__}: {exc}"
         results.append(entry)
+        if args.json:                   # after every variant: a cut-off run keeps the rest
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
     sources._modules.pop(key, None)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

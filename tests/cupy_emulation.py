@@ -299,6 +299,23 @@ static void mma_m16n8k16(emu_bf16, float (&d)[4], const unsigned (&a)[4], unsign
         d[i] += acc;
     }
 }
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16, from the PTX ISA's text: lane l posts the address
+// of row l % 8 of matrix l / 8 (which must be 16-byte aligned); register i of lane l gets
+// elements 2 (l % 4) and 2 (l % 4) + 1 of row l / 4 of matrix i, the lower one in the low half
+static const void* posted_rows[32];
+static int misaligned_rows = 0;
+static void ldmatrix_x4(unsigned (&r)[4], const emu_bf16* row) {
+    const int lane = threadIdx.x % 32;
+    posted_rows[lane] = row;
+    if (reinterpret_cast<std::uintptr_t>(row) % 16 != 0) ++misaligned_rows;
+    mma_warp->arrive_and_wait();
+    for (int i = 0; i < 4; ++i) {
+        const emu_bf16* src = static_cast<const emu_bf16*>(posted_rows[8 * i + lane / 4]);
+        const int e = 2 * (lane % 4);
+        r[i] = static_cast<unsigned>(src[e].bits) | static_cast<unsigned>(src[e + 1].bits) << 16;
+    }
+    mma_warp->arrive_and_wait();            // every lane has read the posts before new ones
+}
 template <>
 void tile_product<emu_bf16>(float* c, long long ldc, const emu_bf16* a, long long lda,
                             const emu_bf16* b, long long ldb, long long K, int lane,
@@ -341,7 +358,8 @@ int main() {
             if (c[r * LDC + n] != want) ++wrong;
         }
     std::printf("%d of %d elements wrong\n", wrong, 16 * LDC);
-    return wrong != 0;
+    if (misaligned_rows) std::printf("%d ldmatrix rows not 16-byte aligned\n", misaligned_rows);
+    return wrong != 0 || misaligned_rows != 0;
 }
 """
 

@@ -109,6 +109,15 @@ def test_mma_kernel_runs_its_half_products_on_the_tensor_cores(tmp_path):
     assert "ld.shared" in text and "st.shared" in text
 
 
+def test_ldmatrix_variant_loads_the_fragments_with_ldmatrix(tmp_path):
+    """MMA_LDMATRIX=1 (a tuning constant for .ci/phase_clocks.py): the same tensor-core
+    products, their fragments loaded by ldmatrix.x4; the default build has no ldmatrix."""
+    text = persistent_mma_ptx(tmp_path, "sm_80", "-DMMA_LDMATRIX=1")
+    default = persistent_mma_ptx(tmp_path, "sm_80")
+    assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in text and "ldmatrix" not in default
+    assert text.count("mma.sync.aligned") == default.count("mma.sync.aligned") > 0
+
+
 @pytest.mark.parametrize("clocks", [False, True], ids=["default", "phase-clocks"])
 def test_phase_clocks_are_compiled_in_only_when_asked_for(tmp_path, clocks):
     """.ci/phase_clocks.py compiles persistent_mma.cu with RNN_GPU_PHASE_CLOCKS: its kernels

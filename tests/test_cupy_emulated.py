@@ -137,15 +137,18 @@ def test_emulated_kernels_at_tiny_shapes(emulation, force_path, cell, acts, path
                             lengths=None, bias=True)
 
 
-@pytest.mark.parametrize("chains", [None, 2, 3])
-def test_mma_tile_fragments_follow_the_ptx_layouts(tmp_path, chains):
+@pytest.mark.parametrize("defines", [(), ("-DMMA_CHAINS=2",), ("-DMMA_CHAINS=3",),
+                                     ("-DMMA_LDMATRIX=1",), ("-DMMA_LDMATRIX=1", "-DMMA_CHAINS=2")],
+                         ids=["as is", "2 chains", "3 chains", "ldmatrix", "ldmatrix, 2 chains"])
+def test_mma_tile_fragments_follow_the_ptx_layouts(tmp_path, defines):
     """The half/bfloat16 tile of the tensor-core kernel (mma_tile: its fragment addressing,
     the two 16 x 8 halves, padded rows, accumulating a second K chunk) on the CPU, with
     mma.sync m16n8k16 emulated from the PTX ISA's layouts (tests/cupy_emulation.py). The
     kernel tests above run its float32 instantiation, which has no fragments. Also with the
     k loop split over 2 and 3 accumulator sets (MMA_CHAINS; each chunk is 2 k-steps, so 3
-    leaves a set unused)."""
-    done = run_mma_tile_check(tmp_path, () if chains is None else (f"-DMMA_CHAINS={chains}",))
+    leaves a set unused), and with the fragments loaded by an emulated ldmatrix.x4
+    (MMA_LDMATRIX), whose row addresses must be 16-byte aligned."""
+    done = run_mma_tile_check(tmp_path, defines)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("0 of 320 elements wrong"), done.stdout
 

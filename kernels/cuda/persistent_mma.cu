@@ -74,9 +74,32 @@ __device__ __forceinline__ unsigned pair_at(const T* p) {     // two 16-bit elem
 
 // Independent accumulator sets a warp's k loop alternates between (k-step j feeds set
 // j % MMA_CHAINS, summed at the end): with one, each mma.sync waits for the previous one's
-// result on the same output. A tuning constant (.ci/phase_clocks.py --variant -DMMA_CHAINS=2).
+// result on the same output. A tuning constant (.ci/phase_clocks.py --variant=-DMMA_CHAINS=2).
 #ifndef MMA_CHAINS
 #define MMA_CHAINS 1
+#endif
+
+// With MMA_LDMATRIX, a k-step's fragments come from two ldmatrix.x4 (one for A, one for both
+// halves of B) instead of eight 32-bit shared loads: a quarter of the load instructions, the
+// same bytes. A tuning constant, off until a card times it (run 7: ~160 cycles a k-step in the
+// products, before shared memory was addressed as such; --variant=-DMMA_LDMATRIX=1).
+#ifndef MMA_LDMATRIX
+#define MMA_LDMATRIX 0
+#endif
+
+#ifndef RNN_GPU_HOST_EMULATION
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: four 8 x 8 matrices of 16-bit elements. Lane l
+// gives the address of row l % 8 of matrix l / 8 (16-byte aligned); register i of lane l gets
+// elements 2 (l % 4) and 2 (l % 4) + 1 of row l / 4 of matrix i (PTX ISA, "ldmatrix"): the
+// layout of mma.m16n8k16's A and B fragments. (The tests emulate it from the same text.)
+template <typename T>
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const T* row) {
+    unsigned long long addr;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(addr) : "l"(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(static_cast<unsigned>(addr)));
+}
 #endif
 
 template <typename T>
@@ -97,11 +120,24 @@ __device__ __forceinline__ void mma_tile(float* c, long long ldc, const T* a, lo
     }
     const T* a_lo = a + g * lda + q;                 // rows g and g + 8 of the A tile
     const T* a_hi = a_lo + 8 * lda;
+    // ldmatrix rows: A's matrices (rows 0-7, k..k+7), (8-15, k..), (0-7, k+8..), (8-15, k+8..)
+    // are a0..a3; B's (n 0-7, k..), (n 0-7, k+8..), (n 8-15, k..), (n 8-15, k+8..) are b0, b1
+    // of the half 0-7, then of the half 8-15
+    const T* a_row = a + (lane & 15) * lda + ((lane >> 4) << 3);
+    const T* b_row = b + ((lane & 7) + ((lane >> 4) << 3)) * ldb + (((lane >> 3) & 1) << 3);
     for (long long k0 = 0; k0 < K; k0 += 16 * MMA_CHAINS) {
 #pragma unroll
         for (int j = 0; j < MMA_CHAINS; ++j) {
             const long long k = k0 + 16 * j;
             if (MMA_CHAINS > 1 && k >= K) break;
+            if (MMA_LDMATRIX) {
+                unsigned fa[4], fb[4];
+                ldmatrix_x4(fa, a_row + k);
+                ldmatrix_x4(fb, b_row + k);
+                mma_m16n8k16(T(), d[j][0], fa, fb[0], fb[1]);
+                mma_m16n8k16(T(), d[j][1], fa, fb[2], fb[3]);
+                continue;
+            }
             const unsigned fa[4] = {pair_at(a_lo + k), pair_at(a_hi + k), pair_at(a_lo + k + 8),
                                     pair_at(a_hi + k + 8)};
             for (int half = 0; half < 2; ++half) {   // columns 0-7, then 8-15 of the tile

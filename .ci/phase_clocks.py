@@ -174,6 +174,21 @@ def main() -> None:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
     sources._modules.pop(key, None)
+    print(summary(results))
+
+
+def summary(results: list[dict]) -> str:
+    """The variants side by side: each pass's instrumented step and uninstrumented time."""
+    lines = [f"{'variant':<32} {'fwd us/step':>11} {'bwd us/step':>11} {'forward ms':>10} "
+             f"{'train ms':>9}"]
+    for e in results:
+        if "error" in e:
+            lines.append(f"{e['variant'] or '(as is)':<32} failed: {e['error']}")
+            continue
+        lines.append(f"{e['variant'] or '(as is)':<32} {e['forward']['us_per_step']:11.2f} "
+                     f"{e['backward']['us_per_step']:11.2f} {e['forward_ms']:10.2f} "
+                     f"{e['train_ms']:9.2f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -231,17 +231,23 @@ def test_persistent_mma_backward_on_emulated_kernels_matches_numpy(emulation, fo
     assert not any(n.startswith("gated_bwd_step") for n in dev.launched)
 
 
+@pytest.fixture(scope="module")
+def staggered(emulation, tmp_path_factory):
+    """The emulation with persistent_mma.cu built with BWD_STAGGER=1 (the others as they are)."""
+    path = tmp_path_factory.mktemp("staggered")
+    return {**emulation,
+            "persistent_mma": build_emulation(path, "persistent_mma", ("-DBWD_STAGGER=1",))}
+
+
 @pytest.mark.parametrize("reverse", [False, True])
-def test_persistent_mma_backward_with_staggered_chunks_matches_numpy(tmp_path, force_path,
+def test_persistent_mma_backward_with_staggered_chunks_matches_numpy(staggered, force_path,
                                                                      reverse):
     """BWD_STAGGER (a tuning constant, off by default): block j multiplies the chunks of d_rec
-    from chunk j on. At LSTM H = 100 on 4 SMs the 4 blocks start at the 4 different chunks
-    (GH 400: three of 128 float32 columns and one of 16); the results must not change."""
+    from chunk j on. At BWD_SHAPES' "four chunks" (LSTM H = 100 on 4 SMs) the 4 blocks start
+    at the 4 different chunks (GH 400: three of 128 float32 columns and one of 16); the
+    results must not change."""
     cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "graph", "persistent-mma"
-    staggered = {"persistent_mma": build_emulation(tmp_path, "persistent_mma",
-                                                   ("-DBWD_STAGGER=1",)),
-                 "recurrent": build_emulation(tmp_path, "recurrent")}
-    dev, _ = check_shape(staggered, dict(T=3, B=5, H=100, sms=4), "lstm", (), reverse)
+    dev, _ = check_shape(staggered, BWD_SHAPES["four chunks"], "lstm", (), reverse)
     assert dev.launched.count("gated_bwd_persistent_mma<float, 1, 0>") == 1
 
 

@@ -327,3 +327,23 @@ def test_float32_gradients_close_to_float64(rng):
     a = ours(m32, x, dy=dy)
     b = ours(m64, x.astype(np.float64), dy=dy.astype(np.float64))
     assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_assert_close_scales_only_the_weight_gradients_tolerance():
+    """Guard for tests/oracles.py: a weight gradient's absolute tolerance is its array's
+    largest magnitude times atol (a T*B-long sum errs by its terms' sizes); every other field
+    stays element-wise, and an error above the scaled bound still fails."""
+    from oracles import Result
+
+    grads = {"weight_ih_l0": np.array([20.0, -0.1])}
+    want = Result(np.array([20.0, -0.1]), (np.zeros(1),), np.zeros(1), (np.zeros(1),), grads)
+
+    def got(dy=0.0, dw=0.0):
+        return Result(want.y + [0.0, dy], want.state, want.dx, want.dstate0,
+                      {"weight_ih_l0": grads["weight_ih_l0"] + [0.0, dw]})
+
+    assert_close(got(dw=3e-4), want, rtol=2e-5, atol=2e-5)        # under 2e-5 * 20
+    with pytest.raises(AssertionError, match=r"weight_ih_l0.*atol x 20"):
+        assert_close(got(dw=5e-4), want, rtol=2e-5, atol=2e-5)
+    with pytest.raises(AssertionError, match="y"):                  # y: not scaled
+        assert_close(got(dy=3e-4), want, rtol=2e-5, atol=2e-5)

@@ -183,3 +183,54 @@ def test_matmul_adds_the_bias_once(monkeypatch, precision, rng):
     got = _matmul.matmul(a, b, precision, bias)
     assert ((got.double() - want).abs() <= 1e-6 * scale + 1e-30).all()
     assert torch.equal(_matmul.matmul(a, b, "ieee"), a @ b)
+
+
+def _one_tf32_product(a, b):
+    """What a one-pass TF32 GEMM gives: both inputs rounded to TF32 (2^-11 relative each)."""
+    return _matmul._round_tf32(a) @ _matmul._round_tf32(b)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the kernels are "
+                    "compiled there, not interpreted (tests/test_triton_gpu.py covers tf32x3)")
+@pytest.mark.parametrize("weight_gradient_gemm,passes", [("tf32x3", True), ("tf32", False)])
+def test_the_weight_gradient_check_tells_tf32x3_from_one_tf32_product(
+        monkeypatch, rng, weight_gradient_gemm, passes):
+    """tests/oracles.py scales a weight gradient's absolute tolerance by the array's largest
+    element (a sum over T*B terms errs by its terms' sizes, not its own). That must still
+    catch TF32-sized error: here only the weight-gradient GEMMs (dxwᵀ x, T*B long) take the
+    stand-in, everything else is IEEE, and the one-pass TF32 stand-in must fail the check
+    where tf32x3 (three products, CPU float32 matmuls of exact TF32 parts) passes."""
+    pytest.importorskip("triton")
+    from oracles import Result, as_np, as_tuple, assert_close, reference
+    from test_layers_vs_torch import Case, build
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    case = Case(cell="GRU", dtype="float32", T=8, B=16, I=16, H=64, with_state=True)
+    stand_in = {"tf32x3": _matmul.tf32x3_matmul, "tf32": _one_tf32_product}[weight_gradient_gemm]
+    seen = []
+
+    def only_weight_gradients(a, b):
+        if a.shape[1] == case.T * case.B:                 # dxwᵀ x: the T*B-long reduction
+            seen.append(tuple(a.shape))
+            return stand_in(a, b)
+        return a @ b
+
+    monkeypatch.setattr(_matmul, "_takes_tf32", lambda a, b: True)   # CPU stands in for CUDA
+    monkeypatch.setattr(_matmul, "tf32x3_matmul", only_weight_gradients)
+    m, x, state, lengths, dy, dstate = build(case, rng)
+    want = reference(m, x, state, lengths, dy, dstate)
+    rg.set_float32_precision("tf32x3")
+    try:
+        y, final, tape = m.forward(torch.from_numpy(x), torch.from_numpy(state),
+                                   backend="triton")
+    finally:
+        rg.set_float32_precision("ieee")
+    dx, d0, grads = m.backward(tape, torch.from_numpy(dy), torch.from_numpy(dstate))
+    assert seen, "no weight-gradient GEMM took the stand-in"
+    got = Result(as_np(y), tuple(as_np(f) for f in as_tuple(final)), as_np(dx),
+                 tuple(as_np(g) for g in as_tuple(d0)), {k: as_np(v) for k, v in grads.items()})
+    if passes:
+        assert_close(got, want, rtol=2e-5, atol=2e-5, what="GRU, tf32x3 dW: ")
+    else:
+        with pytest.raises(AssertionError, match=r"grads\['weight_ih_l0'\]"):
+            assert_close(got, want, rtol=2e-5, atol=2e-5, what="GRU, one TF32 pass dW: ")

@@ -16,6 +16,7 @@ import pytest
 import rnn_gpu as rg
 from rnn_gpu.backend_api import Backend
 from rnn_gpu.bench import cases, flops
+from rnn_gpu.bench.peers import Prepared, Runner
 from rnn_gpu.cli import main
 
 pytest.importorskip("torch")
@@ -358,3 +359,68 @@ def test_backend_variants_are_separate_rows(capsys):
     assert "wrong answer" in broken["error"] and broken["ms"] is None
     assert "has no variant 'nope' (it has plain, broken)" in nope["error"]
     assert set(_WithVariants.calls) == {"plain", "broken"} and not _WithVariants.active
+
+
+class _Sums(Runner):
+    """A stand-in runner for a half-precision case on the CPU: y is the running sum of x over
+    time. As a peer it sums in the case's dtype (it rounds its state every step, as torch's
+    half-precision loops do); as ours it sums in float32 from the inputs cast to the dtype.
+    In half precision it multiplies by ``1 + bias`` (a wrong answer when bias is not 0).
+    Records what it was given."""
+
+    def __init__(self, name, is_peer=False, bias=0.0):
+        self.name, self.is_peer, self.bias, self.seen = name, is_peer, bias, []
+
+    def prepare(self, case, params, x):
+        self.seen.append((case, x))
+        xs = x.astype(case.dtype)
+        acc = np.cumsum(xs, axis=0, dtype=case.dtype if self.is_peer else np.float32)
+        y = acc.astype(np.float32) * (1 + self.bias * case.half)
+        return Prepared(lambda: None, lambda _: (y, [y[-1:]]))
+
+
+def test_half_precision_is_checked_against_the_peer_in_float32():
+    """A half-precision case: the reference is the peer's float32 run on the inputs rounded
+    to the dtype (DESIGN §6: relative RMS), so ours (float32 state) is exact against it, while
+    the peer's own rounding shows as its error; the peer is still timed, as the bar. float16
+    (NumPy has no bfloat16; its rounding is checked below)."""
+    from rnn_gpu.bench import runner as bench_runner
+
+    case = cases.Case("RNN", 256, 8, 8, 8, "float16", "cpu")
+    peer, ours = _Sums("peer", is_peer=True), _Sums("ours")
+    rows = {r.runner: r for r in bench_runner.run_case(case, [ours, peer], repeats=1)}
+    oracle_case, oracle_x = peer.seen[-1]
+    assert oracle_case == case.float32_oracle() and oracle_case.dtype == "float32"
+    assert np.array_equal(oracle_x, peer.seen[0][1].astype(np.float16).astype(np.float32))
+    assert rows["ours"].error is None and rows["ours"].rms_err == 0 == rows["ours"].max_err
+    assert rows["peer"].error is None and rows["peer"].ms is not None
+    assert rows["peer"].rms_err > 1e-4                      # its per-step rounding, shown
+
+
+def test_a_half_precision_answer_beyond_the_rms_tolerance_is_not_timed():
+    """3% off everywhere: under the 0.1 max-error net, over float16's 1e-2 relative RMS."""
+    from rnn_gpu.bench import runner as bench_runner
+
+    case = cases.Case("RNN", 16, 4, 8, 8, "float16", "cpu")
+    ours = _Sums("ours", bias=0.03)
+    rows = {r.runner: r for r in bench_runner.run_case(case, [ours, _Sums("peer", True)],
+                                                         repeats=1)}
+    assert rows["ours"].ms is None and rows["ours"].max_err < 0.1
+    assert rows["ours"].error.startswith("wrong answer: relative RMS error 3.00e-02 against "
+                                         "peer in float32 (tolerance 0.01)")
+    # the same error in the peer: shown, and the peer is timed all the same (it is the bar)
+    rows = {r.runner: r for r in bench_runner.run_case(
+        case, [_Sums("ours"), _Sums("peer", True, bias=0.03)], repeats=1)}
+    assert rows["peer"].error is None and rows["peer"].ms is not None
+    assert rows["peer"].rms_err > 0.02 and rows["ours"].ok and rows["ours"].ratio is not None
+
+
+def test_the_oracle_rounds_inputs_as_the_runners_cast_them():
+    torch = pytest.importorskip("torch")
+    a = np.random.default_rng(0).standard_normal(4096).astype(np.float32)
+    for dtype in ("float16", "bfloat16"):
+        oracle = cases.Case("RNN", 1, 1, 1, 1, dtype).float32_oracle()
+        want = torch.from_numpy(a).to(getattr(torch, dtype)).float()
+        assert np.array_equal(cases.round_inputs(a, oracle), want.numpy())
+        assert torch.equal(cases.round_inputs(torch.from_numpy(a), oracle), want)
+    assert cases.round_inputs(a, cases.Case("RNN", 1, 1, 1, 1, "float32")) is a

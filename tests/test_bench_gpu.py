@@ -81,6 +81,8 @@ def test_bench_on_cuda_reports_cudnn_rows_with_memory(capsys):
     for row in cudnn:
         assert row["error"] is None, row
         assert row["ms"] > 0 and row["ratio"] == 1.0 and row["peak_bytes"] > 0
+        # half precision: checked against cuDNN in float32 on the rounded inputs, and shown
+        assert (row["rms_err"] is None) == (row["dtype"] == "float32"), row
     assert not [r for r in rows if r["runner"] == "numpy"]    # not a CUDA backend: left out
 
 

@@ -80,10 +80,10 @@ class _Recurrent:
         params, x = runner.make_inputs(self.case)
         prepared = this.prepare(self.case, params, x)
         result = prepared.result()                     # the first call: compiles, autotunes
-        if not this.is_peer:
+        if not this.is_peer:       # half precision: against the peer in float32 (DESIGN §6)
             peer = peers.TorchRunner(self.device)
-            if peer.unavailable_reason(self.case) is None:
-                reference = peer.prepare(self.case, params, x).result()
+            reference = runner.reference_result(self.case, peer)
+            if reference is not None:
                 runner.check_against_peer(self.case, result, reference, runner=this.name,
                                           peer=peer.name)
         del result

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from .cases import round_inputs
+
 PEER_TORCH_CPU = "torch-cpu"
 PEER_TORCH_CUDNN = "torch-cudnn"
 
@@ -63,10 +65,12 @@ def train_grads(case, seed: int = 2):
         import torch
 
         gen = torch.Generator(device=case.device).manual_seed(seed)
-        dy, *dstate = (torch.randn(s, generator=gen, device=case.device) for s in shapes)
+        dy, *dstate = (round_inputs(torch.randn(s, generator=gen, device=case.device), case)
+                       for s in shapes)
         return dy, dstate
     rng = np.random.default_rng(seed)
-    dy, *dstate = (rng.standard_normal(s).astype(np.float32) for s in shapes)
+    dy, *dstate = (round_inputs(rng.standard_normal(s).astype(np.float32), case)
+                   for s in shapes)
     return dy, dstate
 
 

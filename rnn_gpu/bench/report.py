@@ -31,6 +31,7 @@ class Row:
     floor_ms: float | None = None        # GEMM flops at the machine's peak GEMM rate
     peak_bytes: int | None = None        # GPU: memory the call needed beyond its inputs
     max_err: float | None = None         # max |ours - reference| / max(1, max |reference|)
+    rms_err: float | None = None         # half precision: relative RMS error (DESIGN §6)
     error: str | None = None             # why there is no timing (wrong answer, failure)
     config: str | None = None            # how our backend ran it (tiling, path), if it says
 

@@ -424,3 +424,20 @@ def test_the_oracle_rounds_inputs_as_the_runners_cast_them():
         assert np.array_equal(cases.round_inputs(a, oracle), want.numpy())
         assert torch.equal(cases.round_inputs(torch.from_numpy(a), oracle), want)
     assert cases.round_inputs(a, cases.Case("RNN", 1, 1, 1, 1, "float32")) is a
+
+
+def test_the_float32_oracle_never_runs_in_tf32():
+    """With TF32 allowed for both sides, the peer in float32 uses it (a fair race), but not as
+    a half-precision case's oracle: TF32's 2^-11 is fp16's own roundoff."""
+    torch = pytest.importorskip("torch")
+    from rnn_gpu.bench.peers import _no_tf32
+
+    rg.allow_tf32(True)
+    try:
+        with _no_tf32():
+            assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        with _no_tf32(oracle=True):
+            assert not torch.backends.cudnn.allow_tf32
+            assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        rg.allow_tf32(False)

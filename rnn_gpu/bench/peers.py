@@ -216,9 +216,10 @@ class TorchRunner(Runner):
             # cuDNN's RNN backward refuses a module in eval mode; dropout is 0 either way.
             module.train(case.pass_ == "train")
             step, weights = module, [getattr(module, k) for k in names]
+        oracle = bool(case.inputs_dtype)     # a half-precision case's float32 oracle
         if case.pass_ == "forward":
             def call():
-                with _no_tf32(), torch.inference_mode():
+                with _no_tf32(oracle), torch.inference_mode():
                     return step(xt)
 
             return Prepared(call, _forward_result)
@@ -228,7 +229,7 @@ class TorchRunner(Runner):
         xg = xt.clone().requires_grad_(True)
 
         def train():
-            with _no_tf32():
+            with _no_tf32(oracle):
                 y, state = step(xg)
                 state = _as_tuple(state)
                 grads = torch.autograd.grad([y, *state], [xg, *weights], [dy, *dstate])
@@ -242,14 +243,16 @@ class TorchRunner(Runner):
 
 
 @contextlib.contextmanager
-def _no_tf32():
-    """float32 means IEEE float32 for the peer as for us (DESIGN §3, §7)."""
+def _no_tf32(oracle: bool = False):
+    """float32 means IEEE float32 for the peer as for us (DESIGN §3, §7), unless the user
+    allowed TF32 for both; as an oracle (``Case.float32_oracle``), always IEEE: TF32's 2^-11
+    is fp16's own roundoff."""
     import torch
 
     from rnn_gpu import tf32_allowed
 
     old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    allow = tf32_allowed()
+    allow = tf32_allowed() and not oracle
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allow
     try:
         with warnings.catch_warnings():

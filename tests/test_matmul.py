@@ -130,29 +130,29 @@ def test_the_torch_tf32_switch_is_restored(set_by):
             flags.allow_tf32 = before
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the kernels are "
-                    "compiled there, not interpreted (tests/test_triton_gpu.py covers tf32x3)")
-def test_a_layer_routes_its_gemms_with_the_forwards_precision(monkeypatch, rng):
-    """Forward under tf32x3, backward after the setting went back to IEEE, through the Triton
-    kernels on the interpreter (torch tensors): the input projections, both backward GEMMs of
-    each layer and the backend's dW_hh go through tf32x3 (the tapes keep the forward's
-    precision), and everything still meets float32's tolerance against the float64 oracle."""
+INTERPRETED = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="a GPU is present: the kernels are compiled there, not "
+    "interpreted (tests/test_triton_gpu.py covers tf32x3)")
+
+
+def _layer_under_tf32x3(monkeypatch, rng, case, stand_in):
+    """Forward of ``case`` under tf32x3, backward after the setting went back to IEEE, through
+    the Triton kernels on the interpreter (torch CPU tensors standing in for CUDA ones), with
+    ``stand_in`` as the tf32x3 GEMM. Returns (our Result, the float64 oracle's, the GEMMs the
+    forward passed to ``stand_in``, those of forward and backward)."""
     pytest.importorskip("triton")
-    from oracles import Result, as_np, as_tuple, assert_close, reference
-    from test_layers_vs_torch import Case, build
+    from oracles import Result, as_np, as_tuple, reference
+    from test_layers_vs_torch import build
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    seen = []
-    real = _matmul.tf32x3_matmul
+    calls = []
 
-    def spy(a, b):
-        seen.append((tuple(a.shape), tuple(b.shape)))
-        return real(a, b)
+    def counted(a, b):
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        return stand_in(a, b)
 
     monkeypatch.setattr(_matmul, "_takes_tf32", lambda a, b: True)   # CPU stands in for CUDA
-    monkeypatch.setattr(_matmul, "tf32x3_matmul", spy)
-    case = Case(cell="GRU", dtype="float32", T=5, B=3, I=4, H=6, num_layers=2,
-                with_state=True)
+    monkeypatch.setattr(_matmul, "tf32x3_matmul", counted)
     m, x, state, lengths, dy, dstate = build(case, rng)
     want = reference(m, x, state, lengths, dy, dstate)
     rg.set_float32_precision("tf32x3")
@@ -161,11 +161,28 @@ def test_a_layer_routes_its_gemms_with_the_forwards_precision(monkeypatch, rng):
                                    backend="triton")
     finally:
         rg.set_float32_precision("ieee")
-    assert len(seen) == 2                                 # the input projection, per layer
+    forward_calls = len(calls)
     dx, d0, grads = m.backward(tape, torch.from_numpy(dy), torch.from_numpy(dstate))
-    assert len(seen) == 2 + 3 * 2                         # dW_ih, dx and dW_hh, per layer
     got = Result(as_np(y), tuple(as_np(f) for f in as_tuple(final)), as_np(dx),
                  tuple(as_np(g) for g in as_tuple(d0)), {k: as_np(v) for k, v in grads.items()})
+    return got, want, forward_calls, len(calls)
+
+
+@INTERPRETED
+def test_a_layer_routes_its_gemms_with_the_forwards_precision(monkeypatch, rng):
+    """Forward under tf32x3, backward after the setting went back to IEEE, through the Triton
+    kernels on the interpreter (torch tensors): the input projections, both backward GEMMs of
+    each layer and the backend's dW_hh go through tf32x3 (the tapes keep the forward's
+    precision), and everything still meets float32's tolerance against the float64 oracle."""
+    from oracles import assert_close
+    from test_layers_vs_torch import Case
+
+    case = Case(cell="GRU", dtype="float32", T=5, B=3, I=4, H=6, num_layers=2,
+                with_state=True)
+    got, want, forward_calls, all_calls = _layer_under_tf32x3(monkeypatch, rng, case,
+                                                              _matmul.tf32x3_matmul)
+    assert forward_calls == 2                             # the input projection, per layer
+    assert all_calls == 2 + 3 * 2                         # dW_ih, dx and dW_hh, per layer
     assert_close(got, want, rtol=2e-5, atol=2e-5, what="GRU, tf32x3 GEMMs: ")
 
 
@@ -190,8 +207,7 @@ def _one_tf32_product(a, b):
     return _matmul._round_tf32(a) @ _matmul._round_tf32(b)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the kernels are "
-                    "compiled there, not interpreted (tests/test_triton_gpu.py covers tf32x3)")
+@INTERPRETED
 @pytest.mark.parametrize("weight_gradient_gemm,passes", [("tf32x3", True), ("tf32", False)])
 def test_the_weight_gradient_check_tells_tf32x3_from_one_tf32_product(
         monkeypatch, rng, weight_gradient_gemm, passes):
@@ -200,35 +216,21 @@ def test_the_weight_gradient_check_tells_tf32x3_from_one_tf32_product(
     catch TF32-sized error: here only the weight-gradient GEMMs (dxwᵀ x, T*B long) take the
     stand-in, everything else is IEEE, and the one-pass TF32 stand-in must fail the check
     where tf32x3 (three products, CPU float32 matmuls of exact TF32 parts) passes."""
-    pytest.importorskip("triton")
-    from oracles import Result, as_np, as_tuple, assert_close, reference
-    from test_layers_vs_torch import Case, build
+    from oracles import assert_close
+    from test_layers_vs_torch import Case
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     case = Case(cell="GRU", dtype="float32", T=8, B=16, I=16, H=64, with_state=True)
     stand_in = {"tf32x3": _matmul.tf32x3_matmul, "tf32": _one_tf32_product}[weight_gradient_gemm]
-    seen = []
+    taken = []
 
     def only_weight_gradients(a, b):
         if a.shape[1] == case.T * case.B:                 # dxwᵀ x: the T*B-long reduction
-            seen.append(tuple(a.shape))
+            taken.append(tuple(a.shape))
             return stand_in(a, b)
         return a @ b
 
-    monkeypatch.setattr(_matmul, "_takes_tf32", lambda a, b: True)   # CPU stands in for CUDA
-    monkeypatch.setattr(_matmul, "tf32x3_matmul", only_weight_gradients)
-    m, x, state, lengths, dy, dstate = build(case, rng)
-    want = reference(m, x, state, lengths, dy, dstate)
-    rg.set_float32_precision("tf32x3")
-    try:
-        y, final, tape = m.forward(torch.from_numpy(x), torch.from_numpy(state),
-                                   backend="triton")
-    finally:
-        rg.set_float32_precision("ieee")
-    dx, d0, grads = m.backward(tape, torch.from_numpy(dy), torch.from_numpy(dstate))
-    assert seen, "no weight-gradient GEMM took the stand-in"
-    got = Result(as_np(y), tuple(as_np(f) for f in as_tuple(final)), as_np(dx),
-                 tuple(as_np(g) for g in as_tuple(d0)), {k: as_np(v) for k, v in grads.items()})
+    got, want, _, _ = _layer_under_tf32x3(monkeypatch, rng, case, only_weight_gradients)
+    assert taken, "no weight-gradient GEMM took the stand-in"
     if passes:
         assert_close(got, want, rtol=2e-5, atol=2e-5, what="GRU, tf32x3 dW: ")
     else:

@@ -33,6 +33,7 @@ from .timing import measure, timer_for
 TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "float16": 1e-1, "bfloat16": 1e-1}
 RMS_TOLERANCE = {"float16": 1e-2, "bfloat16": 2e-2}
 
+
 def make_inputs(case: Case, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The weights (from an rnn_gpu layer, torch.nn's initialisation) and x, both seeded, in
     float32 (float64 for a float64 case); each runner casts them to the case's dtype."""
@@ -196,15 +197,16 @@ def run_case(case: Case, runners: list[Runner], *, repeats: int,
     if case.half and peer_name is not None:
         # Half precision: every runner, the peer too, against the peer in float32 on the same
         # rounded inputs (Case.float32_oracle), by DESIGN §6's relative RMS.
+        oracle = None
         try:
             oracle = reference_result(case, by_name[peer_name])
         except Exception as exc:
-            oracle = None
             if log:
                 log(f"{case.label()}: no float32 oracle ({type(exc).__name__}: {exc}); "
                     f"checked against {peer_name} in {case.dtype}")
         if oracle is not None:
             reference, reference_name = oracle, f"{peer_name} in float32"
+        del oracle                              # one name for it, freed before the timing
     for row in rows:
         if row.runner not in results:
             continue

@@ -84,6 +84,8 @@ CUDA-core dot products (~10-30 TFLOP/s at best) fall behind cuBLAS's tensor core
 is more than ~20 M multiply-adds. Set
 ``FORCE_PATH = "graph" | "persistent" | "persistent-mma"`` to override. When the persistent
 grid cannot be co-resident (occupancy × SMs), it falls back to the graph path with a warning.
+``MMA_ROW_GROUPS`` (1 until a card times more) splits the batch's rows of both tensor-core
+kernels into groups, each served by its own blocks (see the constant).
 
 Everything runs on the caller's current CuPy stream, on the input's device; the kernels are
 compiled lazily by NVRTC, once per device, dtype and source file (and cached on disk by CuPy).
@@ -140,9 +142,9 @@ from rnn_gpu.kernels.cuda.ops import Launch
 from rnn_gpu.kernels.cuda.sources import ACT_IDS, CELL_IDS
 
 __all__ = ["BACKWARD_PATHS", "BWD_MMA_MAX_STEP_MACS", "FORCE_BACKWARD_PATH", "FORCE_PATH",
-           "MMA_MAX_BATCH", "MMA_MAX_STEP_MACS", "MMA_MIN_BATCH_UNITS", "PERSISTENT_MAX_BATCH",
-           "PERSISTENT_MAX_STEP_MACS", "USE_GRAPH", "VARIANTS", "CupyBackend",
-           "choose_backward_path", "choose_path", "clear_graphs", "run_backward",
+           "MMA_MAX_BATCH", "MMA_MAX_STEP_MACS", "MMA_MIN_BATCH_UNITS", "MMA_ROW_GROUPS",
+           "PERSISTENT_MAX_BATCH", "PERSISTENT_MAX_STEP_MACS", "USE_GRAPH", "VARIANTS",
+           "CupyBackend", "choose_backward_path", "choose_path", "clear_graphs", "run_backward",
            "run_forward"]
 
 # ---------------------------------------------------------------------- switches (see above)
@@ -175,6 +177,16 @@ MMA_MAX_STEP_MACS = 1 << 28
 # (2**28) it took ~28 ms against the graph backward's ~22 (train less forward). So it is chosen
 # up to 2**25, inside the forward's own bounds.
 BWD_MMA_MAX_STEP_MACS = 1 << 25
+# Row groups of the tensor-core kernels, forward and backward (``BlockSlice`` in
+# persistent_mma.cu): the batch's rows split into this many groups of whole 16-row tiles, each
+# served by its own group of blocks, so that a block reads only its group's rows of h (and of
+# d_rec) from L2 each step. By count at LSTM fp16 512x64x1024 two groups halve those reads (run
+# 7, H200: 2.9 of the forward's 12.9 us step issued the copies of h, 28 of the backward's 50
+# us waited for d_rec), and fill the backward's 16-wide tiles with 16 units a block instead of
+# 8. One group is the kernels as timed in run 7: kept until a card times two (the bench
+# variants "persistent-mma-rows2" and "persistent-mma-train-rows2", .ci/phase_clocks.py
+# --variant=rows=2). Where the groups cannot run (shared memory, SMs), fewer are planned.
+MMA_ROW_GROUPS = 1
 
 PATHS = ("graph", "persistent", "persistent-mma")
 # The backward's path (choose_backward_path, bounds above), or forced: "graph" |
@@ -182,11 +194,13 @@ PATHS = ("graph", "persistent", "persistent-mma")
 FORCE_BACKWARD_PATH: str | None = None
 BACKWARD_PATHS = ("graph", "persistent-mma")
 # What `rnn-gpu bench --backend cupy:NAME` runs: NAME -> (FORCE_PATH, USE_GRAPH,
-# FORCE_BACKWARD_PATH; None: as set).
-VARIANTS = {"graph": ("graph", False, None), "graph-captured": ("graph", True, None),
-            "persistent": ("persistent", None, None),
-            "persistent-mma": ("persistent-mma", None, None),
-            "persistent-mma-train": ("persistent-mma", None, "persistent-mma")}
+# FORCE_BACKWARD_PATH, MMA_ROW_GROUPS; None: as set).
+VARIANTS = {"graph": ("graph", False, None, None), "graph-captured": ("graph", True, None, None),
+            "persistent": ("persistent", None, None, None),
+            "persistent-mma": ("persistent-mma", None, None, None),
+            "persistent-mma-train": ("persistent-mma", None, "persistent-mma", None),
+            "persistent-mma-rows2": ("persistent-mma", None, None, 2),
+            "persistent-mma-train-rows2": ("persistent-mma", None, "persistent-mma", 2)}
 DTYPES = ("float32", "float16", "bfloat16")
 CELLS = ("rnn", "lstm", "gru", "twostage")
 PRIORITY = 90                          # below triton (100), above numpy (0)
@@ -212,6 +226,8 @@ class CupyBackend(Backend):
         path = choose_path(problem.cell, problem.batch, problem.hidden_size, problem.dtype)
         if path == "persistent-mma" and problem.cell != "twostage":
             kind = "persistent on tensor cores"
+            if MMA_ROW_GROUPS != 1:
+                kind += f" in {MMA_ROW_GROUPS} row groups (fewer where they do not fit)"
             fallback = "plain persistent, then graph, where it cannot run"
         elif path.startswith("persistent"):
             kind, fallback = "persistent", "graph path where the grid does not fit"
@@ -234,20 +250,22 @@ class CupyBackend(Backend):
     @contextlib.contextmanager
     def variant(self, name: str) -> Iterator[None]:
         """Calls inside run the named path (``FORCE_PATH``, and ``FORCE_BACKWARD_PATH`` where the
-        variant names one), with capture on or off where the variant says; every setting is
-        restored on exit. Process-wide while entered."""
-        global FORCE_PATH, USE_GRAPH, FORCE_BACKWARD_PATH
+        variant names one), with capture on or off and the tensor-core kernels' row groups
+        where the variant says; every setting is restored on exit. Process-wide while
+        entered."""
+        global FORCE_PATH, USE_GRAPH, FORCE_BACKWARD_PATH, MMA_ROW_GROUPS
         if name not in VARIANTS:
             raise ValueError(f"variant: expected one of {tuple(VARIANTS)}, got {name!r}")
-        path, capture, backward = VARIANTS[name]
-        saved = FORCE_PATH, USE_GRAPH, FORCE_BACKWARD_PATH
+        path, capture, backward, row_groups = VARIANTS[name]
+        saved = FORCE_PATH, USE_GRAPH, FORCE_BACKWARD_PATH, MMA_ROW_GROUPS
         FORCE_PATH = path
         USE_GRAPH = USE_GRAPH if capture is None else capture
         FORCE_BACKWARD_PATH = FORCE_BACKWARD_PATH if backward is None else backward
+        MMA_ROW_GROUPS = MMA_ROW_GROUPS if row_groups is None else row_groups
         try:
             yield
         finally:
-            FORCE_PATH, USE_GRAPH, FORCE_BACKWARD_PATH = saved
+            FORCE_PATH, USE_GRAPH, FORCE_BACKWARD_PATH, MMA_ROW_GROUPS = saved
 
     def not_supported_reasons(self, problem: Problem) -> list[str]:
         reasons = []
@@ -568,13 +586,17 @@ def _persistent_launch(dev, base: str, template_args: tuple, n_mat: int, H: int,
     ``backward`` :meth:`CupyDevice.persistent_mma_bwd_plan`)."""
     name, fn = dev.kernel("persistent" if batch is None else "persistent_mma", base,
                           *template_args)
+    if batch is not None and (isinstance(MMA_ROW_GROUPS, bool)
+                              or not isinstance(MMA_ROW_GROUPS, int) or MMA_ROW_GROUPS < 1):
+        raise ValueError(f"rnn_gpu.backends.cupy.MMA_ROW_GROUPS: expected a positive int, got "
+                         f"{MMA_ROW_GROUPS!r}")
     try:
         if batch is None:
             plan = dev.persistent_plan(fn, n_mat, H)
         elif backward:
-            plan = dev.persistent_mma_bwd_plan(fn, n_mat, H, batch)
+            plan = dev.persistent_mma_bwd_plan(fn, n_mat, H, batch, MMA_ROW_GROUPS)
         else:
-            plan = dev.persistent_mma_plan(fn, n_mat, H, batch)
+            plan = dev.persistent_mma_plan(fn, n_mat, H, batch, MMA_ROW_GROUPS)
     except Exception as exc:      # the occupancy query or the shared-memory opt-in failed
         raise RuntimeError(f"rnn_gpu cupy backend: planning the persistent kernel {name} "
                            f"(H={H}) failed: {type(exc).__name__}: {exc}") from exc
@@ -600,16 +622,18 @@ def _gated_persistent(dev, cell, act, xw, w, h0, c0, lens, outs, reverse, *, mma
     head = (xw, w["weight_hh"], w.get("bias_hh"), lens, hbuf)
     shape = (i64(T), i64(B), i64(H))
     if mma:
-        Bp, Hp = round_up(B, MMA_TILE), round_up(H, MMA_TILE)
-        # h in the compute dtype for the products, zero-padded to whole tiles (both slots)
-        hmat = filled(dev, 2 * Bp * Hp, 0.0, "the padded state in the compute dtype")
-        hmat = hmat.reshape(2, Bp, Hp)
-        dev.copy_2d(dev.ptr(hmat), Hp * dev.itemsize, dev.ptr(h0), H * dev.itemsize,
-                    H * dev.itemsize, B)
+        Hp = round_up(H, MMA_TILE)
 
         def args_of(plan):
+            # h in the compute dtype for the products, zero-padded to whole tiles and to the
+            # plan's row groups (both slots)
+            Bp = plan.row_groups * plan.rows
+            hmat = filled(dev, 2 * Bp * Hp, 0.0, "the padded state in the compute dtype")
+            dev.copy_2d(dev.ptr(hmat), Hp * dev.itemsize, dev.ptr(h0), H * dev.itemsize,
+                        H * dev.itemsize, B)
             return (*head, hmat, c, *outs, *shape, i64(plan.units), i64(int(reverse)),
-                    i64(Bp), i64(Hp), i64(round_up(GATES[cell] * plan.units, MMA_TILE)))
+                    i64(Bp), i64(Hp), i64(round_up(GATES[cell] * plan.units, MMA_TILE)),
+                    i64(plan.rows))
     else:
         def args_of(plan):
             return (*head, c, *outs, *shape, i64(plan.units), i64(int(reverse)),
@@ -752,18 +776,19 @@ def _gated_backward_persistent(dev, tape: GatedTape, dy, dstate, dxw, dhh):
     the kernel cannot run here (after a warning; the graph path runs instead)."""
     T, B, H = dy.shape
     cell = tape.cell
-    Bp, GHp = round_up(B, MMA_TILE), round_up(GATES[cell] * H, MMA_TILE)
+    GHp = round_up(GATES[cell] * H, MMA_TILE)
     dh = to_f32(dev, dstate[0], "the fp32 gradient dh")
     dc = to_f32(dev, dstate[1], "the fp32 gradient dc") if cell == "lstm" else None
-    # the recurrent gradients in the compute dtype, zero-padded to whole tiles (both slots)
-    drec = filled(dev, 2 * Bp * GHp, 0.0, "the padded recurrent gradients")
 
     def args_of(plan):
-        Np = round_up(plan.units, MMA_TILE)
+        # the recurrent gradients in the compute dtype, zero-padded to whole tiles and to the
+        # plan's row groups (both slots)
+        Bp, Np = plan.row_groups * plan.rows, round_up(plan.units, MMA_TILE)
+        drec = filled(dev, 2 * Bp * GHp, 0.0, "the padded recurrent gradients")
         return (dy, tape.w_hh, tape.lengths, tape.gates, tape.ctape, tape.c0, tape.hprev, dh,
                 dc, drec, dxw, dhh if cell == "gru" else None, i64(T), i64(B), i64(H),
                 i64(plan.units), i64(int(tape.reverse)), i64(Bp), i64(GHp), i64(Np),
-                i64(bwd_k_split(Bp, Np, dev.itemsize)))
+                i64(bwd_k_split(plan.rows, Np, dev.itemsize)), i64(plan.rows))
 
     if not _persistent_launch(dev, "gated_bwd_persistent_mma", (CELL_IDS[cell], tape.act),
                               GATES[cell], H, args_of, batch=B, backward=True):

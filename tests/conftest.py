@@ -34,9 +34,9 @@ def registered():
 
 @pytest.fixture
 def force_path():
-    saved = cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH
+    saved = cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH, cb.MMA_ROW_GROUPS
     yield
-    cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = saved
+    cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH, cb.MMA_ROW_GROUPS = saved
 
 
 @pytest.fixture

@@ -419,6 +419,7 @@ class EmulatedDevice:
     def __init__(self, libs=None, sms: int = 3, smem_limit: int = 1 << 16, occupancy: int = 1):
         self.libs, self.sms, self.smem_limit, self.occupancy = libs, sms, smem_limit, occupancy
         self.launched: list[str] = []
+        self.launches: list = []                          # the Launch operations run
 
     def ptr(self, a):
         return a.ctypes.data
@@ -465,6 +466,7 @@ class EmulatedDevice:
         assert self.libs[op.fn].emu_launch(op.name.encode(), op.grid, op.block, op.shared_mem,
                                            argv) == 0, op.name
         self.launched.append(op.name)
+        self.launches.append(op)
 
     def gemm(self, op):
         emulated_gemm_ex(op.cublas_args())
@@ -473,6 +475,7 @@ class EmulatedDevice:
     persistent_mma_plan = cdev.CupyDevice.persistent_mma_plan
     persistent_mma_bwd_plan = cdev.CupyDevice.persistent_mma_bwd_plan
     _tensor_core_plan = cdev.CupyDevice._tensor_core_plan
+    _tensor_core_grid = cdev.CupyDevice._tensor_core_grid
     _persistent_grid = cdev.CupyDevice._persistent_grid
 
     def copy_2d(self, dst, dst_pitch, src, src_pitch, width, rows):

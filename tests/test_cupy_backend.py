@@ -90,9 +90,11 @@ def test_persistent_mma_plan_counts_padded_weights_and_products():
     dev = EmulatedDevice(sms=132, smem_limit=227 * 1024)
     dev.itemsize = 2
     plan = dev.persistent_mma_plan(None, 4, 1024, 64)
-    assert plan == cdev.PersistentPlan(128, 8, (32 + 64) * 1032 * 2 + 64 * 32 * 4 + 128, True)
+    assert plan == cdev.PersistentPlan(128, 8, (32 + 64) * 1032 * 2 + 64 * 32 * 4 + 128, True,
+                                       rows=64, row_groups=1)
     gru = dev.persistent_mma_plan(None, 3, 1000, 5)   # 24 rows -> 32, batch 16, 1000 -> 1008
-    assert gru == cdev.PersistentPlan(125, 8, (32 + 16) * 1016 * 2 + 16 * 32 * 4 + 128, True)
+    assert gru == cdev.PersistentPlan(125, 8, (32 + 16) * 1016 * 2 + 16 * 32 * 4 + 128, True,
+                                      rows=16)
     assert isinstance(dev.persistent_mma_plan(None, 4, 1024, 128), str)   # 256 KiB: too much
     reason = EmulatedDevice(sms=132, smem_limit=48 * 1024).persistent_mma_plan(None, 4, 1024, 64)
     assert "shared memory per block" in reason and "allows 49152" in reason
@@ -108,12 +110,47 @@ def test_persistent_mma_bwd_plan_counts_padded_columns_chunks_and_partials():
     assert cdev.bwd_k_split(64, 16, 2) == 2
     plan = dev.persistent_mma_bwd_plan(None, 4, 1024, 64)
     assert plan == cdev.PersistentPlan(
-        128, 8, 16 * 4104 * 2 + 2 * 64 * 264 * 2 + 2 * 64 * 16 * 4 + 128, True)
+        128, 8, 16 * 4104 * 2 + 2 * 64 * 264 * 2 + 2 * 64 * 16 * 4 + 128, True, rows=64)
     # batch 16, one tile: 8 warps share it, each a 32-wide slice of a 256-wide chunk
     assert cdev.bwd_k_split(16, 16, 2) == 8 and cdev.bwd_k_split(16, 16, 4) == 8
     assert cdev.bwd_k_split(128, 32, 2) == 1                   # 16 tiles: one warp each
     reason = dev.persistent_mma_bwd_plan(None, 4, 2048, 64)   # 16 units x 8192: 256 KiB
     assert "shared memory per block" in reason and "columns of W_hh" in reason
+
+
+def test_row_split_rounds_groups_to_whole_tiles():
+    assert cdev.row_split(64, 1) == (64, 1) and cdev.row_split(64, 2) == (32, 2)
+    assert cdev.row_split(5, 2) == (16, 1)          # one tile holds the whole batch
+    assert cdev.row_split(40, 4) == (16, 3)         # 10 rows a group -> 16: three groups
+    assert cdev.row_split(33, 2) == (32, 2)         # the second group: 1 row and padding
+
+
+def test_tensor_core_plans_with_row_groups():
+    """Two row groups at (512, 64, 1024) fp16 on 132 SMs: 2 x 64 blocks of 16 units, each with
+    32 rows. Forward: 64 weight rows and 32 rows of the state x 1032 halves (193.5 KiB, as with
+    one group) and 32 x 64 fp32 products. Backward: 16 units' columns (no padding now), two
+    chunk buffers of 32 rows, 2 tiles shared by 4 warps each. Four groups would need 128
+    weight rows a block (290 KiB): two are planned instead. On 3 SMs four groups cannot have a
+    block each: two are planned, one block each."""
+    dev = EmulatedDevice(sms=132, smem_limit=227 * 1024)
+    dev.itemsize = 2
+    forward = cdev.PersistentPlan(128, 16, (64 + 32) * 1032 * 2 + 32 * 64 * 4 + 128, True,
+                                  rows=32, row_groups=2)
+    assert dev.persistent_mma_plan(None, 4, 1024, 64, row_groups=2) == forward
+    assert dev.persistent_mma_plan(None, 4, 1024, 64, row_groups=4) == forward
+    assert cdev.bwd_k_split(32, 16, 2) == 4
+    backward = dev.persistent_mma_bwd_plan(None, 4, 1024, 64, row_groups=2)
+    assert backward == cdev.PersistentPlan(
+        128, 16, 16 * 4104 * 2 + 2 * 32 * 264 * 2 + 4 * 32 * 16 * 4 + 128, True, rows=32,
+        row_groups=2)
+    small = EmulatedDevice(sms=3, smem_limit=1 << 20).persistent_mma_plan(None, 1, 7, 64,
+                                                                          row_groups=4)
+    assert (small.row_groups, small.rows, small.units, small.blocks) == (2, 32, 7, 2)
+    one = dev.persistent_mma_plan(None, 4, 1024, 5, row_groups=2)     # 5 rows: one tile
+    assert (one.row_groups, one.rows, one.blocks) == (1, 16, 128)
+    for bad in (0, -1, 2.0, True, "2"):
+        with pytest.raises(ValueError, match="row_groups: expected a positive int"):
+            dev.persistent_mma_plan(None, 4, 1024, 64, row_groups=bad)
 
 
 def test_persistent_plan_splits_units_and_falls_back_to_global_memory():
@@ -139,26 +176,44 @@ def test_graph_cache_runs_plainly_then_captures_then_replays(monkeypatch):
     assert cache.lookup("a") == cgraphs.NEW
 
 
-@pytest.mark.parametrize("name", list(cb.VARIANTS))
+# name -> forward path, backward path, capture, row groups (at LSTM 4096 x 256, where the
+# heuristic takes the graph path both ways)
+EXPECTED_VARIANTS = {
+    "graph": ("graph", "graph", False, 1),
+    "graph-captured": ("graph", "graph", True, 1),
+    "persistent": ("persistent", "graph", False, 1),
+    "persistent-mma": ("persistent-mma", "graph", False, 1),
+    "persistent-mma-train": ("persistent-mma", "persistent-mma", False, 1),
+    "persistent-mma-rows2": ("persistent-mma", "graph", False, 2),
+    "persistent-mma-train-rows2": ("persistent-mma", "persistent-mma", False, 2)}
+
+
+def test_every_variant_is_tested():
+    assert set(cb.VARIANTS) == set(EXPECTED_VARIANTS)
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_VARIANTS))
 def test_each_variant_forces_its_path_and_restores_the_settings(monkeypatch, name):
-    """`rnn-gpu bench --backend cupy:NAME`: inside the variant the path (and, for the graph
-    variants, capture) is the variant's; outside, whatever was set before."""
+    """`rnn-gpu bench --backend cupy:NAME`: inside the variant the paths, capture and the
+    tensor-core kernels' row groups are the variant's; outside, whatever was set before."""
     monkeypatch.setattr(cb, "FORCE_PATH", None)
     monkeypatch.setattr(cb, "USE_GRAPH", False)
+    monkeypatch.setattr(cb, "FORCE_BACKWARD_PATH", None)
+    monkeypatch.setattr(cb, "MMA_ROW_GROUPS", 1)
     backend = cb.CupyBackend()
     assert name in backend.variants()
-    monkeypatch.setattr(cb, "FORCE_BACKWARD_PATH", None)
+    forward, backward, capture, row_groups = EXPECTED_VARIANTS[name]
     with backend.variant(name):
-        assert cb.choose_path("lstm", 4096, 256) == name.removesuffix("-captured").removesuffix(
-            "-train")
-        assert cb.choose_backward_path("lstm", 4096, 256) == (
-            "persistent-mma" if name == "persistent-mma-train" else "graph")
-        assert cb.USE_GRAPH is (name == "graph-captured")
+        assert cb.choose_path("lstm", 4096, 256) == forward
+        assert cb.choose_backward_path("lstm", 4096, 256) == backward
+        assert cb.USE_GRAPH is capture and row_groups == cb.MMA_ROW_GROUPS
         described = backend.describe_run(problem(B=4096, H=256, training=True))
     assert cb.FORCE_PATH is None and cb.USE_GRAPH is False and cb.FORCE_BACKWARD_PATH is None
-    assert ("captured as a CUDA graph" in described) is (name == "graph-captured")
-    assert ("tensor cores" in described) is name.startswith("persistent-mma")
-    assert ("persistent backward" in described) is (name == "persistent-mma-train")
+    assert cb.MMA_ROW_GROUPS == 1
+    assert ("captured as a CUDA graph" in described) is capture
+    assert ("tensor cores" in described) is (forward == "persistent-mma")
+    assert ("persistent backward" in described) is (backward == "persistent-mma")
+    assert ("2 row groups" in described) is (row_groups == 2)
     with pytest.raises(ValueError, match="variant: expected one of"), backend.variant("mma"):
         pass
 

@@ -251,6 +251,39 @@ def test_persistent_mma_backward_with_staggered_chunks_matches_numpy(staggered, 
     assert dev.launched.count("gated_bwd_persistent_mma<float, 1, 0>") == 1
 
 
+# MMA_ROW_GROUPS asked for, and the plan's (rows a group, groups, blocks a group)
+ROW_GROUP_SHAPES = {
+    # 2 x 2 blocks of 10 units; the second group's rows are 16-19 and 12 rows of padding
+    "two groups": (dict(T=3, B=20, H=20, sms=4), 2, (16, 2, 2)),
+    # four groups asked of batch 40: 3 groups of 16 rows (the last: 8 rows and padding), each
+    # with 2 blocks of 5 and 4 units; LSTM GH 36 -> 48
+    "three groups": (dict(T=3, B=40, H=9, sms=6), 4, (16, 3, 2)),
+    # 3 SMs: one block of 7 units a group; the second group has 1 row and 31 of padding
+    "a block a group": (dict(T=2, B=33, H=7, sms=3), 2, (32, 2, 1)),
+}
+
+
+@pytest.mark.parametrize("shape", list(ROW_GROUP_SHAPES))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("cell,acts", CELL_CASES[:4])
+def test_persistent_mma_row_groups_on_emulated_kernels_match_numpy(emulation, force_path, cell,
+                                                                   acts, reverse, shape):
+    """The tensor-core forward and backward with the batch's rows split into row groups
+    (MMA_ROW_GROUPS; BlockSlice in persistent_mma.cu): each group of blocks copies, multiplies
+    and finishes only its own rows of h and of d_rec; rows past the batch in the last group are
+    padding. Against the numpy backend in float64, as the one-group tests above; the grids
+    and rows launched are the plan's."""
+    sh, asked, (rows, groups, per_group) = ROW_GROUP_SHAPES[shape]
+    cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "persistent-mma", "persistent-mma"
+    cb.MMA_ROW_GROUPS = asked
+    dev, tape = check_shape(emulation, sh, cell, acts, reverse)
+    assert tape.path == "persistent-mma"
+    mma = [op for op in dev.launches if "persistent_mma" in op.name]
+    assert len(mma) == 3                        # taped and tape-free forward, backward
+    assert all(op.grid == groups * per_group and op.args[-1] == rows for op in mma), \
+        [(op.name, op.grid, op.args[-1]) for op in mma]
+
+
 def test_persistent_mma_backward_falls_back_to_the_graph_path_with_a_warning(emulation,
                                                                            force_path):
     cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "graph", "persistent-mma"
@@ -317,6 +350,27 @@ def test_oracle_harness_on_emulated_kernels(emulated_backend, force_path, path, 
     tapes = run_against_oracle(layer, "float32", "numpy", seed=len(layer),
                                backend=emulated_backend)
     assert [t.data for t in tapes] == [{"path": path}] * 2
+
+
+@pytest.mark.parametrize("layer", ["LSTM", "GRU"])
+def test_oracle_harness_trains_in_row_groups(emulated_backend, force_path, monkeypatch, layer):
+    """test_cupy_gpu.py's row-group test on the emulation: the tensor-core forward and backward
+    with MMA_ROW_GROUPS = 2 at batch 40 (2 groups of 32 rows; 3 emulated SMs, one block of 24
+    units a group) through the layer code against torch.nn in float64."""
+    cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "persistent-mma", "persistent-mma"
+    cb.MMA_ROW_GROUPS = 2
+    launched = []
+    launch = EmulatedDevice.launch
+
+    def recording(self, op):
+        launched.append(op)
+        return launch(self, op)
+
+    monkeypatch.setattr(EmulatedDevice, "launch", recording)
+    run_against_oracle(layer, "float32", "numpy", seed=17, B=40, H=24, backend=emulated_backend)
+    mma = [op for op in launched if "persistent_mma" in op.name]
+    assert len(mma) == 4 and all(op.args[-1] == 32 and op.grid == 2 for op in mma), \
+        [(op.name, op.grid, op.args[-1]) for op in mma]
 
 
 @pytest.mark.parametrize("layer", ["LSTM-proj", "GRU"])

@@ -139,6 +139,37 @@ def test_gpu_persistent_mma_backward_matches_oracle(registered, force_path, chec
 
 @gpu
 @needs_gpu
+@pytest.mark.parametrize("layer,dtype", [(layer, dtype) for layer in ("LSTM", "GRU", "RNN-tanh")
+                                         for dtype in ("float16", "bfloat16")])
+def test_gpu_persistent_mma_row_groups_match_oracle(registered, force_path, check_launches,
+                                                    layer, dtype, monkeypatch):
+    """The tensor-core forward and backward with two row groups (MMA_ROW_GROUPS = 2, bench
+    variant cupy:persistent-mma-train-rows2): batch 40 as 2 groups of 32 rows (the second: 8
+    rows and padding), against the float64 oracle; every tensor-core launch ran in two
+    groups (its last argument is the rows a group), none fell back."""
+    reasons = registered.not_supported_reasons(problem(dtype=dtype))
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "persistent-mma", "persistent-mma"
+    cb.MMA_ROW_GROUPS = 2
+    launched = []
+    launch = cdev.CupyDevice.launch
+
+    def recording(self, op):
+        launched.append(op)
+        return launch(self, op)
+
+    monkeypatch.setattr(cdev.CupyDevice, "launch", recording)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        run_against_oracle(layer, dtype, "cupy", seed=17, B=40, H=24)
+    mma = [op for op in launched if "persistent_mma" in op.name]
+    # a forward and a backward a direction
+    assert len(mma) == 4 and all(int(op.args[-1]) == 32 for op in mma), [op.name for op in mma]
+
+
+@gpu
+@needs_gpu
 def test_gpu_heuristic_takes_the_persistent_path_for_a_small_batch(registered, force_path):
     cb.FORCE_PATH = None
     m = rg.LSTM(3, 8, dtype="float32", seed=1).to("cuda")

@@ -42,6 +42,15 @@ def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def row_split(batch: int, row_groups: int) -> tuple[int, int]:
+    """``(rows, groups)``: the tensor-core kernels' rows a row group (``BlockSlice`` in
+    persistent_mma.cu), the batch over ``row_groups`` rounded up to whole 16-row tiles, and the
+    groups that then hold rows (fewer where the rounding leaves the last ones empty: batch 40
+    over 4 groups is 3 groups of 16 rows)."""
+    rows = round_up(-(-batch // row_groups), MMA_TILE)
+    return rows, -(-batch // rows)
+
+
 def bwd_k_split(Bp: int, Np: int, itemsize: int) -> int:
     """How many warps of ``gated_bwd_persistent_mma`` share one 16 x 16 output tile, each over
     a slice of every chunk: the largest power of two that keeps the warps busy (the tiles are
@@ -61,6 +70,8 @@ class PersistentPlan:
     units: int                    # hidden units per block
     shared_mem: int               # bytes of dynamic shared memory (0 without the weights)
     use_smem: bool
+    rows: int = 0                 # the tensor-core kernels: batch rows a row group (padded)
+    row_groups: int = 1           # ... and the groups: blocks = row_groups x blocks a group
 
 
 _smem_attribute_lock = threading.Lock()
@@ -208,43 +219,59 @@ class CupyDevice:
         return (f"{blocks} blocks of {PERSISTENT_THREADS} threads cannot all be resident on "
                 f"cuda:{self.index} ({sms} SMs)")
 
-    def persistent_mma_plan(self, fn, n_mat: int, hidden: int,
-                            batch: int) -> PersistentPlan | str:
+    def persistent_mma_plan(self, fn, n_mat: int, hidden: int, batch: int,
+                            row_groups: int = 1) -> PersistentPlan | str:
         """As :meth:`persistent_plan` for the tensor-core kernel: the block's weight rows and a
-        copy of the state (both padded to whole 16 x 16 tiles, each row MMA_SMEM_PAD elements
-        longer against bank conflicts) and its fp32 products (padded batch x rows) must fit in
-        shared memory, plus 128 bytes to align them."""
-        def layout(units: int) -> tuple[int, str]:
-            rows, Bp, Hp = (round_up(n, MMA_TILE) for n in (n_mat * units, batch, hidden))
-            return ((rows + Bp) * (Hp + MMA_SMEM_PAD) * self.itemsize + Bp * rows * 4,
-                    f"{units} units' weights, the state and the products")
+        copy of its row group's rows of the state (both padded to whole 16 x 16 tiles, each row
+        MMA_SMEM_PAD elements longer against bank conflicts) and its fp32 products (rows x
+        weight rows) must fit in shared memory, plus 128 bytes to align them. ``row_groups``:
+        see :meth:`_tensor_core_plan`."""
+        def layout(units: int, rows: int) -> tuple[int, str]:
+            w_rows, Hp = round_up(n_mat * units, MMA_TILE), round_up(hidden, MMA_TILE)
+            return ((w_rows + rows) * (Hp + MMA_SMEM_PAD) * self.itemsize + rows * w_rows * 4,
+                    f"{units} units' weights, {rows} rows of the state and the products")
 
-        return self._tensor_core_plan(fn, hidden, batch, layout)
+        return self._tensor_core_plan(fn, hidden, batch, layout, row_groups)
 
-    def persistent_mma_bwd_plan(self, fn, gates: int, hidden: int,
-                                batch: int) -> PersistentPlan | str:
+    def persistent_mma_bwd_plan(self, fn, gates: int, hidden: int, batch: int,
+                                row_groups: int = 1) -> PersistentPlan | str:
         """As :meth:`persistent_mma_plan` for the tensor-core backward
         (``gated_bwd_persistent_mma``): the block's columns of W_hh (``gates * hidden`` rows by
-        its units, both padded to whole tiles), two chunk buffers of the recurrent gradient and
-        the fp32 partial products (:func:`bwd_k_split` of them) must fit in shared memory."""
-        def layout(units: int) -> tuple[int, str]:
-            Bp, GHp, Np = (round_up(n, MMA_TILE) for n in (batch, gates * hidden, units))
+        its units, both padded to whole tiles), two chunk buffers of its row group's rows of the
+        recurrent gradient and the fp32 partial products (:func:`bwd_k_split` of them) must fit
+        in shared memory."""
+        def layout(units: int, rows: int) -> tuple[int, str]:
+            GHp, Np = round_up(gates * hidden, MMA_TILE), round_up(units, MMA_TILE)
             chunk = BWD_CHUNK_BYTES // self.itemsize
-            return ((Np * (GHp + MMA_SMEM_PAD) + 2 * Bp * (chunk + MMA_SMEM_PAD)) * self.itemsize
-                    + bwd_k_split(Bp, Np, self.itemsize) * Bp * Np * 4,
+            return ((Np * (GHp + MMA_SMEM_PAD) + 2 * rows * (chunk + MMA_SMEM_PAD))
+                    * self.itemsize + bwd_k_split(rows, Np, self.itemsize) * rows * Np * 4,
                     f"{units} units' columns of W_hh, the gradient chunks and the products")
 
-        return self._tensor_core_plan(fn, hidden, batch, layout)
+        return self._tensor_core_plan(fn, hidden, batch, layout, row_groups)
 
-    def _tensor_core_plan(self, fn, hidden: int, batch: int, layout) -> PersistentPlan | str:
-        """The persistent grid over ``hidden`` units with ``layout(units)`` = (bytes, what they
-        hold) of shared memory a block, plus 128 bytes of alignment, or why it cannot run: more
-        than the opt-in limit, or too many blocks to be resident at once."""
-        grid = self._persistent_grid(hidden)
+    def _tensor_core_plan(self, fn, hidden: int, batch: int, layout,
+                          row_groups: int) -> PersistentPlan | str:
+        """The persistent grid over ``hidden`` units and ``row_groups`` groups of the batch's
+        rows (:func:`row_split`), with ``layout(units, rows)`` = (bytes, what they hold) of
+        shared memory a block, plus 128 bytes of alignment. Where that many groups cannot run,
+        half as many are tried, down to one; with one, the reason it cannot run (more than the
+        opt-in limit, or too many blocks to be resident at once) is returned."""
+        if isinstance(row_groups, bool) or not isinstance(row_groups, int) or row_groups < 1:
+            raise ValueError(f"row_groups: expected a positive int, got {row_groups!r}")
+        while True:
+            rows, groups = row_split(batch, row_groups)
+            plan = self._tensor_core_grid(fn, hidden, batch, layout, rows, groups)
+            if not isinstance(plan, str) or groups == 1:
+                return plan
+            row_groups = groups // 2
+
+    def _tensor_core_grid(self, fn, hidden: int, batch: int, layout, rows: int,
+                          groups: int) -> PersistentPlan | str:
+        grid = self._persistent_grid(hidden, groups)
         if isinstance(grid, str):
             return grid
         sms, optin, units, blocks = grid
-        smem, holds = layout(units)
+        smem, holds = layout(units, rows)
         smem += 128
         if smem > optin:
             return (f"{smem} B of shared memory per block for {holds} at batch {batch}; "
@@ -252,17 +279,23 @@ class CupyDevice:
         if self._occupancy(fn, smem) * sms < blocks:
             return (f"{blocks} blocks of {PERSISTENT_THREADS} threads with {smem} B of shared "
                     f"memory cannot all be resident on cuda:{self.index} ({sms} SMs)")
-        return PersistentPlan(blocks, units, smem, True)
+        return PersistentPlan(blocks, units, smem, True, rows, groups)
 
-    def _persistent_grid(self, hidden: int) -> tuple[int, int, int, int] | str:
+    def _persistent_grid(self, hidden: int,
+                         row_groups: int = 1) -> tuple[int, int, int, int] | str:
         """``(SMs, shared-memory opt-in limit, units per block, blocks)`` of a persistent grid
-        that splits ``hidden`` units over at most one block per SM, or why none can launch."""
+        that splits ``hidden`` units over at most one block per SM in each of ``row_groups``
+        groups of blocks, or why none can launch."""
         if not self._attribute("cudaDevAttrCooperativeLaunch"):
             return f"cuda:{self.index} does not support cooperative launches"
         sms = self._attribute("cudaDevAttrMultiProcessorCount")
         optin = self._attribute("cudaDevAttrMaxSharedMemoryPerBlockOptin")
-        units = -(-hidden // min(sms, hidden))
-        return sms, optin, units, -(-hidden // units)
+        per_group = min(sms // row_groups, hidden)
+        if per_group < 1:
+            return (f"{row_groups} row groups need a block each at least, and cuda:{self.index} "
+                    f"has {sms} SMs")
+        units = -(-hidden // per_group)
+        return sms, optin, units, row_groups * -(-hidden // units)
 
     def _attribute(self, name: str) -> int:
         runtime = self.cupy.cuda.runtime

@@ -1,13 +1,14 @@
 // Cooperative persistent forward of RNN, LSTM and GRU with the recurrent product on the tensor
 // cores: persistent.cu's design (backends/cupy.py, path "persistent-mma"). Each step, block j
-// computes its slice of h_{t-1} W_hh^T, Bp x Np (Np = its G*nu rows of W_hh padded to 16), as
-// 16x16 tiles, one tile at a time per warp: A = h_{t-1} in the compute dtype, row-major (hmat,
-// 2 x Bp x Hp, zero-padded), copied into shared memory h_s at the start of each step with
+// computes its slice of h_{t-1} W_hh^T, rows x Np (its row group's rows, see BlockSlice; Np =
+// its G*nu rows of W_hh padded to 16), as 16x16 tiles, one tile at a time per warp: A = those
+// rows of h_{t-1} in the compute dtype, row-major (hmat, 2 x Bp x Hp, zero-padded; Bp = the
+// groups x rows), copied into shared memory h_s at the start of each step with
 // cp.async in MMA_K_CHUNKS column chunks, the products of chunk c running while the later ones
 // are in flight (read from L2 fragment by fragment instead, each warp's 64 dependent loads of a
 // K = 1024 product would wait on L2 latency); B = the block's weight rows, kept in shared memory
 // across all steps as a column-major K x Np matrix (w_s[n * Hs + k], zero-padded). The fp32
-// results go to shared memory (acc_s, Bp x Np), then every thread finishes (row, unit) elements
+// results go to shared memory (acc_s, rows x Np), then every thread finishes (row, unit) elements
 // as the other kernels do and writes h_t to hbuf (fp32) and hmat (compute dtype) for the next
 // step, then grid.sync(). The padding rows and columns of hmat are zero on entry and never
 // written.
@@ -177,8 +178,8 @@ __device__ void tile_product<__nv_bfloat16>(float* c, long long ldc, const __nv_
 // load. Padded, row g starts 4 g words further on, and the 32 lanes reach 32 banks.
 constexpr long long MMA_SMEM_PAD = 8;
 
-// The step's copy of h_{t-1} into shared memory, Bp rows of Hp elements (128 KiB at B = 64,
-// H = 1024 fp16), goes in MMA_K_CHUNKS column chunks, each its own cp.async group: the products
+// The step's copy of h_{t-1} into shared memory, the group's rows of Hp elements (128 KiB at
+// B = 64, H = 1024 fp16, in one group), goes in MMA_K_CHUNKS column chunks, each its own cp.async group: the products
 // over chunk c start once it has landed, while the later chunks are still in flight. cp.async
 // (sm_80+) holds no register and does not stall the thread, so all of a thread's copies are
 // issued back to back; run 5's loop of plain 16-byte loads waited on one L2 round trip per
@@ -212,6 +213,34 @@ __device__ __forceinline__ void copy_wait_for_chunk(int c) {
     }
 }
 
+// Row groups: the batch's padded rows are split into groups of `rows` (a whole number of
+// 16-row tiles), and the grid into as many groups of blocks, each of which splits the hidden
+// units as the one group did before: block j of group g owns the units [j * units, ...) of the
+// rows [g * rows, g * rows + rows). Rows are independent in both passes, so a block needs only
+// its group's rows of h (forward) or of d_rec (backward): with two groups of 64 blocks of 16
+// units at 512x64x1024, each block copies 32 rows of h a step instead of 64, the card's reads
+// of h from L2 halve (16 MiB a step to 8; 2.9 of run 7's 12.9 us step issued them) and so do
+// the backward's reads of d_rec (64 MiB a step to 32; 28 of its 50 us waited for them), whose
+// 8 units a block were also padded to 16-wide tiles (16 fill them). The weights a block keeps
+// double (2x the units), so the shared memory stays the same (~202 KiB forward, fp16). The
+// launcher's plan (device.py's row_split) chooses the groups; one group is the earlier kernel.
+struct BlockSlice {
+    long long u0, nu;       // the block's units: [u0, u0 + nu), nu = 0 past H
+    long long b0, nb;       // the group's rows: [b0, b0 + nb), nb <= rows (0 past B)
+};
+
+__device__ __forceinline__ BlockSlice block_slice(long long units, long long H, long long B,
+                                                  long long rows) {
+    const long long per_group = (H + units - 1) / units;   // blocks a row group
+    const long long group = blockIdx.x / per_group;
+    BlockSlice sl;
+    sl.u0 = (blockIdx.x - group * per_group) * units;
+    sl.nu = block_unit_count(sl.u0, units, H);
+    sl.b0 = group * rows;
+    sl.nb = B - sl.b0 < rows ? (B > sl.b0 ? B - sl.b0 : 0) : rows;
+    return sl;
+}
+
 // What one (row, unit) element of step t needs besides the products: xw, the G gates in fp32,
 // and h_{t-1} and (LSTM) c_{t-1} in fp32 (zeros past the block's B*nu elements). A thread's
 // first MMA_PREFETCH_ITEMS elements are loaded at the start of the step, before the copy of h:
@@ -221,7 +250,8 @@ __device__ __forceinline__ void copy_wait_for_chunk(int c) {
 // after the previous element's stores, which the compiler cannot prove apart). h_{t-1} and
 // c_{t-1} of an element were written by this very thread in the previous step (an element's
 // thread is the same every step), so reading them early needs no barrier. 2 covers
-// B * units <= 512 (B = 64 at 8 units a block); further elements load as they are finished.
+// rows * units <= 512 (B = 64 at 8 units a block, or 32 rows at 16 with two row groups);
+// further elements load as they are finished.
 // xw stays in its own dtype until the finish: converted here, every thread waited out the HBM
 // round trip before issuing its copies of h (run 7, H200: 1.6 us of a 12.9 us step at LSTM fp16
 // 512x64x1024, .ci/phase_clocks.py), where the conversion at the finish finds it long arrived.
@@ -239,12 +269,12 @@ template <typename T, int CELL>
 __device__ __forceinline__ void element_inputs(ElementInputs<T>& in, const T* xw,
                                                const float* src, const float* c, long long t,
                                                long long item, long long B, long long H,
-                                               long long nu, long long u0, const T* bias) {
+                                               const BlockSlice& sl, const T* bias) {
     constexpr int G = rg::CellShape<CELL>::G;
     for (int g = 0; g < 4; ++g) in.x[g] = in.bias[g] = rg::from_f32<T>(0.0f);
     in.h_prev = in.c_prev = 0.0f;
-    if (item >= B * nu) return;
-    const long long b = item / nu, u = u0 + (item - b * nu);
+    if (item >= sl.nb * sl.nu) return;
+    const long long b = sl.b0 + item / sl.nu, u = sl.u0 + item % sl.nu;
     const T* xrow = xw + rg::time_row(t, b, B) * (G * H);
     for (int g = 0; g < G; ++g) in.x[g] = xrow[g * H + u];
     for (int g = 0; bias != nullptr && g < G; ++g) in.bias[g] = bias[g * H + u];
@@ -260,16 +290,17 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
                          T* __restrict__ y, float* __restrict__ gates, float* __restrict__ ctape,
                          T* __restrict__ hprev, long long n_steps, long long B, long long H,
                          long long units, long long reverse, long long Bp, long long Hp,
-                         long long Np) {
+                         long long Np, long long rows) {
     RNN_GPU_DYNAMIC_SHARED(smem_raw);
     // 128-byte aligned tiles (the fragments' 4-byte pair loads need 4)
     const long long Hs = Hp + MMA_SMEM_PAD;          // row stride of w_s and h_s
     T* w_s = shared_from_128<T>(smem_raw);
-    T* h_s = w_s + Np * Hs;
-    float* acc_s = reinterpret_cast<float*>(h_s + Bp * Hs);
+    T* h_s = w_s + Np * Hs;                          // the group's rows of h_{t-1}
+    float* acc_s = reinterpret_cast<float*>(h_s + rows * Hs);
     constexpr int G = rg::CellShape<CELL>::G;
     cg::grid_group grid = cg::this_grid();
-    const long long u0 = block_first_unit(units), nu = block_unit_count(u0, units, H);
+    const BlockSlice sl = block_slice(units, H, B, rows);
+    const long long u0 = sl.u0, nu = sl.nu, b0 = sl.b0;
     for (long long i = threadIdx.x; i < Np * Hp; i += blockDim.x) {   // column n = g*nu + uu
         const long long n = i / Hp, k = i - n * Hp;
         const long long g = nu > 0 ? n / nu : G, uu = nu > 0 ? n - g * nu : 0;
@@ -279,7 +310,7 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
     __syncthreads();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int n_warps = blockDim.x >> 5;
-    const long long m_tiles = Bp / 16, n_tiles = (G * nu + 15) / 16;
+    const long long m_tiles = rows / 16, n_tiles = (G * nu + 15) / 16;
     // The copy of h: a row is row_words 16-byte words (Hp * sizeof(T) / 16), chunk ch its words
     // [ch * chunk_words, ...), chunk_words a whole number of 16-element k steps (sizeof(T)
     // words each). This thread copies the words (r0, w0), (r0, w0) + blockDim.x, ... of each
@@ -298,18 +329,18 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
         const long long t = reverse ? n_steps - 1 - s : s;
         const float* src = hbuf + (s & 1) * B * H;
         float* dst = hbuf + ((s + 1) & 1) * B * H;
-        const T* a_src = hmat + (s & 1) * Bp * Hp;
+        const T* a_src = hmat + (s & 1) * Bp * Hp + b0 * Hp;   // the group's first row
         T* a_dst = hmat + ((s + 1) & 1) * Bp * Hp;
         ElementInputs<T> pre[MMA_PREFETCH_ITEMS];          // loads issued now, used after the
 #pragma unroll                                            // copy and the products
         for (int j = 0; j < MMA_PREFETCH_ITEMS; ++j)
             element_inputs<T, CELL>(pre[j], xw, src, c, t,
-                                    threadIdx.x + (long long)j * blockDim.x, B, H, nu, u0, bias);
+                                    threadIdx.x + (long long)j * blockDim.x, B, H, sl, bias);
         clocks.mark(0);
         for (int ch = 0; ch < MMA_K_CHUNKS; ++ch) {     // issue every copy of the step
             const int first = ch * chunk_words;
             const int words = row_words - first < chunk_words ? row_words - first : chunk_words;
-            for (int r = r0, w = w0; r < Bp;) {
+            for (int r = r0, w = w0; r < rows;) {
                 if (w < words)
                     copy16_async(h_s + r * Hs + (long long)(first + w) * per_word,
                                  a_src + r * Hp + (long long)(first + w) * per_word);
@@ -341,10 +372,10 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
         __syncthreads();
         clocks.mark(4);
         auto finish = [&](long long item, const ElementInputs<T>& in) {   // one (row, unit)
-            const long long b = item / nu, uu = item - b * nu, u = u0 + uu;
+            const long long row = item / nu, uu = item - row * nu, b = b0 + row, u = u0 + uu;
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             for (int g = 0; g < G; ++g)
-                acc[g] = acc_s[b * Np + g * nu + uu] + rg::to_f32(in.bias[g]);
+                acc[g] = acc_s[row * Np + g * nu + uu] + rg::to_f32(in.bias[g]);
             const long long at = b * H + u;
             float x[4];
             for (int g = 0; g < 4; ++g) x[g] = rg::to_f32(in.x[g]);
@@ -359,12 +390,12 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
 #pragma unroll
         for (int j = 0; j < MMA_PREFETCH_ITEMS; ++j) {
             const long long item = threadIdx.x + (long long)j * blockDim.x;
-            if (item < B * nu) finish(item, pre[j]);
+            if (item < sl.nb * nu) finish(item, pre[j]);
         }
         for (long long item = threadIdx.x + (long long)MMA_PREFETCH_ITEMS * blockDim.x;
-             item < B * nu; item += blockDim.x) {
+             item < sl.nb * nu; item += blockDim.x) {
             ElementInputs<T> in;
-            element_inputs<T, CELL>(in, xw, src, c, t, item, B, H, nu, u0, bias);
+            element_inputs<T, CELL>(in, xw, src, c, t, item, B, H, sl, bias);
             finish(item, in);
         }
         clocks.mark(5);
@@ -378,14 +409,16 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
 
 // Cooperative persistent backward of RNN, LSTM and GRU (backends/cupy.py, backward path
 // "persistent-mma"): the graph path's reverse-time loop in one launch. Block j owns the hidden
-// units [u0, u0 + nu) of every row. Each step s, from the last to the first, it
+// units [u0, u0 + nu) of its row group's rows (BlockSlice). Each step s, from the last to the
+// first, it
 //   1. back-propagates the step's gate math for its (row, unit) elements (gated_bwd_element, as
 //      recurrent.cu's gated_bwd_step does): dxw[t] (GRU also dhh[t]), dh and dc of its units
 //      (fp32, in global memory, each element read and written by one thread only), and its
 //      columns of d_rec, the gradient of W_hh h_{t-1} + b_hh, into drec (compute dtype,
 //      Bp x GHp, zero-padded, double-buffered by step parity);
 //   2. grid.sync(): every block's columns of d_rec are written;
-//   3. adds d_rec W_hh to its units of dh: the product of d_rec (Bp x GHp) and its columns of
+//   3. adds d_rec W_hh to its units of dh: the product of its group's rows of d_rec (rows x
+//      GHp) and its columns of
 //      W_hh (GHp x Np, Np = nu padded to 16; column-major in shared memory for all steps), as
 //      16 x 16 tiles on the tensor cores. d_rec comes through shared memory in chunks of
 //      BWD_CHUNK_BYTES per row (cp.async, two buffers: chunk c + 1 lands while c is
@@ -424,25 +457,26 @@ gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
                          float* __restrict__ dc, T* __restrict__ drec, T* __restrict__ dxw,
                          T* __restrict__ dhh, long long n_steps, long long B, long long H,
                          long long units, long long reverse, long long Bp, long long GHp,
-                         long long Np, long long k_split) {
+                         long long Np, long long k_split, long long rows) {
     RNN_GPU_DYNAMIC_SHARED(smem_raw);
     constexpr int G = rg::CellShape<CELL>::G;
     const long long GH = G * H;
     const long long CK = BWD_CHUNK_BYTES / (long long)sizeof(T);   // chunk width (elements)
     const long long Ks = GHp + MMA_SMEM_PAD, As = CK + MMA_SMEM_PAD;  // padded row strides
     T* w_s = shared_from_128<T>(smem_raw);        // 128-byte aligned
-    T* a_s = w_s + Np * Ks;                       // two chunk buffers of Bp x As
-    float* acc_s = reinterpret_cast<float*>(a_s + 2 * Bp * As);
+    T* a_s = w_s + Np * Ks;                       // two chunk buffers of rows x As
+    float* acc_s = reinterpret_cast<float*>(a_s + 2 * rows * As);
     cg::grid_group grid = cg::this_grid();
-    const long long u0 = block_first_unit(units), nu = block_unit_count(u0, units, H);
+    const BlockSlice sl = block_slice(units, H, B, rows);   // the row group's rows only
+    const long long u0 = sl.u0, nu = sl.nu, b0 = sl.b0, items = sl.nb * nu;
     for (long long i = threadIdx.x; i < Np * Ks; i += blockDim.x) {   // column n: unit u0 + n
         const long long n = i / Ks, k = i - n * Ks;
         w_s[i] = n < nu && k < GH ? w_hh[k * H + u0 + n] : rg::from_f32<T>(0.0f);
     }
-    for (long long i = threadIdx.x; i < k_split * Bp * Np; i += blockDim.x) acc_s[i] = 0.0f;
+    for (long long i = threadIdx.x; i < k_split * rows * Np; i += blockDim.x) acc_s[i] = 0.0f;
     __syncthreads();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    const long long n_tiles = Np / 16, tiles = (Bp / 16) * n_tiles;
+    const long long n_tiles = Np / 16, tiles = (rows / 16) * n_tiles;
     const long long span = CK / k_split;         // a multiple of 16 (the launcher's choice)
     const long long n_chunks = (GHp + CK - 1) / CK;
     const long long per_word = 16 / (long long)sizeof(T);            // elements per 16 bytes
@@ -453,8 +487,8 @@ gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
         const long long t = reverse ? n_steps - 1 - s : s;
         const long long t_prev = s == 0 ? -1 : (reverse ? n_steps - s : s - 1);
         T* slot = drec + (s & 1) * Bp * GHp;
-        for (long long item = threadIdx.x; item < B * nu; item += blockDim.x) {
-            const long long b = item / nu, u = u0 + (item - b * nu), at = b * H + u;
+        for (long long item = threadIdx.x; item < items; item += blockDim.x) {
+            const long long b = b0 + item / nu, u = u0 + item % nu, at = b * H + u;
             const rg::GatedGrad r = rg::gated_bwd_element<T, CELL, ACT>(
                 dh[at], CELL == rg::LSTM ? dc[at] : 0.0f, dy, gates, ctape, c0, hprev, lengths,
                 dxw, dhh, t, t_prev, b, u, B, H);
@@ -471,12 +505,13 @@ gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
             return (BWD_STAGGER ? (ch + blockIdx.x) % n_chunks : ch) * CK;
         };
         auto issue = [&](long long ch) {
-            T* dst = a_s + (ch & 1) * Bp * As;
+            T* dst = a_s + (ch & 1) * rows * As;
             const long long k0 = chunk_start(ch);
+            const T* src = slot + b0 * GHp + k0;          // the group's first row
             const long long words = (GHp - k0 < CK ? GHp - k0 : CK) / per_word;
-            for (long long i = threadIdx.x; i < Bp * words; i += blockDim.x) {
+            for (long long i = threadIdx.x; i < rows * words; i += blockDim.x) {
                 const long long r = i / words, w = i - r * words;
-                copy16_async(dst + r * As + w * per_word, slot + r * GHp + k0 + w * per_word);
+                copy16_async(dst + r * As + w * per_word, src + r * GHp + w * per_word);
             }
             copy_commit();
         };
@@ -490,14 +525,14 @@ gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
             }
             __syncthreads();
             clocks.mark(2);
-            const T* a = a_s + (ch & 1) * Bp * As;
+            const T* a = a_s + (ch & 1) * rows * As;
             const long long k0 = chunk_start(ch), kn = GHp - k0 < CK ? GHp - k0 : CK;
             for (long long job = warp; job < tiles * k_split; job += n_warps) {   // warp-uniform
                 const long long tile = job % tiles, part = job / tiles;
                 const long long kb = part * span, ke = kb + span < kn ? kb + span : kn;
                 if (ke <= kb) continue;
                 const long long mt = tile / n_tiles, nt = tile - mt * n_tiles;
-                tile_product<T>(acc_s + part * Bp * Np + mt * 16 * Np + nt * 16, Np,
+                tile_product<T>(acc_s + part * rows * Np + mt * 16 * Np + nt * 16, Np,
                                 a + mt * 16 * As + kb, As, w_s + nt * 16 * Ks + k0 + kb, Ks,
                                 ke - kb, lane, true);
             }
@@ -505,15 +540,15 @@ gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
             __syncthreads();                      // before chunk ch + 2 refills the buffer
             clocks.mark(4);
         }
-        for (long long item = threadIdx.x; item < B * nu; item += blockDim.x) {
-            const long long b = item / nu, uu = item - b * nu;
+        for (long long item = threadIdx.x; item < items; item += blockDim.x) {
+            const long long row = item / nu, uu = item - row * nu;
             float sum = 0.0f;
             for (long long part = 0; part < k_split; ++part) {   // read, and zero for step s-1
-                float* p = acc_s + part * Bp * Np + b * Np + uu;
+                float* p = acc_s + part * rows * Np + row * Np + uu;
                 sum += *p;
                 *p = 0.0f;
             }
-            dh[b * H + u0 + uu] += sum;
+            dh[(b0 + row) * H + u0 + uu] += sum;
         }
         clocks.mark(5);
     }

@@ -16,6 +16,10 @@ for the kernel's tuning constants; "" is the source as it is) it prints
 
     python3 .ci/phase_clocks.py lstm float16 512x64x1024 --variant= --variant=-DMMA_CHAINS=2
 
+A variant's word ``rows=N`` is no -D option: it runs both kernels with N row groups
+(``MMA_ROW_GROUPS`` of backends/cupy.py), as ``--variant=rows=2`` or
+``--variant="rows=2 -DBWD_STAGGER=1"``.
+
 Only the LSTM/GRU/RNN forward and backward of persistent_mma.cu are compiled (seconds, not the
 whole module). Results also go to ``--json``.
 """
@@ -45,6 +49,15 @@ def compile_kernels(cupy, sources, cell: int, act: int, dtype: str, defines: lis
     raw = cupy.RawModule(code=sources.kernel_source("persistent_mma"),
                          options=(*sources.COMPILE_OPTIONS, *defines), name_expressions=names)
     return raw, {name: raw.get_function(name) for name in names}
+
+
+def split_variant(variant: str) -> tuple[int, list[str]]:
+    """A ``--variant``'s row groups (its last ``rows=N``; 1 without) and -D options."""
+    words = shlex.split(variant)
+    groups = [w.removeprefix("rows=") for w in words if w.startswith("rows=")]
+    if groups and not (groups[-1].isdigit() and int(groups[-1]) >= 1):
+        raise SystemExit(f"--variant {variant!r}: rows=N needs a positive integer N")
+    return (int(groups[-1]) if groups else 1), [w for w in words if not w.startswith("rows=")]
 
 
 def clock_arrays(cupy, raw):
@@ -86,8 +99,8 @@ def main() -> None:
     parser.add_argument("shape", help="TxBxH (I = H)")
     parser.add_argument("--variant", action="append", default=None,
                         help="extra -D options, as --variant=-DMMA_CHAINS=2 (with '=': the value "
-                             "starts with a dash); repeatable; --variant= is the source as it "
-                             "is (the default)")
+                             "starts with a dash), and rows=N for N row groups; repeatable; "
+                             "--variant= is the source as it is, one row group (the default)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -96,8 +109,9 @@ def main() -> None:
     import torch
 
     import rnn_gpu as rg
+    import rnn_gpu.backends.cupy as cb
     from rnn_gpu import registry
-    from rnn_gpu.kernels.cuda import sources
+    from rnn_gpu.kernels.cuda import device, sources
 
     T, B, H = (int(v) for v in args.shape.split("x"))
     cell_name, cell, act = CELLS[args.cell]
@@ -105,12 +119,16 @@ def main() -> None:
     backend = registry.get("cupy")
     layer = getattr(rg, cell_name)(H, H, dtype=args.dtype, seed=0).to("cuda")
     x = torch.randn(T, B, H, device="cuda", dtype=getattr(torch, args.dtype))
-    sms = cupy.cuda.runtime.deviceGetAttribute(
-        cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, index)
-    units = -(-H // min(sms, H))
-    blocks = -(-H // units)                          # device.py's _persistent_grid
     key = (index, "persistent_mma", args.dtype)
     results = []
+    grids = {}                                   # kernel base name -> blocks of its last launch
+    launch = device.CupyDevice.launch
+
+    def recording(self, op):
+        grids[op.name.split("<")[0]] = op.grid
+        return launch(self, op)
+
+    device.CupyDevice.launch = recording
 
     def run_once(train: bool):
         if not train:
@@ -140,6 +158,7 @@ def main() -> None:
             reset(arrays)
             layer(x, backend="cupy")
             torch.cuda.synchronize()
+            entry["forward_blocks"] = blocks = grids["gated_fwd_persistent_mma"]
             entry["forward"] = phases(arrays, FORWARD_PHASES, blocks, T)
             show("forward (instrumented)", entry["forward"])
             y, _, tape = layer.forward(x, backend="cupy")
@@ -148,6 +167,7 @@ def main() -> None:
             reset(arrays)
             layer.backward(tape, dy)
             torch.cuda.synchronize()
+            entry["backward_blocks"] = blocks = grids["gated_bwd_persistent_mma"]
             entry["backward"] = phases(arrays, BACKWARD_PHASES, blocks, T)
             show("backward (instrumented)", entry["backward"])
 
@@ -160,15 +180,21 @@ def main() -> None:
                   f"{entry['train_ms']:.2f} ms", flush=True)
 
     for variant in args.variant or [""]:
-        defines = shlex.split(variant)
-        print(f"=== {args.cell} {args.dtype} {args.shape}, variant {variant or '(as is)'}: "
-              f"{blocks} blocks of {units} units", flush=True)
+        row_groups, defines = split_variant(variant)
+        print(f"=== {args.cell} {args.dtype} {args.shape}, variant {variant or '(as is)'}",
+              flush=True)
         entry = {"variant": variant, "shape": args.shape, "dtype": args.dtype, "cell": args.cell}
+        saved = cb.MMA_ROW_GROUPS
+        cb.MMA_ROW_GROUPS = row_groups
         try:
             measure(entry, defines)
+            print(f"  blocks: forward {entry['forward_blocks']}, backward "
+                  f"{entry['backward_blocks']}", flush=True)
         except Exception as exc:        # one variant's failure must not cost the others
             print(f"  failed: {type(exc).__name__}: {exc}", flush=True)
             entry["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            cb.MMA_ROW_GROUPS = saved
         results.append(entry)
         if args.json:                   # after every variant: a cut-off run keeps the rest
             with open(args.json, "w") as f:

@@ -16,6 +16,7 @@ The kernels' arithmetic is checked by test_cupy_emulated.py (on the CPU) and tes
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -187,3 +188,17 @@ def test_the_cards_scripts_start(script):
     done = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and "usage:" in done.stdout, done.stdout + done.stderr
+
+
+def test_phase_clocks_variants_split_row_groups_from_defines():
+    """``--variant="rows=2 -DBWD_STAGGER=1"``: two row groups and one -D option."""
+    spec = importlib.util.spec_from_file_location(
+        "phase_clocks", KERNELS.parents[1] / ".ci" / "phase_clocks.py")
+    clocks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(clocks)
+    assert clocks.split_variant("") == (1, [])
+    assert clocks.split_variant("-DMMA_CHAINS=2") == (1, ["-DMMA_CHAINS=2"])
+    assert clocks.split_variant("rows=2 -DBWD_STAGGER=1") == (2, ["-DBWD_STAGGER=1"])
+    for bad in ("rows=0", "rows=two", "rows="):
+        with pytest.raises(SystemExit, match="rows=N needs a positive integer"):
+            clocks.split_variant(bad)

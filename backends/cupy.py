@@ -85,7 +85,8 @@ is more than ~20 M multiply-adds. Set
 ``FORCE_PATH = "graph" | "persistent" | "persistent-mma"`` to override. When the persistent
 grid cannot be co-resident (occupancy × SMs), it falls back to the graph path with a warning.
 ``MMA_ROW_GROUPS`` (1 until a card times more) splits the batch's rows of both tensor-core
-kernels into groups, each served by its own blocks (see the constant).
+kernels into groups, each served by its own blocks, and ``MMA_WARP_TILES`` (off until timed)
+has the tensor-core forward's warps compute 32 x 32 outputs (see the constants).
 
 Everything runs on the caller's current CuPy stream, on the input's device; the kernels are
 compiled lazily by NVRTC, once per device, dtype and source file (and cached on disk by CuPy).
@@ -143,9 +144,9 @@ from rnn_gpu.kernels.cuda.sources import ACT_IDS, CELL_IDS
 
 __all__ = ["BACKWARD_PATHS", "BWD_MMA_MAX_STEP_MACS", "FORCE_BACKWARD_PATH", "FORCE_PATH",
            "MMA_MAX_BATCH", "MMA_MAX_STEP_MACS", "MMA_MIN_BATCH_UNITS", "MMA_ROW_GROUPS",
-           "PERSISTENT_MAX_BATCH", "PERSISTENT_MAX_STEP_MACS", "USE_GRAPH", "VARIANTS",
-           "CupyBackend", "choose_backward_path", "choose_path", "clear_graphs", "run_backward",
-           "run_forward"]
+           "MMA_WARP_TILES", "PERSISTENT_MAX_BATCH", "PERSISTENT_MAX_STEP_MACS", "USE_GRAPH",
+           "VARIANTS", "CupyBackend", "choose_backward_path", "choose_path", "clear_graphs",
+           "run_backward", "run_forward"]
 
 # ---------------------------------------------------------------------- switches (see above)
 
@@ -187,20 +188,31 @@ BWD_MMA_MAX_STEP_MACS = 1 << 25
 # variants "persistent-mma-rows2" and "persistent-mma-train-rows2", .ci/phase_clocks.py
 # --variant=rows=2). Where the groups cannot run (shared memory, SMs), fewer are planned.
 MMA_ROW_GROUPS = 1
+# Warp tiles in the tensor-core forward (``warp_tile_add`` in persistent_mma.cu): each warp
+# computes 2 x 2 of the 16 x 16 tiles over a slice of K, so that each fragment it reads from
+# shared memory serves two products: half the shared-memory reads of the per-tile loop (512
+# KiB a block and step at 512x64x1024 fp16, ~2.1 us at 128 bytes a cycle). Off until a card
+# times it (the "-wt" bench variants, .ci/phase_clocks.py --variant=tiles=warp).
+MMA_WARP_TILES = False
 
 PATHS = ("graph", "persistent", "persistent-mma")
 # The backward's path (choose_backward_path, bounds above), or forced: "graph" |
 # "persistent-mma" (`rnn-gpu bench --backend cupy:persistent-mma-train` forces both kernels).
 FORCE_BACKWARD_PATH: str | None = None
 BACKWARD_PATHS = ("graph", "persistent-mma")
-# What `rnn-gpu bench --backend cupy:NAME` runs: NAME -> (FORCE_PATH, USE_GRAPH,
-# FORCE_BACKWARD_PATH, MMA_ROW_GROUPS; None: as set).
-VARIANTS = {"graph": ("graph", False, None, None), "graph-captured": ("graph", True, None, None),
-            "persistent": ("persistent", None, None, None),
-            "persistent-mma": ("persistent-mma", None, None, None),
-            "persistent-mma-train": ("persistent-mma", None, "persistent-mma", None),
-            "persistent-mma-rows2": ("persistent-mma", None, None, 2),
-            "persistent-mma-train-rows2": ("persistent-mma", None, "persistent-mma", 2)}
+# What `rnn-gpu bench --backend cupy:NAME` runs: NAME -> the settings above it sets (the
+# others stay as they are).
+_MMA_TRAIN = {"FORCE_PATH": "persistent-mma", "FORCE_BACKWARD_PATH": "persistent-mma"}
+VARIANTS = {"graph": {"FORCE_PATH": "graph", "USE_GRAPH": False},
+            "graph-captured": {"FORCE_PATH": "graph", "USE_GRAPH": True},
+            "persistent": {"FORCE_PATH": "persistent"},
+            "persistent-mma": {"FORCE_PATH": "persistent-mma"},
+            "persistent-mma-train": _MMA_TRAIN,
+            "persistent-mma-rows2": {"FORCE_PATH": "persistent-mma", "MMA_ROW_GROUPS": 2},
+            "persistent-mma-train-rows2": {**_MMA_TRAIN, "MMA_ROW_GROUPS": 2},
+            "persistent-mma-wt": {"FORCE_PATH": "persistent-mma", "MMA_WARP_TILES": True},
+            "persistent-mma-train-rows2-wt": {**_MMA_TRAIN, "MMA_ROW_GROUPS": 2,
+                                              "MMA_WARP_TILES": True}}
 DTYPES = ("float32", "float16", "bfloat16")
 CELLS = ("rnn", "lstm", "gru", "twostage")
 PRIORITY = 90                          # below triton (100), above numpy (0)
@@ -228,6 +240,8 @@ class CupyBackend(Backend):
             kind = "persistent on tensor cores"
             if MMA_ROW_GROUPS != 1:
                 kind += f" in {MMA_ROW_GROUPS} row groups (fewer where they do not fit)"
+            if MMA_WARP_TILES:
+                kind += ", 32 x 32 warp tiles in the forward"
             fallback = "plain persistent, then graph, where it cannot run"
         elif path.startswith("persistent"):
             kind, fallback = "persistent", "graph path where the grid does not fit"
@@ -249,23 +263,19 @@ class CupyBackend(Backend):
 
     @contextlib.contextmanager
     def variant(self, name: str) -> Iterator[None]:
-        """Calls inside run the named path (``FORCE_PATH``, and ``FORCE_BACKWARD_PATH`` where the
-        variant names one), with capture on or off and the tensor-core kernels' row groups
-        where the variant says; every setting is restored on exit. Process-wide while
+        """Calls inside run with the named variant's settings (:data:`VARIANTS`: the path, and
+        where the variant says the backward's path, capture, the tensor-core kernels' row
+        groups and warp tiles); every setting is restored on exit. Process-wide while
         entered."""
-        global FORCE_PATH, USE_GRAPH, FORCE_BACKWARD_PATH, MMA_ROW_GROUPS
         if name not in VARIANTS:
             raise ValueError(f"variant: expected one of {tuple(VARIANTS)}, got {name!r}")
-        path, capture, backward, row_groups = VARIANTS[name]
-        saved = FORCE_PATH, USE_GRAPH, FORCE_BACKWARD_PATH, MMA_ROW_GROUPS
-        FORCE_PATH = path
-        USE_GRAPH = USE_GRAPH if capture is None else capture
-        FORCE_BACKWARD_PATH = FORCE_BACKWARD_PATH if backward is None else backward
-        MMA_ROW_GROUPS = MMA_ROW_GROUPS if row_groups is None else row_groups
+        module = globals()
+        saved = {key: module[key] for key in VARIANTS[name]}
+        module.update(VARIANTS[name])
         try:
             yield
         finally:
-            FORCE_PATH, USE_GRAPH, FORCE_BACKWARD_PATH, MMA_ROW_GROUPS = saved
+            module.update(saved)
 
     def not_supported_reasons(self, problem: Problem) -> list[str]:
         reasons = []
@@ -590,13 +600,17 @@ def _persistent_launch(dev, base: str, template_args: tuple, n_mat: int, H: int,
                               or not isinstance(MMA_ROW_GROUPS, int) or MMA_ROW_GROUPS < 1):
         raise ValueError(f"rnn_gpu.backends.cupy.MMA_ROW_GROUPS: expected a positive int, got "
                          f"{MMA_ROW_GROUPS!r}")
+    if batch is not None and not isinstance(MMA_WARP_TILES, bool):
+        raise ValueError(f"rnn_gpu.backends.cupy.MMA_WARP_TILES: expected True or False, got "
+                         f"{MMA_WARP_TILES!r}")
     try:
         if batch is None:
             plan = dev.persistent_plan(fn, n_mat, H)
         elif backward:
             plan = dev.persistent_mma_bwd_plan(fn, n_mat, H, batch, MMA_ROW_GROUPS)
         else:
-            plan = dev.persistent_mma_plan(fn, n_mat, H, batch, MMA_ROW_GROUPS)
+            plan = dev.persistent_mma_plan(fn, n_mat, H, batch, MMA_ROW_GROUPS,
+                                           MMA_WARP_TILES)
     except Exception as exc:      # the occupancy query or the shared-memory opt-in failed
         raise RuntimeError(f"rnn_gpu cupy backend: planning the persistent kernel {name} "
                            f"(H={H}) failed: {type(exc).__name__}: {exc}") from exc
@@ -633,7 +647,7 @@ def _gated_persistent(dev, cell, act, xw, w, h0, c0, lens, outs, reverse, *, mma
                         H * dev.itemsize, B)
             return (*head, hmat, c, *outs, *shape, i64(plan.units), i64(int(reverse)),
                     i64(Bp), i64(Hp), i64(round_up(GATES[cell] * plan.units, MMA_TILE)),
-                    i64(plan.rows))
+                    i64(plan.rows), i64(plan.warp_split))
     else:
         def args_of(plan):
             return (*head, c, *outs, *shape, i64(plan.units), i64(int(reverse)),

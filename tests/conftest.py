@@ -34,9 +34,9 @@ def registered():
 
 @pytest.fixture
 def force_path():
-    saved = cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH, cb.MMA_ROW_GROUPS
+    saved = cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH, cb.MMA_ROW_GROUPS, cb.MMA_WARP_TILES
     yield
-    cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH, cb.MMA_ROW_GROUPS = saved
+    cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH, cb.MMA_ROW_GROUPS, cb.MMA_WARP_TILES = saved
 
 
 @pytest.fixture

@@ -322,6 +322,46 @@ void tile_product<emu_bf16>(float* c, long long ldc, const emu_bf16* a, long lon
                             bool accumulate) {
     mma_tile(c, ldc, a, lda, b, ldb, K, lane, accumulate);
 }
+template <>
+void warp_tile_add<emu_bf16>(float (&d)[2][2][2][4], const emu_bf16* a, long long lda,
+                             const emu_bf16* b, long long ldb, long long K, int lane,
+                             int m_valid, int n_valid) {
+    mma_warp_tile(d, a, lda, b, ldb, K, lane, m_valid, n_valid);
+}
+// The forward's warp tile (warp_tile_add, then warp_tile_store) over 32 rows of a and 32
+// columns of b, K in two slices accumulated in registers, with m_valid x n_valid of its 2 x 2
+// tiles: the stored elements against plain sums, every other element of c untouched.
+template <typename Draw>
+static int warp_tile_wrong(Draw draw, int m_valid, int n_valid) {
+    constexpr int K = 64, LD = K + 8, LDC = 40;
+    std::vector<emu_bf16> a(32 * LD), b(32 * LD);
+    for (auto& x : a) x = draw();
+    for (auto& x : b) x = draw();
+    std::vector<float> c(32 * LDC, -1.0f);
+    std::vector<std::thread> lanes;
+    for (int l = 0; l < 32; ++l)
+        lanes.emplace_back([&, l] {
+            threadIdx.x = (unsigned)l;
+            float d[2][2][2][4] = {};
+            warp_tile_add<emu_bf16>(d, a.data(), LD, b.data(), LD, 48, l, m_valid, n_valid);
+            warp_tile_add<emu_bf16>(d, a.data() + 48, LD, b.data() + 48, LD, 16, l, m_valid,
+                                    n_valid);
+            warp_tile_store(c.data(), LDC, d, l, m_valid, n_valid);
+        });
+    for (auto& t : lanes) t.join();
+    int wrong = 0;
+    for (int r = 0; r < 32; ++r)
+        for (int n = 0; n < LDC; ++n) {
+            float want = -1.0f;
+            if (r < 16 * m_valid && n < 16 * n_valid) {
+                want = 0.0f;
+                for (int k = 0; k < K; ++k)
+                    want += bf16_value(a[r * LD + k].bits) * bf16_value(b[n * LD + k].bits);
+            }
+            if (c[r * LDC + n] != want) ++wrong;
+        }
+    return wrong;
+}
 int main() {
     constexpr int K = 64, LD = K + 8, LDC = 20;          // padded rows, as in the kernel
     std::mt19937 rng(7);
@@ -359,7 +399,11 @@ int main() {
         }
     std::printf("%d of %d elements wrong\n", wrong, 16 * LDC);
     if (misaligned_rows) std::printf("%d ldmatrix rows not 16-byte aligned\n", misaligned_rows);
-    return wrong != 0 || misaligned_rows != 0;
+    int warp_wrong = 0;
+    for (int mv = 1; mv <= 2; ++mv)
+        for (int nv = 1; nv <= 2; ++nv) warp_wrong += warp_tile_wrong(draw, mv, nv);
+    std::printf("%d of %d warp-tile elements wrong\n", warp_wrong, 4 * 32 * 40);
+    return wrong != 0 || misaligned_rows != 0 || warp_wrong != 0;
 }
 """
 

@@ -153,6 +153,30 @@ def test_tensor_core_plans_with_row_groups():
             dev.persistent_mma_plan(None, 4, 1024, 64, row_groups=bad)
 
 
+def test_forward_plan_with_warp_tiles():
+    """Warp tiles (32 x 32 a warp) at (512, 64, 1024) fp16 on 132 SMs: 64 rows x 32 weight rows
+    are 2 warp tiles, 4 warps each, so 4 fp32 partials of 64 x 32 (32 KiB): 225.6 KiB in all,
+    under the 227 KiB limit; two row groups likewise (32 rows x 64 weight rows). On 100 KiB
+    the partials do not fit, and the per-tile loop (warp_split 0) is planned."""
+    assert cdev.fwd_warp_split(64, 32) == 4 and cdev.fwd_warp_split(32, 64) == 4
+    assert cdev.fwd_warp_split(16, 16) == 8            # one warp tile, 2 x 2 of it padding
+    assert cdev.fwd_warp_split(64, 128) == 1           # 2 x 4 warp tiles: one warp each
+    assert cdev.fwd_warp_split(64, 160) == 0           # 2 x 5 warp tiles outnumber the warps
+    dev = EmulatedDevice(sms=132, smem_limit=227 * 1024)
+    dev.itemsize = 2
+    plan = dev.persistent_mma_plan(None, 4, 1024, 64, warp_tiles=True)
+    assert plan == cdev.PersistentPlan(128, 8, (32 + 64) * 1032 * 2 + 4 * 64 * 32 * 4 + 128,
+                                       True, rows=64, row_groups=1, warp_split=4)
+    assert plan.shared_mem <= 227 * 1024
+    grouped = dev.persistent_mma_plan(None, 4, 1024, 64, row_groups=2, warp_tiles=True)
+    assert (grouped.row_groups, grouped.units, grouped.warp_split) == (2, 16, 4)
+    assert dev.persistent_mma_plan(None, 4, 1024, 64).warp_split == 0
+    small = EmulatedDevice(sms=132, smem_limit=100 * 1024)
+    small.itemsize = 2           # RNN at batch 32: 1 warp tile, 8 partials of 32 x 16 (16 KiB)
+    plan = small.persistent_mma_plan(None, 1, 1024, 32, warp_tiles=True)
+    assert plan.warp_split == 0 and plan.shared_mem == (16 + 32) * 1032 * 2 + 32 * 16 * 4 + 128
+
+
 def test_persistent_plan_splits_units_and_falls_back_to_global_memory():
     plan = EmulatedDevice(sms=132, smem_limit=227 * 1024).persistent_plan(None, 4, 1024)
     assert plan == cdev.PersistentPlan(128, 8, 4 * 8 * 1024 * 4, True)   # 128 KiB of fp32
@@ -176,16 +200,18 @@ def test_graph_cache_runs_plainly_then_captures_then_replays(monkeypatch):
     assert cache.lookup("a") == cgraphs.NEW
 
 
-# name -> forward path, backward path, capture, row groups (at LSTM 4096 x 256, where the
-# heuristic takes the graph path both ways)
+# name -> forward path, backward path, capture, row groups, warp tiles (at LSTM 4096 x 256,
+# where the heuristic takes the graph path both ways)
 EXPECTED_VARIANTS = {
-    "graph": ("graph", "graph", False, 1),
-    "graph-captured": ("graph", "graph", True, 1),
-    "persistent": ("persistent", "graph", False, 1),
-    "persistent-mma": ("persistent-mma", "graph", False, 1),
-    "persistent-mma-train": ("persistent-mma", "persistent-mma", False, 1),
-    "persistent-mma-rows2": ("persistent-mma", "graph", False, 2),
-    "persistent-mma-train-rows2": ("persistent-mma", "persistent-mma", False, 2)}
+    "graph": ("graph", "graph", False, 1, False),
+    "graph-captured": ("graph", "graph", True, 1, False),
+    "persistent": ("persistent", "graph", False, 1, False),
+    "persistent-mma": ("persistent-mma", "graph", False, 1, False),
+    "persistent-mma-train": ("persistent-mma", "persistent-mma", False, 1, False),
+    "persistent-mma-rows2": ("persistent-mma", "graph", False, 2, False),
+    "persistent-mma-train-rows2": ("persistent-mma", "persistent-mma", False, 2, False),
+    "persistent-mma-wt": ("persistent-mma", "graph", False, 1, True),
+    "persistent-mma-train-rows2-wt": ("persistent-mma", "persistent-mma", False, 2, True)}
 
 
 def test_every_variant_is_tested():
@@ -195,25 +221,29 @@ def test_every_variant_is_tested():
 @pytest.mark.parametrize("name", list(EXPECTED_VARIANTS))
 def test_each_variant_forces_its_path_and_restores_the_settings(monkeypatch, name):
     """`rnn-gpu bench --backend cupy:NAME`: inside the variant the paths, capture and the
-    tensor-core kernels' row groups are the variant's; outside, whatever was set before."""
+    tensor-core kernels' row groups and warp tiles are the variant's; outside, whatever was set
+    before."""
     monkeypatch.setattr(cb, "FORCE_PATH", None)
     monkeypatch.setattr(cb, "USE_GRAPH", False)
     monkeypatch.setattr(cb, "FORCE_BACKWARD_PATH", None)
     monkeypatch.setattr(cb, "MMA_ROW_GROUPS", 1)
+    monkeypatch.setattr(cb, "MMA_WARP_TILES", False)
     backend = cb.CupyBackend()
     assert name in backend.variants()
-    forward, backward, capture, row_groups = EXPECTED_VARIANTS[name]
+    forward, backward, capture, row_groups, warp_tiles = EXPECTED_VARIANTS[name]
     with backend.variant(name):
         assert cb.choose_path("lstm", 4096, 256) == forward
         assert cb.choose_backward_path("lstm", 4096, 256) == backward
         assert cb.USE_GRAPH is capture and row_groups == cb.MMA_ROW_GROUPS
+        assert cb.MMA_WARP_TILES is warp_tiles
         described = backend.describe_run(problem(B=4096, H=256, training=True))
     assert cb.FORCE_PATH is None and cb.USE_GRAPH is False and cb.FORCE_BACKWARD_PATH is None
-    assert cb.MMA_ROW_GROUPS == 1
+    assert cb.MMA_ROW_GROUPS == 1 and cb.MMA_WARP_TILES is False
     assert ("captured as a CUDA graph" in described) is capture
     assert ("tensor cores" in described) is (forward == "persistent-mma")
     assert ("persistent backward" in described) is (backward == "persistent-mma")
     assert ("2 row groups" in described) is (row_groups == 2)
+    assert ("warp tiles" in described) is warp_tiles
     with pytest.raises(ValueError, match="variant: expected one of"), backend.variant("mma"):
         pass
 

@@ -147,10 +147,13 @@ def test_mma_tile_fragments_follow_the_ptx_layouts(tmp_path, defines):
     kernel tests above run its float32 instantiation, which has no fragments. Also with the
     k loop split over 2 and 3 accumulator sets (MMA_CHAINS; each chunk is 2 k-steps, so 3
     leaves a set unused), and with the fragments loaded by an emulated ldmatrix.x4
-    (MMA_LDMATRIX), whose row addresses must be 16-byte aligned."""
+    (MMA_LDMATRIX), whose row addresses must be 16-byte aligned. Then the forward's 32 x 32
+    warp tile (warp_tile_add, warp_tile_store: fragments reused across its 2 x 2 tiles, K in
+    two register-accumulated slices) with 1 or 2 valid tiles each way."""
     done = run_mma_tile_check(tmp_path, defines)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("0 of 320 elements wrong"), done.stdout
+    assert "\n0 of 5120 warp-tile elements wrong" in done.stdout, done.stdout
 
 
 def check_shape(emulation, sh: dict, cell, acts, reverse):
@@ -280,8 +283,12 @@ def test_persistent_mma_row_groups_on_emulated_kernels_match_numpy(emulation, fo
     assert tape.path == "persistent-mma"
     mma = [op for op in dev.launches if "persistent_mma" in op.name]
     assert len(mma) == 3                        # taped and tape-free forward, backward
-    assert all(op.grid == groups * per_group and op.args[-1] == rows for op in mma), \
-        [(op.name, op.grid, op.args[-1]) for op in mma]
+
+    def rows_of(op):                            # the forward's last argument: its warp split
+        return op.args[-2] if op.name.startswith("gated_fwd") else op.args[-1]
+
+    assert all(op.grid == groups * per_group and rows_of(op) == rows for op in mma), \
+        [(op.name, op.grid, rows_of(op)) for op in mma]
 
 
 def test_persistent_mma_backward_falls_back_to_the_graph_path_with_a_warning(emulation,
@@ -352,13 +359,43 @@ def test_oracle_harness_on_emulated_kernels(emulated_backend, force_path, path, 
     assert [t.data for t in tapes] == [{"path": path}] * 2
 
 
+WARP_TILE_SHAPES = {**{name: (sh, 1) for name, sh in MMA_SHAPES.items()},
+                    "two groups": (ROW_GROUP_SHAPES["two groups"][0], 2)}
+
+
+@pytest.mark.parametrize("shape", list(WARP_TILE_SHAPES))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("cell,acts", CELL_CASES[:4])
+def test_persistent_mma_warp_tiles_on_emulated_kernels_match_numpy(emulation, force_path, cell,
+                                                                   acts, reverse, shape):
+    """The tensor-core forward with 32 x 32 warp tiles (MMA_WARP_TILES; warp_tile_add in
+    persistent_mma.cu): warps share a warp tile over slices of each K chunk (some slices
+    empty: "four K chunks" has a last chunk of one k-step, "several tiles" chunks of one),
+    each into its own partial, summed in the finish; warp tiles partly padding; at "more
+    elements than prefetched" 8 warp tiles, one warp each. Against the numpy backend in
+    float64; the forward launches carry the plan's split."""
+    sh, row_groups = WARP_TILE_SHAPES[shape]
+    cb.FORCE_PATH, cb.MMA_WARP_TILES, cb.MMA_ROW_GROUPS = "persistent-mma", True, row_groups
+    dev, tape = check_shape(emulation, sh, cell, acts, reverse)
+    assert tape.path == "persistent-mma"
+    fwd = [op for op in dev.launches if op.name.startswith("gated_fwd_persistent_mma")]
+    assert len(fwd) == 2 and all(op.args[-1] >= 1 for op in fwd), [op.args[-2:] for op in fwd]
+    if shape == "more elements than prefetched" and cell == "lstm":
+        assert fwd[0].args[-1] == 1                     # 48 rows x 128 weight rows: 8 tiles
+
+
+@pytest.mark.parametrize("row_groups,warp_tiles", [(2, False), (1, True), (2, True)],
+                         ids=["rows2", "warp-tiles", "rows2-warp-tiles"])
 @pytest.mark.parametrize("layer", ["LSTM", "GRU"])
-def test_oracle_harness_trains_in_row_groups(emulated_backend, force_path, monkeypatch, layer):
-    """test_cupy_gpu.py's row-group test on the emulation: the tensor-core forward and backward
-    with MMA_ROW_GROUPS = 2 at batch 40 (2 groups of 32 rows; 3 emulated SMs, one block of 24
-    units a group) through the layer code against torch.nn in float64."""
+def test_oracle_harness_trains_with_the_tensor_core_variants(emulated_backend, force_path,
+                                                             monkeypatch, layer, row_groups,
+                                                             warp_tiles):
+    """test_cupy_gpu.py's variant test on the emulation: the tensor-core forward and backward
+    with MMA_ROW_GROUPS = 2 and/or MMA_WARP_TILES at batch 40 (2 groups of 32 rows, or one of
+    48; 3 emulated SMs) through the layer code against torch.nn in float64, with the same
+    checks of what was launched."""
     cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "persistent-mma", "persistent-mma"
-    cb.MMA_ROW_GROUPS = 2
+    cb.MMA_ROW_GROUPS, cb.MMA_WARP_TILES = row_groups, warp_tiles
     launched = []
     launch = EmulatedDevice.launch
 
@@ -368,9 +405,12 @@ def test_oracle_harness_trains_in_row_groups(emulated_backend, force_path, monke
 
     monkeypatch.setattr(EmulatedDevice, "launch", recording)
     run_against_oracle(layer, "float32", "numpy", seed=17, B=40, H=24, backend=emulated_backend)
-    mma = [op for op in launched if "persistent_mma" in op.name]
-    assert len(mma) == 4 and all(op.args[-1] == 32 and op.grid == 2 for op in mma), \
-        [(op.name, op.grid, op.args[-1]) for op in mma]
+    rows = 32 if row_groups == 2 else 48
+    fwd = [op for op in launched if op.name.startswith("gated_fwd_persistent_mma")]
+    bwd = [op for op in launched if op.name.startswith("gated_bwd_persistent_mma")]
+    assert len(fwd) == len(bwd) == 2
+    assert all(int(op.args[-2]) == rows and (int(op.args[-1]) > 0) is warp_tiles for op in fwd)
+    assert all(int(op.args[-1]) == rows for op in bwd)
 
 
 @pytest.mark.parametrize("layer", ["LSTM-proj", "GRU"])

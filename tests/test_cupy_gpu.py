@@ -139,19 +139,24 @@ def test_gpu_persistent_mma_backward_matches_oracle(registered, force_path, chec
 
 @gpu
 @needs_gpu
+@pytest.mark.parametrize("row_groups,warp_tiles", [(2, False), (1, True), (2, True)],
+                         ids=["rows2", "warp-tiles", "rows2-warp-tiles"])
 @pytest.mark.parametrize("layer,dtype", [(layer, dtype) for layer in ("LSTM", "GRU", "RNN-tanh")
                                          for dtype in ("float16", "bfloat16")])
-def test_gpu_persistent_mma_row_groups_match_oracle(registered, force_path, check_launches,
-                                                    layer, dtype, monkeypatch):
-    """The tensor-core forward and backward with two row groups (MMA_ROW_GROUPS = 2, bench
-    variant cupy:persistent-mma-train-rows2): batch 40 as 2 groups of 32 rows (the second: 8
-    rows and padding), against the float64 oracle; every tensor-core launch ran in two
-    groups (its last argument is the rows a group), none fell back."""
+def test_gpu_persistent_mma_variants_match_oracle(registered, force_path, check_launches,
+                                                  layer, dtype, row_groups, warp_tiles,
+                                                  monkeypatch):
+    """The tensor-core forward and backward with two row groups (MMA_ROW_GROUPS = 2) and/or
+    the forward's 32 x 32 warp tiles (MMA_WARP_TILES; bench variants
+    cupy:persistent-mma-train-rows2, cupy:persistent-mma-wt, ...-rows2-wt): batch 40, with
+    two groups as 2 x 32 rows (the second: 8 rows and padding), against the float64 oracle;
+    every tensor-core launch ran as planned (rows a group; the forward's warp split), none
+    fell back."""
     reasons = registered.not_supported_reasons(problem(dtype=dtype))
     if reasons:
         pytest.skip("; ".join(reasons))
     cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "persistent-mma", "persistent-mma"
-    cb.MMA_ROW_GROUPS = 2
+    cb.MMA_ROW_GROUPS, cb.MMA_WARP_TILES = row_groups, warp_tiles
     launched = []
     launch = cdev.CupyDevice.launch
 
@@ -163,9 +168,12 @@ def test_gpu_persistent_mma_row_groups_match_oracle(registered, force_path, chec
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         run_against_oracle(layer, dtype, "cupy", seed=17, B=40, H=24)
-    mma = [op for op in launched if "persistent_mma" in op.name]
-    # a forward and a backward a direction
-    assert len(mma) == 4 and all(int(op.args[-1]) == 32 for op in mma), [op.name for op in mma]
+    rows = 32 if row_groups == 2 else 48
+    fwd = [op for op in launched if op.name.startswith("gated_fwd_persistent_mma")]
+    bwd = [op for op in launched if op.name.startswith("gated_bwd_persistent_mma")]
+    assert len(fwd) == len(bwd) == 2                       # a direction each
+    assert all(int(op.args[-2]) == rows and (int(op.args[-1]) > 0) is warp_tiles for op in fwd)
+    assert all(int(op.args[-1]) == rows for op in bwd)
 
 
 @gpu

@@ -51,6 +51,22 @@ def row_split(batch: int, row_groups: int) -> tuple[int, int]:
     return rows, -(-batch // rows)
 
 
+def fwd_warp_split(rows: int, w_rows: int) -> int:
+    """How many warps of ``gated_fwd_persistent_mma`` share one 32 x 32 warp tile (its
+    ``warp_split``), each over a slice of every chunk of K: the largest power of two that keeps
+    the warps busy (the warp tiles are ceil(rows / 32) x ceil(w_rows / 32), 2 at 64 rows and 32
+    weight rows), or 0 where the warp tiles alone outnumber the warps (the per-tile loop then
+    runs)."""
+    warps = PERSISTENT_THREADS // 32
+    tiles = -(-rows // 32) * -(-w_rows // 32)
+    if tiles > warps:
+        return 0
+    k = 1
+    while 2 * k * tiles <= warps:
+        k *= 2
+    return k
+
+
 def bwd_k_split(Bp: int, Np: int, itemsize: int) -> int:
     """How many warps of ``gated_bwd_persistent_mma`` share one 16 x 16 output tile, each over
     a slice of every chunk: the largest power of two that keeps the warps busy (the tiles are
@@ -72,6 +88,7 @@ class PersistentPlan:
     use_smem: bool
     rows: int = 0                 # the tensor-core kernels: batch rows a row group (padded)
     row_groups: int = 1           # ... and the groups: blocks = row_groups x blocks a group
+    warp_split: int = 0           # the tensor-core forward: warps a warp tile (0: per tile)
 
 
 _smem_attribute_lock = threading.Lock()
@@ -220,18 +237,28 @@ class CupyDevice:
                 f"cuda:{self.index} ({sms} SMs)")
 
     def persistent_mma_plan(self, fn, n_mat: int, hidden: int, batch: int,
-                            row_groups: int = 1) -> PersistentPlan | str:
+                            row_groups: int = 1, warp_tiles: bool = False
+                            ) -> PersistentPlan | str:
         """As :meth:`persistent_plan` for the tensor-core kernel: the block's weight rows and a
         copy of its row group's rows of the state (both padded to whole 16 x 16 tiles, each row
         MMA_SMEM_PAD elements longer against bank conflicts) and its fp32 products (rows x
-        weight rows) must fit in shared memory, plus 128 bytes to align them. ``row_groups``:
-        see :meth:`_tensor_core_plan`."""
-        def layout(units: int, rows: int) -> tuple[int, str]:
-            w_rows, Hp = round_up(n_mat * units, MMA_TILE), round_up(hidden, MMA_TILE)
-            return ((w_rows + rows) * (Hp + MMA_SMEM_PAD) * self.itemsize + rows * w_rows * 4,
-                    f"{units} units' weights, {rows} rows of the state and the products")
+        weight rows; with ``warp_tiles``, one such array a part of :func:`fwd_warp_split`)
+        must fit in shared memory, plus 128 bytes to align them. ``row_groups``: see
+        :meth:`_tensor_core_plan`. Warp tiles that cannot run are planned without."""
+        def layout_with(tiles: bool):
+            def layout(units: int, rows: int) -> tuple[int, str, int]:
+                w_rows, Hp = round_up(n_mat * units, MMA_TILE), round_up(hidden, MMA_TILE)
+                split = fwd_warp_split(rows, w_rows) if tiles else 0
+                return ((w_rows + rows) * (Hp + MMA_SMEM_PAD) * self.itemsize
+                        + max(split, 1) * rows * w_rows * 4,
+                        f"{units} units' weights, {rows} rows of the state and the products",
+                        split)
+            return layout
 
-        return self._tensor_core_plan(fn, hidden, batch, layout, row_groups)
+        plan = self._tensor_core_plan(fn, hidden, batch, layout_with(warp_tiles), row_groups)
+        if isinstance(plan, str) and warp_tiles:
+            plan = self._tensor_core_plan(fn, hidden, batch, layout_with(False), row_groups)
+        return plan
 
     def persistent_mma_bwd_plan(self, fn, gates: int, hidden: int, batch: int,
                                 row_groups: int = 1) -> PersistentPlan | str:
@@ -240,22 +267,23 @@ class CupyDevice:
         its units, both padded to whole tiles), two chunk buffers of its row group's rows of the
         recurrent gradient and the fp32 partial products (:func:`bwd_k_split` of them) must fit
         in shared memory."""
-        def layout(units: int, rows: int) -> tuple[int, str]:
+        def layout(units: int, rows: int) -> tuple[int, str, int]:
             GHp, Np = round_up(gates * hidden, MMA_TILE), round_up(units, MMA_TILE)
             chunk = BWD_CHUNK_BYTES // self.itemsize
             return ((Np * (GHp + MMA_SMEM_PAD) + 2 * rows * (chunk + MMA_SMEM_PAD))
                     * self.itemsize + bwd_k_split(rows, Np, self.itemsize) * rows * Np * 4,
-                    f"{units} units' columns of W_hh, the gradient chunks and the products")
+                    f"{units} units' columns of W_hh, the gradient chunks and the products", 0)
 
         return self._tensor_core_plan(fn, hidden, batch, layout, row_groups)
 
     def _tensor_core_plan(self, fn, hidden: int, batch: int, layout,
                           row_groups: int) -> PersistentPlan | str:
         """The persistent grid over ``hidden`` units and ``row_groups`` groups of the batch's
-        rows (:func:`row_split`), with ``layout(units, rows)`` = (bytes, what they hold) of
-        shared memory a block, plus 128 bytes of alignment. Where that many groups cannot run,
-        half as many are tried, down to one; with one, the reason it cannot run (more than the
-        opt-in limit, or too many blocks to be resident at once) is returned."""
+        rows (:func:`row_split`), with ``layout(units, rows)`` = (bytes of shared memory a
+        block, what they hold, the forward's warp split), plus 128 bytes of alignment. Where
+        that many groups cannot run, half as many are tried, down to one; with one, the reason
+        it cannot run (more than the opt-in limit, or too many blocks to be resident at once)
+        is returned."""
         if isinstance(row_groups, bool) or not isinstance(row_groups, int) or row_groups < 1:
             raise ValueError(f"row_groups: expected a positive int, got {row_groups!r}")
         while True:
@@ -271,7 +299,7 @@ class CupyDevice:
         if isinstance(grid, str):
             return grid
         sms, optin, units, blocks = grid
-        smem, holds = layout(units, rows)
+        smem, holds, warp_split = layout(units, rows)
         smem += 128
         if smem > optin:
             return (f"{smem} B of shared memory per block for {holds} at batch {batch}; "
@@ -279,7 +307,7 @@ class CupyDevice:
         if self._occupancy(fn, smem) * sms < blocks:
             return (f"{blocks} blocks of {PERSISTENT_THREADS} threads with {smem} B of shared "
                     f"memory cannot all be resident on cuda:{self.index} ({sms} SMs)")
-        return PersistentPlan(blocks, units, smem, True, rows, groups)
+        return PersistentPlan(blocks, units, smem, True, rows, groups, warp_split)
 
     def _persistent_grid(self, hidden: int,
                          row_groups: int = 1) -> tuple[int, int, int, int] | str:

@@ -172,6 +172,110 @@ __device__ void tile_product<__nv_bfloat16>(float* c, long long ldc, const __nv_
 }
 #endif
 
+// Warp tiles (the forward's warp_split > 0): a warp computes a 32 x 32 output, 2 x 2 of the
+// 16 x 16 tiles, over a slice of each chunk of K, accumulating in registers across the chunks
+// and storing once a step, where a warp of the per-tile loop above computes one tile over all
+// of K through shared memory. Why: each k-step of a 16 x 16 tile reads 1 KiB of fragments
+// from shared memory, so the per-tile forward at 512x64x1024 fp16 reads 512 KiB a block and
+// step: 4096 cycles at the SM's 128 bytes a cycle, ~2.1 us of run 7's 12.9 us step even with
+// no other stall. A 2 x 2 warp tile reuses each A and B fragment twice: half the bytes. Its
+// k-split lets the warps share the few 32 x 32 tiles of a block (2 at that shape, 4 warps
+// each), each into its own fp32 partial, summed in order in the finish.
+// d[i][j][half][e] is tile (i, j)'s element (g + 8 (e / 2), 8 half + q + e % 2) of the
+// mma.m16n8k16 D fragment (g = lane / 4, q = 2 (lane % 4)); tiles from m_valid and n_valid on
+// are padding past the block's rows or units, skipped (warp-uniform). This generic version
+// (float32, and the CPU emulation of the tests) computes those elements on the CUDA cores.
+template <typename T>
+__device__ void warp_tile_add(float (&d)[2][2][2][4], const T* a, long long lda, const T* b,
+                              long long ldb, long long K, int lane, int m_valid, int n_valid) {
+    const int g = lane >> 2, q = (lane & 3) * 2;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int half = 0; half < 2; ++half)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    if (i >= m_valid || j >= n_valid) continue;
+                    const long long r = i * 16 + g + 8 * (e >> 1);
+                    const long long n = j * 16 + half * 8 + q + (e & 1);
+                    float acc = 0.0f;
+                    for (long long k = 0; k < K; ++k)
+                        acc += rg::to_f32(a[r * lda + k]) * rg::to_f32(b[n * ldb + k]);
+                    d[i][j][half][e] += acc;
+                }
+}
+
+// The tensor-core warp tile: per k-step the A fragments of both row tiles and the B fragments
+// of both column tiles (16 32-bit shared loads), then 8 mma.sync, each fragment used twice.
+template <typename T>
+__device__ __forceinline__ void mma_warp_tile(float (&d)[2][2][2][4], const T* a, long long lda,
+                                              const T* b, long long ldb, long long K, int lane,
+                                              int m_valid, int n_valid) {
+    const int g = lane >> 2, q = (lane & 3) * 2;
+    for (long long k = 0; k < K; k += 16) {
+        unsigned fa[2][4] = {};
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const T* lo = a + (i * 16 + g) * lda + k + q;     // rows g and g + 8 of row tile i
+            const T* hi = lo + 8 * lda;
+            if (i < m_valid) {
+                fa[i][0] = pair_at(lo);
+                fa[i][1] = pair_at(hi);
+                fa[i][2] = pair_at(lo + 8);
+                fa[i][3] = pair_at(hi + 8);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                if (j >= n_valid) continue;
+                const T* col = b + (j * 16 + half * 8 + g) * ldb + k + q;
+                const unsigned b0 = pair_at(col), b1 = pair_at(col + 8);
+#pragma unroll
+                for (int i = 0; i < 2; ++i)
+                    if (i < m_valid) mma_m16n8k16(T(), d[i][j][half], fa[i], b0, b1);
+            }
+    }
+}
+
+// The warp tile's valid tiles into c (row-major, ldc), in the D-fragment layout above.
+__device__ __forceinline__ void warp_tile_store(float* c, long long ldc,
+                                                const float (&d)[2][2][2][4], int lane,
+                                                int m_valid, int n_valid) {
+    const int g = lane >> 2, q = (lane & 3) * 2;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                if (i >= m_valid || j >= n_valid) continue;
+                float* out = c + (i * 16 + g) * ldc + j * 16 + half * 8 + q;
+                out[0] = d[i][j][half][0];
+                out[1] = d[i][j][half][1];
+                out[8 * ldc] = d[i][j][half][2];
+                out[8 * ldc + 1] = d[i][j][half][3];
+            }
+}
+#ifndef RNN_GPU_HOST_EMULATION
+template <>
+__device__ void warp_tile_add<__half>(float (&d)[2][2][2][4], const __half* a, long long lda,
+                                      const __half* b, long long ldb, long long K, int lane,
+                                      int m_valid, int n_valid) {
+    mma_warp_tile(d, a, lda, b, ldb, K, lane, m_valid, n_valid);
+}
+template <>
+__device__ void warp_tile_add<__nv_bfloat16>(float (&d)[2][2][2][4], const __nv_bfloat16* a,
+                                             long long lda, const __nv_bfloat16* b,
+                                             long long ldb, long long K, int lane, int m_valid,
+                                             int n_valid) {
+    mma_warp_tile(d, a, lda, b, ldb, K, lane, m_valid, n_valid);
+}
+#endif
+
 // Shared-memory rows of h and W are MMA_SMEM_PAD elements longer than Hp (device.py's
 // MMA_SMEM_PAD must match). Unpadded, the rows lie 2 KiB apart at H = 1024 fp16, so the 8 row
 // groups of a warp's fragment loads hit the same 4 banks: an 8-way conflict on every A and B
@@ -290,13 +394,13 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
                          T* __restrict__ y, float* __restrict__ gates, float* __restrict__ ctape,
                          T* __restrict__ hprev, long long n_steps, long long B, long long H,
                          long long units, long long reverse, long long Bp, long long Hp,
-                         long long Np, long long rows) {
+                         long long Np, long long rows, long long warp_split) {
     RNN_GPU_DYNAMIC_SHARED(smem_raw);
     // 128-byte aligned tiles (the fragments' 4-byte pair loads need 4)
     const long long Hs = Hp + MMA_SMEM_PAD;          // row stride of w_s and h_s
     T* w_s = shared_from_128<T>(smem_raw);
     T* h_s = w_s + Np * Hs;                          // the group's rows of h_{t-1}
-    float* acc_s = reinterpret_cast<float*>(h_s + rows * Hs);
+    float* acc_s = reinterpret_cast<float*>(h_s + rows * Hs);   // parts x rows x Np
     constexpr int G = rg::CellShape<CELL>::G;
     cg::grid_group grid = cg::this_grid();
     const BlockSlice sl = block_slice(units, H, B, rows);
@@ -311,6 +415,18 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int n_warps = blockDim.x >> 5;
     const long long m_tiles = rows / 16, n_tiles = (G * nu + 15) / 16;
+    // With warp_split > 0 (warp tiles, see warp_tile_add): warp w takes the 32 x 32 tile
+    // w % w_tiles over slice w / w_tiles of each chunk; the launcher's plan keeps w_tiles x
+    // warp_split within the warps. The finish sums the parts' products.
+    const long long w_cols = (n_tiles + 1) / 2, w_tiles = (m_tiles + 1) / 2 * w_cols;
+    const long long w_tile = w_tiles > 0 ? warp % w_tiles : 0;
+    const long long w_part = w_tiles > 0 ? warp / w_tiles : warp_split;   // none: nu = 0
+    const long long mt0 = w_tiles > 0 ? w_tile / w_cols * 2 : 0;
+    const long long nt0 = w_tiles > 0 ? w_tile % w_cols * 2 : 0;
+    const int m_valid = (int)(m_tiles - mt0 < 2 ? m_tiles - mt0 : 2);
+    const int n_valid = (int)(n_tiles - nt0 < 2 ? n_tiles - nt0 : 2);
+    const bool warp_tiled = w_part < warp_split;                 // false for every warp at 0
+    const long long parts = warp_split > 0 ? warp_split : 1;
     // The copy of h: a row is row_words 16-byte words (Hp * sizeof(T) / 16), chunk ch its words
     // [ch * chunk_words, ...), chunk_words a whole number of 16-element k steps (sizeof(T)
     // words each). This thread copies the words (r0, w0), (r0, w0) + blockDim.x, ... of each
@@ -354,6 +470,13 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
             copy_commit();                               // an empty group is allowed
         }
         clocks.mark(1);
+        float d[2][2][2][4];                              // the warp tile's products
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+#pragma unroll
+                for (int e = 0; e < 8; ++e) d[i][j][e >> 2][e & 3] = 0.0f;
 #pragma unroll
         for (int ch = 0; ch < MMA_K_CHUNKS; ++ch) {
             copy_wait_for_chunk(ch);
@@ -362,20 +485,36 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
             const long long k0 = (long long)ch * chunk_words * per_word;
             const long long chunk_k = (long long)chunk_words * per_word;
             const long long kn = Hp - k0 < chunk_k ? Hp - k0 : chunk_k;   // <= 0: empty chunk
-            for (long long tile = warp; kn > 0 && tile < m_tiles * n_tiles; tile += n_warps) {
+            if (warp_split > 0) {
+                // this warp's slice of the chunk: whole k-steps, the last slices maybe empty
+                const long long span = (chunk_k / 16 + warp_split - 1) / warp_split * 16;
+                const long long kb = w_part * span, ke = kb + span < kn ? kb + span : kn;
+                if (warp_tiled && ke > kb)
+                    warp_tile_add<T>(d, h_s + mt0 * 16 * Hs + k0 + kb, Hs,
+                                     w_s + nt0 * 16 * Hs + k0 + kb, Hs, ke - kb, lane, m_valid,
+                                     n_valid);
+            }
+            for (long long tile = warp; warp_split == 0 && kn > 0 && tile < m_tiles * n_tiles;
+                 tile += n_warps) {
                 const long long mt = tile / n_tiles, nt = tile - mt * n_tiles;  // warp-uniform
                 tile_product<T>(acc_s + mt * 16 * Np + nt * 16, Np, h_s + mt * 16 * Hs + k0, Hs,
                                 w_s + nt * 16 * Hs + k0, Hs, kn, lane, ch > 0);
             }
             clocks.mark(3);
         }
+        if (warp_tiled)
+            warp_tile_store(acc_s + w_part * rows * Np + mt0 * 16 * Np + nt0 * 16, Np, d, lane,
+                            m_valid, n_valid);
         __syncthreads();
         clocks.mark(4);
         auto finish = [&](long long item, const ElementInputs<T>& in) {   // one (row, unit)
             const long long row = item / nu, uu = item - row * nu, b = b0 + row, u = u0 + uu;
             float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (int g = 0; g < G; ++g)
-                acc[g] = acc_s[row * Np + g * nu + uu] + rg::to_f32(in.bias[g]);
+            for (int g = 0; g < G; ++g) {
+                acc[g] = rg::to_f32(in.bias[g]);
+                for (long long part = 0; part < parts; ++part)   // in order: deterministic
+                    acc[g] += acc_s[(part * rows + row) * Np + g * nu + uu];
+            }
             const long long at = b * H + u;
             float x[4];
             for (int g = 0; g < 4; ++g) x[g] = rg::to_f32(in.x[g]);

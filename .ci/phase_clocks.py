@@ -16,9 +16,10 @@ for the kernel's tuning constants; "" is the source as it is) it prints
 
     python3 .ci/phase_clocks.py lstm float16 512x64x1024 --variant= --variant=-DMMA_CHAINS=2
 
-A variant's word ``rows=N`` is no -D option: it runs both kernels with N row groups
-(``MMA_ROW_GROUPS`` of backends/cupy.py), as ``--variant=rows=2`` or
-``--variant="rows=2 -DBWD_STAGGER=1"``.
+Two words of a variant are no -D options but settings of backends/cupy.py: ``rows=N`` runs
+both kernels with N row groups (``MMA_ROW_GROUPS``), ``tiles=warp`` the forward with 32 x 32
+warp tiles (``MMA_WARP_TILES``); as ``--variant=rows=2`` or ``--variant="rows=2 tiles=warp
+-DBWD_STAGGER=1"``.
 
 Only the LSTM/GRU/RNN forward and backward of persistent_mma.cu are compiled (seconds, not the
 whole module). Results also go to ``--json``.
@@ -51,13 +52,19 @@ def compile_kernels(cupy, sources, cell: int, act: int, dtype: str, defines: lis
     return raw, {name: raw.get_function(name) for name in names}
 
 
-def split_variant(variant: str) -> tuple[int, list[str]]:
-    """A ``--variant``'s row groups (its last ``rows=N``; 1 without) and -D options."""
+def split_variant(variant: str) -> tuple[dict, list[str]]:
+    """A ``--variant``'s settings of backends/cupy.py (``MMA_ROW_GROUPS`` from its last
+    ``rows=N``, 1 without; ``MMA_WARP_TILES`` with ``tiles=warp``) and its -D options."""
     words = shlex.split(variant)
     groups = [w.removeprefix("rows=") for w in words if w.startswith("rows=")]
     if groups and not (groups[-1].isdigit() and int(groups[-1]) >= 1):
         raise SystemExit(f"--variant {variant!r}: rows=N needs a positive integer N")
-    return (int(groups[-1]) if groups else 1), [w for w in words if not w.startswith("rows=")]
+    tiles = [w.removeprefix("tiles=") for w in words if w.startswith("tiles=")]
+    if any(t != "warp" for t in tiles):
+        raise SystemExit(f"--variant {variant!r}: tiles= takes only 'warp'")
+    settings = {"MMA_ROW_GROUPS": int(groups[-1]) if groups else 1,
+                "MMA_WARP_TILES": bool(tiles)}
+    return settings, [w for w in words if not w.startswith(("rows=", "tiles="))]
 
 
 def clock_arrays(cupy, raw):
@@ -99,7 +106,8 @@ def main() -> None:
     parser.add_argument("shape", help="TxBxH (I = H)")
     parser.add_argument("--variant", action="append", default=None,
                         help="extra -D options, as --variant=-DMMA_CHAINS=2 (with '=': the value "
-                             "starts with a dash), and rows=N for N row groups; repeatable; "
+                             "starts with a dash), rows=N for N row groups, tiles=warp for "
+                             "warp tiles; repeatable; "
                              "--variant= is the source as it is, one row group (the default)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None)
@@ -180,12 +188,13 @@ def main() -> None:
                   f"{entry['train_ms']:.2f} ms", flush=True)
 
     for variant in args.variant or [""]:
-        row_groups, defines = split_variant(variant)
+        settings, defines = split_variant(variant)
         print(f"=== {args.cell} {args.dtype} {args.shape}, variant {variant or '(as is)'}",
               flush=True)
         entry = {"variant": variant, "shape": args.shape, "dtype": args.dtype, "cell": args.cell}
-        saved = cb.MMA_ROW_GROUPS
-        cb.MMA_ROW_GROUPS = row_groups
+        saved = {key: getattr(cb, key) for key in settings}
+        for key, value in settings.items():
+            setattr(cb, key, value)
         try:
             measure(entry, defines)
             print(f"  blocks: forward {entry['forward_blocks']}, backward "
@@ -194,7 +203,8 @@ def main() -> None:
             print(f"  failed: {type(exc).__name__}: {exc}", flush=True)
             entry["error"] = f"{type(exc).__name__}: {exc}"
         finally:
-            cb.MMA_ROW_GROUPS = saved
+            for key, value in saved.items():
+                setattr(cb, key, value)
         results.append(entry)
         if args.json:                   # after every variant: a cut-off run keeps the rest
             with open(args.json, "w") as f:

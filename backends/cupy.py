@@ -241,7 +241,7 @@ class CupyBackend(Backend):
             if MMA_ROW_GROUPS != 1:
                 kind += f" in {MMA_ROW_GROUPS} row groups (fewer where they do not fit)"
             if MMA_WARP_TILES:
-                kind += ", 32 x 32 warp tiles in the forward"
+                kind += " with 32 x 32 warp tiles"
             fallback = "plain persistent, then graph, where it cannot run"
         elif path.startswith("persistent"):
             kind, fallback = "persistent", "graph path where the grid does not fit"

@@ -378,7 +378,7 @@ __device__ __forceinline__ void element_inputs(ElementInputs<T>& in, const T* xw
     for (int g = 0; g < 4; ++g) in.x[g] = in.bias[g] = rg::from_f32<T>(0.0f);
     in.h_prev = in.c_prev = 0.0f;
     if (item >= sl.nb * sl.nu) return;
-    const long long b = sl.b0 + item / sl.nu, u = sl.u0 + item % sl.nu;
+    const long long row = item / sl.nu, b = sl.b0 + row, u = sl.u0 + (item - row * sl.nu);
     const T* xrow = xw + rg::time_row(t, b, B) * (G * H);
     for (int g = 0; g < G; ++g) in.x[g] = xrow[g * H + u];
     for (int g = 0; bias != nullptr && g < G; ++g) in.bias[g] = bias[g * H + u];
@@ -627,7 +627,8 @@ gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
         const long long t_prev = s == 0 ? -1 : (reverse ? n_steps - s : s - 1);
         T* slot = drec + (s & 1) * Bp * GHp;
         for (long long item = threadIdx.x; item < items; item += blockDim.x) {
-            const long long b = b0 + item / nu, u = u0 + item % nu, at = b * H + u;
+            const long long row = item / nu, b = b0 + row, u = u0 + (item - row * nu);
+            const long long at = b * H + u;
             const rg::GatedGrad r = rg::gated_bwd_element<T, CELL, ACT>(
                 dh[at], CELL == rg::LSTM ? dc[at] : 0.0f, dy, gates, ctape, c0, hprev, lengths,
                 dxw, dhh, t, t_prev, b, u, B, H);

@@ -130,10 +130,12 @@ def main() -> None:
     key = (index, "persistent_mma", args.dtype)
     results = []
     grids = {}                                   # kernel base name -> blocks of its last launch
+    plans = {}                                   # ... -> its last two arguments
     launch = device.CupyDevice.launch
 
     def recording(self, op):
         grids[op.name.split("<")[0]] = op.grid
+        plans[op.name.split("<")[0]] = [int(a) for a in op.args[-2:]]
         return launch(self, op)
 
     device.CupyDevice.launch = recording
@@ -197,8 +199,10 @@ def main() -> None:
             setattr(cb, key, value)
         try:
             measure(entry, defines)
-            print(f"  blocks: forward {entry['forward_blocks']}, backward "
-                  f"{entry['backward_blocks']}", flush=True)
+            rows, split = plans["gated_fwd_persistent_mma"]
+            entry["rows"], entry["warp_split"] = rows, split
+            print(f"  plan: forward {entry['forward_blocks']} blocks, {rows} rows a group, warp "
+                  f"split {split}; backward {entry['backward_blocks']} blocks", flush=True)
         except Exception as exc:        # one variant's failure must not cost the others
             print(f"  failed: {type(exc).__name__}: {exc}", flush=True)
             entry["error"] = f"{type(exc).__name__}: {exc}"

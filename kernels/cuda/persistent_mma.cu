@@ -208,7 +208,8 @@ __device__ void warp_tile_add(float (&d)[2][2][2][4], const T* a, long long lda,
 }
 
 // The tensor-core warp tile: per k-step the A fragments of both row tiles and the B fragments
-// of both column tiles (16 32-bit shared loads), then 8 mma.sync, each fragment used twice.
+// of both column tiles (16 32-bit shared loads; MMA_LDMATRIX and MMA_CHAINS apply to the
+// per-tile loop only), then 8 mma.sync, each fragment used twice.
 template <typename T>
 __device__ __forceinline__ void mma_warp_tile(float (&d)[2][2][2][4], const T* a, long long lda,
                                               const T* b, long long ldb, long long K, int lane,

@@ -16,10 +16,11 @@ for the kernel's tuning constants; "" is the source as it is) it prints
 
     python3 .ci/phase_clocks.py lstm float16 512x64x1024 --variant= --variant=-DMMA_CHAINS=2
 
-Two words of a variant are no -D options but settings of backends/cupy.py: ``rows=N`` runs
-both kernels with N row groups (``MMA_ROW_GROUPS``), ``tiles=warp`` the forward with 32 x 32
-warp tiles (``MMA_WARP_TILES``); as ``--variant=rows=2`` or ``--variant="rows=2 tiles=warp
--DBWD_STAGGER=1"``.
+Three words of a variant are no -D options but settings of backends/cupy.py: ``rows=N``
+runs both kernels with N row groups (``MMA_ROW_GROUPS``), ``tiles=warp`` the forward with 32 x
+32 warp tiles (``MMA_WARP_TILES``), ``chunk=N`` the backward with chunks of N bytes a row
+(``MMA_BWD_CHUNK_BYTES``); as ``--variant=rows=2`` or ``--variant="rows=2 tiles=warp
+chunk=1024 -DBWD_STAGGER=1"``.
 
 Only the LSTM/GRU/RNN forward and backward of persistent_mma.cu are compiled (seconds, not the
 whole module). Results also go to ``--json``.
@@ -54,17 +55,25 @@ def compile_kernels(cupy, sources, cell: int, act: int, dtype: str, defines: lis
 
 def split_variant(variant: str) -> tuple[dict, list[str]]:
     """A ``--variant``'s settings of backends/cupy.py (``MMA_ROW_GROUPS`` from its last
-    ``rows=N``, 1 without; ``MMA_WARP_TILES`` with ``tiles=warp``) and its -D options."""
+    ``rows=N``, 1 without; ``MMA_WARP_TILES`` with ``tiles=warp``; ``MMA_BWD_CHUNK_BYTES``
+    from ``chunk=N``, 512 without) and its -D options."""
     words = shlex.split(variant)
-    groups = [w.removeprefix("rows=") for w in words if w.startswith("rows=")]
-    if groups and not (groups[-1].isdigit() and int(groups[-1]) >= 1):
-        raise SystemExit(f"--variant {variant!r}: rows=N needs a positive integer N")
+
+    def number(key: str, default: int, step: int) -> int:
+        values = [w.removeprefix(key) for w in words if w.startswith(key)]
+        if not values:
+            return default
+        if not (values[-1].isdigit() and int(values[-1]) >= step and int(values[-1]) % step == 0):
+            raise SystemExit(f"--variant {variant!r}: {key}N needs a positive integer N"
+                             + (f", a multiple of {step}" if step > 1 else ""))
+        return int(values[-1])
+
     tiles = [w.removeprefix("tiles=") for w in words if w.startswith("tiles=")]
     if any(t != "warp" for t in tiles):
         raise SystemExit(f"--variant {variant!r}: tiles= takes only 'warp'")
-    settings = {"MMA_ROW_GROUPS": int(groups[-1]) if groups else 1,
-                "MMA_WARP_TILES": bool(tiles)}
-    return settings, [w for w in words if not w.startswith(("rows=", "tiles="))]
+    settings = {"MMA_ROW_GROUPS": number("rows=", 1, 1), "MMA_WARP_TILES": bool(tiles),
+                "MMA_BWD_CHUNK_BYTES": number("chunk=", 512, 512)}
+    return settings, [w for w in words if not w.startswith(("rows=", "tiles=", "chunk="))]
 
 
 def clock_arrays(cupy, raw):
@@ -107,7 +116,7 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=None,
                         help="extra -D options, as --variant=-DMMA_CHAINS=2 (with '=': the value "
                              "starts with a dash), rows=N for N row groups, tiles=warp for "
-                             "warp tiles; repeatable; "
+                             "warp tiles, chunk=N for the backward's chunk bytes; repeatable; "
                              "--variant= is the source as it is, one row group (the default)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None)
@@ -200,9 +209,11 @@ def main() -> None:
         try:
             measure(entry, defines)
             rows, split = plans["gated_fwd_persistent_mma"]
-            entry["rows"], entry["warp_split"] = rows, split
+            chunk = plans["gated_bwd_persistent_mma"][1]
+            entry["rows"], entry["warp_split"], entry["bwd_chunk"] = rows, split, chunk
             print(f"  plan: forward {entry['forward_blocks']} blocks, {rows} rows a group, warp "
-                  f"split {split}; backward {entry['backward_blocks']} blocks", flush=True)
+                  f"split {split}; backward {entry['backward_blocks']} blocks, chunks of "
+                  f"{chunk} elements a row", flush=True)
         except Exception as exc:        # one variant's failure must not cost the others
             print(f"  failed: {type(exc).__name__}: {exc}", flush=True)
             entry["error"] = f"{type(exc).__name__}: {exc}"

@@ -143,10 +143,10 @@ from rnn_gpu.kernels.cuda.ops import Launch
 from rnn_gpu.kernels.cuda.sources import ACT_IDS, CELL_IDS
 
 __all__ = ["BACKWARD_PATHS", "BWD_MMA_MAX_STEP_MACS", "FORCE_BACKWARD_PATH", "FORCE_PATH",
-           "MMA_MAX_BATCH", "MMA_MAX_STEP_MACS", "MMA_MIN_BATCH_UNITS", "MMA_ROW_GROUPS",
-           "MMA_WARP_TILES", "PERSISTENT_MAX_BATCH", "PERSISTENT_MAX_STEP_MACS", "USE_GRAPH",
-           "VARIANTS", "CupyBackend", "choose_backward_path", "choose_path", "clear_graphs",
-           "run_backward", "run_forward"]
+           "MMA_BWD_CHUNK_BYTES", "MMA_MAX_BATCH", "MMA_MAX_STEP_MACS", "MMA_MIN_BATCH_UNITS",
+           "MMA_ROW_GROUPS", "MMA_WARP_TILES", "PERSISTENT_MAX_BATCH", "PERSISTENT_MAX_STEP_MACS",
+           "USE_GRAPH", "VARIANTS", "CupyBackend", "choose_backward_path", "choose_path",
+           "clear_graphs", "run_backward", "run_forward"]
 
 # ---------------------------------------------------------------------- switches (see above)
 
@@ -194,6 +194,12 @@ MMA_ROW_GROUPS = 1
 # KiB a block and step at 512x64x1024 fp16, ~2.1 us at 128 bytes a cycle). Off until a card
 # times it (the "-wt" bench variants, .ci/phase_clocks.py --variant=tiles=warp).
 MMA_WARP_TILES = False
+# The tensor-core backward's chunk of d_rec, bytes a row (a multiple of 512): each chunk is one
+# round trip to L2 and two barriers, 16 a step at H = 1024 fp16 with 512 (run 7: 27.8 of the
+# 50.5 us step waited for them). With two row groups 1024 fits the shared memory (~201 KiB):
+# 8 round trips. 512 as timed, until a card times more (the "-wide" bench variant,
+# .ci/phase_clocks.py --variant=chunk=1024); wider chunks that do not fit are planned at 512.
+MMA_BWD_CHUNK_BYTES = 512
 
 PATHS = ("graph", "persistent", "persistent-mma")
 # The backward's path (choose_backward_path, bounds above), or forced: "graph" |
@@ -212,7 +218,10 @@ VARIANTS = {"graph": {"FORCE_PATH": "graph", "USE_GRAPH": False},
             "persistent-mma-train-rows2": {**_MMA_TRAIN, "MMA_ROW_GROUPS": 2},
             "persistent-mma-wt": {"FORCE_PATH": "persistent-mma", "MMA_WARP_TILES": True},
             "persistent-mma-train-rows2-wt": {**_MMA_TRAIN, "MMA_ROW_GROUPS": 2,
-                                              "MMA_WARP_TILES": True}}
+                                              "MMA_WARP_TILES": True},
+            "persistent-mma-train-rows2-wt-wide": {**_MMA_TRAIN, "MMA_ROW_GROUPS": 2,
+                                                   "MMA_WARP_TILES": True,
+                                                   "MMA_BWD_CHUNK_BYTES": 1024}}
 DTYPES = ("float32", "float16", "bfloat16")
 CELLS = ("rnn", "lstm", "gru", "twostage")
 PRIORITY = 90                          # below triton (100), above numpy (0)
@@ -251,7 +260,9 @@ class CupyBackend(Backend):
         if problem.training:
             backward = choose_backward_path(problem.cell, problem.batch, problem.hidden_size,
                                             problem.dtype)
-            backward = ("persistent backward on tensor cores (graph where it cannot run)"
+            wide = (f" in {MMA_BWD_CHUNK_BYTES}-byte chunks" if MMA_BWD_CHUNK_BYTES != 512
+                    else "")
+            backward = (f"persistent backward on tensor cores{wide} (graph where it cannot run)"
                         if backward == "persistent-mma" else "graph backward")
             return f"{kind} forward ({fallback}), {backward}"
         return f"{kind} ({fallback})"
@@ -603,11 +614,17 @@ def _persistent_launch(dev, base: str, template_args: tuple, n_mat: int, H: int,
     if batch is not None and not isinstance(MMA_WARP_TILES, bool):
         raise ValueError(f"rnn_gpu.backends.cupy.MMA_WARP_TILES: expected True or False, got "
                          f"{MMA_WARP_TILES!r}")
+    if backward and (isinstance(MMA_BWD_CHUNK_BYTES, bool)
+                     or not isinstance(MMA_BWD_CHUNK_BYTES, int) or MMA_BWD_CHUNK_BYTES < 512
+                     or MMA_BWD_CHUNK_BYTES % 512):
+        raise ValueError(f"rnn_gpu.backends.cupy.MMA_BWD_CHUNK_BYTES: expected a positive "
+                         f"multiple of 512, got {MMA_BWD_CHUNK_BYTES!r}")
     try:
         if batch is None:
             plan = dev.persistent_plan(fn, n_mat, H)
         elif backward:
-            plan = dev.persistent_mma_bwd_plan(fn, n_mat, H, batch, MMA_ROW_GROUPS)
+            plan = dev.persistent_mma_bwd_plan(fn, n_mat, H, batch, MMA_ROW_GROUPS,
+                                               MMA_BWD_CHUNK_BYTES)
         else:
             plan = dev.persistent_mma_plan(fn, n_mat, H, batch, MMA_ROW_GROUPS,
                                            MMA_WARP_TILES)
@@ -802,7 +819,8 @@ def _gated_backward_persistent(dev, tape: GatedTape, dy, dstate, dxw, dhh):
         return (dy, tape.w_hh, tape.lengths, tape.gates, tape.ctape, tape.c0, tape.hprev, dh,
                 dc, drec, dxw, dhh if cell == "gru" else None, i64(T), i64(B), i64(H),
                 i64(plan.units), i64(int(tape.reverse)), i64(Bp), i64(GHp), i64(Np),
-                i64(bwd_k_split(plan.rows, Np, dev.itemsize)), i64(plan.rows))
+                i64(bwd_k_split(plan.rows, Np, dev.itemsize, plan.chunk * dev.itemsize)),
+                i64(plan.rows), i64(plan.chunk))
 
     if not _persistent_launch(dev, "gated_bwd_persistent_mma", (CELL_IDS[cell], tape.act),
                               GATES[cell], H, args_of, batch=B, backward=True):

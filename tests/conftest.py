@@ -34,9 +34,12 @@ def registered():
 
 @pytest.fixture
 def force_path():
-    saved = cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH, cb.MMA_ROW_GROUPS, cb.MMA_WARP_TILES
+    names = ("FORCE_PATH", "FORCE_BACKWARD_PATH", "MMA_ROW_GROUPS", "MMA_WARP_TILES",
+             "MMA_BWD_CHUNK_BYTES")
+    saved = {name: getattr(cb, name) for name in names}
     yield
-    cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH, cb.MMA_ROW_GROUPS, cb.MMA_WARP_TILES = saved
+    for name, value in saved.items():
+        setattr(cb, name, value)
 
 
 @pytest.fixture

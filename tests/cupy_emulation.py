@@ -755,9 +755,10 @@ class EmulatedCupyBackend(Backend):
 
     name, priority, array_kind = "cupy-emulated", -100, "numpy"
     libs: dict = {}
+    smem_limit = 1 << 16                 # the emulated devices' shared memory a block
 
     def forward(self, problem, xw, weights, state, lengths, *, reverse, keep_tape):
-        dev = EmulatedDevice(self.libs, sms=3)
+        dev = EmulatedDevice(self.libs, sms=3, smem_limit=self.smem_limit)
         y, final, ktape = cb.run_forward(dev, problem, xw, weights, state, lengths,
                                          reverse=reverse, keep_tape=keep_tape)
         tape = None
@@ -767,4 +768,5 @@ class EmulatedCupyBackend(Backend):
 
     def backward(self, tape, dy, dstate):
         ktape = tape.data.pop("kernel_tape")
-        return cb.run_backward(EmulatedDevice(self.libs), tape.problem, ktape, dy, dstate)
+        return cb.run_backward(EmulatedDevice(self.libs, smem_limit=self.smem_limit),
+                               tape.problem, ktape, dy, dstate)

@@ -110,7 +110,8 @@ def test_persistent_mma_bwd_plan_counts_padded_columns_chunks_and_partials():
     assert cdev.bwd_k_split(64, 16, 2) == 2
     plan = dev.persistent_mma_bwd_plan(None, 4, 1024, 64)
     assert plan == cdev.PersistentPlan(
-        128, 8, 16 * 4104 * 2 + 2 * 64 * 264 * 2 + 2 * 64 * 16 * 4 + 128, True, rows=64)
+        128, 8, 16 * 4104 * 2 + 2 * 64 * 264 * 2 + 2 * 64 * 16 * 4 + 128, True, rows=64,
+        chunk=256)
     # batch 16, one tile: 8 warps share it, each a 32-wide slice of a 256-wide chunk
     assert cdev.bwd_k_split(16, 16, 2) == 8 and cdev.bwd_k_split(16, 16, 4) == 8
     assert cdev.bwd_k_split(128, 32, 2) == 1                   # 16 tiles: one warp each
@@ -142,7 +143,7 @@ def test_tensor_core_plans_with_row_groups():
     backward = dev.persistent_mma_bwd_plan(None, 4, 1024, 64, row_groups=2)
     assert backward == cdev.PersistentPlan(
         128, 16, 16 * 4104 * 2 + 2 * 32 * 264 * 2 + 4 * 32 * 16 * 4 + 128, True, rows=32,
-        row_groups=2)
+        row_groups=2, chunk=256)
     small = EmulatedDevice(sms=3, smem_limit=1 << 20).persistent_mma_plan(None, 1, 7, 64,
                                                                           row_groups=4)
     assert (small.row_groups, small.rows, small.units, small.blocks) == (2, 32, 7, 2)
@@ -177,6 +178,37 @@ def test_forward_plan_with_warp_tiles():
     assert plan.warp_split == 0 and plan.shared_mem == (16 + 32) * 1032 * 2 + 32 * 16 * 4 + 128
 
 
+@pytest.mark.parametrize("setting,value,backward", [
+    ("MMA_ROW_GROUPS", 0, False), ("MMA_ROW_GROUPS", 2.0, True), ("MMA_WARP_TILES", 1, False),
+    ("MMA_BWD_CHUNK_BYTES", 768, True), ("MMA_BWD_CHUNK_BYTES", True, True)])
+def test_bad_tensor_core_settings_name_the_setting(monkeypatch, setting, value, backward):
+    monkeypatch.setattr(cb, setting, value)
+    base = "gated_bwd_persistent_mma" if backward else "gated_fwd_persistent_mma"
+    with pytest.raises(ValueError, match=rf"rnn_gpu.backends.cupy.{setting}: expected .*, got "
+                                         rf"{value!r}"):
+        cb._persistent_launch(EmulatedDevice(), base, (1, 0), 4, 8, lambda plan: (), batch=4,
+                              backward=backward)
+
+
+def test_backward_plan_with_wider_chunks():
+    """1 KiB chunks of d_rec at (512, 64, 1024) fp16 in two row groups: two buffers of 32 rows
+    x (512 + 8) halves, 2 tiles shared by 4 warps: 201.4 KiB. In one group 64 rows do not fit
+    (266.4 KiB), and 512-byte chunks are planned. The kernel gets the width in elements."""
+    dev = EmulatedDevice(sms=132, smem_limit=227 * 1024)
+    dev.itemsize = 2
+    assert cdev.bwd_k_split(32, 16, 2, 1024) == 4
+    wide = dev.persistent_mma_bwd_plan(None, 4, 1024, 64, row_groups=2, chunk_bytes=1024)
+    assert wide == cdev.PersistentPlan(
+        128, 16, 16 * 4104 * 2 + 2 * 32 * 520 * 2 + 4 * 32 * 16 * 4 + 128, True, rows=32,
+        row_groups=2, chunk=512)
+    narrow = dev.persistent_mma_bwd_plan(None, 4, 1024, 64, chunk_bytes=1024)
+    assert (narrow.rows, narrow.chunk) == (64, 256)
+    assert dev.persistent_mma_bwd_plan(None, 4, 1024, 64).chunk == 256
+    for bad in (0, 768, 256, True, 1024.0):
+        with pytest.raises(ValueError, match="chunk_bytes: expected a positive multiple of 512"):
+            dev.persistent_mma_bwd_plan(None, 4, 1024, 64, chunk_bytes=bad)
+
+
 def test_persistent_plan_splits_units_and_falls_back_to_global_memory():
     plan = EmulatedDevice(sms=132, smem_limit=227 * 1024).persistent_plan(None, 4, 1024)
     assert plan == cdev.PersistentPlan(128, 8, 4 * 8 * 1024 * 4, True)   # 128 KiB of fp32
@@ -200,18 +232,20 @@ def test_graph_cache_runs_plainly_then_captures_then_replays(monkeypatch):
     assert cache.lookup("a") == cgraphs.NEW
 
 
-# name -> forward path, backward path, capture, row groups, warp tiles (at LSTM 4096 x 256,
-# where the heuristic takes the graph path both ways)
+# name -> forward path, backward path, capture, row groups, warp tiles, the backward's chunk
+# bytes (at LSTM 4096 x 256, where the heuristic takes the graph path both ways)
+MMA, GRAPH = "persistent-mma", "graph"
 EXPECTED_VARIANTS = {
-    "graph": ("graph", "graph", False, 1, False),
-    "graph-captured": ("graph", "graph", True, 1, False),
-    "persistent": ("persistent", "graph", False, 1, False),
-    "persistent-mma": ("persistent-mma", "graph", False, 1, False),
-    "persistent-mma-train": ("persistent-mma", "persistent-mma", False, 1, False),
-    "persistent-mma-rows2": ("persistent-mma", "graph", False, 2, False),
-    "persistent-mma-train-rows2": ("persistent-mma", "persistent-mma", False, 2, False),
-    "persistent-mma-wt": ("persistent-mma", "graph", False, 1, True),
-    "persistent-mma-train-rows2-wt": ("persistent-mma", "persistent-mma", False, 2, True)}
+    "graph": (GRAPH, GRAPH, False, 1, False, 512),
+    "graph-captured": (GRAPH, GRAPH, True, 1, False, 512),
+    "persistent": ("persistent", GRAPH, False, 1, False, 512),
+    "persistent-mma": (MMA, GRAPH, False, 1, False, 512),
+    "persistent-mma-train": (MMA, MMA, False, 1, False, 512),
+    "persistent-mma-rows2": (MMA, GRAPH, False, 2, False, 512),
+    "persistent-mma-train-rows2": (MMA, MMA, False, 2, False, 512),
+    "persistent-mma-wt": (MMA, GRAPH, False, 1, True, 512),
+    "persistent-mma-train-rows2-wt": (MMA, MMA, False, 2, True, 512),
+    "persistent-mma-train-rows2-wt-wide": (MMA, MMA, False, 2, True, 1024)}
 
 
 def test_every_variant_is_tested():
@@ -228,22 +262,25 @@ def test_each_variant_forces_its_path_and_restores_the_settings(monkeypatch, nam
     monkeypatch.setattr(cb, "FORCE_BACKWARD_PATH", None)
     monkeypatch.setattr(cb, "MMA_ROW_GROUPS", 1)
     monkeypatch.setattr(cb, "MMA_WARP_TILES", False)
+    monkeypatch.setattr(cb, "MMA_BWD_CHUNK_BYTES", 512)
     backend = cb.CupyBackend()
     assert name in backend.variants()
-    forward, backward, capture, row_groups, warp_tiles = EXPECTED_VARIANTS[name]
+    forward, backward, capture, row_groups, warp_tiles, chunk = EXPECTED_VARIANTS[name]
     with backend.variant(name):
         assert cb.choose_path("lstm", 4096, 256) == forward
         assert cb.choose_backward_path("lstm", 4096, 256) == backward
         assert cb.USE_GRAPH is capture and row_groups == cb.MMA_ROW_GROUPS
-        assert cb.MMA_WARP_TILES is warp_tiles
+        assert cb.MMA_WARP_TILES is warp_tiles and chunk == cb.MMA_BWD_CHUNK_BYTES
         described = backend.describe_run(problem(B=4096, H=256, training=True))
     assert cb.FORCE_PATH is None and cb.USE_GRAPH is False and cb.FORCE_BACKWARD_PATH is None
     assert cb.MMA_ROW_GROUPS == 1 and cb.MMA_WARP_TILES is False
+    assert cb.MMA_BWD_CHUNK_BYTES == 512
     assert ("captured as a CUDA graph" in described) is capture
     assert ("tensor cores" in described) is (forward == "persistent-mma")
     assert ("persistent backward" in described) is (backward == "persistent-mma")
     assert ("2 row groups" in described) is (row_groups == 2)
     assert ("warp tiles" in described) is warp_tiles
+    assert ("1024-byte chunks" in described) is (chunk == 1024)
     with pytest.raises(ValueError, match="variant: expected one of"), backend.variant("mma"):
         pass
 

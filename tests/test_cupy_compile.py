@@ -191,20 +191,23 @@ def test_the_cards_scripts_start(script):
 
 
 def test_phase_clocks_variants_split_settings_from_defines():
-    """``--variant="rows=2 tiles=warp -DBWD_STAGGER=1"``: two row groups, warp tiles and one
-    -D option."""
+    """``--variant="rows=2 tiles=warp chunk=1024 -DBWD_STAGGER=1"``: two row groups, warp
+    tiles, 1 KiB chunks and one -D option."""
     spec = importlib.util.spec_from_file_location(
         "phase_clocks", KERNELS.parents[1] / ".ci" / "phase_clocks.py")
     clocks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(clocks)
-    plain = {"MMA_ROW_GROUPS": 1, "MMA_WARP_TILES": False}
+    plain = {"MMA_ROW_GROUPS": 1, "MMA_WARP_TILES": False, "MMA_BWD_CHUNK_BYTES": 512}
     assert clocks.split_variant("") == (plain, [])
     assert clocks.split_variant("-DMMA_CHAINS=2") == (plain, ["-DMMA_CHAINS=2"])
-    assert clocks.split_variant("rows=2 tiles=warp -DBWD_STAGGER=1") == (
-        {"MMA_ROW_GROUPS": 2, "MMA_WARP_TILES": True}, ["-DBWD_STAGGER=1"])
+    assert clocks.split_variant("rows=2 tiles=warp chunk=1024 -DBWD_STAGGER=1") == (
+        {"MMA_ROW_GROUPS": 2, "MMA_WARP_TILES": True, "MMA_BWD_CHUNK_BYTES": 1024},
+        ["-DBWD_STAGGER=1"])
     assert all(hasattr(cb, key) for key in plain)
     for bad in ("rows=0", "rows=two", "rows="):
-        with pytest.raises(SystemExit, match="rows=N needs a positive integer"):
+        with pytest.raises(SystemExit, match="rows=N needs a positive integer N"):
             clocks.split_variant(bad)
+    with pytest.raises(SystemExit, match="chunk=N needs a positive integer N, a multiple of 512"):
+        clocks.split_variant("chunk=768")
     with pytest.raises(SystemExit, match="tiles= takes only 'warp'"):
         clocks.split_variant("tiles=32")

@@ -234,6 +234,21 @@ def test_persistent_mma_backward_on_emulated_kernels_matches_numpy(emulation, fo
     assert not any(n.startswith("gated_bwd_step") for n in dev.launched)
 
 
+@pytest.mark.parametrize("shape", list(BWD_SHAPES))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("cell,acts", CELL_CASES[:4])
+def test_persistent_mma_backward_with_wide_chunks_matches_numpy(emulation, force_path, cell,
+                                                                acts, reverse, shape):
+    """MMA_BWD_CHUNK_BYTES = 1024: chunks of d_rec 256 float32 columns wide, so "four chunks"
+    (GH 400) becomes one of 256 and one of 144, and the other shapes one chunk; the warps'
+    slices of a chunk twice as wide. The launch carries the plan's width."""
+    cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "graph", "persistent-mma"
+    cb.MMA_BWD_CHUNK_BYTES = 1024
+    dev, _ = check_shape(emulation, BWD_SHAPES[shape], cell, acts, reverse)
+    bwd = [op for op in dev.launches if op.name.startswith("gated_bwd_persistent_mma")]
+    assert len(bwd) == 1 and bwd[0].args[-1] == 256
+
+
 @pytest.fixture(scope="module")
 def staggered(emulation, tmp_path_factory):
     """The emulation with persistent_mma.cu built with BWD_STAGGER=1 (the others as they are)."""
@@ -284,11 +299,9 @@ def test_persistent_mma_row_groups_on_emulated_kernels_match_numpy(emulation, fo
     mma = [op for op in dev.launches if "persistent_mma" in op.name]
     assert len(mma) == 3                        # taped and tape-free forward, backward
 
-    def rows_of(op):                            # the forward's last argument: its warp split
-        return op.args[-2] if op.name.startswith("gated_fwd") else op.args[-1]
-
-    assert all(op.grid == groups * per_group and rows_of(op) == rows for op in mma), \
-        [(op.name, op.grid, rows_of(op)) for op in mma]
+    # the rows a group come last but one (then the forward's warp split, the backward's chunk)
+    assert all(op.grid == groups * per_group and op.args[-2] == rows for op in mma), \
+        [(op.name, op.grid, op.args[-2]) for op in mma]
 
 
 def test_persistent_mma_backward_falls_back_to_the_graph_path_with_a_warning(emulation,
@@ -384,18 +397,20 @@ def test_persistent_mma_warp_tiles_on_emulated_kernels_match_numpy(emulation, fo
         assert fwd[0].args[-1] == 1                     # 48 rows x 128 weight rows: 8 tiles
 
 
-@pytest.mark.parametrize("row_groups,warp_tiles", [(2, False), (1, True), (2, True)],
-                         ids=["rows2", "warp-tiles", "rows2-warp-tiles"])
+@pytest.mark.parametrize("row_groups,warp_tiles,chunk", [(2, False, 512), (1, True, 512),
+                                                         (2, True, 512), (2, True, 1024)],
+                         ids=["rows2", "warp-tiles", "rows2-warp-tiles", "rows2-wt-wide"])
 @pytest.mark.parametrize("layer", ["LSTM", "GRU"])
 def test_oracle_harness_trains_with_the_tensor_core_variants(emulated_backend, force_path,
                                                              monkeypatch, layer, row_groups,
-                                                             warp_tiles):
+                                                             warp_tiles, chunk):
     """test_cupy_gpu.py's variant test on the emulation: the tensor-core forward and backward
-    with MMA_ROW_GROUPS = 2 and/or MMA_WARP_TILES at batch 40 (2 groups of 32 rows, or one of
-    48; 3 emulated SMs) through the layer code against torch.nn in float64, with the same
-    checks of what was launched."""
+    with MMA_ROW_GROUPS = 2, MMA_WARP_TILES and MMA_BWD_CHUNK_BYTES = 1024 at batch 40 (2
+    groups of 32 rows, or one of 48; 3 emulated SMs) through the layer code against torch.nn
+    in float64, with the same checks of what was launched."""
     cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "persistent-mma", "persistent-mma"
-    cb.MMA_ROW_GROUPS, cb.MMA_WARP_TILES = row_groups, warp_tiles
+    cb.MMA_ROW_GROUPS, cb.MMA_WARP_TILES, cb.MMA_BWD_CHUNK_BYTES = row_groups, warp_tiles, chunk
+    monkeypatch.setattr(EmulatedCupyBackend, "smem_limit", 1 << 18)   # 1 KiB float32 chunks
     launched = []
     launch = EmulatedDevice.launch
 
@@ -410,7 +425,7 @@ def test_oracle_harness_trains_with_the_tensor_core_variants(emulated_backend, f
     bwd = [op for op in launched if op.name.startswith("gated_bwd_persistent_mma")]
     assert len(fwd) == len(bwd) == 2
     assert all(int(op.args[-2]) == rows and (int(op.args[-1]) > 0) is warp_tiles for op in fwd)
-    assert all(int(op.args[-1]) == rows for op in bwd)
+    assert all(int(op.args[-2]) == rows and int(op.args[-1]) * 4 == chunk for op in bwd)
 
 
 @pytest.mark.parametrize("layer", ["LSTM-proj", "GRU"])

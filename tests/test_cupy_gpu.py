@@ -139,24 +139,26 @@ def test_gpu_persistent_mma_backward_matches_oracle(registered, force_path, chec
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("row_groups,warp_tiles", [(2, False), (1, True), (2, True)],
-                         ids=["rows2", "warp-tiles", "rows2-warp-tiles"])
+@pytest.mark.parametrize("row_groups,warp_tiles,chunk", [(2, False, 512), (1, True, 512),
+                                                         (2, True, 512), (2, True, 1024)],
+                         ids=["rows2", "warp-tiles", "rows2-warp-tiles", "rows2-wt-wide"])
 @pytest.mark.parametrize("layer,dtype", [(layer, dtype) for layer in ("LSTM", "GRU", "RNN-tanh")
                                          for dtype in ("float16", "bfloat16")])
 def test_gpu_persistent_mma_variants_match_oracle(registered, force_path, check_launches,
                                                   layer, dtype, row_groups, warp_tiles,
-                                                  monkeypatch):
-    """The tensor-core forward and backward with two row groups (MMA_ROW_GROUPS = 2) and/or
-    the forward's 32 x 32 warp tiles (MMA_WARP_TILES; bench variants
-    cupy:persistent-mma-train-rows2, cupy:persistent-mma-wt, ...-rows2-wt): batch 40, with
-    two groups as 2 x 32 rows (the second: 8 rows and padding), against the float64 oracle;
-    every tensor-core launch ran as planned (rows a group; the forward's warp split), none
-    fell back."""
+                                                  chunk, monkeypatch):
+    """The tensor-core forward and backward with two row groups (MMA_ROW_GROUPS = 2), the
+    forward's 32 x 32 warp tiles (MMA_WARP_TILES) and the backward's 1 KiB chunks
+    (MMA_BWD_CHUNK_BYTES; bench variants cupy:persistent-mma-train-rows2,
+    cupy:persistent-mma-wt, ...-rows2-wt, ...-rows2-wt-wide): batch 40, with two groups as
+    2 x 32 rows (the second: 8 rows and padding), against the float64 oracle; every
+    tensor-core launch ran as planned (rows a group, the forward's warp split, the
+    backward's chunk), none fell back."""
     reasons = registered.not_supported_reasons(problem(dtype=dtype))
     if reasons:
         pytest.skip("; ".join(reasons))
     cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "persistent-mma", "persistent-mma"
-    cb.MMA_ROW_GROUPS, cb.MMA_WARP_TILES = row_groups, warp_tiles
+    cb.MMA_ROW_GROUPS, cb.MMA_WARP_TILES, cb.MMA_BWD_CHUNK_BYTES = row_groups, warp_tiles, chunk
     launched = []
     launch = cdev.CupyDevice.launch
 
@@ -173,7 +175,7 @@ def test_gpu_persistent_mma_variants_match_oracle(registered, force_path, check_
     bwd = [op for op in launched if op.name.startswith("gated_bwd_persistent_mma")]
     assert len(fwd) == len(bwd) == 2                       # a direction each
     assert all(int(op.args[-2]) == rows and (int(op.args[-1]) > 0) is warp_tiles for op in fwd)
-    assert all(int(op.args[-1]) == rows for op in bwd)
+    assert all(int(op.args[-2]) == rows and int(op.args[-1]) * 2 == chunk for op in bwd)
 
 
 @gpu

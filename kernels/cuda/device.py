@@ -6,6 +6,7 @@ tests/test_cupy_emulated.py can run them against a CPU emulation of the same int
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 import warnings
@@ -35,7 +36,7 @@ MMA_TILE = 16                          # the 16 x 16 tile (two mma.sync m16n8k16
 MMA_SMEM_PAD = 8                       # persistent_mma.cu's shared-memory row padding (elements)
 
 
-BWD_CHUNK_BYTES = 512                  # = BWD_CHUNK_BYTES in persistent_mma.cu
+BWD_CHUNK_BYTES = 512                  # the persistent backward's chunk width a row, as timed
 
 
 def round_up(n: int, m: int) -> int:
@@ -67,13 +68,13 @@ def fwd_warp_split(rows: int, w_rows: int) -> int:
     return k
 
 
-def bwd_k_split(Bp: int, Np: int, itemsize: int) -> int:
+def bwd_k_split(Bp: int, Np: int, itemsize: int, chunk_bytes: int = BWD_CHUNK_BYTES) -> int:
     """How many warps of ``gated_bwd_persistent_mma`` share one 16 x 16 output tile, each over
-    a slice of every chunk: the largest power of two that keeps the warps busy (the tiles are
-    (Bp / 16) x (Np / 16), 4 at batch 64 with 8 units a block) and the slices whole k-steps of
-    16."""
+    a slice of every chunk (``chunk_bytes`` a row): the largest power of two that keeps the
+    warps busy (the tiles are (Bp / 16) x (Np / 16), 4 at batch 64 with 8 units a block) and
+    the slices whole k-steps of 16."""
     warps, tiles = PERSISTENT_THREADS // 32, (Bp // MMA_TILE) * (Np // MMA_TILE)
-    chunk = BWD_CHUNK_BYTES // itemsize
+    chunk = chunk_bytes // itemsize
     k = 1
     while 2 * k * tiles <= warps and chunk // (2 * k) >= MMA_TILE:
         k *= 2
@@ -89,6 +90,7 @@ class PersistentPlan:
     rows: int = 0                 # the tensor-core kernels: batch rows a row group (padded)
     row_groups: int = 1           # ... and the groups: blocks = row_groups x blocks a group
     warp_split: int = 0           # the tensor-core forward: warps a warp tile (0: per tile)
+    chunk: int = 0                # the tensor-core backward: chunk width (elements a row)
 
 
 _smem_attribute_lock = threading.Lock()
@@ -261,20 +263,38 @@ class CupyDevice:
         return plan
 
     def persistent_mma_bwd_plan(self, fn, gates: int, hidden: int, batch: int,
-                                row_groups: int = 1) -> PersistentPlan | str:
+                                row_groups: int = 1, chunk_bytes: int = BWD_CHUNK_BYTES
+                                ) -> PersistentPlan | str:
         """As :meth:`persistent_mma_plan` for the tensor-core backward
         (``gated_bwd_persistent_mma``): the block's columns of W_hh (``gates * hidden`` rows by
         its units, both padded to whole tiles), two chunk buffers of its row group's rows of the
-        recurrent gradient and the fp32 partial products (:func:`bwd_k_split` of them) must fit
-        in shared memory."""
-        def layout(units: int, rows: int) -> tuple[int, str, int]:
-            GHp, Np = round_up(gates * hidden, MMA_TILE), round_up(units, MMA_TILE)
-            chunk = BWD_CHUNK_BYTES // self.itemsize
-            return ((Np * (GHp + MMA_SMEM_PAD) + 2 * rows * (chunk + MMA_SMEM_PAD))
-                    * self.itemsize + bwd_k_split(rows, Np, self.itemsize) * rows * Np * 4,
-                    f"{units} units' columns of W_hh, the gradient chunks and the products", 0)
+        recurrent gradient (``chunk_bytes`` a row, a multiple of 512) and the fp32 partial
+        products (:func:`bwd_k_split` of them) must fit in shared memory. Chunks wider than
+        512 bytes that do not fit are planned at 512."""
+        if (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
+                or chunk_bytes < BWD_CHUNK_BYTES or chunk_bytes % BWD_CHUNK_BYTES):
+            raise ValueError(f"chunk_bytes: expected a positive multiple of {BWD_CHUNK_BYTES}, "
+                             f"got {chunk_bytes!r}")
 
-        return self._tensor_core_plan(fn, hidden, batch, layout, row_groups)
+        def layout_with(width: int):
+            def layout(units: int, rows: int) -> tuple[int, str, int]:
+                GHp, Np = round_up(gates * hidden, MMA_TILE), round_up(units, MMA_TILE)
+                chunk = width // self.itemsize
+                return ((Np * (GHp + MMA_SMEM_PAD) + 2 * rows * (chunk + MMA_SMEM_PAD))
+                        * self.itemsize
+                        + bwd_k_split(rows, Np, self.itemsize, width) * rows * Np * 4,
+                        f"{units} units' columns of W_hh, the gradient chunks and the products",
+                        0)
+            return layout
+
+        plan = self._tensor_core_plan(fn, hidden, batch, layout_with(chunk_bytes), row_groups)
+        if isinstance(plan, str) and chunk_bytes != BWD_CHUNK_BYTES:
+            chunk_bytes = BWD_CHUNK_BYTES
+            plan = self._tensor_core_plan(fn, hidden, batch, layout_with(chunk_bytes),
+                                          row_groups)
+        if isinstance(plan, str):
+            return plan
+        return dataclasses.replace(plan, chunk=chunk_bytes // self.itemsize)
 
     def _tensor_core_plan(self, fn, hidden: int, batch: int, layout,
                           row_groups: int) -> PersistentPlan | str:

@@ -577,7 +577,10 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
 // the card, ~2.4 TB/s), 17.4 in the products (242 cycles a k-step, before shared memory was
 // addressed as such), 2.5 in the gate backward, 1.8 in grid.sync(). A ring of up to 16
 // narrower buffers, more of them in flight, was slower (77 us; docs/performance.md).
-constexpr long long BWD_CHUNK_BYTES = 512;      // per row: 256 fp16/bf16 elements, 128 fp32
+// The chunk width `chunk` (elements a row) is the launcher's: 512 bytes a row (256 fp16/bf16
+// elements, 128 fp32) as run 7 timed it, or wider where the plan is asked to (MMA_BWD_CHUNK_BYTES
+// in backends/cupy.py: at 1 KiB, 8 round trips a step at H = 1024 instead of 16, and half the
+// barriers).
 
 // Run 7 (H200, .ci/phase_clocks.py): at LSTM fp16 512x64x1024 the chunks' copies waited 28 of a
 // 50 us step, ~2.4 TB/s of L2 reads across the card, while all 128 blocks asked for the same
@@ -597,11 +600,11 @@ gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
                          float* __restrict__ dc, T* __restrict__ drec, T* __restrict__ dxw,
                          T* __restrict__ dhh, long long n_steps, long long B, long long H,
                          long long units, long long reverse, long long Bp, long long GHp,
-                         long long Np, long long k_split, long long rows) {
+                         long long Np, long long k_split, long long rows, long long chunk) {
     RNN_GPU_DYNAMIC_SHARED(smem_raw);
     constexpr int G = rg::CellShape<CELL>::G;
     const long long GH = G * H;
-    const long long CK = BWD_CHUNK_BYTES / (long long)sizeof(T);   // chunk width (elements)
+    const long long CK = chunk;                   // chunk width (elements, a multiple of 128)
     const long long Ks = GHp + MMA_SMEM_PAD, As = CK + MMA_SMEM_PAD;  // padded row strides
     T* w_s = shared_from_128<T>(smem_raw);        // 128-byte aligned
     T* a_s = w_s + Np * Ks;                       // two chunk buffers of rows x As

@@ -135,7 +135,8 @@ from rnn_gpu.kernels.cuda.device import (
     MMA_TILE,
     PERSISTENT_THREADS,
     CupyDevice,
-    bwd_k_split,
+    check_chunk_bytes,
+    check_row_groups,
     round_up,
 )
 from rnn_gpu.kernels.cuda.graphs import clear_graphs, workspace
@@ -607,18 +608,13 @@ def _persistent_launch(dev, base: str, template_args: tuple, n_mat: int, H: int,
     ``backward`` :meth:`CupyDevice.persistent_mma_bwd_plan`)."""
     name, fn = dev.kernel("persistent" if batch is None else "persistent_mma", base,
                           *template_args)
-    if batch is not None and (isinstance(MMA_ROW_GROUPS, bool)
-                              or not isinstance(MMA_ROW_GROUPS, int) or MMA_ROW_GROUPS < 1):
-        raise ValueError(f"rnn_gpu.backends.cupy.MMA_ROW_GROUPS: expected a positive int, got "
-                         f"{MMA_ROW_GROUPS!r}")
-    if batch is not None and not isinstance(MMA_WARP_TILES, bool):
-        raise ValueError(f"rnn_gpu.backends.cupy.MMA_WARP_TILES: expected True or False, got "
-                         f"{MMA_WARP_TILES!r}")
-    if backward and (isinstance(MMA_BWD_CHUNK_BYTES, bool)
-                     or not isinstance(MMA_BWD_CHUNK_BYTES, int) or MMA_BWD_CHUNK_BYTES < 512
-                     or MMA_BWD_CHUNK_BYTES % 512):
-        raise ValueError(f"rnn_gpu.backends.cupy.MMA_BWD_CHUNK_BYTES: expected a positive "
-                         f"multiple of 512, got {MMA_BWD_CHUNK_BYTES!r}")
+    if batch is not None:       # the settings checked here, so that the error names them
+        check_row_groups(MMA_ROW_GROUPS, "rnn_gpu.backends.cupy.MMA_ROW_GROUPS")
+        if not isinstance(MMA_WARP_TILES, bool):
+            raise ValueError(f"rnn_gpu.backends.cupy.MMA_WARP_TILES: expected True or False, "
+                             f"got {MMA_WARP_TILES!r}")
+    if backward:
+        check_chunk_bytes(MMA_BWD_CHUNK_BYTES, "rnn_gpu.backends.cupy.MMA_BWD_CHUNK_BYTES")
     try:
         if batch is None:
             plan = dev.persistent_plan(fn, n_mat, H)
@@ -819,8 +815,7 @@ def _gated_backward_persistent(dev, tape: GatedTape, dy, dstate, dxw, dhh):
         return (dy, tape.w_hh, tape.lengths, tape.gates, tape.ctape, tape.c0, tape.hprev, dh,
                 dc, drec, dxw, dhh if cell == "gru" else None, i64(T), i64(B), i64(H),
                 i64(plan.units), i64(int(tape.reverse)), i64(Bp), i64(GHp), i64(Np),
-                i64(bwd_k_split(plan.rows, Np, dev.itemsize, plan.chunk * dev.itemsize)),
-                i64(plan.rows), i64(plan.chunk))
+                i64(plan.k_split), i64(plan.rows), i64(plan.chunk))
 
     if not _persistent_launch(dev, "gated_bwd_persistent_mma", (CELL_IDS[cell], tape.act),
                               GATES[cell], H, args_of, batch=B, backward=True):

@@ -111,7 +111,7 @@ def test_persistent_mma_bwd_plan_counts_padded_columns_chunks_and_partials():
     plan = dev.persistent_mma_bwd_plan(None, 4, 1024, 64)
     assert plan == cdev.PersistentPlan(
         128, 8, 16 * 4104 * 2 + 2 * 64 * 264 * 2 + 2 * 64 * 16 * 4 + 128, True, rows=64,
-        chunk=256)
+        chunk=256, k_split=2)
     # batch 16, one tile: 8 warps share it, each a 32-wide slice of a 256-wide chunk
     assert cdev.bwd_k_split(16, 16, 2) == 8 and cdev.bwd_k_split(16, 16, 4) == 8
     assert cdev.bwd_k_split(128, 32, 2) == 1                   # 16 tiles: one warp each
@@ -143,7 +143,7 @@ def test_tensor_core_plans_with_row_groups():
     backward = dev.persistent_mma_bwd_plan(None, 4, 1024, 64, row_groups=2)
     assert backward == cdev.PersistentPlan(
         128, 16, 16 * 4104 * 2 + 2 * 32 * 264 * 2 + 4 * 32 * 16 * 4 + 128, True, rows=32,
-        row_groups=2, chunk=256)
+        row_groups=2, chunk=256, k_split=4)
     small = EmulatedDevice(sms=3, smem_limit=1 << 20).persistent_mma_plan(None, 1, 7, 64,
                                                                           row_groups=4)
     assert (small.row_groups, small.rows, small.units, small.blocks) == (2, 32, 7, 2)
@@ -200,7 +200,7 @@ def test_backward_plan_with_wider_chunks():
     wide = dev.persistent_mma_bwd_plan(None, 4, 1024, 64, row_groups=2, chunk_bytes=1024)
     assert wide == cdev.PersistentPlan(
         128, 16, 16 * 4104 * 2 + 2 * 32 * 520 * 2 + 4 * 32 * 16 * 4 + 128, True, rows=32,
-        row_groups=2, chunk=512)
+        row_groups=2, chunk=512, k_split=4)
     narrow = dev.persistent_mma_bwd_plan(None, 4, 1024, 64, chunk_bytes=1024)
     assert (narrow.rows, narrow.chunk) == (64, 256)
     assert dev.persistent_mma_bwd_plan(None, 4, 1024, 64).chunk == 256

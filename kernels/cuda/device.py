@@ -6,7 +6,6 @@ tests/test_cupy_emulated.py can run them against a CPU emulation of the same int
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import threading
 import warnings
@@ -41,6 +40,21 @@ BWD_CHUNK_BYTES = 512                  # the persistent backward's chunk width a
 
 def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+def check_row_groups(value, name: str = "row_groups") -> None:
+    """A row-group count (:func:`row_split`) must be a positive int; ``name`` names it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+
+def check_chunk_bytes(value, name: str = "chunk_bytes") -> None:
+    """The tensor-core backward's chunk bytes a row must be a positive multiple of
+    :data:`BWD_CHUNK_BYTES`; ``name`` names the value."""
+    if (isinstance(value, bool) or not isinstance(value, int) or value < BWD_CHUNK_BYTES
+            or value % BWD_CHUNK_BYTES):
+        raise ValueError(f"{name}: expected a positive multiple of {BWD_CHUNK_BYTES}, "
+                         f"got {value!r}")
 
 
 def row_split(batch: int, row_groups: int) -> tuple[int, int]:
@@ -91,6 +105,7 @@ class PersistentPlan:
     row_groups: int = 1           # ... and the groups: blocks = row_groups x blocks a group
     warp_split: int = 0           # the tensor-core forward: warps a warp tile (0: per tile)
     chunk: int = 0                # the tensor-core backward: chunk width (elements a row)
+    k_split: int = 0              # ... and the warps a tile (bwd_k_split)
 
 
 _smem_attribute_lock = threading.Lock()
@@ -248,13 +263,13 @@ class CupyDevice:
         must fit in shared memory, plus 128 bytes to align them. ``row_groups``: see
         :meth:`_tensor_core_plan`. Warp tiles that cannot run are planned without."""
         def layout_with(tiles: bool):
-            def layout(units: int, rows: int) -> tuple[int, str, int]:
+            def layout(units: int, rows: int) -> tuple[int, str, dict]:
                 w_rows, Hp = round_up(n_mat * units, MMA_TILE), round_up(hidden, MMA_TILE)
                 split = fwd_warp_split(rows, w_rows) if tiles else 0
                 return ((w_rows + rows) * (Hp + MMA_SMEM_PAD) * self.itemsize
                         + max(split, 1) * rows * w_rows * 4,
                         f"{units} units' weights, {rows} rows of the state and the products",
-                        split)
+                        {"warp_split": split})
             return layout
 
         plan = self._tensor_core_plan(fn, hidden, batch, layout_with(warp_tiles), row_groups)
@@ -271,41 +286,34 @@ class CupyDevice:
         recurrent gradient (``chunk_bytes`` a row, a multiple of 512) and the fp32 partial
         products (:func:`bwd_k_split` of them) must fit in shared memory. Chunks wider than
         512 bytes that do not fit are planned at 512."""
-        if (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
-                or chunk_bytes < BWD_CHUNK_BYTES or chunk_bytes % BWD_CHUNK_BYTES):
-            raise ValueError(f"chunk_bytes: expected a positive multiple of {BWD_CHUNK_BYTES}, "
-                             f"got {chunk_bytes!r}")
+        check_chunk_bytes(chunk_bytes)
 
         def layout_with(width: int):
-            def layout(units: int, rows: int) -> tuple[int, str, int]:
+            def layout(units: int, rows: int) -> tuple[int, str, dict]:
                 GHp, Np = round_up(gates * hidden, MMA_TILE), round_up(units, MMA_TILE)
                 chunk = width // self.itemsize
+                k_split = bwd_k_split(rows, Np, self.itemsize, width)
                 return ((Np * (GHp + MMA_SMEM_PAD) + 2 * rows * (chunk + MMA_SMEM_PAD))
-                        * self.itemsize
-                        + bwd_k_split(rows, Np, self.itemsize, width) * rows * Np * 4,
+                        * self.itemsize + k_split * rows * Np * 4,
                         f"{units} units' columns of W_hh, the gradient chunks and the products",
-                        0)
+                        {"chunk": chunk, "k_split": k_split})
             return layout
 
         plan = self._tensor_core_plan(fn, hidden, batch, layout_with(chunk_bytes), row_groups)
         if isinstance(plan, str) and chunk_bytes != BWD_CHUNK_BYTES:
-            chunk_bytes = BWD_CHUNK_BYTES
-            plan = self._tensor_core_plan(fn, hidden, batch, layout_with(chunk_bytes),
+            plan = self._tensor_core_plan(fn, hidden, batch, layout_with(BWD_CHUNK_BYTES),
                                           row_groups)
-        if isinstance(plan, str):
-            return plan
-        return dataclasses.replace(plan, chunk=chunk_bytes // self.itemsize)
+        return plan
 
     def _tensor_core_plan(self, fn, hidden: int, batch: int, layout,
                           row_groups: int) -> PersistentPlan | str:
         """The persistent grid over ``hidden`` units and ``row_groups`` groups of the batch's
         rows (:func:`row_split`), with ``layout(units, rows)`` = (bytes of shared memory a
-        block, what they hold, the forward's warp split), plus 128 bytes of alignment. Where
+        block, what they hold, the kernel's further plan fields), plus 128 bytes of alignment. Where
         that many groups cannot run, half as many are tried, down to one; with one, the reason
         it cannot run (more than the opt-in limit, or too many blocks to be resident at once)
         is returned."""
-        if isinstance(row_groups, bool) or not isinstance(row_groups, int) or row_groups < 1:
-            raise ValueError(f"row_groups: expected a positive int, got {row_groups!r}")
+        check_row_groups(row_groups)
         while True:
             rows, groups = row_split(batch, row_groups)
             plan = self._tensor_core_grid(fn, hidden, batch, layout, rows, groups)
@@ -319,7 +327,7 @@ class CupyDevice:
         if isinstance(grid, str):
             return grid
         sms, optin, units, blocks = grid
-        smem, holds, warp_split = layout(units, rows)
+        smem, holds, fields = layout(units, rows)
         smem += 128
         if smem > optin:
             return (f"{smem} B of shared memory per block for {holds} at batch {batch}; "
@@ -327,7 +335,7 @@ class CupyDevice:
         if self._occupancy(fn, smem) * sms < blocks:
             return (f"{blocks} blocks of {PERSISTENT_THREADS} threads with {smem} B of shared "
                     f"memory cannot all be resident on cuda:{self.index} ({sms} SMs)")
-        return PersistentPlan(blocks, units, smem, True, rows, groups, warp_split)
+        return PersistentPlan(blocks, units, smem, True, rows, groups, **fields)
 
     def _persistent_grid(self, hidden: int,
                          row_groups: int = 1) -> tuple[int, int, int, int] | str:

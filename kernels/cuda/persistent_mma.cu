@@ -561,7 +561,7 @@ gated_fwd_persistent_mma(const T* __restrict__ xw, const T* __restrict__ w_hh,
 //      GHp) and its columns of
 //      W_hh (GHp x Np, Np = nu padded to 16; column-major in shared memory for all steps), as
 //      16 x 16 tiles on the tensor cores. d_rec comes through shared memory in chunks of
-//      BWD_CHUNK_BYTES per row (cp.async, two buffers: chunk c + 1 lands while c is
+//      `chunk` elements a row (cp.async, two buffers: chunk c + 1 lands while c is
 //      multiplied); when the tiles are fewer than the warps, k_split warps share a tile, each
 //      over a slice of the chunk into its own fp32 partial (acc_s), summed in the finish.
 // One barrier a step: the product of step s reads slot s & 1 of drec, and step s - 1 writes

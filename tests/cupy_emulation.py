@@ -540,6 +540,20 @@ class EmulatedDevice:
         cops.run_ops(self, ops)          # the backend's own error reporting
 
 
+def record_launches(monkeypatch, device_class) -> list:
+    """The kernel launches (``Launch`` operations) ``device_class`` runs from now on, in order,
+    until ``monkeypatch`` undoes the recording."""
+    launched = []
+    launch = device_class.launch
+
+    def recording(self, op):
+        launched.append(op)
+        return launch(self, op)
+
+    monkeypatch.setattr(device_class, "launch", recording)
+    return launched
+
+
 CELL_CASES = [("rnn", ("tanh",)), ("rnn", ("relu",)), ("lstm", ()), ("gru", ()),
               ("twostage", ("tanh", "tanh")), ("twostage", ("sigmoid", "relu")),
               ("twostage", ("relu", "sigmoid"))]

@@ -31,6 +31,7 @@ from cupy_emulation import (
     check_against_numpy,
     emulated_gemm_ex,
     gemm_case,
+    record_launches,
     run_against_oracle,
     run_mma_tile_check,
 )
@@ -411,14 +412,7 @@ def test_oracle_harness_trains_with_the_tensor_core_variants(emulated_backend, f
     cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "persistent-mma", "persistent-mma"
     cb.MMA_ROW_GROUPS, cb.MMA_WARP_TILES, cb.MMA_BWD_CHUNK_BYTES = row_groups, warp_tiles, chunk
     monkeypatch.setattr(EmulatedCupyBackend, "smem_limit", 1 << 18)   # 1 KiB float32 chunks
-    launched = []
-    launch = EmulatedDevice.launch
-
-    def recording(self, op):
-        launched.append(op)
-        return launch(self, op)
-
-    monkeypatch.setattr(EmulatedDevice, "launch", recording)
+    launched = record_launches(monkeypatch, EmulatedDevice)
     run_against_oracle(layer, "float32", "numpy", seed=17, B=40, H=24, backend=emulated_backend)
     rows = 32 if row_groups == 2 else 48
     fwd = [op for op in launched if op.name.startswith("gated_fwd_persistent_mma")]
@@ -435,17 +429,11 @@ def test_oracle_harness_trains_through_the_persistent_backward(emulated_backend,
     the layer code against torch.nn in float64: both directions, given states, a row of
     length 0."""
     cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "persistent-mma", "persistent-mma"
-    launched = []
-    launch = EmulatedDevice.launch
-
-    def recording(self, op):
-        launched.append(op.name)
-        return launch(self, op)
-
-    monkeypatch.setattr(EmulatedDevice, "launch", recording)
+    launched = record_launches(monkeypatch, EmulatedDevice)
     run_against_oracle(layer, "float32", "numpy", seed=3, backend=emulated_backend)
-    assert sum(n.startswith("gated_bwd_persistent_mma") for n in launched) == 2
-    assert not any(n.startswith("gated_bwd_step") for n in launched)
+    names = [op.name for op in launched]
+    assert sum(n.startswith("gated_bwd_persistent_mma") for n in names) == 2
+    assert not any(n.startswith("gated_bwd_step") for n in names)
 
 
 def test_lstm_projection_without_initial_state_skips_the_fold(emulated_backend, force_path,

@@ -16,7 +16,15 @@ import warnings
 
 import numpy as np
 import pytest
-from cupy_emulation import LAYERS, _device, _host, check_errors, problem, run_against_oracle
+from cupy_emulation import (
+    LAYERS,
+    _device,
+    _host,
+    check_errors,
+    problem,
+    record_launches,
+    run_against_oracle,
+)
 
 import rnn_gpu as rg
 import rnn_gpu.backends.cupy as cb
@@ -122,19 +130,13 @@ def test_gpu_persistent_mma_backward_matches_oracle(registered, force_path, chec
     if reasons:
         pytest.skip("; ".join(reasons))
     cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "persistent-mma", "persistent-mma"
-    launched = []
-    launch = cdev.CupyDevice.launch
-
-    def recording(self, op):
-        launched.append(op.name)
-        return launch(self, op)
-
-    monkeypatch.setattr(cdev.CupyDevice, "launch", recording)
+    launched = record_launches(monkeypatch, cdev.CupyDevice)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         run_against_oracle(layer, dtype, "cupy", seed=13)
-    assert sum(n.startswith("gated_bwd_persistent_mma") for n in launched) == 2   # 2 directions
-    assert not any(n.startswith("gated_bwd_step") for n in launched)
+    names = [op.name for op in launched]
+    assert sum(n.startswith("gated_bwd_persistent_mma") for n in names) == 2   # 2 directions
+    assert not any(n.startswith("gated_bwd_step") for n in names)
 
 
 @gpu
@@ -159,14 +161,7 @@ def test_gpu_persistent_mma_variants_match_oracle(registered, force_path, check_
         pytest.skip("; ".join(reasons))
     cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "persistent-mma", "persistent-mma"
     cb.MMA_ROW_GROUPS, cb.MMA_WARP_TILES, cb.MMA_BWD_CHUNK_BYTES = row_groups, warp_tiles, chunk
-    launched = []
-    launch = cdev.CupyDevice.launch
-
-    def recording(self, op):
-        launched.append(op)
-        return launch(self, op)
-
-    monkeypatch.setattr(cdev.CupyDevice, "launch", recording)
+    launched = record_launches(monkeypatch, cdev.CupyDevice)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         run_against_oracle(layer, dtype, "cupy", seed=17, B=40, H=24)

@@ -138,13 +138,11 @@ def main() -> None:
     x = torch.randn(T, B, H, device="cuda", dtype=getattr(torch, args.dtype))
     key = (index, "persistent_mma", args.dtype)
     results = []
-    grids = {}                                   # kernel base name -> blocks of its last launch
-    plans = {}                                   # ... -> its last two arguments
+    last_launch = {}                             # kernel base name -> its last Launch
     launch = device.CupyDevice.launch
 
     def recording(self, op):
-        grids[op.name.split("<")[0]] = op.grid
-        plans[op.name.split("<")[0]] = [int(a) for a in op.args[-2:]]
+        last_launch[op.name.split("<")[0]] = op
         return launch(self, op)
 
     device.CupyDevice.launch = recording
@@ -177,7 +175,7 @@ def main() -> None:
             reset(arrays)
             layer(x, backend="cupy")
             torch.cuda.synchronize()
-            entry["forward_blocks"] = blocks = grids["gated_fwd_persistent_mma"]
+            entry["forward_blocks"] = blocks = last_launch["gated_fwd_persistent_mma"].grid
             entry["forward"] = phases(arrays, FORWARD_PHASES, blocks, T)
             show("forward (instrumented)", entry["forward"])
             y, _, tape = layer.forward(x, backend="cupy")
@@ -186,7 +184,7 @@ def main() -> None:
             reset(arrays)
             layer.backward(tape, dy)
             torch.cuda.synchronize()
-            entry["backward_blocks"] = blocks = grids["gated_bwd_persistent_mma"]
+            entry["backward_blocks"] = blocks = last_launch["gated_bwd_persistent_mma"].grid
             entry["backward"] = phases(arrays, BACKWARD_PHASES, blocks, T)
             show("backward (instrumented)", entry["backward"])
 
@@ -208,8 +206,9 @@ def main() -> None:
             setattr(cb, key, value)
         try:
             measure(entry, defines)
-            rows, split = plans["gated_fwd_persistent_mma"]
-            chunk = plans["gated_bwd_persistent_mma"][1]
+            # the kernels' last arguments: rows a group, then the warp split / the chunk
+            rows, split = (int(a) for a in last_launch["gated_fwd_persistent_mma"].args[-2:])
+            chunk = int(last_launch["gated_bwd_persistent_mma"].args[-1])
             entry["rows"], entry["warp_split"], entry["bwd_chunk"] = rows, split, chunk
             print(f"  plan: forward {entry['forward_blocks']} blocks, {rows} rows a group, warp "
                   f"split {split}; backward {entry['backward_blocks']} blocks, chunks of "

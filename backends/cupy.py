@@ -245,6 +245,13 @@ class CupyBackend(Backend):
         return _unavailable_reason()
 
     def describe_run(self, problem: Problem) -> str:
+        """What ran for ``problem``, last in this process under the current settings: each
+        direction's path and its persistent kernel's plan (blocks, units, row groups, warp
+        tiles, chunk width), and where it fell back, from what. Before any run, what the
+        settings ask for."""
+        return _ran_for(problem) or self._asked(problem)
+
+    def _asked(self, problem: Problem) -> str:
         path = choose_path(problem.cell, problem.batch, problem.hidden_size, problem.dtype)
         if path == "persistent-mma" and problem.cell != "twostage":
             kind = "persistent on tensor cores"
@@ -446,6 +453,57 @@ def choose_path(cell: str, batch: int, hidden: int, dtype: str = "float32") -> s
     return "graph"
 
 
+# ---------------------------------------------------------------------- what ran
+
+# The last run of each problem in this process, under each combination of the settings above:
+# the path it took and its persistent kernel's plan. describe_run (the bench's "config"
+# column) reports these, so that a row names what ran (fewer row groups, no warp tiles,
+# 512-byte chunks, another path) and not the settings it asked for: a variant that falls back
+# is timed as the fallback, and its row should say so.
+_ran: dict[tuple, str] = {}
+_ran_lock = threading.Lock()
+_PATH_WORDS = {"graph": "graph path", "persistent": "persistent",
+               "persistent-mma": "persistent on tensor cores"}
+
+
+def _settings() -> tuple:
+    return (FORCE_PATH, FORCE_BACKWARD_PATH, USE_GRAPH, MMA_ROW_GROUPS, MMA_WARP_TILES,
+            MMA_BWD_CHUNK_BYTES)
+
+
+def _note_run(dev, direction: str, cell: str, batch: int, hidden: int, projected: bool,
+              path: str) -> None:
+    """Records what one forward or backward ran: ``path``, and for a persistent path the plan
+    of the kernel it launched last (the one that ran: an earlier plan that fell back launched
+    nothing)."""
+    if direction == "forward":
+        asked = choose_path(cell, batch, hidden, dev.dtype_name)
+        if cell == "twostage" and asked.startswith("persistent"):
+            asked = "persistent"          # no tensor-core kernel for the two stages
+    else:
+        asked = choose_backward_path(cell, batch, hidden, dev.dtype_name)
+    words = _PATH_WORDS[path]
+    if path != "graph":
+        words += f" ({dev.plans[-1].describe(dev.itemsize)})"
+    if path != asked:
+        words += f" ({_PATH_WORDS[asked]} could not run here)"
+    with _ran_lock:
+        _ran[direction, cell, batch, hidden, dev.dtype_name, projected, _settings()] = words
+
+
+def _ran_for(problem: Problem) -> str | None:
+    """What :func:`_note_run` recorded for ``problem`` under the current settings (forward,
+    and with ``problem.training`` backward), or None where it has not run."""
+    key = (problem.cell, problem.batch, problem.hidden_size, problem.dtype,
+           bool(problem.proj_size), _settings())
+    with _ran_lock:
+        forward, backward = _ran.get(("forward", *key)), _ran.get(("backward", *key))
+    if not problem.training:
+        return forward
+    return None if forward is None or backward is None else (f"forward {forward}; "
+                                                             f"backward {backward}")
+
+
 # ---------------------------------------------------------------------- tapes
 
 @dataclass
@@ -549,6 +607,7 @@ def _gated_forward(dev, problem, xw, w, state, lens, path, reverse, keep_tape):
     if final is None:
         path = "graph"
         final = _gated_graph(dev, cell, act, xw, w, state[0], c0, lens, outs, reverse)
+    _note_run(dev, "forward", problem.cell, B, H, bool(problem.proj_size), path)
     tape = None
     if keep_tape:
         tape = GatedTape(cell, act, reverse, w["weight_hh"], "bias_hh" in w, lens, c0, gates,
@@ -635,6 +694,7 @@ def _persistent_launch(dev, base: str, template_args: tuple, n_mat: int, H: int,
         return False
     dev.run([Launch(name, fn, plan.blocks, PERSISTENT_THREADS, args_of(plan),
                      shared_mem=plan.shared_mem, cooperative=True)])
+    dev.plans.append(plan)
     return True
 
 
@@ -690,6 +750,7 @@ def _twostage_forward(dev, problem, xw, w, h0, lens, path, reverse, keep_tape):
     if final is None:
         path = "graph"
         final = _twostage_graph(dev, acts, xw, w, h0, lens, outs, reverse)
+    _note_run(dev, "forward", problem.cell, B, H, bool(problem.proj_size), path)
     tape = None
     if keep_tape:
         tape = TwoStageTape(acts, reverse, w["weight_aa"], w["weight_ha"], w["weight_hh"],
@@ -761,7 +822,9 @@ def run_backward(dev, problem: Problem, ktape, dy, dstate):
     """Returns ``(dxw, dstate0, dweights)`` (rnn_gpu.backend_api's contract)."""
     dy = contiguous(dev, dy)
     dstate = tuple(contiguous(dev, d) for d in dstate)
-    if isinstance(ktape, TwoStageTape):
+    if isinstance(ktape, TwoStageTape):       # the graph path only
+        T, B, H = dy.shape
+        _note_run(dev, "backward", "twostage", B, H, False, "graph")
         return _twostage_backward(dev, ktape, dy, dstate[0])
     if ktape.projection is not None:
         return _projected_backward(dev, ktape, dy, dstate)
@@ -785,11 +848,13 @@ def _gated_backward(dev, tape: GatedTape, dy, dstate):
     GH = GATES[cell] * H
     dxw = dev.empty((T, B, GH), dev.dtype, "the gradient of xw")
     dhh = dev.empty((T, B, GH), dev.dtype, "the gradient of h W_hh^T") if cell == "gru" else dxw
-    d0 = None
+    d0, path = None, "graph"
     if choose_backward_path(cell, B, H, dev.dtype_name) == "persistent-mma":
         d0 = _gated_backward_persistent(dev, tape, dy, dstate, dxw, dhh)
+        path = "persistent-mma" if d0 is not None else path
     if d0 is None:
         d0 = _gated_backward_graph(dev, tape, dy, dstate, dxw, dhh)
+    _note_run(dev, "backward", cell, B, H, tape.projection is not None, path)
     grads = {"weight_hh": outer_grad(dev, dhh, tape.hprev, "the gradient of W_hh")}
     if tape.has_bias:
         ones = filled(dev, T * B, 1.0, "a ones vector")

@@ -463,6 +463,7 @@ class EmulatedDevice:
     def __init__(self, libs=None, sms: int = 3, smem_limit: int = 1 << 16, occupancy: int = 1):
         self.libs, self.sms, self.smem_limit, self.occupancy = libs, sms, smem_limit, occupancy
         self.launched: list[str] = []
+        self.plans: list = []                             # as CupyDevice.plans
         self.launches: list = []                          # the Launch operations run
 
     def ptr(self, a):

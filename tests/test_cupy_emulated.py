@@ -31,6 +31,7 @@ from cupy_emulation import (
     check_against_numpy,
     emulated_gemm_ex,
     gemm_case,
+    problem,
     record_launches,
     run_against_oracle,
     run_mma_tile_check,
@@ -303,6 +304,35 @@ def test_persistent_mma_row_groups_on_emulated_kernels_match_numpy(emulation, fo
     # the rows a group come last but one (then the forward's warp split, the backward's chunk)
     assert all(op.grid == groups * per_group and op.args[-2] == rows for op in mma), \
         [(op.name, op.grid, op.args[-2]) for op in mma]
+
+
+def test_describe_run_names_the_plans_that_ran_not_the_settings_asked(emulation, force_path):
+    """The bench's config column: four row groups asked of batch 40 ran as three, the forward's
+    warp tiles and 1 KiB backward chunks as planned; a variant that fell back is named as what
+    ran, with the path it asked for."""
+    sh, asked, (rows, groups, per_group) = ROW_GROUP_SHAPES["three groups"]
+    cb.FORCE_PATH, cb.FORCE_BACKWARD_PATH = "persistent-mma", "persistent-mma"
+    cb.MMA_ROW_GROUPS, cb.MMA_WARP_TILES, cb.MMA_BWD_CHUNK_BYTES = asked, True, 1024
+    training = problem("lstm", T=sh["T"], B=sh["B"], H=sh["H"], training=True)
+    assert "in 4 row groups" in cb.CupyBackend().describe_run(training)     # nothing ran yet
+    dev, _ = check_shape(emulation, sh, "lstm", (), False)
+    blocks = f"{groups * per_group} blocks of 5 units, {groups} row groups of {rows} rows"
+    split = next(op.args[-1] for op in dev.launches if "fwd_persistent_mma" in op.name)
+    assert cb.CupyBackend().describe_run(training) == (
+        f"forward persistent on tensor cores ({blocks}, 32 x 32 warp tiles of {split} warps); "
+        f"backward persistent on tensor cores ({blocks}, 1024-byte chunks)")
+    cb.MMA_ROW_GROUPS = 2            # other settings: their own record, none yet
+    assert "in 2 row groups" in cb.CupyBackend().describe_run(training)
+
+    cb.FORCE_PATH, cb.MMA_ROW_GROUPS = "persistent", 1
+    dev = EmulatedDevice(emulation, occupancy=0)
+    with pytest.warns(RuntimeWarning, match="taking the graph path"):
+        check_against_numpy(dev, "lstm", (), 3, 2, 5, reverse=False, lengths=None, bias=True)
+    assert cb.CupyBackend().describe_run(problem("lstm", T=3, B=2, H=5, training=True)) == (
+        "forward graph path (persistent could not run here); "
+        "backward graph path (persistent on tensor cores could not run here)")
+    assert cb.CupyBackend().describe_run(problem("lstm", T=3, B=2, H=5)) == (
+        "graph path (persistent could not run here)")
 
 
 def test_persistent_mma_backward_falls_back_to_the_graph_path_with_a_warning(emulation,

@@ -107,6 +107,20 @@ class PersistentPlan:
     chunk: int = 0                # the tensor-core backward: chunk width (elements a row)
     k_split: int = 0              # ... and the warps a tile (bwd_k_split)
 
+    def describe(self, itemsize: int) -> str:
+        """The grid and what the plan chose, for reports (the bench's ``config`` column): the
+        plan that ran, where it fell back from the settings asked for."""
+        words = [f"{self.blocks} blocks of {self.units} units"]
+        if not self.rows:             # the CUDA-core kernels
+            words.append("W_hh in shared memory" if self.use_smem else "W_hh read from L2")
+        if self.row_groups > 1:
+            words.append(f"{self.row_groups} row groups of {self.rows} rows")
+        if self.warp_split:
+            words.append(f"32 x 32 warp tiles of {self.warp_split} warps")
+        if self.chunk:
+            words.append(f"{self.chunk * itemsize}-byte chunks")
+        return ", ".join(words)
+
 
 _smem_attribute_lock = threading.Lock()
 
@@ -127,6 +141,7 @@ class CupyDevice:
         self.stream = cupy.cuda.get_current_stream()
         self.compute = compute_type(self.dtype_name)
         self.capturing = False
+        self.plans: list[PersistentPlan] = []    # the persistent kernels launched, in order
         self.op_stream = self.stream  # where GEMMs go: the caller's stream, or a capture's
         self.blas: RawCublas | None = None
         if capture and cuda_graphs.GRAPH_CACHE_SIZE > 0 and not cuda_graphs.capture_off:

@@ -69,11 +69,12 @@ def _bench_cases(args: argparse.Namespace, device: str):
     proj = args.proj_size or 0
     if proj < 0:
         raise ValueError(f"proj-size: expected a positive LSTM projection size, got {proj}")
+    options = dict(proj_size=proj, lengths=args.lengths)
     if args.quick:
-        return bench.quick_cases(cells, shapes, dtypes, passes, device, proj_size=proj)
+        return bench.quick_cases(cells, shapes, dtypes, passes, device, **options)
     if on_gpu:
-        return bench_cases.gpu_cases(cells, shapes, dtypes, passes, device, proj_size=proj)
-    return bench.cpu_cases(cells, shapes, dtypes, passes, proj_size=proj)
+        return bench_cases.gpu_cases(cells, shapes, dtypes, passes, device, **options)
+    return bench.cpu_cases(cells, shapes, dtypes, passes, **options)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -136,6 +137,8 @@ def _write_atomically(path: str, text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .bench.cases import LENGTHS
+
     parser = argparse.ArgumentParser(prog="rnn-gpu", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions and the backend table")
@@ -178,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--proj-size", type=int, metavar="P",
                        help="LSTM with a projection of size P (torch.nn's proj_size; LSTM "
                             "only, P below each shape's H)")
+    bench.add_argument("--lengths", default="full", choices=LENGTHS,
+                       help="full (default): every sequence T steps; uniform: B lengths drawn "
+                            "uniformly from 1..T (seeded, unsorted), passed as lengths (to "
+                            "torch.nn as a packed sequence); tokens/s and TFLOP/s then count "
+                            "the valid steps only")
     bench.add_argument("--repeats", type=int, metavar="N",
                        help="timed calls per runner and case (default 10; 3 with --quick)")
     bench.add_argument("--threads", type=int, metavar="N",

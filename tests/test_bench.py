@@ -193,6 +193,9 @@ def test_bad_arguments_exit_2(capsys):
     assert main(["bench", "--dtype", "int8"]) == 2
     assert main(["bench", "--repeats", "0"]) == 2
     assert main(["bench", "--threads", "0"]) == 2
+    with pytest.raises(SystemExit) as exited:        # argparse's choices
+        main(["bench", "--lengths", "random"])
+    assert exited.value.code == 2 and "invalid choice: 'random'" in capsys.readouterr().err
 
 
 def test_shapes_cells_and_flops():
@@ -230,6 +233,51 @@ def test_lstm_projection_cases(capsys):
 def test_bad_projection_arguments_exit_2(capsys, args, message):
     assert main(["bench", "--quick", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_variable_length_cases(capsys):
+    """--lengths uniform: every runner gets the same seeded lengths (torch.nn a packed
+    sequence, the TwoStageRNN loop its masks), outputs and gradients are checked against torch
+    before timing, and tokens and flops count the valid steps only."""
+    rows = _bench_json(capsys, "--shape", "7x9x6", "--lengths", "uniform", "--pass", "all",
+                       "--repeats", "1")["rows"]
+    case = cases.Case("LSTM", 7, 9, 6, 6, lengths="uniform")
+    lengths = cases.case_lengths(case)
+    assert lengths.min() >= 1 and lengths.max() <= 7 and len(set(lengths.tolist())) > 2
+    assert case.tokens == lengths.sum() < 7 * 9
+    assert flops.case_flops(case) == flops.forward_flops("LSTM", 7, 9, 6, 6) * case.tokens / 63
+    assert {(r["cell"], r["pass_"]) for r in rows if r["runner"] == "numpy"} == {
+        (c, p) for c in cases.CELLS for p in cases.PASSES}
+    for row in rows:
+        if row["runner"] in ("numpy", "torch-cpu"):
+            assert row["shape"] == "7×9×6 len=uniform" and row["error"] is None, row
+            assert row["max_err"] <= 1e-4
+            assert row["tokens_per_s"] * row["ms"] / 1e3 == pytest.approx(case.tokens)
+
+
+class _IgnoresLengths(Backend):
+    """The NumPy backend with the lengths dropped: right without lengths, wrong with them."""
+
+    name = "ignores_lengths_for_test"
+    priority = -100
+
+    def forward(self, problem, xw, weights, state, lengths, *, reverse, keep_tape):
+        from rnn_gpu.backends.numpy import NumpyBackend
+
+        return NumpyBackend().forward(problem, xw, weights, state, None, reverse=reverse,
+                                      keep_tape=keep_tape)
+
+
+def test_a_backend_that_ignores_lengths_is_not_timed(capsys):
+    rg.backends.register(_IgnoresLengths)
+    try:
+        for lengths, wrong in (("full", False), ("uniform", True)):
+            rows = _bench_json(capsys, "--cell", "GRU", "--shape", "6x5x4", "--lengths",
+                               lengths, "--backend", _IgnoresLengths.name, "--repeats", "1")
+            [row] = [r for r in rows["rows"] if r["runner"] == _IgnoresLengths.name]
+            assert (row["error"] is not None and "wrong answer" in row["error"]) is wrong, row
+    finally:
+        rg.backends.unregister(_IgnoresLengths.name)
 
 
 def test_without_the_peer_no_row_claims_a_ratio(capsys, monkeypatch):

@@ -8,6 +8,12 @@
 
 ``pass_`` is ``"forward"`` (inference) or ``"train"`` (forward, then backward of a loss on
 every output and the final state: what a training step costs).
+
+``lengths`` is ``""`` (every sequence runs all T steps) or ``"uniform"``: B lengths drawn
+uniformly from 1..T (seeded, in no order: as a user's batch comes), which every runner gets as
+``lengths`` (torch.nn as a packed sequence, ``enforce_sorted=False``). Tokens and flops then
+count the valid steps only, the work the problem asks for: a runner that computes the padding
+too shows a lower rate.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ GPU_QUICK_SHAPES = ((64, 256, 128), (32, 64, 256))
 CPU_DTYPES = ("float32",)
 GPU_DTYPES = ("float32", "float16", "bfloat16")
 PASSES = ("forward", "train")
+LENGTHS = ("full", "uniform")       # --lengths; "full" is the case's lengths ""
 
 
 @dataclass(frozen=True)
@@ -50,12 +57,15 @@ class Case:
     # The dtype the inputs (weights, x, the train pass's dy) are rounded to, when it is not
     # ``dtype``: a half-precision case's float32 oracle (:meth:`float32_oracle`).
     inputs_dtype: str = ""
+    lengths: str = ""      # "" (all T) or "uniform" (see the module docstring)
 
     @property
     def shape(self) -> str:
-        """``T×B×H`` when I = H (the usual case), else ``T×B×I×H``; `` P=n`` with a projection."""
+        """``T×B×H`` when I = H (the usual case), else ``T×B×I×H``; `` P=n`` with a projection,
+        `` len=uniform`` with lengths."""
         dims = (self.T, self.B, self.H) if self.I == self.H else (self.T, self.B, self.I, self.H)
-        return "×".join(map(str, dims)) + (f" P={self.P}" if self.P else "")
+        return ("×".join(map(str, dims)) + (f" P={self.P}" if self.P else "")
+                + (f" len={self.lengths}" if self.lengths else ""))
 
     def layer_options(self) -> dict:
         """Constructor options beyond (I, H) for our layers and torch.nn's alike."""
@@ -68,7 +78,9 @@ class Case:
 
     @property
     def tokens(self) -> int:
-        return self.T * self.B
+        """The valid (time step, sequence) pairs: T x B, or the sum of the lengths."""
+        lengths = case_lengths(self)
+        return self.T * self.B if lengths is None else int(lengths.sum())
 
     def label(self) -> str:
         return f"{self.cell} {self.shape} {self.dtype} {self.pass_} on {self.device}"
@@ -91,6 +103,18 @@ class Case:
 
 
 HALF_DTYPES = ("float16", "bfloat16")
+LENGTHS_SEED = 3
+
+
+def case_lengths(case: Case) -> np.ndarray | None:
+    """The case's sequence lengths (int64, B of them), or None when every sequence runs all T
+    steps. ``"uniform"``: each drawn uniformly from 1..T, seeded, the same for every runner."""
+    if not case.lengths:
+        return None
+    if case.lengths != "uniform":
+        raise ValueError(f"lengths: expected one of {', '.join(LENGTHS)}, got {case.lengths!r}")
+    return np.random.default_rng(LENGTHS_SEED).integers(1, case.T + 1, size=case.B,
+                                                         dtype=np.int64)
 
 
 def round_inputs(a, case: Case):
@@ -134,9 +158,11 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
 
 
 def _cases(cells, shapes, dtypes, device="cpu", passes=("forward",),
-           proj_size: int = 0) -> list[Case]:
+           proj_size: int = 0, lengths: str = "full") -> list[Case]:
     """Every combination; with ``proj_size``, LSTM only, and a shape whose H is not above it
-    is a ValueError naming both."""
+    is a ValueError naming both. ``lengths``: one of :data:`LENGTHS`."""
+    if lengths not in LENGTHS:
+        raise ValueError(f"lengths: expected one of {', '.join(LENGTHS)}, got {lengths!r}")
     if proj_size and any(cell != "LSTM" for cell in cells):
         raise ValueError(f"proj-size: only LSTM has a projection, got cells {', '.join(cells)}")
     out = []
@@ -148,30 +174,31 @@ def _cases(cells, shapes, dtypes, device="cpu", passes=("forward",),
                     raise ValueError(f"proj-size: expected less than the hidden size of "
                                      f"every shape, got {proj_size} for H={H}")
                 for dtype in dtypes:
-                    out.append(Case(cell, T, B, I, H, dtype, device, pass_, proj_size))
+                    out.append(Case(cell, T, B, I, H, dtype, device, pass_, proj_size,
+                                    lengths="" if lengths == "full" else lengths))
     return out
 
 
 def cpu_cases(cells=None, shapes=None, dtypes=CPU_DTYPES, passes=("forward",),
-              proj_size: int = 0) -> list[Case]:
+              proj_size: int = 0, lengths: str = "full") -> list[Case]:
     """The CPU acceptance set plus TwoStageRNN for information (or the filtered subset)."""
     return _cases(cells or _cells(proj_size), shapes or CPU_SHAPES, dtypes, "cpu", passes,
-                  proj_size)
+                  proj_size, lengths)
 
 
 def gpu_cases(cells=None, shapes=None, dtypes=GPU_DTYPES, passes=PASSES,
-              device="cuda", proj_size: int = 0) -> list[Case]:
+              device="cuda", proj_size: int = 0, lengths: str = "full") -> list[Case]:
     """DESIGN §5's shapes and the long sequence, every GPU dtype, forward and train."""
     return _cases(cells or _cells(proj_size), shapes or (*GPU_SHAPES, LONG_SHAPE), dtypes,
-                  device, passes, proj_size)
+                  device, passes, proj_size, lengths)
 
 
 def quick_cases(cells=None, shapes=None, dtypes=CPU_DTYPES, passes=("forward",),
-                device="cpu", proj_size: int = 0) -> list[Case]:
+                device="cpu", proj_size: int = 0, lengths: str = "full") -> list[Case]:
     """Small shapes for a smoke run (``rnn-gpu bench --quick``)."""
     default = GPU_QUICK_SHAPES if device.startswith("cuda") else QUICK_SHAPES
     return _cases(cells or _cells(proj_size), shapes or default, dtypes, device, passes,
-                  proj_size)
+                  proj_size, lengths)
 
 
 def _cells(proj_size: int) -> tuple[str, ...]:

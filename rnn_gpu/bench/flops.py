@@ -35,5 +35,7 @@ def train_flops(cell: str, T: int, B: int, I: int, H: int, P: int = 0) -> int:  
 
 
 def case_flops(case) -> int:
+    """The case's flops over its valid steps (``case.tokens``: with lengths, their sum), the
+    work the problem asks for, whatever a runner computes for the padding."""
     fn = forward_flops if case.pass_ == "forward" else train_flops
-    return fn(case.cell, case.T, case.B, case.I, case.H, case.P)
+    return fn(case.cell, 1, case.tokens, case.I, case.H, case.P)

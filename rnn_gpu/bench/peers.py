@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .cases import round_inputs
+from .cases import case_lengths, round_inputs
 
 PEER_TORCH_CPU = "torch-cpu"
 PEER_TORCH_CUDNN = "torch-cudnn"
@@ -137,10 +137,11 @@ class BackendRunner(Runner):
             layer.to(case.device)
         name, variant = self.backend, self._variant
         x = _on_device(x, case)
+        lengths = case_lengths(case)        # host ints, as users hold them
         if case.pass_ == "forward":
             def call():
                 with variant():
-                    return layer(x, backend=name)
+                    return layer(x, lengths=lengths, backend=name)
 
             return Prepared(call, _forward_result)
         dy, dstate = (_on_device(a, case) for a in train_grads(case))
@@ -148,7 +149,7 @@ class BackendRunner(Runner):
 
         def train():
             with variant():
-                y, state, tape = layer.forward(x, backend=name)
+                y, state, tape = layer.forward(x, lengths=lengths, backend=name)
                 dx, _, grads = layer.backward(tape, dy, dstate[0] if len(dstate) == 1
                                               else tuple(dstate))
             return y, state, dx, grads
@@ -203,8 +204,10 @@ class TorchRunner(Runner):
         tensors = {k: _on_device(v, case, torch_on_cpu=True) for k, v in params.items()}
         xt = _on_device(x, case, torch_on_cpu=True)
         names = list(params)
+        lengths = case_lengths(case)
         if case.cell == "TwoStageRNN":
-            step, weights = _torch_twostage(tensors), [tensors[k] for k in names]
+            step = _torch_twostage(tensors, lengths)
+            weights = [tensors[k] for k in names]
         else:
             module = getattr(torch.nn, case.cell)(case.I, case.H, device=device, dtype=dtype,
                                                   **case.layer_options())
@@ -215,7 +218,8 @@ class TorchRunner(Runner):
                 module.flatten_parameters()
             # cuDNN's RNN backward refuses a module in eval mode; dropout is 0 either way.
             module.train(case.pass_ == "train")
-            step, weights = module, [getattr(module, k) for k in names]
+            step = module if lengths is None else _packed(module, lengths)
+            weights = [getattr(module, k) for k in names]
         oracle = bool(case.inputs_dtype)     # a half-precision case's float32 oracle
         if case.pass_ == "forward":
             def call():
@@ -291,12 +295,31 @@ def _problem(case):
                    proj_size=case.P, training=case.pass_ == "train")
 
 
-def _torch_twostage(p: dict[str, Any]):
-    """The seed's cell as a plain torch loop (DESIGN §2), one layer, tanh/tanh."""
+def _packed(module, lengths: np.ndarray):
+    """torch.nn with variable lengths, as its users call it: x packed
+    (``enforce_sorted=False``: cuDNN sorts the batch itself), the output padded back to T.
+    Both conversions are in the timed call; they are part of what the user pays."""
+    import torch
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    host_lengths = torch.as_tensor(lengths)         # pack_padded_sequence wants them on the CPU
+
+    def forward(x):
+        packed = pack_padded_sequence(x, host_lengths, enforce_sorted=False)
+        y, state = module(packed)
+        return pad_packed_sequence(y, total_length=x.shape[0])[0], state
+
+    return forward
+
+
+def _torch_twostage(p: dict[str, Any], lengths: np.ndarray | None = None):
+    """The seed's cell as a plain torch loop (DESIGN §2), one layer, tanh/tanh; with
+    ``lengths``, each row's state held and its output zero after its end."""
     import torch
 
     w_ia, b_a, w_aa = p["weight_ia_l0"], p["bias_a_l0"], p["weight_aa_l0"]
     w_ha, w_hh, b_h = p["weight_ha_l0"], p["weight_hh_l0"], p["bias_h_l0"]
+    valid_steps = None if lengths is None else torch.as_tensor(lengths).to(w_hh.device)
 
     def forward(x):
         T, B, _ = x.shape
@@ -305,8 +328,14 @@ def _torch_twostage(p: dict[str, Any]):
         ys = []
         for t in range(T):
             a = torch.tanh(torch.addmm(xa[t], h, w_aa.T))
-            h = torch.tanh(torch.addmm(b_h, a, w_ha.T) + h @ w_hh.T)
-            ys.append(h)
+            h_new = torch.tanh(torch.addmm(b_h, a, w_ha.T) + h @ w_hh.T)
+            if valid_steps is None:
+                h = h_new
+                ys.append(h)
+                continue
+            valid = (t < valid_steps)[:, None]
+            h = torch.where(valid, h_new, h)
+            ys.append(torch.where(valid, h_new, torch.zeros_like(h_new)))
         return torch.stack(ys), h[None]
 
     return forward

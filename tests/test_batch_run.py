@@ -142,6 +142,50 @@ def test_another_job_on_the_same_output_is_refused_unless_overwrite(job, capsys)
     assert np.load(d / "out.npy").shape == (N, T, 2 * H)
 
 
+@pytest.mark.parametrize("output, named", [("x.npy", "INPUT"), ("model.safetensors", "MODEL"),
+                                            ("lengths.npy", "--lengths")])
+def test_overwrite_never_replaces_the_jobs_own_files(job, capsys, output, named):
+    """OUTPUT naming INPUT, MODEL or the lengths is a usage error before anything is touched,
+    --overwrite or not (it used to delete the input and then fail reading it)."""
+    d = job[0]
+    before = (d / output).read_bytes()
+    args = [d / "model.safetensors", d / "x.npy", d / output, "--lengths", d / "lengths.npy",
+            "--quiet", "--overwrite"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and f"is also {named}" in err, err
+    assert (d / output).read_bytes() == before
+    # the same file through another spelling of its path
+    code, _, err = run_cli(capsys, *args[:2], d / ".." / d.name / output, *args[3:])
+    assert code == 2 and f"is also {named}" in err, err
+
+
+def test_overwrite_never_deletes_a_directory_that_is_not_a_zarr_output(job, capsys):
+    d = job[0]
+    (d / "results").mkdir()
+    (d / "results" / "keep.txt").write_text("mine")
+    code, _, err = run_cli(capsys, *job_args(d, "results", "--overwrite"))
+    assert code == 2 and "is a directory" in err, err
+    (d / "store.zarr").mkdir()                                  # named like zarr, is not
+    (d / "store.zarr" / "keep.txt").write_text("mine")
+    from rnn_gpu.batch.errors import UsageError
+    from rnn_gpu.batch.sinks import remove_output
+
+    with pytest.raises(UsageError, match="not a zarr store; not deleting it"):
+        remove_output(str(d / "store.zarr"))
+    assert (d / "results" / "keep.txt").read_text() == "mine"
+    assert (d / "store.zarr" / "keep.txt").read_text() == "mine"
+
+
+def test_an_output_inside_the_input_shard_directory_is_refused(job, capsys):
+    d, _, x, _ = job
+    (d / "shards").mkdir()
+    np.save(d / "shards" / "part0.npy", x)
+    code, _, err = run_cli(capsys, d / "model.safetensors", d / "shards",
+                           d / "shards" / "out.npy", "--quiet", "--no-lengths")
+    assert code == 2 and "lies inside INPUT" in err, err
+    assert sorted(p.name for p in (d / "shards").iterdir()) == ["part0.npy"]
+
+
 def test_an_output_not_written_by_a_job_is_refused(job, capsys):
     d = job[0]
     np.save(d / "out.npy", np.ones(3))

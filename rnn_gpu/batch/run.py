@@ -41,6 +41,7 @@ from .prefetch import prefetch
 from .sinks import (
     Manifest,
     OutputLock,
+    is_zarr_output,
     manifest_path,
     open_writer,
     output_matches,
@@ -84,6 +85,7 @@ def run(opts: RunOptions, *, executor=None, log: Callable[[str], None] | None = 
     note = (lambda msg: None) if opts.quiet else log
     # Everything that can be checked is checked before the output is touched.
     _check_options(opts)
+    _check_output_path(opts)
     model = _load_model(opts)
     source = open_input(opts.input)
     N, T, input_size = source.shape
@@ -319,16 +321,43 @@ def _output_dtype(model, emit: str) -> np.dtype:
     return np.dtype("float32" if model.dtype == "bfloat16" else model.dtype)  # NumPy has no bf16
 
 
+def _lengths_path(opts: RunOptions) -> str | None:
+    """--lengths, or without it the file found beside INPUT (unless --no-lengths)."""
+    if opts.lengths is None and opts.find_lengths:
+        return lengths_beside(opts.input)
+    return opts.lengths
+
+
 def _lengths(opts: RunOptions, N: int, T: int, note) -> tuple[np.ndarray | None, dict | None]:
-    path = opts.lengths
-    if path is None and opts.find_lengths:
-        path = lengths_beside(opts.input)
-        if path is not None:
-            note(f"rnn-gpu run: lengths from {path} (found beside INPUT; --lengths PATH picks "
-                 "another file, --no-lengths none)")
+    path = _lengths_path(opts)
+    if path is not None and opts.lengths is None:
+        note(f"rnn-gpu run: lengths from {path} (found beside INPUT; --lengths PATH picks "
+             "another file, --no-lengths none)")
     if path is None:
         return None, None
     return open_lengths(path, N, T)
+
+
+def _check_output_path(opts: RunOptions) -> None:
+    """OUTPUT must be none of the job's own files (nor inside INPUT's shard directory), and
+    a directory only as a zarr output: --overwrite deletes what OUTPUT names, so a slip of the
+    command line must not cost the input, the model or an unrelated directory."""
+    out = os.path.realpath(opts.output)
+    named = {"INPUT": opts.input, "MODEL": opts.model, "--lengths": _lengths_path(opts)}
+    for arg, path in named.items():
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if out == real:
+            raise UsageError(f"OUTPUT: {opts.output!r} is also {arg} ({path!r}); write the "
+                             f"results to another path")
+        if os.path.isdir(real) and out.startswith(real + os.sep):
+            raise UsageError(f"OUTPUT: {opts.output!r} lies inside {arg}, the directory "
+                             f"{path!r} (its .npy files are read as shards); write the results "
+                             f"elsewhere")
+    if os.path.isdir(opts.output) and not is_zarr_output(opts.output):
+        raise UsageError(f"OUTPUT: {opts.output!r} is a directory; expected a .npy file path, "
+                         f"or a zarr directory ending in .zarr")
 
 
 def _chunk_rows(batch_size: int, source, out_shape, out_dtype) -> int:

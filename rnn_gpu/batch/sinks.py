@@ -166,9 +166,18 @@ def output_matches(path: str, shape, dtype, chunk_rows: int) -> bool:
     return NpyWriter.matches(path, shape, dtype)
 
 
+ZARR_METADATA = (".zarray", ".zgroup", ".zattrs", "zarr.json")
+
+
 def remove_output(path: str) -> None:
-    """Delete an output (file or zarr directory) and its manifest, for ``--overwrite``."""
-    if os.path.isdir(path):
+    """Delete an output (file or zarr directory) and its manifest, for ``--overwrite``. A
+    directory goes only when it is a zarr store (named ``*.zarr``, holding zarr's metadata, or
+    empty): anything else is a UsageError, never deleted."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        entries = os.listdir(path)
+        if not is_zarr_output(path) or (entries and not set(entries) & set(ZARR_METADATA)):
+            raise UsageError(f"OUTPUT: {path!r} is a directory that is not a zarr store; "
+                             f"not deleting it (give a .npy path or a .zarr directory)")
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.remove(path)

@@ -172,7 +172,9 @@ class RecurrentLayer:
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load NumPy arrays or torch tensors; names and shapes must match exactly."""
+        """Load NumPy arrays or torch tensors; names and shapes must match exactly. The values
+        are copied, as torch.nn does: training this layer in place never changes the caller's
+        arrays (or another layer loaded from the same dict)."""
         if not hasattr(state_dict, "keys"):
             raise TypeError(f"state_dict: expected a mapping of name -> array, got "
                             f"{type(state_dict).__name__}")
@@ -197,7 +199,7 @@ class RecurrentLayer:
             if not np.issubdtype(arr.dtype, np.floating):
                 raise TypeError(f"state_dict[{name!r}]: expected a floating dtype, got "
                                 f"{arr.dtype}")
-            host[name] = arr
+            host[name] = np.array(arr, copy=True)
         self._params = self._place(host, self.device)
 
     def to(self, device: Any) -> RecurrentLayer:

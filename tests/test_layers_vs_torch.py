@@ -584,6 +584,27 @@ def test_load_state_dict_from_torch_module(rng):
     np.testing.assert_allclose(c, ct.numpy(), rtol=1e-10, atol=1e-12)
 
 
+def test_load_state_dict_copies_the_callers_arrays():
+    """Training in place after a load changes neither the torch module it came from nor
+    another layer loaded from the same dict (NumPy arrays and CPU tensors both)."""
+    t = torch.nn.GRU(3, 4)
+    before = {k: v.detach().clone() for k, v in t.state_dict().items()}
+    m = rg.GRU(3, 4)
+    m.load_state_dict(t.state_dict())
+    for p in m.parameters().values():
+        p -= 1.0                                    # the README's SGD step
+    for k, v in t.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    sd = rg.GRU(3, 4, seed=1).state_dict()
+    a, b = rg.GRU(3, 4), rg.GRU(3, 4)
+    a.load_state_dict(sd)
+    b.load_state_dict(sd)
+    for p in a.parameters().values():
+        p *= 0.0
+    for k, v in b.state_dict().items():
+        np.testing.assert_array_equal(v, sd[k])
+
+
 # ---------------------------------------------------------------------- threaded batch blocks
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -88,6 +88,9 @@ def _bench(args: argparse.Namespace) -> int:
             raise ValueError(f"device: {device!r} asked for, but torch sees no CUDA device "
                              "here (torch.cuda.is_available() is False, or torch is missing)")
         cases = _bench_cases(args, device)
+        _check_bench_backends(_split(args.backend))
+        if args.json and args.json != "-":
+            _check_writable("json", args.json)
         n = threads.available_cores() if args.threads is None else args.threads
         if n < 1:
             raise ValueError(f"threads: expected a positive count, got {n}")
@@ -125,6 +128,35 @@ def _bench(args: argparse.Namespace) -> int:
     if not to_stdout:
         print(bench.format_table(rows, info, markdown=args.markdown))
     return 0
+
+
+def _check_bench_backends(names: list[str]) -> None:
+    """Every ``--backend NAME[:VARIANT]`` is registered and has that variant: a typo is a
+    usage error before any case runs, not a column of failed rows."""
+    from . import registry
+    from .bench.peers import BackendRunner
+
+    for name in names:
+        runner = BackendRunner(name, explicit=True)
+        try:
+            backend = registry.get(runner.backend)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (--backend {name})") from None
+        reason = runner._variant_reason(backend)
+        if reason:
+            raise ValueError(f"backend: {reason}")
+
+
+def _check_writable(arg: str, path: str) -> None:
+    """The directory ``path`` goes in exists and takes files: checked before the run, so that
+    a typo does not cost the cases already timed."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{arg}: {path!r} is a directory; expected a file path")
+    if not os.path.isdir(parent):
+        raise ValueError(f"{arg}: the directory {parent!r} of {path!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{arg}: cannot write to the directory {parent!r}")
 
 
 def _write_atomically(path: str, text: str) -> None:

@@ -193,6 +193,14 @@ def test_bad_arguments_exit_2(capsys):
     assert main(["bench", "--dtype", "int8"]) == 2
     assert main(["bench", "--repeats", "0"]) == 2
     assert main(["bench", "--threads", "0"]) == 2
+    capsys.readouterr()
+    # checked before any case runs (they used to fail every row, or the end of the run)
+    assert main(["bench", "--quick", "--backend", "numpy,foo"]) == 2
+    assert "unknown name 'foo'" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--backend", "numpy:fast"]) == 2
+    assert "the numpy backend has no variant 'fast'" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--json", "/nonexistent/dir/x.json"]) == 2
+    assert "json: the directory '/nonexistent/dir'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exited:        # argparse's choices
         main(["bench", "--lengths", "random"])
     assert exited.value.code == 2 and "invalid choice: 'random'" in capsys.readouterr().err
@@ -392,20 +400,22 @@ class _WithVariants(rg.backends.get("numpy").__class__):
 
 def test_backend_variants_are_separate_rows(capsys):
     """`--backend NAME:VARIANT`: one row per variant, every call (and the description) made
-    inside the backend's variant(); an unknown variant is reported with the known ones."""
+    inside the backend's variant(); an unknown variant is a usage error naming the known
+    ones, before any case runs."""
     rg.backends.register(_WithVariants)
     _WithVariants.calls.clear()
     try:
         name = _WithVariants.name
         report = _bench_json(capsys, "--cell", "GRU", "--shape", "4x3x5", "--repeats", "1",
-                             "--backend", f"{name}:plain,{name}:broken,{name}:nope")
+                             "--backend", f"{name}:plain,{name}:broken")
+        assert main(["bench", "--quick", "--backend", f"{name}:plain,{name}:nope"]) == 2
+        assert "has no variant 'nope' (it has plain, broken)" in capsys.readouterr().err
     finally:
         rg.backends.unregister(_WithVariants.name)
     rows = {r["runner"]: r for r in report["rows"]}
-    plain, broken, nope = (rows[f"{name}:{v}"] for v in ("plain", "broken", "nope"))
+    plain, broken = (rows[f"{name}:{v}"] for v in ("plain", "broken"))
     assert plain["error"] is None and plain["ms"] > 0 and plain["config"] == "variant plain"
     assert "wrong answer" in broken["error"] and broken["ms"] is None
-    assert "has no variant 'nope' (it has plain, broken)" in nope["error"]
     assert set(_WithVariants.calls) == {"plain", "broken"} and not _WithVariants.active
 
 

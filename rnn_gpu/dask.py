@@ -281,6 +281,23 @@ def _align_lengths(da, lengths, array):
 
 # ---------------------------------------------------------------------- executor for `run`
 
+def _check_address(address) -> None:
+    """A malformed address is a ValueError before any Client exists: a Client that fails to
+    parse its address is left half-made, and its finaliser then waits 20 s to close."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    if not isinstance(address, str):
+        raise TypeError(f"address: expected a scheduler address (tcp://host:8786) or a "
+                        f"distributed.Client, got {type(address).__name__}")
+    try:
+        scheme, location = parse_address(address)
+        if scheme in ("tcp", "tls", "ws", "wss"):
+            parse_host_port(location)
+    except ValueError as exc:
+        raise ValueError(f"address: expected a scheduler address like tcp://host:8786, got "
+                         f"{address!r} ({exc})") from None
+
+
 class DaskExecutor:
     """Runs the batches of ``rnn-gpu run`` on a Dask cluster (``--scheduler ADDRESS``).
 
@@ -304,6 +321,7 @@ class DaskExecutor:
         if isinstance(address, distributed.Client):
             self._client, self._owns_client = address, False
         else:
+            _check_address(address)
             try:
                 self._client = distributed.Client(address, timeout=connect_timeout,
                                                   set_as_default=False)

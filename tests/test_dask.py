@@ -6,10 +6,12 @@ the cluster is two worker processes, started once for the module (a start costs 
 
 from __future__ import annotations
 
+import gc
 import pickle
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -250,6 +252,32 @@ def test_executor_unreachable_scheduler_names_the_address():
     with pytest.raises(ConnectionError, match=f"address: cannot connect to a Dask scheduler "
                                               f"at '{address}'"):
         rgd.DaskExecutor(address, connect_timeout=1)
+
+
+@pytest.mark.parametrize("address", ["foo", "tcp://host-without-port"])
+def test_executor_malformed_address_fails_at_once(address):
+    """No Client is made for an address without a port: a half-made Client's finaliser waited
+    20 s (and printed a traceback) after the error."""
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=f"address: expected a scheduler address like "
+                                         f"tcp://host:8786, got '{address}'"):
+        rgd.DaskExecutor(address)
+    gc.collect()
+    assert time.perf_counter() - started < 5
+
+
+def test_cli_run_malformed_scheduler_is_a_usage_error(model, data, tmp_path, capsys):
+    from rnn_gpu.cli import main
+
+    x, _ = data
+    rg.save(model, tmp_path / "m.safetensors")
+    np.save(tmp_path / "x.npy", x)
+    code = main(["run", str(tmp_path / "m.safetensors"), str(tmp_path / "x.npy"),
+                 str(tmp_path / "o.npy"), "--scheduler", "foo"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--scheduler: expected a scheduler address like tcp://host:8786, " \
+                         "got 'foo'" in err and "address:" not in err
+    assert not (tmp_path / "o.npy").exists()
 
 
 def test_executor_halves_a_batch_that_runs_out_of_memory_on_the_worker(monkeypatch, model, data):

@@ -461,7 +461,8 @@ def _executor(opts: RunOptions, log):
         raise UsageError(f"--scheduler: running on Dask needs dask and distributed ({exc}); "
                          'pip install "rnn-gpu[dask]"') from None
     except (OSError, TimeoutError, ValueError) as exc:
-        raise UsageError(f"--scheduler: cannot connect to {opts.scheduler!r}: {exc}") from None
+        # the Python API's messages name its argument, ``address``: here that is --scheduler
+        raise UsageError(f"--scheduler: {str(exc).removeprefix('address: ')}") from None
 
 
 def _model_fingerprint(model) -> str:

@@ -334,7 +334,11 @@ def _bad(d, name):
         "batch size": ([model, x, out, "--batch-size", "0"], ["--batch-size", "got 0"]),
         "probs without readout": ([d / "bare.safetensors", x, out, "--emit", "probs"],
                                   ["--emit", "Readout"]),
-        "unknown backend": ([model, x, out, "--backend", "nosuch"], ["--backend", "nosuch"]),
+        "unknown backend": ([model, x, out, "--backend", "nosuch"],
+                            ["--backend: backend 'nosuch' (chosen by --backend)"]),
+        "backend declines": ([model, x, out, "--backend", "triton"],
+                             ["--backend: backend 'triton' (chosen by --backend) cannot serve",
+                              "(a one-step probe before the run)"]),
         "no cuda": ([model, x, out, "--device", "cuda"], ["--device"]),
         "output folder missing": ([model, x, d / "no" / "out.npy"], ["OUTPUT", "does not exist"]),
     }
@@ -344,9 +348,10 @@ def _bad(d, name):
 @pytest.mark.parametrize("name", [
     "missing model", "model not safetensors", "missing input", "input not npy",
     "input_size mismatch", "input ndim", "input not float", "lengths count", "lengths range",
-    "batch size", "probs without readout", "unknown backend", "no cuda",
+    "batch size", "probs without readout", "unknown backend", "backend declines", "no cuda",
     "output folder missing"])
-def test_bad_input_is_a_usage_error_that_names_the_argument(job, capsys, name):
+def test_bad_input_is_a_usage_error_that_names_the_argument(job, capsys, monkeypatch, name):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)    # triton then declines the CPU
     d = job[0]
     np.save(d / "wrong_i.npy", np.zeros((4, T, 3), "float32"))
     np.save(d / "two_d.npy", np.zeros((4, T), "float32"))
@@ -360,6 +365,12 @@ def test_bad_input_is_a_usage_error_that_names_the_argument(job, capsys, name):
     for word in words:
         assert word in err
     assert not os.path.exists(d / "out.npy")            # nothing written before the check
+
+
+def test_a_backend_named_by_the_environment_is_reported_as_such(job, capsys, monkeypatch):
+    monkeypatch.setenv("RNN_GPU_BACKEND", "nosuch")
+    code, _, err = run_cli(capsys, *job_args(job[0]))
+    assert code == 2 and err.startswith("rnn-gpu run: RNN_GPU_BACKEND: backend 'nosuch'"), err
 
 
 def test_scheduler_without_dask_says_how_to_install_it(job, capsys, monkeypatch):

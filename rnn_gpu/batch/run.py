@@ -382,15 +382,22 @@ def _preflight(model, opts: RunOptions, input_size: int, has_lengths: bool) -> s
     x = np.zeros((1, 1, input_size), dtype)
     lengths = np.ones(1, np.int64) if has_lengths else None
     staged = _HostStaging(opts.device).to_device(x)
+    # who chose the backend, in the command line's words (the registry's name the Python API)
+    arg = ("--backend" if opts.backend else
+           registry.ENV_VAR if os.environ.get(registry.ENV_VAR) else "--device/--dtype")
+
+    def cli_words(exc: Exception) -> str:
+        return (str(exc).replace("(chosen by backend=)", "(chosen by --backend)")
+                .replace(" T=1 B=1 ", " (a one-step probe before the run) "))
+
     try:
         apply_batch(model, staged, lengths, emit=opts.emit, backend=opts.backend)
     except registry.BackendError as exc:
-        arg = "--backend" if opts.backend else "--device/--dtype"
-        raise UsageError(f"{arg}: {exc}") from None
+        raise UsageError(f"{arg}: {cli_words(exc)}") from None
     except ValueError as exc:        # --backend (or RNN_GPU_BACKEND) names no backend
         if "not registered" not in str(exc):
             raise
-        raise UsageError(f"--backend: {exc}") from None
+        raise UsageError(f"{arg}: {cli_words(exc)}") from None
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise

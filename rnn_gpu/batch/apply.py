@@ -65,7 +65,7 @@ def _readout(model):
     readout = getattr(model, "readout", None)
     if readout is None:
         raise ValueError("emit: 'probs' needs a model saved with a Readout (model.readout), "
-                         "and this model has none; use --emit last or --emit sequence")
+                         "and this model has none; emit 'last' or 'sequence' instead")
     return readout
 
 

@@ -96,7 +96,7 @@ def run(opts: RunOptions, *, executor=None, log: Callable[[str], None] | None = 
     try:
         out_shape = output_shape(model, N, T, opts.emit)
     except ValueError as exc:
-        raise UsageError(f"--emit: {exc}") from None
+        raise UsageError(f"--emit: {str(exc).removeprefix('emit: ')}") from None
     out_dtype = _output_dtype(model, opts.emit)
     chunk_rows = opts.chunk_rows or _chunk_rows(opts.batch_size, source, out_shape, out_dtype)
     chunk_rows = max(1, min(chunk_rows, N))

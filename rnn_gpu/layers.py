@@ -394,10 +394,14 @@ class RecurrentLayer:
     def _check_input(self, x, kind: str) -> dict[str, Any]:
         dtype = dtype_name(x)
         if dtype != self.dtype:
+            cast = (f"x.to(torch.{self.dtype})" if kind == "torch"
+                    else f"x.astype({self.dtype!r})")
             if dtype in ("float16", "bfloat16", "float32", "float64"):
-                hint = f"cast it (x.astype / x.to), or build the model with dtype={dtype!r}"
+                hint = f"cast it ({cast}), or build the model with dtype={dtype!r}"
+            elif kind != "torch" and np.dtype(x.dtype).kind == "f":
+                hint = f"its bytes are not in this machine's order; {cast} converts it"
             else:
-                hint = f"use a floating-point array (x.astype({self.dtype!r}))"
+                hint = f"use a floating-point array ({cast})"
             raise TypeError(f"x: expected dtype {self.dtype} (the model's dtype), got {dtype}; "
                             f"{hint}")
         device = device_of(x)
@@ -549,6 +553,9 @@ def _check_lengths(lengths, T: int, B: int, unbatched: bool) -> np.ndarray | Non
                             f"{type(lengths).__name__}") from None
     else:
         arr = to_numpy(lengths)
+    if arr.dtype.kind not in "iuf":        # text, objects, booleans: no shape to talk about
+        raise TypeError(f"lengths: expected integers (one per sequence, B={B}), got "
+                        f"{type(lengths).__name__} {lengths!r:.40} (dtype {arr.dtype})")
     if arr.ndim == 0 and unbatched:
         arr = arr.reshape(1)
     if arr.shape != (B,):

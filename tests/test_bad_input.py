@@ -178,8 +178,23 @@ def test_lengths_out_of_range_torch(lstm, x):
 @pytest.mark.parametrize("lengths", [[2.5, 2], np.array([np.nan, 2.0]), ["a", "b"],
                                      np.array([True, False])])
 def test_lengths_not_integers(lstm, x, lengths):
-    with pytest.raises(TypeError, match=r"lengths: expected integers, got dtype"):
+    with pytest.raises(TypeError, match=r"lengths: expected integers.*dtype"):
         lstm(x, lengths=lengths)
+
+
+def test_lengths_as_text_is_not_reported_as_a_shape(lstm, x):
+    with pytest.raises(TypeError, match=r"lengths: expected integers \(one per sequence, B=2\), "
+                                        r"got str 'ab' \(dtype <U2\)"):
+        lstm(x, lengths="ab")
+
+
+@pytest.mark.parametrize("make, hint", [
+    (lambda: np.zeros((5, 2, 3), ">f4"), r"not in this machine's order; x.astype\('float32'\)"),
+    (lambda: torch.zeros(5, 2, 3, dtype=torch.int64), r"x.to\(torch.float32\)"),
+    (lambda: torch.zeros(5, 2, 3, dtype=torch.float64), r"cast it \(x.to\(torch.float32\)\)")])
+def test_dtype_hints_fit_the_array(lstm, make, hint):
+    with pytest.raises(TypeError, match=hint):
+        lstm(make())
 
 
 def test_lengths_checked_in_forward_too(lstm, x):

@@ -9,6 +9,7 @@ and direction of the recurrence (see :mod:`rnn_gpu.backend_api`).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,9 @@ class RecurrentLayer:
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
         self.dropout = float(dropout)
+        if self.dropout > 0 and num_layers == 1:
+            warnings.warn(f"dropout={dropout} does nothing with num_layers=1: it applies "
+                          f"between stacked layers (as torch.nn's)", UserWarning, stacklevel=3)
         self.bidirectional = bool(bidirectional)
         self.dtype = canonical_dtype(dtype)
         self.seed = seed

@@ -252,8 +252,10 @@ def test_dropout_reproducible_with_seed(rng):
 
 
 def test_dropout_single_layer_is_a_no_op(rng):
-    """As torch.nn: dropout acts between layers, so one layer has none."""
-    m = rg.LSTM(3, 4, dropout=0.5, dtype="float64", seed=int(rng.integers(2**32)))
+    """As torch.nn: dropout acts between layers, so one layer has none (and a warning says
+    so)."""
+    with pytest.warns(UserWarning, match="dropout=0.5 does nothing with num_layers=1"):
+        m = rg.LSTM(3, 4, dropout=0.5, dtype="float64", seed=int(rng.integers(2**32)))
     x = rng.standard_normal((4, 2, 3))
     np.testing.assert_array_equal(m.forward(x)[0], m(x)[0])
 

@@ -67,10 +67,12 @@ class _RecurrentModule(nn.Module):
                           f"dropout={dropout} and num_layers={num_layers}", stacklevel=3)
         dtype = torch.get_default_dtype() if dtype is None else dtype
         # The core checks the configuration and is the single source of parameter names/shapes.
-        self._core = self._core_class(
-            input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
-            dropout=dropout, bidirectional=bidirectional, proj_size=proj_size,
-            dtype=canonical_dtype(dtype), **(cell_options or {}))
+        with warnings.catch_warnings():      # torch.nn's own dropout warning was given above
+            warnings.filterwarnings("ignore", message=r"dropout=.* does nothing")
+            self._core = self._core_class(
+                input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
+                dropout=dropout, bidirectional=bidirectional, proj_size=proj_size,
+                dtype=canonical_dtype(dtype), **(cell_options or {}))
         core = self._core
         self.input_size, self.hidden_size = core.input_size, core.hidden_size
         self.num_layers, self.bias, self.batch_first = core.num_layers, core.bias, core.batch_first

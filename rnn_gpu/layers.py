@@ -277,13 +277,14 @@ class RecurrentLayer:
                 weights = self._recurrent_weights(params, layer, reverse)
                 if callable(getattr(backend, "forward_layer", None)):   # fuses W_ih x (§4)
                     w_ih, b_ih = self._input_weights(params, layer, reverse)
-                    y, final, btape = backend.forward_layer(
+                    y, final, btape = _returned(backend, "forward_layer", backend.forward_layer(
                         problem, inp, w_ih, b_ih, weights, init, lengths_np, reverse=reverse,
-                        keep_tape=keep_tape)
+                        keep_tape=keep_tape))
                 else:
                     w_ih, xw = self._input_projection(params, inp, layer, reverse)
-                    y, final, btape = backend.forward(problem, xw, weights, init, lengths_np,
-                                                      reverse=reverse, keep_tape=keep_tape)
+                    y, final, btape = _returned(backend, "forward", backend.forward(
+                        problem, xw, weights, init, lengths_np, reverse=reverse,
+                        keep_tape=keep_tape))
                 outs.append(y)
                 finals.append(tuple(final))
                 tapes.append(btape)
@@ -363,7 +364,8 @@ class RecurrentLayer:
                     dstate0[index] = dfinal[index]
                     continue
                 dy_d = ops.contiguous(grad[:, :, d * P:(d + 1) * P])
-                dxw, d0, dw = tape.backend.backward(tape.tapes[layer][d], dy_d, dfinal[index])
+                dxw, d0, dw = _returned(tape.backend, "backward", tape.backend.backward(
+                    tape.tapes[layer][d], dy_d, dfinal[index]))
                 dstate0[index] = tuple(d0)
                 w_ih = tape.input_weights[layer][d]
                 dxw2 = dxw.reshape(T * B, -1)
@@ -541,6 +543,22 @@ def _layout_shape(layout, T: int, B: int, n: int) -> tuple[int, ...]:
     if layout["unbatched"]:
         return (T, n)
     return (B, T, n) if layout["batch_first"] else (T, B, n)
+
+
+_RETURNS = {"forward": "(y, final_state, tape)", "forward_layer": "(y, final_state, tape)",
+            "backward": "(dxw, dstate0, weight_grads)"}
+
+
+def _returned(backend, method: str, result) -> tuple:
+    """A backend's result, checked for its shape: a plugin that returns something else gets
+    an error naming it and the contract, not an unpacking error in the layer."""
+    if not isinstance(result, (tuple, list)) or len(result) != 3:
+        got = (f"a {type(result).__name__} of {len(result)}"
+               if isinstance(result, (tuple, list)) else type(result).__name__)
+        raise TypeError(f"backend {getattr(backend, 'name', backend)!r}: {method}() returned "
+                        f"{got}; the backend contract (rnn_gpu.backend_api) is a tuple "
+                        f"{_RETURNS[method]}")
+    return tuple(result)
 
 
 def _check_lengths(lengths, T: int, B: int, unbatched: bool) -> np.ndarray | None:

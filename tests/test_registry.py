@@ -150,3 +150,33 @@ def test_format_report_is_a_table():
     lines = rg.backends.format_report().splitlines()
     assert lines[0].split() == ["backend", "available", "priority", "reason"]
     assert any(line.split()[:3] == ["numpy", "yes", "0"] for line in lines[1:])
+
+
+@pytest.mark.parametrize("returns, got", [(None, "NoneType"), ((1, 2), "a tuple of 2")])
+def test_a_backend_breaking_the_return_contract_is_named(temporary, x, returns, got):
+    """A plugin returning the wrong thing from forward (or backward) gets an error naming it
+    and the contract, not an unpacking error inside the layer."""
+
+    class Broken(NumpyBackend):
+        name, priority = "broken_returns", -5
+
+        def forward_layer(self, *args, **kwargs):
+            return returns
+
+    class BrokenBackward(NumpyBackend):
+        name, priority = "broken_backward", -5
+
+        def backward(self, *args, **kwargs):
+            return returns
+
+    temporary(Broken)
+    temporary(BrokenBackward)
+    m = rg.GRU(3, 5)
+    with pytest.raises(TypeError, match=rf"backend 'broken_returns': forward_layer\(\) returned "
+                                        rf"{got}; the backend contract .* is a tuple "
+                                        rf"\(y, final_state, tape\)"):
+        m(x, backend="broken_returns")
+    y, _, tape = m.forward(x, backend="broken_backward")
+    with pytest.raises(TypeError, match=r"backend 'broken_backward': backward\(\) returned "
+                                        r".*\(dxw, dstate0, weight_grads\)"):
+        m.backward(tape, np.ones_like(y))

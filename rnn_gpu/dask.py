@@ -274,8 +274,13 @@ def _align_lengths(da, lengths, array):
     if any(np.isnan(c) for c in array.chunks[0]):
         raise ValueError("lengths: array has unknown chunk sizes along N, so lengths cannot be "
                          "aligned with it; call array.compute_chunk_sizes() first")
-    if isinstance(lengths, da.Array):
+    if isinstance(lengths, da.Array):           # checked per chunk, where they are read
         return lengths.rechunk((array.chunks[0],))
+    T = array.shape[1]
+    bad = np.flatnonzero((lengths < 0) | (lengths > T))
+    if bad.size:             # in memory already: checked now, not deep in a task at compute()
+        raise ValueError(f"lengths: expected every length in [0, T={T}], got "
+                         f"{lengths[bad[:5]].tolist()} (at index {int(bad[0])})")
     return da.from_array(lengths, chunks=(array.chunks[0],))
 
 

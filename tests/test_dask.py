@@ -132,6 +132,8 @@ def test_apply_empty_array(model):
     ("lengths too short", ValueError, r"lengths: expected shape \(23,\)"),
     ("lengths 2-d", ValueError, "lengths: expected shape"),
     ("float lengths", TypeError, "lengths: expected integers"),
+    ("lengths past T", ValueError, rf"lengths: expected every length in \[0, T={T}\], got "
+                                   rf"\[{T + 1}\] \(at index 3\)"),
     ("unknown emit", ValueError, "emit: expected one of last, sequence, probs"),
     ("probs without readout", ValueError, "emit: 'probs' needs a model saved with a Readout"),
     ("zero batch_size", ValueError, "batch_size: expected a positive int"),
@@ -155,6 +157,9 @@ def test_apply_bad_input_names_the_argument(model, data, case, error, match):
         kwargs["lengths"] = lengths[:, None]
     elif case == "float lengths":
         kwargs["lengths"] = da.from_array(lengths.astype("float64"))
+    elif case == "lengths past T":                  # NumPy lengths: checked at once
+        kwargs["lengths"] = lengths.copy()
+        kwargs["lengths"][3] = T + 1
     elif case == "unknown emit":
         kwargs["emit"] = "everything"
     elif case == "probs without readout":

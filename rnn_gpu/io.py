@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from typing import Any
 
 import numpy as np
@@ -53,10 +54,22 @@ def save(model: Any, path: str | os.PathLike) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, _file_mode(path))     # safetensors creates its files 0600
         os.replace(tmp, path)      # a crash mid-write never leaves a torn file under `path`
     finally:
         if os.path.exists(tmp):    # a failed write leaves no temporary file behind either
             os.remove(tmp)
+
+
+def _file_mode(path: str) -> int:
+    """The mode a new file gets from the umask (as ``open`` gives it), or the mode of the file
+    being replaced: a model directory shared with other users or Dask workers stays readable."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _read(path: str) -> tuple[dict[str, str], dict[str, np.ndarray]]:

@@ -308,3 +308,20 @@ def test_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         rg.save(rg.GRU(2, 3), path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """safetensors creates its files 0600; ours follow the umask (a new file) or keep the
+    replaced file's mode, so that a shared model directory stays readable."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        rg.save(rg.GRU(2, 3), tmp_path / "m.safetensors")
+        assert stat.S_IMODE(os.stat(tmp_path / "m.safetensors").st_mode) == 0o644
+        os.chmod(tmp_path / "m.safetensors", 0o640)
+        rg.save(rg.GRU(2, 3), tmp_path / "m.safetensors")
+        assert stat.S_IMODE(os.stat(tmp_path / "m.safetensors").st_mode) == 0o640
+    finally:
+        os.umask(old)

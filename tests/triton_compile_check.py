@@ -302,6 +302,13 @@ def deeper_variants(arch: int, stages: int = 3):
 
 
 def main(argv: list[str]) -> int:
+    if argv in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
+    if any(not a.isdigit() for a in argv if a not in ("--spills", "--resident", "--fma-banks")):
+        print(f"usage: python tests/triton_compile_check.py [ARCH ...] | --spills | --resident | "
+              f"--fma-banks (ARCH: 80, 90, ...); got {' '.join(argv)}", file=sys.stderr)
+        return 2
     if argv == ["--spills"]:
         return spills()
     if argv == ["--resident"]:

@@ -53,6 +53,8 @@ def main(argv=None) -> None:
     parser.add_argument("--limit", type=int, default=40, help="most configs per shape")
     parser.add_argument("--filter", default="", help="only configs whose text contains this")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.exit(2, "sweep: times the kernels on a CUDA device, and torch sees none here\n")
     cell = CELLS[args.cell]
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     for shape, dtype in itertools.product(args.shape or ["256x4096x256"],

@@ -235,6 +235,8 @@ class RecurrentLayer:
 
     def _run(self, x, state, lengths, backend_name, *, keep_tape: bool):
         in_kind = _checks.array("x", x)
+        if in_kind == "torch" and x.requires_grad:
+            _warn_outside_autograd(type(self).__name__)
         layout = self._check_input(x, in_kind)
         T, B = layout["T"], layout["B"]
         xt = _to_time_major(x, layout)
@@ -543,6 +545,15 @@ def _layout_shape(layout, T: int, B: int, n: int) -> tuple[int, ...]:
     if layout["unbatched"]:
         return (T, n)
     return (B, T, n) if layout["batch_first"] else (T, B, n)
+
+
+def _warn_outside_autograd(name: str) -> None:
+    import torch
+
+    if torch.is_grad_enabled():        # inside rnn_gpu.torch's autograd Function it is not
+        warnings.warn(f"x requires grad, but rnn_gpu.{name} runs outside torch's autograd: its "
+                      f"outputs have no grad_fn. For autograd use rnn_gpu.torch.{name}; here, "
+                      f"forward() and backward() give the gradients", UserWarning, stacklevel=4)
 
 
 _RETURNS = {"forward": "(y, final_state, tape)", "forward_layer": "(y, final_state, tape)",

@@ -424,3 +424,24 @@ def test_to_garbage_device(lstm, device):
 def test_to_cpu_is_a_no_op(lstm):
     assert lstm.to("cpu") is lstm
     assert lstm.to("CPU") is lstm and lstm.device == "cpu"
+
+
+def test_a_tensor_that_requires_grad_gets_a_warning_pointing_to_the_drop_ins(lstm):
+    """The NumPy-style layers run outside autograd: a user who expected a grad_fn is told
+    where to find one. No warning under no_grad, for a detached tensor, or from the drop-ins
+    (whose autograd Function calls the layer with grad mode off)."""
+    import warnings
+
+    from rnn_gpu.torch import LSTM
+
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    with pytest.warns(UserWarning, match=r"rnn_gpu.LSTM runs outside torch's autograd.*"
+                                         r"rnn_gpu.torch.LSTM"):
+        lstm(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            lstm(x)
+        lstm(x.detach())
+        y, _ = LSTM(3, 4)(x)
+        y.sum().backward()

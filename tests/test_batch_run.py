@@ -442,3 +442,21 @@ def test_an_input_that_fails_while_reading_is_a_runtime_failure(job, capsys, mon
     code, _, err = run_cli(capsys, *job_args(d, "out.npy", "--chunk-size", "100"))
     assert code == 1 and "INPUT: reading" in err and "Input/output error" in err
     assert "The 1 chunk recorded" in err
+
+
+def test_lengths_stored_as_whole_floats_are_taken_and_fractions_refused(job, capsys):
+    """As the layers take them: a float lengths file of whole numbers is read as integers; a
+    fraction or NaN is a usage error naming the first one."""
+    d, model, x, lengths = job
+    np.save(d / "float_lengths.npy", lengths.astype("float64"))
+    code, _, err = run_cli(capsys, d / "model.safetensors", d / "x.npy", d / "out.npy",
+                           "--lengths", d / "float_lengths.npy", "--quiet")
+    assert code == 0, err
+    np.testing.assert_allclose(np.load(d / "out.npy"), apply_batch(model.eval(), x, lengths),
+                               rtol=1e-5, atol=1e-6)
+    half = lengths.astype("float64")
+    half[4] = 2.5
+    np.save(d / "half_lengths.npy", half)
+    code, _, err = run_cli(capsys, d / "model.safetensors", d / "x.npy", d / "out2.npy",
+                           "--lengths", d / "half_lengths.npy", "--quiet")
+    assert code == 2 and "--lengths: expected integers, got 2.5 at index 4" in err, err

@@ -174,13 +174,20 @@ def open_lengths(path: str, n: int, T: int, arg: str = "--lengths"
     They are held in memory: 8 bytes per sequence, small next to the sequences themselves.
     """
     source = _open(path, arg)
-    if len(source.shape) != 1 or source.dtype.kind not in "iu":
+    if len(source.shape) != 1 or source.dtype.kind not in "iuf":
         raise UsageError(f"{arg}: expected a 1-D array of integers (one length per sequence), "
                          f"got shape {source.shape} and dtype {source.dtype} in {path!r}")
     if source.shape[0] != n:
         raise UsageError(f"{arg}: expected {n} lengths (one per sequence of INPUT), got "
                          f"{source.shape[0]} in {path!r}")
-    lengths = source.read(0, n).astype(np.int64)
+    lengths = source.read(0, n)
+    if lengths.dtype.kind == "f":     # whole numbers stored as floats, as the layers take them
+        fractional = np.flatnonzero(~np.isfinite(lengths) | (lengths != np.round(lengths)))
+        if fractional.size:
+            i = int(fractional[0])
+            raise UsageError(f"{arg}: expected integers, got {lengths[i]} at index {i} "
+                             f"(dtype {lengths.dtype}) in {path!r}")
+    lengths = lengths.astype(np.int64)
     bad = np.flatnonzero((lengths < 0) | (lengths > T))
     if bad.size:
         i = int(bad[0])

@@ -127,3 +127,21 @@ def test_one_of_our_backends_on_cuda_gets_a_checked_row_against_cudnn(capsys):
                 "RNN", TorchCudaTestBackend.name, "512x64x1024", "float32")
     finally:
         rg.backends.unregister(TorchCudaTestBackend.name)
+
+
+def test_variable_lengths_on_cuda_check_our_rows_against_packed_cudnn(capsys):
+    """--lengths uniform on the GPU: cuDNN runs packed sequences (lengths on the host, as
+    pack_padded_sequence wants them), every runner that can serve the case is checked against
+    it, outputs and gradients, before it is timed."""
+    import rnn_gpu as rg
+
+    ours = [n for n in ("triton", "cupy") if rg.backends.get(n).unavailable_reason() is None]
+    assert main(["bench", "--quick", "--device", "cuda", "--lengths", "uniform", "--pass",
+                 "all", "--dtype", "float32,float16", "--repeats", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    cudnn = [r for r in rows if r["runner"] == "torch-cudnn"]
+    assert len(cudnn) == len(cases.CELLS) * 2 * 2 * 2         # cells x shapes x dtypes x passes
+    for row in rows:
+        assert row["shape"].endswith(" len=uniform"), row
+        if row["runner"] in ("torch-cudnn", *ours):
+            assert row["error"] is None and row["ms"] > 0, row

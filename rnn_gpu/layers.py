@@ -226,6 +226,8 @@ class RecurrentLayer:
 
     def __call__(self, x, state=None, *, lengths=None, backend: str | None = None):
         """Inference: ``y, state``. No tape is kept and no dropout applied."""
+        if kind_of(x) == "torch" and x.requires_grad:
+            _warn_outside_autograd(type(self).__name__)
         y, final, _ = self._run(x, state, lengths, backend, keep_tape=False)
         return y, final
 
@@ -235,8 +237,6 @@ class RecurrentLayer:
 
     def _run(self, x, state, lengths, backend_name, *, keep_tape: bool):
         in_kind = _checks.array("x", x)
-        if in_kind == "torch" and x.requires_grad:
-            _warn_outside_autograd(type(self).__name__)
         layout = self._check_input(x, in_kind)
         T, B = layout["T"], layout["B"]
         xt = _to_time_major(x, layout)
@@ -553,7 +553,7 @@ def _warn_outside_autograd(name: str) -> None:
     if torch.is_grad_enabled():        # inside rnn_gpu.torch's autograd Function it is not
         warnings.warn(f"x requires grad, but rnn_gpu.{name} runs outside torch's autograd: its "
                       f"outputs have no grad_fn. For autograd use rnn_gpu.torch.{name}; here, "
-                      f"forward() and backward() give the gradients", UserWarning, stacklevel=4)
+                      f"forward() and backward() give the gradients", UserWarning, stacklevel=3)
 
 
 _RETURNS = {"forward": "(y, final_state, tape)", "forward_layer": "(y, final_state, tape)",

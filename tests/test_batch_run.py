@@ -174,6 +174,11 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_zarr_output(job, caps
         remove_output(str(d / "store.zarr"))
     assert (d / "results" / "keep.txt").read_text() == "mine"
     assert (d / "store.zarr" / "keep.txt").read_text() == "mine"
+    # a zarr output of an earlier job is still replaced
+    assert run_cli(capsys, *job_args(d, "out.zarr"))[0] == 0
+    code, summary, err = run_cli(capsys, *job_args(d, "out.zarr", "--emit", "sequence",
+                                                    "--overwrite"))
+    assert code == 0 and summary["shape"] == [N, T, 2 * H], err
 
 
 def test_an_output_inside_the_input_shard_directory_is_refused(job, capsys):

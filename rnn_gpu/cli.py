@@ -142,7 +142,7 @@ def _check_bench_backends(names: list[str]) -> None:
             backend = registry.get(runner.backend)
         except ValueError as exc:
             raise ValueError(f"{exc} (--backend {name})") from None
-        reason = runner._variant_reason(backend)
+        reason = runner.variant_reason(backend)
         if reason:
             raise ValueError(f"backend: {reason}")
 

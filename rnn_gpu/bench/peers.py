@@ -93,7 +93,7 @@ class BackendRunner(Runner):
 
         try:
             backend = registry.get(self.backend)
-            reason = backend.unavailable_reason() or self._variant_reason(backend)
+            reason = backend.unavailable_reason() or self.variant_reason(backend)
             if reason:
                 return reason
             with self._variant():
@@ -102,7 +102,9 @@ class BackendRunner(Runner):
             return f"{type(exc).__name__}: {exc}"
         return "; ".join(reasons) or None
 
-    def _variant_reason(self, backend) -> str | None:
+    def variant_reason(self, backend) -> str | None:
+        """Why ``backend`` has no variant by this runner's name (None: it has, or none was
+        asked); ``rnn-gpu bench`` checks its arguments with it before any case runs."""
         if not self.variant:
             return None
         known = tuple(backend.variants()) if getattr(backend, "variants", None) else ()

@@ -47,6 +47,7 @@ class LayerTape:
     used: bool = False
     owner: Any = None                                        # the layer whose forward made it
     precision: str = "ieee"                                  # float32 products, as forward's
+    steps: int = 0                          # the steps forward ran: T, or the longest length
 
 
 class RecurrentLayer:
@@ -241,9 +242,15 @@ class RecurrentLayer:
         T, B = layout["T"], layout["B"]
         xt = _to_time_major(x, layout)
         lengths_np = _check_lengths(lengths, T, B, layout["unbatched"])
+        # Steps past the longest sequence give only zeros and leave every state as it was: run
+        # up to the longest, and pad y back to T (a batch padded to a fixed T then costs what
+        # its sequences do; the reverse direction starts at each sequence's end either way).
+        steps = T if lengths_np is None or B == 0 else int(lengths_np.max())
+        if steps < T:
+            xt = xt[:steps]
         problem = Problem(
             cell=self._spec.kind, activations=self._activations(), dtype=self.dtype,
-            device=layout["device"], input_kind=in_kind, seq_len=T, batch=B,
+            device=layout["device"], input_kind=in_kind, seq_len=steps, batch=B,
             input_size=self.input_size, hidden_size=self.hidden_size,
             proj_size=self.proj_size, num_layers=self.num_layers,
             bidirectional=self.bidirectional, bias=self.bias, training=keep_tape,
@@ -256,10 +263,11 @@ class RecurrentLayer:
         params = {k: to_kind(v, kind, device) for k, v in self._params.items()}
         inp = to_kind(xt, kind, device)
         tape = (LayerTape(problem, backend, layout, owner=self,
-                          precision=_config.float32_precision()) if keep_tape else None)
+                          precision=_config.float32_precision(), steps=steps)
+                if keep_tape else None)
         D, P = self.num_directions, self.output_size
         finals: list[tuple[Any, ...]] = []
-        empty = T == 0 or B == 0
+        empty = steps == 0 or B == 0
         for layer in range(self.num_layers):
             mask = None
             if keep_tape and self.training and self.dropout > 0 and layer > 0 and not empty:
@@ -273,7 +281,7 @@ class RecurrentLayer:
                 reverse = d == 1
                 init = states[layer * D + d]
                 if empty:
-                    outs.append(ops.zeros((T, B, P), self.dtype, device))
+                    outs.append(ops.zeros((steps, B, P), self.dtype, device))
                     finals.append(init)
                     continue
                 weights = self._recurrent_weights(params, layer, reverse)
@@ -297,6 +305,8 @@ class RecurrentLayer:
                 tape.tapes.append(tapes)
                 tape.input_weights.append(w_ihs)
             inp = outs[0] if D == 1 else ops.concat(outs, axis=2)
+        if steps < T:
+            inp = ops.concat([inp, ops.zeros((T - steps, B, D * P), self.dtype, device)], axis=0)
         y = _from_time_major(inp, layout)
         y = to_kind(y, in_kind, device)
         final_state = self._pack_state(finals, layout, in_kind, ops)
@@ -352,9 +362,12 @@ class RecurrentLayer:
         dfinal = self._check_state(dstate, layout, layout["kind"], name="dstate")
         dfinal = [tuple(to_kind(s, kind, device) for s in st) for st in dfinal]
         grad = to_kind(_to_time_major(dy, layout), kind, device)
+        steps = tape.steps                  # forward ran these; dy past them reaches nothing
+        if steps < T:
+            grad = grad[:steps]
         grads: dict[str, Any] = {}
         dstate0: list[tuple[Any, ...]] = [()] * (self.num_layers * D)
-        empty = T == 0 or B == 0
+        empty = steps == 0 or B == 0
         precision = tape.precision
         for layer in reversed(range(self.num_layers)):
             inp = tape.inputs[layer]
@@ -370,16 +383,16 @@ class RecurrentLayer:
                     tape.tapes[layer][d], dy_d, dfinal[index]))
                 dstate0[index] = tuple(d0)
                 w_ih = tape.input_weights[layer][d]
-                dxw2 = dxw.reshape(T * B, -1)
+                dxw2 = dxw.reshape(steps * B, -1)
                 n_in = inp.shape[2]
                 grads[parameter_name(self._spec.input_weight, layer, reverse)] = matmul(
-                    dxw2.T, inp.reshape(T * B, n_in), precision)
+                    dxw2.T, inp.reshape(steps * B, n_in), precision)
                 if self.bias:
                     grads[parameter_name(self._spec.input_bias, layer, reverse)] = ops.sum_leading(
                         dxw2)
                 for base, g in dw.items():
                     grads[parameter_name(base, layer, reverse)] = g
-                contrib = matmul(dxw2, w_ih, precision).reshape(T, B, n_in)
+                contrib = matmul(dxw2, w_ih, precision).reshape(steps, B, n_in)
                 d_inp = contrib if d_inp is None else d_inp + contrib
             if empty:
                 d_inp = ops.zeros(inp.shape, self.dtype, device)
@@ -388,6 +401,9 @@ class RecurrentLayer:
             grad = d_inp
         tape.used = True
         tape.tapes.clear()
+        if steps < T:               # x past the longest sequence reaches nothing: zero gradient
+            grad = ops.concat([grad, ops.zeros((T - steps, B, self.input_size), self.dtype,
+                                               device)], axis=0)
         dx = to_kind(_from_time_major(grad, layout), layout["kind"], device)
         out_grads = {}
         for name, shape in self.parameter_shapes().items():

@@ -632,3 +632,52 @@ def test_large_batch_split_across_threads(cell, rng, monkeypatch):
     monkeypatch.setenv("RNN_GPU_NUM_THREADS", "1")
     single = ours(m, x, state, lengths, dy, dstate)
     assert_close(got, single, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------- steps past every length
+
+@pytest.mark.parametrize("lengths", [[5, 2, 4], [0, 0, 0]], ids=["longest-5-of-9", "all-0"])
+def test_steps_past_the_longest_sequence_are_not_run(lengths, rng):
+    """With every length below T, the layer runs only up to the longest (the backend is asked
+    for those steps), and y, the states, dx and every gradient still equal torch.nn's on the
+    packed sequence, padded back to T: zeros past the lengths."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    T, B, I, H = 9, 3, 4, 6
+    ref = torch.nn.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=3, batch_first=True,
+                        dtype=torch.float64)
+    m = rg.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=3, batch_first=True,
+                dtype="float64")
+    m.load_state_dict(ref.state_dict())
+    x = rng.standard_normal((B, T, I))
+    dy = rng.standard_normal((B, T, 6))
+    seen = []
+    real = rg.backends.get("numpy").forward_layer
+
+    def recording(problem, *args, **kwargs):
+        seen.append(problem.seq_len)
+        return real(problem, *args, **kwargs)
+
+    rg.backends.get("numpy").forward_layer = recording
+    try:
+        y, (h, c), tape = m.forward(x, lengths=lengths, backend="numpy")
+    finally:
+        del rg.backends.get("numpy").forward_layer
+    assert set(seen) <= {max(lengths)} and y.shape == (B, T, 6)
+    dx, _, grads = m.backward(tape, dy)
+    if max(lengths) == 0:
+        assert not seen and not y.any() and not dx.any()
+        assert all(not g.any() for g in grads.values())
+        return
+    xt = torch.from_numpy(x).requires_grad_()
+    packed = pack_padded_sequence(xt, torch.tensor(lengths), batch_first=True,
+                                  enforce_sorted=False)
+    out, (h_ref, c_ref) = ref(packed)
+    y_ref, _ = pad_packed_sequence(out, batch_first=True, total_length=T)
+    (y_ref * torch.from_numpy(dy)).sum().backward()
+    np.testing.assert_allclose(y, y_ref.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(h, h_ref.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(c, c_ref.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-10, atol=1e-12)
+    for name, p in ref.named_parameters():
+        np.testing.assert_allclose(grads[name], p.grad.numpy(), rtol=1e-9, atol=1e-12)

@@ -511,3 +511,29 @@ def test_pickle_deepcopy_and_state_dict_round_trip():
     y = ours(x)[0]
     for other in (loaded, clone, fresh):
         torch.testing.assert_close(other(x)[0], y, rtol=0, atol=0)
+
+
+def test_autocast_without_a_half_precision_backend_runs_in_float32():
+    """Mixed-precision code (torch.autocast) used to fail on the bfloat16 activations a Linear
+    hands the LSTM under autocast. Where no backend computes in the autocast dtype (the NumPy
+    backend here) the drop-in runs in its parameters' dtype, as autocast leaves an op without
+    a low-precision kernel, and the gradients flow back through the casts."""
+    torch.manual_seed(0)
+    lin, m = nn.Linear(5, 3), rt.LSTM(3, 4)
+    x = torch.randn(6, 2, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = lin(x)
+        assert h.dtype == torch.bfloat16
+        y, (hn, cn) = m(h)
+        packed = pack_padded_sequence(h, torch.tensor([6, 3]))
+        yp, _ = m(packed)
+    assert y.dtype == hn.dtype == yp.data.dtype == torch.float32
+    y_plain, _ = m(h.detach().float())
+    torch.testing.assert_close(y, y_plain, rtol=0, atol=0)
+    y.sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+    assert m.weight_hh_l0.grad.dtype == torch.float32
+    m64 = rt.GRU(3, 4).double()                    # float64 weights: autocast leaves them alone
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y64, _ = m64(torch.randn(2, 1, 3, dtype=torch.float64))
+    assert y64.dtype == torch.float64

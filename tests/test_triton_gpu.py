@@ -253,3 +253,34 @@ def test_float32_through_tf32x3_keeps_float32_accuracy(tf32x3, cell, opts, rng):
     wide = Case(cell=cell, opts=opts, dtype="float32", T=48, B=64, I=64, H=256,
                 lengths="full", with_state=True)
     run_on_gpu(wide, "float32", int(rng.integers(2**32)))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+@pytest.mark.parametrize("low", ["float16", "bfloat16"])
+def test_autocast_on_cuda_runs_the_drop_in_in_half_precision(backend, low):
+    """Mixed-precision training (torch.autocast on CUDA): the drop-in computes in the autocast
+    dtype on the named backend, as torch.nn's RNNs do on cuDNN; values within the dtype's
+    tolerance of float64, and the float32 parameters get their gradients."""
+    if rg.backends.get(backend).unavailable_reason():
+        pytest.skip(rg.backends.get(backend).unavailable_reason())
+    from torch import nn
+
+    from rnn_gpu.torch import GRU
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, low)
+    lin, m = nn.Linear(24, 16).cuda(), GRU(16, 64, backend=backend).cuda()
+    ref = nn.GRU(16, 64).cuda()
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(40, 24, 24, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        h = lin(x)
+        y, hn = m(h)
+        y_ref, _ = ref(h)
+    assert y.dtype == y_ref.dtype == dtype and hn.dtype == dtype
+    exact, _ = ref.double()(h.detach().double())
+    rms = ((y.double() - exact) ** 2).mean().sqrt() / (exact ** 2).mean().sqrt()
+    assert rms < TOL[low], rms
+    y.float().sum().backward()
+    assert m.weight_hh_l0.grad.dtype == torch.float32
+    assert torch.isfinite(m.weight_hh_l0.grad).all() and lin.weight.grad is not None

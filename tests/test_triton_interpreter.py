@@ -382,3 +382,31 @@ def test_float32_forward_takes_the_weights_transposed(interpret, monkeypatch, ce
     half = Case(cell=cell, dtype="float16", **LAYOUTS["plain"])
     ours(*build(half, np.random.default_rng(0))[:4], backend="triton")
     assert seen and all(not transposed and w.dtype == torch.float16 for _, transposed, w in seen)
+
+
+def test_autocast_runs_the_drop_in_in_the_autocast_dtype(interpret):
+    """Under torch.autocast the drop-in computes in the autocast dtype, as torch.nn's RNNs do:
+    bfloat16 here, on the CPU, which the interpreted Triton kernels serve (the NumPy backend
+    does not). Output dtype as torch.nn's under the same autocast, values within bfloat16's
+    tolerance of float64; the float32 parameters and the layer before get their gradients."""
+    from torch import nn
+
+    from rnn_gpu.torch import LSTM
+
+    torch.manual_seed(0)
+    lin, m = nn.Linear(5, 3), LSTM(3, 8)
+    ref = nn.LSTM(3, 8)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(6, 2, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = lin(x)
+        y, (hn, cn) = m(h)
+        y_ref, _ = ref(h)
+    assert y.dtype == y_ref.dtype == torch.bfloat16 and hn.dtype == torch.bfloat16
+    exact, _ = ref.double()(h.detach().double())
+    rms = ((y.double() - exact) ** 2).mean().sqrt() / (exact ** 2).mean().sqrt()
+    assert rms < TOL["bfloat16"], rms
+    y.float().sum().backward()
+    assert m.weight_hh_l0.grad.dtype == torch.float32
+    assert torch.isfinite(m.weight_hh_l0.grad).all() and m.weight_hh_l0.grad.abs().sum() > 0
+    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0

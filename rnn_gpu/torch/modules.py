@@ -115,6 +115,25 @@ class _RecurrentModule(nn.Module):
         params = {name: getattr(self, name) for name in self._flat_weights_names}
         attrs = dict(training=self.training, dropout=float(self.dropout),
                      batch_first=bool(self.batch_first))
+        data = input.data if isinstance(input, PackedSequence) else input
+        low = _autocast_dtype(data, params)
+        if low is None:
+            return self._forward(input, hx, params, backend, attrs)
+        # Under torch.autocast an RNN runs in the autocast dtype, as torch.nn's do (it is on
+        # autocast's lower-precision list): x, hx and the weights cast for this call (the
+        # casts are differentiable, so the float32 parameters get their gradients), autocast
+        # off inside, as torch.amp.custom_fwd(cast_inputs=...) does for a custom op. Where no
+        # backend computes in that dtype (the NumPy backend has no half precision), the
+        # parameters' own dtype, as autocast leaves ops without a low-precision kernel.
+        with torch.autocast(data.device.type, enabled=False):
+            try:
+                return self._forward(_cast(input, low), _cast(hx, low),
+                                     {k: p.to(low) for k, p in params.items()}, backend, attrs)
+            except registry.BackendError:
+                own = next(iter(params.values())).dtype
+                return self._forward(_cast(input, own), _cast(hx, own), params, backend, attrs)
+
+    def _forward(self, input, hx, params, backend, attrs):
         if not isinstance(input, PackedSequence):
             return run(self._core, params, input, hx, backend=backend, **attrs)
         # Packed input: the core takes padded sequences plus lengths. pad_packed_sequence
@@ -144,6 +163,38 @@ class _RecurrentModule(nn.Module):
         if self.backend is not None:
             s += f", backend={self.backend!r}"
         return s
+
+
+def _autocast_dtype(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """The autocast dtype for this call, or None: autocast off on x's device, or weights that
+    autocast leaves alone (float64, as it does; or already in that dtype)."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    device_type = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+        low = torch.get_autocast_dtype(device_type)
+    except TypeError:                       # torch < 2.4: one function per device type
+        enabled = (torch.is_autocast_cpu_enabled() if device_type == "cpu"
+                   else torch.is_autocast_enabled())
+        low = (torch.get_autocast_cpu_dtype() if device_type == "cpu"
+               else torch.get_autocast_gpu_dtype())
+    weights = next(iter(params.values())).dtype
+    if not enabled or weights == torch.float64 or weights == low:
+        return None
+    return low
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """x (a tensor or PackedSequence) or hx (a tensor or a tuple of them) in ``dtype``."""
+    if value is None:
+        return None
+    if isinstance(value, PackedSequence):      # (a tuple itself; its .to(dtype) fails)
+        return PackedSequence(value.data.to(dtype), value.batch_sizes, value.sorted_indices,
+                              value.unsorted_indices)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value.to(dtype) if value.is_floating_point() else value
 
 
 def _repack(y: torch.Tensor, lengths: torch.Tensor, like: PackedSequence,

@@ -537,3 +537,29 @@ def test_autocast_without_a_half_precision_backend_runs_in_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y64, _ = m64(torch.randn(2, 1, 3, dtype=torch.float64))
     assert y64.dtype == torch.float64
+
+
+@pytest.mark.parametrize("cell, kwargs", [
+    ("LSTM", dict(num_layers=2, bidirectional=True, proj_size=2)), ("GRU", dict(batch_first=True)),
+    ("RNN", dict(nonlinearity="relu")), ("TwoStageRNN", dict(num_layers=2))])
+def test_meta_device_gives_torch_nn_shapes_without_computing(cell, kwargs):
+    """On the meta device (shape inference, FLOP counting, deferred init) the drop-ins return
+    empty results of torch.nn's shapes; TwoStageRNN's are an RNN's."""
+    m = getattr(rt, cell)(3, 5, device="meta", **kwargs)
+    ref_cls = nn.RNN if cell == "TwoStageRNN" else getattr(nn, cell)
+    ref = ref_cls(3, 5, device="meta", **kwargs)
+    for x in (torch.empty(7, 2, 3, device="meta"), torch.empty(7, 3, device="meta")):
+        got = torch.utils._pytree.tree_leaves(m(x))
+        want = torch.utils._pytree.tree_leaves(ref(x))
+        assert [t.shape for t in got] == [t.shape for t in want]
+        assert all(t.device.type == "meta" for t in got)
+
+
+def test_gru_and_rnn_refuse_proj_size_as_torch_nn_does():
+    for cls in (rt.GRU, rt.RNN):
+        with pytest.raises(ValueError, match="proj_size argument is only supported for LSTM"):
+            cls(3, 4, proj_size=2)
+    with pytest.raises(ValueError, match="proj_size argument is only supported for LSTM"):
+        rt.GRU(3, 4, 1, True, False, 0.0, False, 2)                 # 8th, as in torch.nn
+    assert [p.shape for p in rt.LSTM(3, 4, 2)._flat_weights] == [
+        p.shape for p in nn.LSTM(3, 4, 2)._flat_weights]

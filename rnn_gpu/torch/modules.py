@@ -116,6 +116,8 @@ class _RecurrentModule(nn.Module):
         attrs = dict(training=self.training, dropout=float(self.dropout),
                      batch_first=bool(self.batch_first))
         data = input.data if isinstance(input, PackedSequence) else input
+        if isinstance(data, torch.Tensor) and data.device.type == "meta":
+            return self._meta_forward(input, params)
         low = _autocast_dtype(data, params)
         if low is None:
             return self._forward(input, hx, params, backend, attrs)
@@ -132,6 +134,33 @@ class _RecurrentModule(nn.Module):
             except registry.BackendError:
                 own = next(iter(params.values())).dtype
                 return self._forward(_cast(input, own), _cast(hx, own), params, backend, attrs)
+
+    def _meta_forward(self, input, params):
+        """On the ``meta`` device (shape inference, FLOP counters, deferred init): empty
+        results of torch.nn's shapes, nothing computed."""
+        if isinstance(input, PackedSequence):
+            raise NotImplementedError("rnn_gpu.torch on the meta device takes padded input, "
+                                      "not a PackedSequence")
+        dtype = next(iter(params.values())).dtype
+        D, out = 2 if self.bidirectional else 1, self.proj_size or self.hidden_size
+        unbatched = input.dim() == 2
+        T = input.shape[1] if self.batch_first and not unbatched else input.shape[0]
+        B = 1 if unbatched else input.shape[0 if self.batch_first else 1]
+        y_shape = ((T, D * out) if unbatched else
+                   (B, T, D * out) if self.batch_first else (T, B, D * out))
+        state = (self.num_layers * D,) if unbatched else (self.num_layers * D, B)
+
+        def empty(*shape):
+            return torch.empty(shape, dtype=dtype, device="meta")
+
+        y, h = empty(*y_shape), empty(*state, out)
+        lstm = self._core_class is _CORE_LSTM
+        return (y, (h, empty(*state, self.hidden_size))) if lstm else (y, h)
+
+    @property
+    def _flat_weights(self) -> list[nn.Parameter]:
+        """torch.nn.RNNBase's list of the parameters in order, which some code reads."""
+        return [getattr(self, name) for name in self._flat_weights_names]
 
     def _forward(self, input, hx, params, backend, attrs):
         if not isinstance(input, PackedSequence):
@@ -209,6 +238,13 @@ def _repack(y: torch.Tensor, lengths: torch.Tensor, like: PackedSequence,
     return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
+def _only_lstm_projects(proj_size: Any) -> None:
+    """GRU and RNN take ``proj_size`` where torch.nn's do (8th, before device), to refuse it
+    as torch.nn does."""
+    if proj_size:
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+
+
 class LSTM(_RecurrentModule):
     """torch.nn.LSTM drop-in (gates i, f, g, o; ``proj_size`` supported)."""
 
@@ -230,7 +266,9 @@ class GRU(_RecurrentModule):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device: Any = None, dtype: Any = None, *, backend: str | None = None):
+                 proj_size: int = 0, device: Any = None, dtype: Any = None, *,
+                 backend: str | None = None):
+        _only_lstm_projects(proj_size)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype, backend=backend)
         self.mode = "GRU"
@@ -243,8 +281,9 @@ class RNN(_RecurrentModule):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
-                 dropout: float = 0.0, bidirectional: bool = False, device: Any = None,
-                 dtype: Any = None, *, backend: str | None = None):
+                 dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device: Any = None, dtype: Any = None, *, backend: str | None = None):
+        _only_lstm_projects(proj_size)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype, backend=backend,
                          cell_options={"nonlinearity": nonlinearity})

@@ -472,16 +472,10 @@ def _settings() -> tuple:
 
 
 def _note_run(dev, direction: str, cell: str, batch: int, hidden: int, projected: bool,
-              path: str) -> None:
-    """Records what one forward or backward ran: ``path``, and for a persistent path the plan
-    of the kernel it launched last (the one that ran: an earlier plan that fell back launched
-    nothing)."""
-    if direction == "forward":
-        asked = choose_path(cell, batch, hidden, dev.dtype_name)
-        if cell == "twostage" and asked.startswith("persistent"):
-            asked = "persistent"          # no tensor-core kernel for the two stages
-    else:
-        asked = choose_backward_path(cell, batch, hidden, dev.dtype_name)
+              asked: str, path: str) -> None:
+    """Records what one forward or backward ran: ``path`` (and ``asked``, the path it was
+    given, where it fell back), and for a persistent path the plan of the kernel it launched
+    last (the one that ran: an earlier plan that fell back launched nothing)."""
     words = _PATH_WORDS[path]
     if path != "graph":
         words += f" ({dev.plans[-1].describe(dev.itemsize)})"
@@ -597,7 +591,7 @@ def _gated_forward(dev, problem, xw, w, state, lens, path, reverse, keep_tape):
         hprev = dev.empty((T, B, H), dev.dtype, "the h_{t-1} tape")
     c0 = to_f32(dev, state[1], "the fp32 cell state c0") if lstm else None
     outs = (y, gates, ctape, hprev)
-    final = None
+    final, asked = None, path
     if path == "persistent-mma":
         final = _gated_persistent(dev, cell, act, xw, w, state[0], c0, lens, outs, reverse,
                                   mma=True)
@@ -607,7 +601,7 @@ def _gated_forward(dev, problem, xw, w, state, lens, path, reverse, keep_tape):
     if final is None:
         path = "graph"
         final = _gated_graph(dev, cell, act, xw, w, state[0], c0, lens, outs, reverse)
-    _note_run(dev, "forward", problem.cell, B, H, bool(problem.proj_size), path)
+    _note_run(dev, "forward", problem.cell, B, H, bool(problem.proj_size), asked, path)
     tape = None
     if keep_tape:
         tape = GatedTape(cell, act, reverse, w["weight_hh"], "bias_hh" in w, lens, c0, gates,
@@ -746,11 +740,13 @@ def _twostage_forward(dev, problem, xw, w, h0, lens, path, reverse, keep_tape):
     final = None
     if path.startswith("persistent"):         # no tensor-core kernel for the two stages
         path = "persistent"
+    asked = path
+    if path == "persistent":
         final = _twostage_persistent(dev, acts, xw, w, h0, lens, outs, reverse)
     if final is None:
         path = "graph"
         final = _twostage_graph(dev, acts, xw, w, h0, lens, outs, reverse)
-    _note_run(dev, "forward", problem.cell, B, H, bool(problem.proj_size), path)
+    _note_run(dev, "forward", problem.cell, B, H, bool(problem.proj_size), asked, path)
     tape = None
     if keep_tape:
         tape = TwoStageTape(acts, reverse, w["weight_aa"], w["weight_ha"], w["weight_hh"],
@@ -824,7 +820,7 @@ def run_backward(dev, problem: Problem, ktape, dy, dstate):
     dstate = tuple(contiguous(dev, d) for d in dstate)
     if isinstance(ktape, TwoStageTape):       # the graph path only
         T, B, H = dy.shape
-        _note_run(dev, "backward", "twostage", B, H, False, "graph")
+        _note_run(dev, "backward", "twostage", B, H, False, "graph", "graph")
         return _twostage_backward(dev, ktape, dy, dstate[0])
     if ktape.projection is not None:
         return _projected_backward(dev, ktape, dy, dstate)
@@ -849,12 +845,13 @@ def _gated_backward(dev, tape: GatedTape, dy, dstate):
     dxw = dev.empty((T, B, GH), dev.dtype, "the gradient of xw")
     dhh = dev.empty((T, B, GH), dev.dtype, "the gradient of h W_hh^T") if cell == "gru" else dxw
     d0, path = None, "graph"
-    if choose_backward_path(cell, B, H, dev.dtype_name) == "persistent-mma":
+    asked = choose_backward_path(cell, B, H, dev.dtype_name)
+    if asked == "persistent-mma":
         d0 = _gated_backward_persistent(dev, tape, dy, dstate, dxw, dhh)
         path = "persistent-mma" if d0 is not None else path
     if d0 is None:
         d0 = _gated_backward_graph(dev, tape, dy, dstate, dxw, dhh)
-    _note_run(dev, "backward", cell, B, H, tape.projection is not None, path)
+    _note_run(dev, "backward", cell, B, H, tape.projection is not None, asked, path)
     grads = {"weight_hh": outer_grad(dev, dhh, tape.hprev, "the gradient of W_hh")}
     if tape.has_bias:
         ones = filled(dev, T * B, 1.0, "a ones vector")

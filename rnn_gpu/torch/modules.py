@@ -146,8 +146,8 @@ class _RecurrentModule(nn.Module):
         unbatched = input.dim() == 2
         T = input.shape[1] if self.batch_first and not unbatched else input.shape[0]
         B = 1 if unbatched else input.shape[0 if self.batch_first else 1]
-        y_shape = ((T, D * out) if unbatched else
-                   (B, T, D * out) if self.batch_first else (T, B, D * out))
+        y_shape = _layers._layout_shape({"unbatched": unbatched, "batch_first": self.batch_first},
+                                        T, B, D * out)
         state = (self.num_layers * D,) if unbatched else (self.num_layers * D, B)
 
         def empty(*shape):

@@ -9,7 +9,7 @@ Built-in backends are registered through the ``rnn_gpu.backends`` entry-point gr
 third-party plugin; write a plugin by subclassing :class:`Backend`.
 """
 
-from rnn_gpu.backend_api import Backend, Problem, Tape
+from rnn_gpu.backend_api import Backend, Problem, SegmentCosts, Tape
 from rnn_gpu.registry import (
     BackendError,
     format_report,
@@ -21,5 +21,5 @@ from rnn_gpu.registry import (
     unregister,
 )
 
-__all__ = ["Backend", "BackendError", "Problem", "Tape", "format_report", "get", "names",
-           "register", "report", "select", "unregister"]
+__all__ = ["Backend", "BackendError", "Problem", "SegmentCosts", "Tape", "format_report", "get",
+           "names", "register", "report", "select", "unregister"]

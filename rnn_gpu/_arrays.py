@@ -161,3 +161,15 @@ class Ops:
     def sum_leading(self, x):
         """Sum over every axis but the last (bias gradients)."""
         return x.reshape(-1, x.shape[-1]).sum(0)
+
+    def copy(self, x):
+        return x.clone() if self.kind == "torch" else x.copy()
+
+    def index(self, values: np.ndarray, device: str):
+        """Host ints as an index array of this kind on ``device``."""
+        if self.kind == "torch":
+            return self._torch.as_tensor(values, device=device)
+        if self.kind == "cupy":
+            with self._xp.cuda.Device(int(device.split(":")[1])):
+                return self._xp.asarray(values)
+        return np.asarray(values)

@@ -62,6 +62,16 @@ class Problem:
                 f"{' with lengths' if self.has_lengths else ''}")
 
 
+@dataclass(frozen=True)
+class SegmentCosts:
+    """What a backend tells the layer about its calls, for variable lengths (in row-steps: one
+    row for one step is 1). See ``Backend.segment_costs``."""
+
+    step_rows: float                # what a step costs beyond its rows (calls, reading W_hh)
+    segment_cost: float             # what starting a call costs
+    row_quantum: int = 1            # a call's rows are a multiple of this (or the whole batch)
+
+
 @dataclass
 class Tape:
     """What a backend's forward keeps for its backward. ``data`` is the backend's own business."""
@@ -137,6 +147,16 @@ class Backend:
     # b_ih (gates*H,) or None; it returns what forward returns, and backward is unchanged (it
     # still returns the gradient of xw = W_ih x + b_ih). The layer calls it when present.
     forward_layer = None
+
+    # Optional, for variable lengths: a backend whose step costs less with fewer rows defines
+    #
+    #     segment_costs(problem) -> SegmentCosts | None
+    #
+    # The layer then runs the time loop as a few calls (segments), each over the rows still
+    # running at its start, longest first (rnn_gpu._segments chooses them by those costs). Each
+    # call is an ordinary forward/forward_layer of fewer steps and rows, with its own lengths;
+    # backward gets each call's tape. None (or no method): one call over every row and step.
+    segment_costs = None
 
     def backward(
         self, tape: Tape, dy: Any, dstate: tuple[Any, ...]

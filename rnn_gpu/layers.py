@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from . import _checks, _config, registry
+from . import _checks, _config, _segments, registry
 from ._arrays import Ops, device_of, dtype_name, kind_of, parse_device, to_kind, to_numpy
 from ._dtypes import canonical_dtype
 from ._matmul import matmul
@@ -48,6 +48,7 @@ class LayerTape:
     owner: Any = None                                        # the layer whose forward made it
     precision: str = "ieee"                                  # float32 products, as forward's
     steps: int = 0                          # the steps forward ran: T, or the longest length
+    schedule: Any = None                    # _segments.Schedule: segments and row order
 
 
 class RecurrentLayer:
@@ -262,8 +263,12 @@ class RecurrentLayer:
         states = [tuple(to_kind(s, kind, device) for s in st) for st in states]
         params = {k: to_kind(v, kind, device) for k, v in self._params.items()}
         inp = to_kind(xt, kind, device)
+        # With lengths, a backend may ask to run the live rows only (_segments): each call then
+        # takes the rows live at its first step, gathered by index, and its results go back
+        # to those rows (the arrays between calls stay in the caller's row order).
+        plan = _segments.schedule(backend, problem, lengths_np, steps)
         tape = (LayerTape(problem, backend, layout, owner=self,
-                          precision=_config.float32_precision(), steps=steps)
+                          precision=_config.float32_precision(), steps=steps, schedule=plan)
                 if keep_tape else None)
         D, P = self.num_directions, self.output_size
         finals: list[tuple[Any, ...]] = []
@@ -274,7 +279,7 @@ class RecurrentLayer:
                 keep = (self._rng.random(inp.shape) >= self.dropout).astype(self.dtype)
                 # p = 1 drops everything (as torch.nn); no 1/(1-p) scaling to divide by zero.
                 scale = 0.0 if self.dropout == 1.0 else 1.0 / (1.0 - self.dropout)
-                mask = to_kind(keep * scale, kind, device)
+                mask = to_kind(keep * scale, kind, device)       # the caller's row order
                 inp = inp * mask
             outs, tapes, w_ihs = [], [], []
             for d in range(D):
@@ -284,20 +289,11 @@ class RecurrentLayer:
                     outs.append(ops.zeros((steps, B, P), self.dtype, device))
                     finals.append(init)
                     continue
-                weights = self._recurrent_weights(params, layer, reverse)
-                if callable(getattr(backend, "forward_layer", None)):   # fuses W_ih x (§4)
-                    w_ih, b_ih = self._input_weights(params, layer, reverse)
-                    y, final, btape = _returned(backend, "forward_layer", backend.forward_layer(
-                        problem, inp, w_ih, b_ih, weights, init, lengths_np, reverse=reverse,
-                        keep_tape=keep_tape))
-                else:
-                    w_ih, xw = self._input_projection(params, inp, layer, reverse)
-                    y, final, btape = _returned(backend, "forward", backend.forward(
-                        problem, xw, weights, init, lengths_np, reverse=reverse,
-                        keep_tape=keep_tape))
+                y, final, btapes, w_ih = self._run_direction(
+                    backend, problem, plan, params, inp, init, layer, reverse, keep_tape, ops)
                 outs.append(y)
-                finals.append(tuple(final))
-                tapes.append(btape)
+                finals.append(final)
+                tapes.append(btapes)
                 w_ihs.append(w_ih)
             if tape is not None:
                 tape.inputs.append(inp)
@@ -312,6 +308,47 @@ class RecurrentLayer:
         final_state = self._pack_state(finals, layout, in_kind, ops)
         return y, final_state, tape
 
+    def _run_direction(self, backend, problem, plan, params, inp, init, layer: int,
+                       reverse: bool, keep_tape: bool, ops: Ops):
+        """One layer and direction: one backend call per segment of ``plan`` (one without
+        segments). Returns ``y, final, tapes, w_ih``, tapes one per segment."""
+        weights = self._recurrent_weights(params, layer, reverse)
+        w_ih, b_ih = self._input_weights(params, layer, reverse)
+        fused = callable(getattr(backend, "forward_layer", None))    # fuses W_ih x (§4)
+        whole = plan.whole
+        index = _segment_rows(plan, ops, problem.device)
+        y = None if whole else ops.zeros((inp.shape[0], problem.batch, self.output_size),
+                                         self.dtype, problem.device)
+        carried = init if whole else tuple(ops.copy(s) for s in init)
+        tapes = []
+        # The reverse direction meets the segments last first; a row that starts inside one
+        # still holds its initial state in `carried`.
+        for seg, rows in (reversed(index) if reverse else index):
+            if whole:
+                sub, part, start = problem, inp, init
+            else:
+                sub = replace(problem, seq_len=seg.steps, batch=seg.rows)
+                part = inp[seg.start:seg.stop, rows]
+                # A copy: `carried` changes after the call, and a tape may keep its start.
+                start = tuple(_copy_rows(s, rows, ops) for s in carried)
+            if fused:
+                out = _returned(backend, "forward_layer", backend.forward_layer(
+                    sub, part, w_ih, b_ih, weights, start, seg.lengths, reverse=reverse,
+                    keep_tape=keep_tape))
+            else:
+                xw = self._input_projection(w_ih, b_ih, part)
+                out = _returned(backend, "forward", backend.forward(
+                    sub, xw, weights, start, seg.lengths, reverse=reverse, keep_tape=keep_tape))
+            y_part, final, btape = out
+            tapes.append(btape)
+            if whole:
+                y, carried = y_part, tuple(final)
+                continue
+            y[seg.start:seg.stop, rows] = y_part
+            for s, f in zip(carried, final):
+                s[rows] = f
+        return y, tuple(carried), tapes, w_ih
+
     def _input_weights(self, params, layer: int, reverse: bool):
         """``(W_ih, b_ih)`` of one layer and direction; b_ih is None without biases."""
         spec = self._spec
@@ -319,12 +356,12 @@ class RecurrentLayer:
         b_ih = params[parameter_name(spec.input_bias, layer, reverse)] if self.bias else None
         return w_ih, b_ih
 
-    def _input_projection(self, params, inp, layer: int, reverse: bool):
+    @staticmethod
+    def _input_projection(w_ih, b_ih, inp):
         """``W_ih x + b_ih`` for all T*B rows as one GEMM -> (T, B, gates*H)."""
-        w_ih, b_ih = self._input_weights(params, layer, reverse)
         T, B, n_in = inp.shape
         xw = matmul(inp.reshape(T * B, n_in), w_ih.T, _config.float32_precision(), b_ih)
-        return w_ih, xw.reshape(T, B, w_ih.shape[0])
+        return xw.reshape(T, B, w_ih.shape[0])
 
     def _recurrent_weights(self, params, layer: int, reverse: bool) -> dict[str, Any]:
         spec = self._spec
@@ -368,7 +405,6 @@ class RecurrentLayer:
         grads: dict[str, Any] = {}
         dstate0: list[tuple[Any, ...]] = [()] * (self.num_layers * D)
         empty = steps == 0 or B == 0
-        precision = tape.precision
         for layer in reversed(range(self.num_layers)):
             inp = tape.inputs[layer]
             d_inp = None
@@ -378,21 +414,11 @@ class RecurrentLayer:
                 if empty:
                     dstate0[index] = dfinal[index]
                     continue
-                dy_d = ops.contiguous(grad[:, :, d * P:(d + 1) * P])
-                dxw, d0, dw = _returned(tape.backend, "backward", tape.backend.backward(
-                    tape.tapes[layer][d], dy_d, dfinal[index]))
-                dstate0[index] = tuple(d0)
-                w_ih = tape.input_weights[layer][d]
-                dxw2 = dxw.reshape(steps * B, -1)
-                n_in = inp.shape[2]
-                grads[parameter_name(self._spec.input_weight, layer, reverse)] = matmul(
-                    dxw2.T, inp.reshape(steps * B, n_in), precision)
-                if self.bias:
-                    grads[parameter_name(self._spec.input_bias, layer, reverse)] = ops.sum_leading(
-                        dxw2)
-                for base, g in dw.items():
+                contrib, dstate0[index], layer_grads = self._backward_direction(
+                    tape, grad[:, :, d * P:(d + 1) * P], dfinal[index], inp,
+                    tape.tapes[layer][d], tape.input_weights[layer][d], reverse, ops)
+                for base, g in layer_grads.items():
                     grads[parameter_name(base, layer, reverse)] = g
-                contrib = matmul(dxw2, w_ih, precision).reshape(steps, B, n_in)
                 d_inp = contrib if d_inp is None else d_inp + contrib
             if empty:
                 d_inp = ops.zeros(inp.shape, self.dtype, device)
@@ -412,6 +438,49 @@ class RecurrentLayer:
                 g = ops.zeros(shape, self.dtype, device)
             out_grads[name] = _like(g, self._params[name])
         return dx, self._pack_state(dstate0, layout, layout["kind"], ops), out_grads
+
+    def _backward_direction(self, tape: LayerTape, dy, dfinal, inp, btapes, w_ih,
+                            reverse: bool, ops: Ops):
+        """One layer and direction, its segments in the reverse of forward's order. Returns
+        the gradient of the layer input, of the initial state, and of the weights by base
+        name."""
+        plan, backend, precision = tape.schedule, tape.backend, tape.precision
+        spec = self._spec
+        index = _segment_rows(plan, ops, tape.layout["device"])
+        order = list(reversed(index)) if reverse else index
+        whole = plan.whole
+        d_inp = None if whole else ops.zeros(inp.shape, self.dtype, tape.layout["device"])
+        carried = dfinal if whole else tuple(ops.copy(s) for s in dfinal)
+        grads: dict[str, Any] = {}
+
+        def add(name, g):
+            grads[name] = g if name not in grads else grads[name] + g
+
+        for (seg, rows), btape in reversed(list(zip(order, btapes))):
+            if whole:
+                dy_part, d_end, inp_part = ops.contiguous(dy), dfinal, inp
+            else:
+                dy_part = ops.contiguous(dy[seg.start:seg.stop, rows])
+                d_end = tuple(_copy_rows(s, rows, ops) for s in carried)
+                inp_part = ops.contiguous(inp[seg.start:seg.stop, rows])
+            dxw, d_start, dw = _returned(backend, "backward", backend.backward(
+                btape, dy_part, d_end))
+            steps, count, n_in = inp_part.shape
+            dxw2 = dxw.reshape(steps * count, -1)
+            add(spec.input_weight, matmul(dxw2.T, inp_part.reshape(steps * count, n_in),
+                                          precision))
+            if self.bias:
+                add(spec.input_bias, ops.sum_leading(dxw2))
+            for base, g in dw.items():
+                add(base, g)
+            contrib = matmul(dxw2, w_ih, precision).reshape(steps, count, n_in)
+            if whole:
+                d_inp, carried = contrib, tuple(d_start)
+                continue
+            d_inp[seg.start:seg.stop, rows] = contrib
+            for s, g in zip(carried, d_start):
+                s[rows] = g
+        return d_inp, tuple(carried), grads
 
     # ------------------------------------------------------------------ input checking
 
@@ -539,6 +608,18 @@ def _like(value, reference):
     if dtype_name(out) == dtype_name(reference):
         return out
     return out.to(reference.dtype) if kind_of(out) == "torch" else out.astype(reference.dtype)
+
+
+def _segment_rows(plan, ops: Ops, device: str) -> list[tuple[Any, Any]]:
+    """``(segment, rows)`` for each segment of ``plan``: its rows of the caller's batch, as a
+    slice when the lengths come sorted, else as an index array of the backend's kind."""
+    return [(seg, slice(0, seg.rows) if plan.order is None
+             else ops.index(plan.order[:seg.rows], device)) for seg in plan.segments]
+
+
+def _copy_rows(x, rows, ops: Ops):
+    """``x[rows]`` as a new array (a slice gives a view, an index array a copy already)."""
+    return ops.copy(x[rows]) if isinstance(rows, slice) else x[rows]
 
 
 def _swap01(x):

@@ -750,7 +750,7 @@ def run_against_oracle(layer: str, dtype: str, kind: str, *, seed: int, T=6, B=5
     host = (lambda a: np.asarray(a, np.float64)) if kind == "numpy" else _host
     y, final, tape = m.forward(dev(x), pack(tuple(map(dev, state))), lengths=lengths,
                                backend=backend)
-    backend_tapes = [t for per_layer in tape.tapes for t in per_layer]   # backward clears them
+    backend_tapes = [t for per_layer in tape.tapes for per_dir in per_layer for t in per_dir]
     dx, dstate0, grads = m.backward(tape, dev(dy), pack(tuple(map(dev, dstate))))
     got = {"y": host(y), "dx": host(dx), **{f"final[{i}]": host(s) for i, s in
                                             enumerate(_structure(final))},

@@ -96,6 +96,8 @@ def test_batches_are_padded_to_their_own_longest_sequence(job, capsys):
 
     class Recording(NumpyBackend):
         name = "test_recording"
+        segment_costs = None            # every row for every step: only the buckets trim
+
 
         def forward_layer(self, problem, *args, **kwargs):
             seen.append((problem.batch, problem.seq_len))

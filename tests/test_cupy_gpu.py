@@ -180,7 +180,7 @@ def test_gpu_heuristic_takes_the_persistent_path_for_a_small_batch(registered, f
     m = rg.LSTM(3, 8, dtype="float32", seed=1).to("cuda")
     x = _device(np.ones((4, 2, 3), np.float32), "float32", "cupy")
     _, _, tape = m.forward(x, backend="cupy")
-    assert tape.tapes[0][0].data["path"] == "persistent"
+    assert tape.tapes[0][0][0].data["path"] == "persistent"
 
 
 @gpu

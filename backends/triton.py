@@ -14,19 +14,30 @@ numpy (the interpreter is slow); choose it by name.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from rnn_gpu import _config
-from rnn_gpu.backend_api import Backend, Problem, Tape
+from rnn_gpu.backend_api import Backend, Problem, SegmentCosts, Tape
 from rnn_gpu.cells import SPECS
 from rnn_gpu.kernels.triton import MAX_STEP_ELEMENTS, interpreting, step_elements, steps_of
 
 DTYPES = ("float32", "float16", "bfloat16")
 PRIORITY = 100                    # above cupy (the next GPU backend) and numpy
 INTERPRETED_PRIORITY = -10        # below numpy: the interpreter is for tests and debugging
+
+# Variable lengths as segments over the live rows (rnn_gpu._segments): each segment is tiled
+# afresh for its live rows, which the persistent kernels cannot do inside one launch. A bench
+# variant ("triton:segments") until a card measures it against the default, every row for every
+# step with the ended ones masked (.ci/gpu bench-lengths); none has yet. A segment's rows are
+# rounded up to an eighth of the batch (at least 64), so that the tuner, which keys on the
+# exact batch, meets at most 8 sizes per batch instead of one per live count.
+SEGMENTS = False
+SEGMENT_CALL_STEPS = 2            # a call (launches, the weights' first read) ~2 steps: a guess
 
 
 class TritonBackend(Backend):
@@ -80,9 +91,38 @@ class TritonBackend(Backend):
                                f"split the batch")
         return reasons
 
+    def segment_costs(self, problem: Problem) -> SegmentCosts | None:
+        """Segments only inside the ``segments`` variant (see :data:`SEGMENTS`)."""
+        if not SEGMENTS:
+            return None
+        quantum = max(64, -(-problem.batch // (8 * 64)) * 64)
+        return SegmentCosts(0, SEGMENT_CALL_STEPS * problem.batch, quantum)
+
+    def variants(self) -> tuple[str, ...]:
+        """``segments``: variable lengths in segments over the live rows (:data:`SEGMENTS`),
+        for ``rnn-gpu bench --backend triton:segments --lengths uniform``."""
+        return ("segments",)
+
+    @contextlib.contextmanager
+    def variant(self, name: str) -> Iterator[None]:
+        """Calls inside run the named variant; process-wide while entered."""
+        global SEGMENTS
+        if name not in self.variants():
+            raise ValueError(f"variant: expected one of {self.variants()}, got {name!r}")
+        saved, SEGMENTS = SEGMENTS, True
+        try:
+            yield
+        finally:
+            SEGMENTS = saved
+
     def describe_run(self, problem: Problem) -> str | None:
         """The tiling the tuner chose for this shape (see :mod:`rnn_gpu.kernels.triton.launch`)."""
         from rnn_gpu.kernels.triton import launch
+
+        costs = self.segment_costs(problem) if problem.has_lengths else None
+        if costs is not None:
+            return (f"segments over the live rows (rows in multiples of {costs.row_quantum}), "
+                    f"each tiled by the tuner for its rows")
 
         shape = (_tuned_gates(problem.cell), problem.batch, problem.hidden_size,
                  _tuned_dtype(problem.dtype), problem.device)

@@ -136,8 +136,10 @@ def test_variable_lengths_on_cuda_check_our_rows_against_packed_cudnn(capsys):
     import rnn_gpu as rg
 
     ours = [n for n in ("triton", "cupy") if rg.backends.get(n).unavailable_reason() is None]
+    ours += ["triton:segments"] if "triton" in ours else []    # segments over the live rows
+    chosen = ["--backend", ",".join(ours)] if ours else []
     assert main(["bench", "--quick", "--device", "cuda", "--lengths", "uniform", "--pass",
-                 "all", "--dtype", "float32,float16", "--repeats", "2", "--json"]) == 0
+                 "all", "--dtype", "float32,float16", "--repeats", "2", "--json", *chosen]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     cudnn = [r for r in rows if r["runner"] == "torch-cudnn"]
     assert len(cudnn) == len(cases.CELLS) * 2 * 2 * 2         # cells x shapes x dtypes x passes

@@ -91,6 +91,30 @@ def test_plan_rounds_rows_up_to_the_quantum(quantum, rng):
         _check_covers(segments, lengths, steps, quantum)
 
 
+def test_triton_segments_are_a_variant_with_few_row_counts():
+    """Off by default; inside the variant a large batch is segmented into at most 8 row
+    counts (the tuner keys on the exact batch), a small one not at all."""
+    pytest.importorskip("triton")
+    backend = rg.backends.get("triton")
+    lengths = np.random.default_rng(3).integers(1, 257, 4096)
+
+    def schedule(B):
+        problem = rg.backend_api.Problem("lstm", (), "float16", "cuda:0", "torch", 256, B, 256,
+                                         256, has_lengths=True)
+        return _segments.schedule(backend, problem, lengths[:B], 256)
+
+    assert schedule(4096).whole
+    with backend.variant("segments"):
+        plan = schedule(4096)
+        rows = {seg.rows for seg in plan.segments}
+        assert not plan.whole and len(rows) <= 8 and all(r % 512 == 0 for r in rows)
+        assert sum(s.steps * s.rows for s in plan.segments) < 0.6 * 256 * 4096
+        assert schedule(64).whole
+    assert schedule(4096).whole
+    with pytest.raises(ValueError, match="segments"), backend.variant("nope"):
+        pass
+
+
 def test_sort_order_is_stable_longest_first_and_none_when_sorted():
     assert _segments.sort_order(np.array([5, 5, 3, 0])) is None
     np.testing.assert_array_equal(_segments.sort_order(np.array([2, 5, 2, 7])), [3, 1, 0, 2])

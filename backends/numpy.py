@@ -872,6 +872,13 @@ class NumpyBackend(Backend):
                             _SEGMENT_CALL_STEPS * (problem.batch + _SEGMENT_STEP_ROWS))
 
     def describe_run(self, problem: Problem) -> str:
+        tiling = self._describe_tiles(problem)
+        # With lengths the layer may call in segments (whether it did depends on the lengths).
+        return (f"with lengths, in segments over the live rows where they pay (the whole "
+                f"batch: {tiling})" if problem.has_lengths else tiling)
+
+    @staticmethod
+    def _describe_tiles(problem: Problem) -> str:
         tiles = _plan(problem, problem.batch, problem.training)
         if len(tiles) == 1:
             return "1 thread, multi-threaded BLAS"

@@ -11,6 +11,7 @@ small one whole.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -275,3 +276,19 @@ def test_torch_tensors_through_the_triton_interpreter(monkeypatch, rng):
         assert_close(got, want, rtol=2e-5, atol=2e-5)
     finally:
         rg.backends.unregister("test_triton_segmenting")
+
+
+def test_describe_run_says_when_lengths_may_run_in_segments():
+    """The bench's "how each case ran" line: the NumPy backend's tiling, and with lengths that
+    the layer may run it in segments; the Triton backend only inside its variant."""
+    problem = rg.backend_api.Problem("gru", (), "float32", "cpu", "numpy", 64, 1024, 256, 256)
+    numpy_backend = rg.backends.get("numpy")
+    plain = numpy_backend.describe_run(problem)
+    with_lengths = numpy_backend.describe_run(replace(problem, has_lengths=True))
+    assert "segments" not in plain and with_lengths.startswith("with lengths, in segments")
+    assert plain in with_lengths
+    pytest.importorskip("triton")
+    triton_backend = rg.backends.get("triton")
+    on_cuda = replace(problem, device="cuda:0", input_kind="torch", has_lengths=True)
+    with triton_backend.variant("segments"):
+        assert triton_backend.describe_run(on_cuda).startswith("segments over the live rows")

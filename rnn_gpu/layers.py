@@ -341,12 +341,7 @@ class RecurrentLayer:
                     sub, xw, weights, start, seg.lengths, reverse=reverse, keep_tape=keep_tape))
             y_part, final, btape = out
             tapes.append(btape)
-            if whole:
-                y, carried = y_part, tuple(final)
-                continue
-            y[seg.start:seg.stop, rows] = y_part
-            for s, f in zip(carried, final):
-                s[rows] = f
+            y, carried = _put_segment(whole, seg, rows, y, y_part, carried, final)
         return y, tuple(carried), tapes, w_ih
 
     def _input_weights(self, params, layer: int, reverse: bool):
@@ -474,12 +469,7 @@ class RecurrentLayer:
             for base, g in dw.items():
                 add(base, g)
             contrib = matmul(dxw2, w_ih, precision).reshape(steps, count, n_in)
-            if whole:
-                d_inp, carried = contrib, tuple(d_start)
-                continue
-            d_inp[seg.start:seg.stop, rows] = contrib
-            for s, g in zip(carried, d_start):
-                s[rows] = g
+            d_inp, carried = _put_segment(whole, seg, rows, d_inp, contrib, carried, d_start)
         return d_inp, tuple(carried), grads
 
     # ------------------------------------------------------------------ input checking
@@ -615,6 +605,17 @@ def _segment_rows(plan, ops: Ops, device: str) -> list[tuple[Any, Any]]:
     slice when the lengths come sorted, else as an index array of the backend's kind."""
     return [(seg, slice(0, seg.rows) if plan.order is None
              else ops.index(plan.order[:seg.rows], device)) for seg in plan.segments]
+
+
+def _put_segment(whole: bool, seg, rows, out, part, carried, state):
+    """Where one call's results go: ``(part, state)`` are the results when the call was whole;
+    else they go into its steps and rows of ``out`` and its rows of ``carried``."""
+    if whole:
+        return part, tuple(state)
+    out[seg.start:seg.stop, rows] = part
+    for s, v in zip(carried, state):
+        s[rows] = v
+    return out, carried
 
 
 def _copy_rows(x, rows, ops: Ops):

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from rnn_gpu.backend_api import SegmentCosts
+
 # The dynamic programme considers at most this many boundaries (the distinct lengths, thinned
 # evenly): 65 candidates cost ~2 ms of Python, and finer boundaries save little.
 _MAX_CANDIDATES = 64
@@ -130,7 +132,7 @@ def schedule(backend: Any, problem: Any, lengths: np.ndarray | None, steps: int)
     costs = getattr(backend, "segment_costs", None)
     if whole_lengths is None or batch < 2 or not callable(costs):
         return whole
-    costs = costs(problem)
+    costs = _checked_costs(backend, costs(problem))
     if costs is None:
         return whole
     order = sort_order(lengths)
@@ -140,3 +142,24 @@ def schedule(backend: Any, problem: Any, lengths: np.ndarray | None, steps: int)
     if len(segments) <= 1 and (not segments or segments[0].rows == batch):
         return whole
     return Schedule(segments, order)
+
+
+def _checked_costs(backend: Any, costs: Any) -> SegmentCosts | None:
+    """A backend's answer as SegmentCosts (a plain tuple of its fields is taken too)."""
+    if costs is None or isinstance(costs, SegmentCosts):
+        pass
+    elif isinstance(costs, (tuple, list)) and 2 <= len(costs) <= 3:
+        costs = SegmentCosts(*costs)
+    else:
+        raise TypeError(f"backend {getattr(backend, 'name', backend)!r}: segment_costs() must "
+                        f"return SegmentCosts(step_rows, segment_cost[, row_quantum]) or None, "
+                        f"got {costs!r:.80}")
+    if costs is not None:
+        numbers = (costs.step_rows, costs.segment_cost, costs.row_quantum)
+        if not all(isinstance(v, (int, float, np.integer, np.floating)) and v >= 0
+                   for v in numbers) or int(costs.row_quantum) != costs.row_quantum or (
+                costs.row_quantum < 1):
+            raise ValueError(f"backend {getattr(backend, 'name', backend)!r}: segment_costs() "
+                             f"must give step_rows >= 0, segment_cost >= 0 and a whole "
+                             f"row_quantum >= 1, got {costs}")
+    return costs

@@ -292,3 +292,37 @@ def test_describe_run_says_when_lengths_may_run_in_segments():
     on_cuda = replace(problem, device="cuda:0", input_kind="torch", has_lengths=True)
     with triton_backend.variant("segments"):
         assert triton_backend.describe_run(on_cuda).startswith("segments over the live rows")
+
+
+@pytest.mark.parametrize("answer,error,match", [
+    ("cheap", TypeError, r"'test_bad_costs': segment_costs\(\) must return SegmentCosts"),
+    ((1, 2, 3, 4), TypeError, "must return SegmentCosts"),
+    ((-1, 0), ValueError, "step_rows >= 0"),
+    (SegmentCosts(0, 0, 2.5), ValueError, "whole row_quantum >= 1"),
+])
+def test_a_plugin_with_bad_segment_costs_is_named(answer, error, match, rng):
+    class BadCosts(NumpyBackend):
+        name = "test_bad_costs"
+
+        def segment_costs(self, problem):
+            return answer
+
+    rg.backends.register(BadCosts)
+    try:
+        m = rg.GRU(3, 4)
+        x = rng.standard_normal((5, 6, 3)).astype(np.float32)
+        with pytest.raises(error, match=match):
+            m(x, lengths=[5, 1, 2, 3, 4, 5], backend="test_bad_costs")
+        m(x, backend="test_bad_costs")                    # without lengths: never asked
+    finally:
+        rg.backends.unregister("test_bad_costs")
+
+
+def test_a_plain_tuple_of_costs_is_taken(segmenting, monkeypatch, rng):
+    monkeypatch.setattr(Segmenting, "segment_costs", lambda self, problem: (0, 0))
+    case = LAYER_CASES["GRU-batch_first-state"]
+    m, x, state, lengths, dy, dstate = build(case, rng)
+    lengths[0], lengths[1] = case.T, 1
+    assert_close(ours(m, x, state, lengths, dy, dstate, backend="test_segmenting"),
+                 reference(m, x, state, lengths, dy, dstate), rtol=1e-10, atol=1e-12)
+    assert len(Segmenting.calls) > 1

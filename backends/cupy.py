@@ -114,7 +114,8 @@ from typing import Any
 
 import numpy as np
 
-from rnn_gpu.backend_api import Backend, Problem, Tape
+from rnn_gpu import _segments
+from rnn_gpu.backend_api import Backend, Problem, SegmentCosts, Tape
 from rnn_gpu.kernels.cuda import projected
 from rnn_gpu.kernels.cuda.blocks import (
     bias_grad,
@@ -210,6 +211,14 @@ BACKWARD_PATHS = ("graph", "persistent-mma")
 # What `rnn-gpu bench --backend cupy:NAME` runs: NAME -> the settings above it sets (the
 # others stay as they are).
 _MMA_TRAIN = {"FORCE_PATH": "persistent-mma", "FORCE_BACKWARD_PATH": "persistent-mma"}
+# Variable lengths as segments over the live rows (rnn_gpu._segments), each call taking the
+# path and plan its live rows call for: the bench variant "segments", off by default until a
+# card times it (.ci/gpu owed-lengths), as on the Triton backend. Rows come in at most 8 sizes
+# per batch (captured graphs and persistent plans are keyed on the batch).
+SEGMENTS = False
+SEGMENT_CALL_STEPS = 2                 # a call ~2 steps of the batch: a guess, as on triton
+SEGMENT_MIN_ROWS = 64
+
 VARIANTS = {"graph": {"FORCE_PATH": "graph", "USE_GRAPH": False},
             "graph-captured": {"FORCE_PATH": "graph", "USE_GRAPH": True},
             "persistent": {"FORCE_PATH": "persistent"},
@@ -222,7 +231,8 @@ VARIANTS = {"graph": {"FORCE_PATH": "graph", "USE_GRAPH": False},
                                               "MMA_WARP_TILES": True},
             "persistent-mma-train-rows2-wt-wide": {**_MMA_TRAIN, "MMA_ROW_GROUPS": 2,
                                                    "MMA_WARP_TILES": True,
-                                                   "MMA_BWD_CHUNK_BYTES": 1024}}
+                                                   "MMA_BWD_CHUNK_BYTES": 1024},
+            "segments": {"SEGMENTS": True}}
 DTYPES = ("float32", "float16", "bfloat16")
 CELLS = ("rnn", "lstm", "gru", "twostage")
 PRIORITY = 90                          # below triton (100), above numpy (0)
@@ -244,11 +254,22 @@ class CupyBackend(Backend):
     def unavailable_reason(self) -> str | None:
         return _unavailable_reason()
 
+    def segment_costs(self, problem: Problem) -> SegmentCosts | None:
+        """Segments only inside the ``segments`` variant (see :data:`SEGMENTS`)."""
+        if not SEGMENTS:
+            return None
+        quantum = _segments.few_row_counts(problem.batch, minimum=SEGMENT_MIN_ROWS)
+        return SegmentCosts(0, SEGMENT_CALL_STEPS * problem.batch, quantum)
+
     def describe_run(self, problem: Problem) -> str:
         """What ran for ``problem``, last in this process under the current settings: each
         direction's path and its persistent kernel's plan (blocks, units, row groups, warp
         tiles, chunk width), and where it fell back, from what. Before any run, what the
         settings ask for."""
+        costs = self.segment_costs(problem) if problem.has_lengths else None
+        if costs is not None:
+            return (f"segments over the live rows (rows in multiples of {costs.row_quantum}), "
+                    f"each on the path its rows call for")
         return _ran_for(problem) or self._asked(problem)
 
     def _asked(self, problem: Problem) -> str:

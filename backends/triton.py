@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from rnn_gpu import _config
+from rnn_gpu import _config, _segments
 from rnn_gpu.backend_api import Backend, Problem, SegmentCosts, Tape
 from rnn_gpu.cells import SPECS
 from rnn_gpu.kernels.triton import MAX_STEP_ELEMENTS, interpreting, step_elements, steps_of
@@ -38,6 +38,7 @@ INTERPRETED_PRIORITY = -10        # below numpy: the interpreter is for tests an
 # exact batch, meets at most 8 sizes per batch instead of one per live count.
 SEGMENTS = False
 SEGMENT_CALL_STEPS = 2            # a call (launches, the weights' first read) ~2 steps: a guess
+SEGMENT_MIN_ROWS = 64
 
 
 class TritonBackend(Backend):
@@ -95,7 +96,7 @@ class TritonBackend(Backend):
         """Segments only inside the ``segments`` variant (see :data:`SEGMENTS`)."""
         if not SEGMENTS:
             return None
-        quantum = max(64, -(-problem.batch // (8 * 64)) * 64)
+        quantum = _segments.few_row_counts(problem.batch, minimum=SEGMENT_MIN_ROWS)
         return SegmentCosts(0, SEGMENT_CALL_STEPS * problem.batch, quantum)
 
     def variants(self) -> tuple[str, ...]:

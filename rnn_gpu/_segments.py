@@ -55,6 +55,12 @@ class Segment:
         return self.stop - self.start
 
 
+def few_row_counts(batch: int, *, counts: int = 8, minimum: int = 64) -> int:
+    """A row quantum that gives a batch at most ``counts`` segment sizes, each a multiple of
+    ``minimum``: for GPU backends whose tuning or captured graphs are keyed on the batch."""
+    return max(minimum, -(-batch // (counts * minimum)) * minimum)
+
+
 def sort_order(lengths: np.ndarray) -> np.ndarray | None:
     """The row order that sorts ``lengths`` longest first (stable), or None if it already is."""
     lengths = np.asarray(lengths)

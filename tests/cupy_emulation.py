@@ -771,6 +771,9 @@ class EmulatedCupyBackend(Backend):
     name, priority, array_kind = "cupy-emulated", -100, "numpy"
     libs: dict = {}
     smem_limit = 1 << 16                 # the emulated devices' shared memory a block
+    # the real backend's variants (module settings of backends/cupy.py) and segment costs
+    variants, variant = cb.CupyBackend.variants, cb.CupyBackend.variant
+    segment_costs = cb.CupyBackend.segment_costs
 
     def forward(self, problem, xw, weights, state, lengths, *, reverse, keep_tape):
         dev = EmulatedDevice(self.libs, sms=3, smem_limit=self.smem_limit)

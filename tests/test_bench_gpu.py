@@ -136,7 +136,7 @@ def test_variable_lengths_on_cuda_check_our_rows_against_packed_cudnn(capsys):
     import rnn_gpu as rg
 
     ours = [n for n in ("triton", "cupy") if rg.backends.get(n).unavailable_reason() is None]
-    ours += ["triton:segments"] if "triton" in ours else []    # segments over the live rows
+    ours += [f"{n}:segments" for n in ours]                     # segments over the live rows
     chosen = ["--backend", ",".join(ours)] if ours else []
     assert main(["bench", "--quick", "--device", "cuda", "--lengths", "uniform", "--pass",
                  "all", "--dtype", "float32,float16", "--repeats", "2", "--json", *chosen]) == 0

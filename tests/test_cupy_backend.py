@@ -245,7 +245,8 @@ EXPECTED_VARIANTS = {
     "persistent-mma-train-rows2": (MMA, MMA, False, 2, False, 512),
     "persistent-mma-wt": (MMA, GRAPH, False, 1, True, 512),
     "persistent-mma-train-rows2-wt": (MMA, MMA, False, 2, True, 512),
-    "persistent-mma-train-rows2-wt-wide": (MMA, MMA, False, 2, True, 1024)}
+    "persistent-mma-train-rows2-wt-wide": (MMA, MMA, False, 2, True, 1024),
+    "segments": (GRAPH, GRAPH, False, 1, False, 512)}    # the paths as auto; see test_segments
 
 
 def test_every_variant_is_tested():
@@ -274,7 +275,7 @@ def test_each_variant_forces_its_path_and_restores_the_settings(monkeypatch, nam
         described = backend.describe_run(problem(B=4096, H=256, training=True))
     assert cb.FORCE_PATH is None and cb.USE_GRAPH is False and cb.FORCE_BACKWARD_PATH is None
     assert cb.MMA_ROW_GROUPS == 1 and cb.MMA_WARP_TILES is False
-    assert cb.MMA_BWD_CHUNK_BYTES == 512
+    assert cb.MMA_BWD_CHUNK_BYTES == 512 and cb.SEGMENTS is False
     assert ("captured as a CUDA graph" in described) is capture
     assert ("tensor cores" in described) is (forward == "persistent-mma")
     assert ("persistent backward" in described) is (backward == "persistent-mma")

@@ -403,6 +403,29 @@ def test_oracle_harness_on_emulated_kernels(emulated_backend, force_path, path, 
     assert [t.data for t in tapes] == [{"path": path}] * 2
 
 
+def test_segments_variant_on_emulated_kernels(emulated_backend, force_path, monkeypatch):
+    """`cupy:segments`: the layer calls the backend once per segment over the live rows (here
+    as finely as it can), each call on the path its rows take; every result against torch.nn
+    in float64, through the GPU oracle tests' harness."""
+    monkeypatch.setattr(cb, "SEGMENT_MIN_ROWS", 1)
+    monkeypatch.setattr(cb, "SEGMENT_CALL_STEPS", 0)
+    backend = rg.backends.get(emulated_backend)
+    calls = []
+    real = type(backend).forward
+
+    def counting(self, problem, *args, **kwargs):
+        calls.append((problem.seq_len, problem.batch))
+        return real(self, problem, *args, **kwargs)
+
+    monkeypatch.setattr(type(backend), "forward", counting)
+    with backend.variant("segments"):
+        run_against_oracle("GRU", "float32", "numpy", seed=3, backend=emulated_backend)
+    assert len(calls) > 2 and min(b for _, b in calls) < 5     # B = 5: fewer rows later on
+    calls.clear()
+    run_against_oracle("GRU", "float32", "numpy", seed=3, backend=emulated_backend)
+    assert calls == [(6, 5), (6, 5)]                          # outside it: one call a direction
+
+
 WARP_TILE_SHAPES = {**{name: (sh, 1) for name, sh in MMA_SHAPES.items()},
                     "two groups": (ROW_GROUP_SHAPES["two groups"][0], 2)}
 

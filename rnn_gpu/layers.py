@@ -267,6 +267,7 @@ class RecurrentLayer:
         # takes the rows live at its first step, gathered by index, and its results go back
         # to those rows (the arrays between calls stay in the caller's row order).
         plan = _segments.schedule(backend, problem, lengths_np, steps)
+        index = _segment_rows(plan, ops, device)
         tape = (LayerTape(problem, backend, layout, owner=self,
                           precision=_config.float32_precision(), steps=steps, schedule=plan)
                 if keep_tape else None)
@@ -290,7 +291,8 @@ class RecurrentLayer:
                     finals.append(init)
                     continue
                 y, final, btapes, w_ih = self._run_direction(
-                    backend, problem, plan, params, inp, init, layer, reverse, keep_tape, ops)
+                    backend, problem, plan, index, params, inp, init, layer, reverse, keep_tape,
+                    ops)
                 outs.append(y)
                 finals.append(final)
                 tapes.append(btapes)
@@ -308,15 +310,15 @@ class RecurrentLayer:
         final_state = self._pack_state(finals, layout, in_kind, ops)
         return y, final_state, tape
 
-    def _run_direction(self, backend, problem, plan, params, inp, init, layer: int,
+    def _run_direction(self, backend, problem, plan, index, params, inp, init, layer: int,
                        reverse: bool, keep_tape: bool, ops: Ops):
         """One layer and direction: one backend call per segment of ``plan`` (one without
-        segments). Returns ``y, final, tapes, w_ih``, tapes one per segment."""
+        segments; ``index``: each segment's rows). Returns ``y, final, tapes, w_ih``, tapes one
+        per segment."""
         weights = self._recurrent_weights(params, layer, reverse)
         w_ih, b_ih = self._input_weights(params, layer, reverse)
         fused = callable(getattr(backend, "forward_layer", None))    # fuses W_ih x (§4)
         whole = plan.whole
-        index = _segment_rows(plan, ops, problem.device)
         y = None if whole else ops.zeros((inp.shape[0], problem.batch, self.output_size),
                                          self.dtype, problem.device)
         carried = init if whole else tuple(ops.copy(s) for s in init)
@@ -400,17 +402,18 @@ class RecurrentLayer:
         grads: dict[str, Any] = {}
         dstate0: list[tuple[Any, ...]] = [()] * (self.num_layers * D)
         empty = steps == 0 or B == 0
+        index = _segment_rows(tape.schedule, ops, device)
         for layer in reversed(range(self.num_layers)):
             inp = tape.inputs[layer]
             d_inp = None
             for d in range(D):
                 reverse = d == 1
-                index = layer * D + d
+                which = layer * D + d
                 if empty:
-                    dstate0[index] = dfinal[index]
+                    dstate0[which] = dfinal[which]
                     continue
-                contrib, dstate0[index], layer_grads = self._backward_direction(
-                    tape, grad[:, :, d * P:(d + 1) * P], dfinal[index], inp,
+                contrib, dstate0[which], layer_grads = self._backward_direction(
+                    tape, index, grad[:, :, d * P:(d + 1) * P], dfinal[which], inp,
                     tape.tapes[layer][d], tape.input_weights[layer][d], reverse, ops)
                 for base, g in layer_grads.items():
                     grads[parameter_name(base, layer, reverse)] = g
@@ -434,14 +437,13 @@ class RecurrentLayer:
             out_grads[name] = _like(g, self._params[name])
         return dx, self._pack_state(dstate0, layout, layout["kind"], ops), out_grads
 
-    def _backward_direction(self, tape: LayerTape, dy, dfinal, inp, btapes, w_ih,
+    def _backward_direction(self, tape: LayerTape, index, dy, dfinal, inp, btapes, w_ih,
                             reverse: bool, ops: Ops):
         """One layer and direction, its segments in the reverse of forward's order. Returns
         the gradient of the layer input, of the initial state, and of the weights by base
         name."""
         plan, backend, precision = tape.schedule, tape.backend, tape.precision
         spec = self._spec
-        index = _segment_rows(plan, ops, tape.layout["device"])
         order = list(reversed(index)) if reverse else index
         whole = plan.whole
         d_inp = None if whole else ops.zeros(inp.shape, self.dtype, tape.layout["device"])

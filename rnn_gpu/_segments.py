@@ -1,10 +1,10 @@
 """Live-row segments: run a variable-length batch over only the rows still running.
 
 Used by the layer code (``rnn_gpu.layers``) for a backend that asks for it with
-``segment_costs`` (see :mod:`rnn_gpu.backend_api`): the layer sorts the batch once, runs every
-layer and direction as one backend call per segment, and restores the caller's row order at
-the end.
-
+``segment_costs`` (see :mod:`rnn_gpu.backend_api`): the layer runs every layer and direction
+as one backend call per segment, gathering the segment's rows by index (``Schedule.order``) and
+putting its results back in those rows, so that every array between calls keeps the caller's
+row order.
 
 With ``lengths``, row b is live at step t when ``t < lengths[b]``, in either direction. Sorted
 by length, longest first, the live rows of step t are a prefix of the batch, and the prefix only
@@ -19,8 +19,8 @@ inside the segment are masked there, as without segments.
 
 ``step_rows`` is what a step costs whatever its rows (the per-step calls, reading W_hh), and
 ``segment_cost`` what starting a call costs, both as equivalent rows (a backend's
-``SegmentCosts``). With uniform lengths the
-work falls to about half of T*B, the valid steps, plus the masked tail of each segment.
+``SegmentCosts``). With uniform lengths the work falls to about half of T*B, the valid steps,
+plus the masked tail of each segment.
 """
 
 from __future__ import annotations

@@ -280,7 +280,7 @@ class RecurrentLayer:
                 keep = (self._rng.random(inp.shape) >= self.dropout).astype(self.dtype)
                 # p = 1 drops everything (as torch.nn); no 1/(1-p) scaling to divide by zero.
                 scale = 0.0 if self.dropout == 1.0 else 1.0 / (1.0 - self.dropout)
-                mask = to_kind(keep * scale, kind, device)       # the caller's row order
+                mask = to_kind(keep * scale, kind, device)
                 inp = inp * mask
             outs, tapes, w_ihs = [], [], []
             for d in range(D):

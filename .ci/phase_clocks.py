@@ -108,6 +108,21 @@ def show(title: str, result: dict) -> None:
               f"{r['max']:8.0f})  {r['us']:7.2f} us")
 
 
+def check_defines(defines: list[str]) -> None:
+    """Each ``-DNAME[=VALUE]`` names a macro the CUDA sources test (``#ifndef NAME`` or
+    ``#ifdef NAME``): a misspelt one would compile the default kernel under the variant's
+    name, and the card would time the same kernel twice."""
+    from pathlib import Path
+
+    text = "".join(p.read_text() for p in
+                   sorted((Path(__file__).resolve().parents[1] / "kernels" / "cuda").glob("*.cu*")))
+    for define in defines:
+        name = define[2:].split("=")[0] if define.startswith("-D") else ""
+        if not name or (f"#ifndef {name}" not in text and f"#ifdef {name}" not in text):
+            raise SystemExit(f"--variant: {define!r} is not -DNAME for a macro of "
+                             "kernels/cuda (#ifndef NAME / #ifdef NAME)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cell", choices=sorted(CELLS))
@@ -120,7 +135,21 @@ def main() -> None:
                              "--variant= is the source as it is, one row group (the default)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the shape and the variants, print them, run nothing (how "
+                             "the tests check .ci/gpu's stages without a card)")
     args = parser.parse_args()
+    try:
+        T, B, H = (int(v) for v in args.shape.split("x"))
+    except ValueError:
+        parser.error(f"shape: expected TxBxH, three integers, got {args.shape!r}")
+    if args.dry_run:
+        for variant in args.variant or [""]:
+            settings, defines = split_variant(variant)
+            check_defines(defines)
+            print(f"dry run: {args.cell} {args.dtype} {T}x{B}x{H} variant {variant!r}: "
+                  f"{settings} {defines}")
+        return
 
     import cupy
     import torch
@@ -130,7 +159,6 @@ def main() -> None:
     from rnn_gpu import registry
     from rnn_gpu.kernels.cuda import device, sources
 
-    T, B, H = (int(v) for v in args.shape.split("x"))
     cell_name, cell, act = CELLS[args.cell]
     index = cupy.cuda.Device().id
     backend = registry.get("cupy")

@@ -84,7 +84,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     try:
         device = parse_device(args.device) if args.device else _default_device()
-        if device.startswith("cuda") and _default_device() == "cpu":
+        if device.startswith("cuda") and _default_device() == "cpu" and not args.dry_run:
             raise ValueError(f"device: {device!r} asked for, but torch sees no CUDA device "
                              "here (torch.cuda.is_available() is False, or torch is missing)")
         cases = _bench_cases(args, device)
@@ -101,6 +101,8 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     repeats = args.repeats or (3 if args.quick else 10)
     runners = peers.our_runners(_split(args.backend) or None) + peers.peer_runners(device)
+    if args.dry_run:
+        return _print_dry_run(cases, runners, repeats, device)
     to_stdout = args.json == "-"
     log = None if to_stdout else (lambda msg: print(msg, file=sys.stderr, flush=True))
     from ._config import float32_precision_set
@@ -127,6 +129,17 @@ def _bench(args: argparse.Namespace) -> int:
             _write_atomically(args.json, text)
     if not to_stdout:
         print(bench.format_table(rows, info, markdown=args.markdown))
+    return 0
+
+
+def _print_dry_run(cases, runners, repeats: int, device: str) -> int:
+    """``rnn-gpu bench --dry-run``: what the arguments ask for, nothing timed. The lent GPU's
+    script (.ci/gpu) is checked this way on the CPU, so that a typo in a stage costs a test
+    run here rather than the stage on the card."""
+    names = ", ".join(runner.name for runner in runners)
+    print(f"dry run: {len(cases)} cases on {device}, {repeats} repeats, runners: {names}")
+    for case in cases:
+        print(f"  {case.cell} {case.shape} {case.dtype} {case.pass_}")
     return 0
 
 
@@ -226,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write the results as JSON to PATH, or to stdout without PATH "
                             "(then no table is printed)")
     bench.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    bench.add_argument("--dry-run", action="store_true",
+                       help="check the arguments, the backends and their variants, print the "
+                            "cases and runners, time nothing (also with --device cuda where "
+                            "there is no GPU)")
     bench.add_argument("--float32-precision", default="ieee", choices=FLOAT32_PRECISIONS,
                        help="float32 products in our GPU backends: ieee (default, as torch.nn "
                             "with TF32 off), tf32x3 (three TF32 tensor-core products, float32's "

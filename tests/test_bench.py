@@ -499,3 +499,23 @@ def test_the_float32_oracle_never_runs_in_tf32():
             assert not torch.backends.cuda.matmul.allow_tf32
     finally:
         rg.allow_tf32(False)
+
+
+def test_a_dry_run_lists_the_cases_and_times_nothing(capsys, monkeypatch, tmp_path):
+    """``--dry-run`` checks and lists; it neither runs a case nor writes ``--json``."""
+    from rnn_gpu.bench import runner
+
+    def run_case(*args, **kwargs):
+        raise AssertionError("a dry run timed a case")
+
+    monkeypatch.setattr(runner, "run_case", run_case)
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--dry-run", "--cell", "GRU,LSTM", "--shape", "4x8x8",
+                 "--backend", "numpy", "--json", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "dry run: 2 cases on cpu, 10 repeats, runners: numpy, torch-cpu"
+    assert out[1:] == ["  GRU 4×8×8 float32 forward", "  LSTM 4×8×8 float32 forward"]
+    assert not path.exists()
+    # what is checked still is: a backend's unknown variant
+    assert main(["bench", "--dry-run", "--backend", "numpy:fast"]) == 2
+    assert "the numpy backend has no variant 'fast'" in capsys.readouterr().err

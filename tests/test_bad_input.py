@@ -115,6 +115,23 @@ def test_state_wrong_kind(gru, x):
         gru(torch.from_numpy(x), np.zeros((1, 2, 4), F32))
 
 
+def test_state_or_input_on_another_device(gru, x):
+    """Issue 4's "tensors on different devices", on the CPU: torch's meta device stands in for
+    another device (on a card the same check names cuda:0 and cpu)."""
+    t = torch.from_numpy(x)
+    with pytest.raises(ValueError, match=r"state: expected an array on cpu like the input, "
+                       r"got one on meta"):
+        gru(t, torch.zeros(1, 2, 4, device="meta"))
+    with pytest.raises(ValueError, match=r"x: the input is on meta.* but GRU's weights are on "
+                       r"cpu; call model.to\('meta.*'\) or move x"):
+        gru(t.to("meta"))
+    lstm = rg.LSTM(3, 4)
+    _, _, tape = lstm.forward(t)
+    with pytest.raises(ValueError, match=r"dy: expected an array on cpu like the input, got one "
+                       r"on meta"):
+        lstm.backward(tape, torch.zeros(5, 2, 4, device="meta"))
+
+
 def test_state_wrong_dtype(gru, x):
     with pytest.raises(TypeError, match=r"state: expected dtype float32 like the input, got "
                        r"float64"):

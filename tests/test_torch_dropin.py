@@ -563,3 +563,55 @@ def test_gru_and_rnn_refuse_proj_size_as_torch_nn_does():
         rt.GRU(3, 4, 1, True, False, 0.0, False, 2)                 # 8th, as in torch.nn
     assert [p.shape for p in rt.LSTM(3, 4, 2)._flat_weights] == [
         p.shape for p in nn.LSTM(3, 4, 2)._flat_weights]
+
+
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+def test_torch_compile_of_a_model_around_the_drop_in(compile_backend):
+    """``torch.compile(model)`` with our GRU inside: the recurrence is one graph break (run
+    eagerly, autograd included) and the rest compiles; outputs and every gradient equal the
+    same model with torch.nn.GRU, uncompiled, in float64."""
+    torch._dynamo.reset()
+
+    class Tagger(nn.Module):
+        def __init__(self, rnn):
+            super().__init__()
+            self.rnn, self.head = rnn, nn.Linear(2 * 6, 3, dtype=F64)
+
+        def forward(self, x):
+            y, h = self.rnn(x)
+            return torch.tanh(self.head(y)).sum(-1), h
+
+    ours = Tagger(rt.GRU(4, 6, num_layers=2, bidirectional=True, dtype=F64))
+    theirs = copy.deepcopy(ours)
+    theirs.rnn = nn.GRU(4, 6, num_layers=2, bidirectional=True, dtype=F64)
+    theirs.rnn.load_state_dict(ours.rnn.state_dict())
+    graphs = []                     # what dynamo captured: only the code around the layer
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend(compile_backend)(gm, example_inputs)
+
+    compiled = torch.compile(ours, backend=recording)
+    for T, B in ((5, 3), (7, 2)):                        # a second shape: no stale trace
+        x = torch.randn(T, B, 4, dtype=F64, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        (out, h), (want, want_h) = compiled(x), theirs(x2)
+        torch.testing.assert_close(out, want, **TOL)
+        torch.testing.assert_close(h, want_h, **TOL)
+        (out.square().sum() + h.sum()).backward()
+        (want.square().sum() + want_h.sum()).backward()
+        torch.testing.assert_close(x.grad, x2.grad, **TOL)
+        for (name, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters()):
+            torch.testing.assert_close(p.grad, q.grad, **TOL, msg=name)
+        ours.zero_grad()
+        theirs.zero_grad()
+    # traced rather than skipped, the layer's own Python gave 26 graphs here (and 314 frames)
+    assert 1 <= len(graphs) <= 4, [len(g.graph.nodes) for g in graphs]
+
+
+def test_torch_compile_fullgraph_names_the_graph_break():
+    torch._dynamo.reset()
+    compiled = torch.compile(rt.GRU(4, 6), fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="rnn_gpu's recurrent layers run their fused kernels "
+                                        "outside the graph"):
+        compiled(torch.randn(3, 2, 4))

@@ -51,6 +51,21 @@ def bind(core: RecurrentLayer, params: dict[str, torch.Tensor], **attrs: Any) ->
     return view
 
 
+def _opaque_to_compile(fn):
+    """``fn`` as one graph break under torch.compile, run eagerly (autograd included), so that
+    the code around the layer compiles. Traced, dynamo walked into the core's dispatch, its
+    NumPy or CuPy calls and the backends' lazy imports: 26 graphs, its recompile limit, and 32 s
+    for a first call of a 2-layer LSTM on 5x3x8 (CPU, torch 2.13) that takes milliseconds. A
+    fused kernel leaves it nothing to fuse."""
+    reason = ("rnn_gpu's recurrent layers run their fused kernels outside the graph (one "
+              "graph break); fullgraph=True cannot hold them")
+    try:
+        return torch.compiler.disable(fn, reason=reason)
+    except TypeError:                                  # torch < 2.7: no reason=
+        return torch.compiler.disable(fn)
+
+
+@_opaque_to_compile
 def run(core: RecurrentLayer, params: dict[str, torch.Tensor], x: torch.Tensor, hx: Any, *,
         lengths: torch.Tensor | None = None, backend: str | None = None, **attrs: Any):
     """``core`` with ``params`` on torch tensors: ``(y, h_n)`` or, for LSTM, ``(y, (h_n, c_n))``.

@@ -284,3 +284,35 @@ def test_autocast_on_cuda_runs_the_drop_in_in_half_precision(backend, low):
     y.float().sum().backward()
     assert m.weight_hh_l0.grad.dtype == torch.float32
     assert torch.isfinite(m.weight_hh_l0.grad).all() and lin.weight.grad is not None
+
+
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+def test_torch_compile_around_the_drop_in_on_cuda(backend):
+    """torch.compile (inductor) of a model with our LSTM inside, on CUDA: the recurrence runs
+    the named backend's kernels as one graph break, the head compiles; outputs and gradients
+    within float32's tolerance of the same model with torch.nn.LSTM, uncompiled."""
+    if rg.backends.get(backend).unavailable_reason():
+        pytest.skip(rg.backends.get(backend).unavailable_reason())
+    from torch import nn
+
+    from rnn_gpu.torch import LSTM
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ours, head = LSTM(32, 64, backend=backend).cuda(), nn.Linear(64, 5).cuda()
+    ref = nn.LSTM(32, 64).cuda()
+    ref.load_state_dict(ours.state_dict())
+
+    def model(rnn, x):
+        return torch.log_softmax(head(rnn(x)[0]), -1)
+
+    compiled = torch.compile(model)
+    x = torch.randn(50, 16, 32, device="cuda")
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        out, want = compiled(ours, x), model(ref, x)
+        torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+        out.square().sum().backward()
+        want.square().sum().backward()
+    for name, p in ours.named_parameters():
+        q = getattr(ref, name)
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=name)

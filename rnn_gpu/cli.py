@@ -96,13 +96,19 @@ def _bench(args: argparse.Namespace) -> int:
             raise ValueError(f"threads: expected a positive count, got {n}")
         if args.repeats is not None and args.repeats < 1:
             raise ValueError(f"repeats: expected a positive count, got {args.repeats}")
+        if args.kernels is not None and args.kernels < 1:
+            raise ValueError(f"kernels: expected a positive count of kernels to list, got "
+                             f"{args.kernels}")
+        if args.kernels and not device.startswith("cuda"):
+            raise ValueError(f"kernels: the split by kernel is a GPU's (torch.profiler's CUDA "
+                             f"activity); got --device {device}")
     except ValueError as exc:
         print(f"rnn-gpu bench: {exc}", file=sys.stderr)
         return 2
     repeats = args.repeats or (3 if args.quick else 10)
     runners = peers.our_runners(_split(args.backend) or None) + peers.peer_runners(device)
     if args.dry_run:
-        return _print_dry_run(cases, runners, repeats, device)
+        return _print_dry_run(cases, runners, repeats, device, args.kernels)
     to_stdout = args.json == "-"
     log = None if to_stdout else (lambda msg: print(msg, file=sys.stderr, flush=True))
     from ._config import float32_precision_set
@@ -120,7 +126,7 @@ def _bench(args: argparse.Namespace) -> int:
             def save(rows_so_far):      # after every case: a bench cut off keeps what it timed
                 _write_atomically(args.json, bench.to_json(rows_so_far, info, complete=False))
         rows = bench.run(cases, runners, repeats=repeats, peak_gflops=peak, log=log,
-                         after_case=save)
+                         after_case=save, kernels=args.kernels or 0)
     if args.json:
         text = bench.to_json(rows, info)
         if to_stdout:
@@ -132,12 +138,13 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_dry_run(cases, runners, repeats: int, device: str) -> int:
+def _print_dry_run(cases, runners, repeats: int, device: str, kernels: int | None) -> int:
     """``rnn-gpu bench --dry-run``: what the arguments ask for, nothing timed. The lent GPU's
     script (.ci/gpu) is checked this way on the CPU, so that a typo in a stage costs a test
     run here rather than the stage on the card."""
     names = ", ".join(runner.name for runner in runners)
-    print(f"dry run: {len(cases)} cases on {device}, {repeats} repeats, runners: {names}")
+    split = f", each call split by kernel (top {kernels})" if kernels else ""
+    print(f"dry run: {len(cases)} cases on {device}, {repeats} repeats, runners: {names}{split}")
     for case in cases:
         print(f"  {case.cell} {case.shape} {case.dtype} {case.pass_}")
     return 0
@@ -239,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write the results as JSON to PATH, or to stdout without PATH "
                             "(then no table is printed)")
     bench.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    bench.add_argument("--kernels", nargs="?", type=int, const=6, metavar="N",
+                       help="GPU: after timing a case, run each runner's call once more under "
+                            "torch.profiler and show its kernels' total time and its N "
+                            "costliest kernels (default 6); in the JSON too")
     bench.add_argument("--dry-run", action="store_true",
                        help="check the arguments, the backends and their variants, print the "
                             "cases and runners, time nothing (also with --device cuda where "

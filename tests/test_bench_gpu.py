@@ -147,3 +147,26 @@ def test_variable_lengths_on_cuda_check_our_rows_against_packed_cudnn(capsys):
         assert row["shape"].endswith(" len=uniform"), row
         if row["runner"] in ("torch-cudnn", *ours):
             assert row["error"] is None and row["ms"] > 0, row
+
+
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+def test_bench_kernels_splits_each_call_by_kernel(capsys, backend):
+    """``--kernels``: each timed row holds its kernels' total (a share of the timed call, not
+    more than ~the call) and its costliest kernels; ours include the fused recurrence's,
+    cuDNN's its own (CUPTI records every library's launches)."""
+    from rnn_gpu import registry
+
+    if registry.get(backend).unavailable_reason():
+        pytest.skip(registry.get(backend).unavailable_reason())
+    assert main(["bench", "--device", "cuda", "--kernels", "3", "--cell", "LSTM", "--shape",
+                 "32x64x128", "--dtype", "float16", "--pass", "forward", "--backend", backend,
+                 "--repeats", "3", "--json", "-"]) == 0
+    rows = {r["runner"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    for name in (backend, "torch-cudnn"):
+        row = rows[name]
+        assert row["error"] is None, row
+        assert 0 < row["kernel_ms"] <= 1.5 * row["ms"] + 0.05, row
+        assert 1 <= len(row["kernels"]) <= 3, row
+        assert all(k["launches"] >= 1 and k["us"] > 0 for k in row["kernels"]), row
+    recurrence = "gated" if backend == "triton" else "gated_fwd"
+    assert any(recurrence in k["name"] for k in rows[backend]["kernels"]), rows[backend]

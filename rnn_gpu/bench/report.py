@@ -8,6 +8,8 @@ import os
 import platform
 from dataclasses import asdict, dataclass
 
+from .kernels import format_kernels
+
 COLUMNS = ("cell", "shape T×B×H", "dtype", "pass", "runner", "ms (median)", "tokens/s",
            "TFLOP/s", "vs peer")
 TEXT_COLUMNS = 5            # left-aligned; the numbers after them are right-aligned
@@ -34,6 +36,8 @@ class Row:
     rms_err: float | None = None         # half precision: relative RMS error (DESIGN §6)
     error: str | None = None             # why there is no timing (wrong answer, failure)
     config: str | None = None            # how our backend ran it (tiling, path), if it says
+    kernel_ms: float | None = None       # --kernels: the GPU time of one call's kernels
+    kernels: list | None = None          # --kernels: its costliest (bench.kernels.KernelTime)
 
     @property
     def ok(self) -> bool:
@@ -193,12 +197,17 @@ def format_table(rows: list[Row], info: dict | None = None, markdown: bool = Fal
 
     notes = labelled(lambda r: r.error)
     configs = labelled(lambda r: r.config if not r.error else None)
+    profiles = labelled(lambda r: None if r.kernel_ms is None else
+                        format_kernels(r.kernel_ms, r.kernels or [], r.ms))
     out = []
     if info is not None:
         out += header_lines(info) + [""]
     out += lines
     if configs:
         out += ["", "how each case ran:"] + configs
+    if profiles:
+        out += ["", "where one more call's GPU time went (--kernels: total, then the costliest "
+                    "kernels: ms, share, launches, us a launch):"] + profiles
     if notes:
         out += ["", "not timed:"] + notes
     return "\n".join(out)

@@ -18,6 +18,7 @@ import numpy as np
 
 from .cases import Case, round_inputs
 from .flops import case_flops
+from .kernels import profile_kernels
 from .memory import peak_bytes
 from .peers import Runner
 from .report import Row
@@ -155,9 +156,11 @@ def reference_result(case: Case, peer: Runner):
 
 def run_case(case: Case, runners: list[Runner], *, repeats: int,
              peak_gflops: float | None = None,
-             log: Callable[[str], None] | None = None) -> list[Row]:
+             log: Callable[[str], None] | None = None, kernels: int = 0) -> list[Row]:
     """Check, then time, every runner on one case. The first available peer is the reference.
-    ``peak_gflops`` (the machine's GEMM rate) gives each row its floor."""
+    ``peak_gflops`` (the machine's GEMM rate) gives each row its floor. ``kernels`` > 0 (on a
+    GPU): each timed runner's call once more under the profiler, its kernels' time and that
+    many of its costliest kernels in the row (:mod:`rnn_gpu.bench.kernels`)."""
     params, x = make_inputs(case)
     rows, calls, results = [], {}, {}
     for runner in runners:
@@ -235,6 +238,14 @@ def run_case(case: Case, runners: list[Runner], *, repeats: int,
             row.ratio = peer.ms / row.ms
         if row.ok:
             row.config = by_name[row.runner].describe_run(case)
+        if row.ok and kernels:
+            try:
+                row.kernel_ms, row.kernels = profile_kernels(calls[row.runner], case.device,
+                                                             kernels)
+            except Exception as exc:      # a profiler that cannot start costs the split only
+                if log:
+                    log(f"{case.label()}: {row.runner}: no kernel profile "
+                        f"({type(exc).__name__}: {exc})")
     if log:     # each case's numbers as soon as they exist: a bench cut off by its time limit
         log(f"timed {case.label()}: " + "; ".join(_brief(r) for r in rows))  # keeps them
     return rows
@@ -246,18 +257,22 @@ def _brief(row: Row) -> str:
     ratio = "" if row.ratio is None else f" {row.ratio:.2f}x"
     err = "" if row.max_err is None else f" err {row.max_err:.1e}"
     err += "" if row.rms_err is None else f" rms {row.rms_err:.1e}"
-    return f"{row.runner} {row.ms:.3f} ms{ratio}{err} [{row.config or ''}]"
+    kernels = "" if row.kernel_ms is None else f" kernels {row.kernel_ms:.3f} ms"
+    return f"{row.runner} {row.ms:.3f} ms{ratio}{err}{kernels} [{row.config or ''}]"
 
 
 def run(cases: list[Case], runners: list[Runner], *, repeats: int = 10,
         peak_gflops: float | None = None,
         log: Callable[[str], None] | None = None,
-        after_case: Callable[[list[Row]], None] | None = None) -> list[Row]:
+        after_case: Callable[[list[Row]], None] | None = None,
+        kernels: int = 0) -> list[Row]:
     """All cases; thread settings are the caller's (see :mod:`rnn_gpu.bench.threads`).
-    ``after_case(rows so far)`` is called as each case is done (the CLI saves its JSON then)."""
+    ``after_case(rows so far)`` is called as each case is done (the CLI saves its JSON then);
+    ``kernels`` as :func:`run_case`'s."""
     rows = []
     for case in cases:
-        rows += run_case(case, runners, repeats=repeats, peak_gflops=peak_gflops, log=log)
+        rows += run_case(case, runners, repeats=repeats, peak_gflops=peak_gflops, log=log,
+                         kernels=kernels)
         if after_case is not None:
             after_case(rows)
     return rows

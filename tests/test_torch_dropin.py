@@ -615,3 +615,15 @@ def test_torch_compile_fullgraph_names_the_graph_break():
     with pytest.raises(Exception, match="rnn_gpu's recurrent layers run their fused kernels "
                                         "outside the graph"):
         compiled(torch.randn(3, 2, 4))
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="torch < 2.5")
+@pytest.mark.parametrize("layer, instead", [(rt.GRU, "export the model with torch.nn.GRU"),
+                                            (rt.TwoStageRNN, "use torch.compile")])
+def test_torch_export_says_it_cannot_and_what_to_do_instead(layer, instead):
+    """Traced by torch.export (fake tensors), the core failed deep inside with ".numpy() is
+    not supported for tensor subclasses"."""
+    with pytest.raises(NotImplementedError, match=rf"torch.export: rnn_gpu.torch."
+                       rf"{layer.__name__} runs its fused kernels outside torch's graph and "
+                       rf"cannot be exported; {instead}"):
+        torch.export.export(layer(4, 6), (torch.randn(3, 2, 4),))

@@ -76,6 +76,18 @@ def run(core: RecurrentLayer, params: dict[str, torch.Tensor], x: torch.Tensor, 
     otherwise; and the core's ``forward`` (with its dropout) when no gradient flows but dropout
     must still apply.
     """
+    is_exporting = getattr(torch.compiler, "is_exporting", None)      # torch >= 2.5
+    if is_exporting is not None and is_exporting():
+        # traced with fake tensors, the core failed deep inside with ".numpy() is not
+        # supported for tensor subclasses"
+        name = type(core).__name__
+        instead = (f"export the model with torch.nn.{name} in its place (it takes this "
+                   f"layer's state_dict unchanged), or " if name in ("LSTM", "GRU", "RNN")
+                   else "")
+        raise NotImplementedError(
+            f"torch.export: rnn_gpu.torch.{name} runs its fused kernels outside torch's graph "
+            f"and cannot be exported; {instead}use torch.compile, which runs this layer as one "
+            f"graph break")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input: expected a torch.Tensor or a PackedSequence, got "
                         f"{type(x).__name__} (the NumPy/CuPy API is rnn_gpu.{type(core).__name__})")

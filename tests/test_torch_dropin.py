@@ -627,3 +627,17 @@ def test_torch_export_says_it_cannot_and_what_to_do_instead(layer, instead):
                        rf"{layer.__name__} runs its fused kernels outside torch's graph and "
                        rf"cannot be exported; {instead}"):
         torch.export.export(layer(4, 6), (torch.randn(3, 2, 4),))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")   # torch's own
+@pytest.mark.parametrize("transform, message", [
+    (lambda m, x: torch.jit.trace(m, (x,)), r"torch.jit.trace: rnn_gpu.torch.GRU runs its "
+                                            r"fused kernels outside torch's graph"),
+    (lambda m, x: torch.func.vmap(lambda xx: m(xx)[0])(x[None].expand(3, -1, -1, -1)),
+     r"torch.func transforms \(vmap, grad, jvp, jacrev, ...\): rnn_gpu.torch.GRU's fused op"),
+    (lambda m, x: torch.func.grad(lambda xx: m(xx)[0].sum())(x), r"torch.func transforms"),
+])
+def test_tracing_and_func_transforms_say_they_cannot(transform, message):
+    """Where torch's own errors were "unordered_map::at" and a note on setup_context."""
+    with pytest.raises(NotImplementedError, match=message):
+        transform(rt.GRU(4, 6), torch.randn(3, 2, 4))

@@ -88,6 +88,7 @@ def run(core: RecurrentLayer, params: dict[str, torch.Tensor], x: torch.Tensor, 
             f"torch.export: rnn_gpu.torch.{name} runs its fused kernels outside torch's graph "
             f"and cannot be exported; {instead}use torch.compile, which runs this layer as one "
             f"graph break")
+    _refuse_transforms(type(core).__name__)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input: expected a torch.Tensor or a PackedSequence, got "
                         f"{type(x).__name__} (the NumPy/CuPy API is rnn_gpu.{type(core).__name__})")
@@ -117,6 +118,24 @@ def run(core: RecurrentLayer, params: dict[str, torch.Tensor], x: torch.Tensor, 
             y, final, _ = core.forward(x, state, lengths=lengths, backend=backend)
             return y, final
         return core(x, state, lengths=lengths, backend=backend)
+
+
+def _refuse_transforms(name: str) -> None:
+    """torch.jit.trace and torch.func's transforms cannot see through the fused op: say so
+    here, where torch's own errors were "unordered_map::at" (trace) and a note on
+    autograd.Function's setup_context (vmap, grad, jvp), which read as our bugs."""
+    if torch.jit.is_tracing():
+        raise NotImplementedError(
+            f"torch.jit.trace: rnn_gpu.torch.{name} runs its fused kernels outside torch's "
+            f"graph and cannot be traced; use torch.compile, which runs this layer as one "
+            f"graph break")
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if active is not None and active():
+        raise NotImplementedError(
+            f"torch.func transforms (vmap, grad, jvp, jacrev, ...): rnn_gpu.torch.{name}'s "
+            f"fused op has no rules for them; use torch.autograd (loss.backward(), "
+            f"torch.autograd.grad) for gradients, and a batch dimension instead of vmap "
+            f"(torch.func.functional_call works)")
 
 
 def _reseed(core: RecurrentLayer, seed: int | None) -> None:

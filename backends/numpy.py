@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from rnn_gpu._arrays import column_sums
 from rnn_gpu.backend_api import Backend, Problem, SegmentCosts, Tape
 
 # ----------------------------------------------------------------------------- threads
@@ -970,7 +971,7 @@ class NumpyBackend(Backend):
             return d.reshape(-1, d.shape[-1]).T @ x.reshape(-1, x.shape[-1])
 
         def total(d):
-            return d.reshape(-1, d.shape[-1]).sum(axis=0)
+            return column_sums(d.reshape(-1, d.shape[-1]))
 
         cell, dxw, hprev = problem.cell, grads["dxw"], data["hprev"]
         out: dict[str, np.ndarray] = {}

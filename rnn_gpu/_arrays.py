@@ -119,6 +119,15 @@ def to_numpy(x: Any) -> np.ndarray:
     return to_kind(x, "numpy", "cpu")
 
 
+def column_sums(rows: np.ndarray) -> np.ndarray:
+    """``rows.sum(0)`` of a 2-D NumPy float array as one BLAS product with a vector of ones:
+    a bias gradient over T*B rows. NumPy's own reduction down axis 0 runs on one core: at
+    (32768, 512) float32 (LSTM 128x256x128's gradients) it took 10.8 ms (6 GB/s) against 2.1
+    for the product on 2 cores (Sapphire Rapids VM), and the product's blocked sums came
+    closer to the float64 sum (2.2e-6 against 7.0e-6 of the largest)."""
+    return np.ones(rows.shape[0], rows.dtype) @ rows
+
+
 class Ops:
     """The handful of array operations the layer code needs, for one array kind."""
 
@@ -160,7 +169,8 @@ class Ops:
 
     def sum_leading(self, x):
         """Sum over every axis but the last (bias gradients)."""
-        return x.reshape(-1, x.shape[-1]).sum(0)
+        rows = x.reshape(-1, x.shape[-1])
+        return column_sums(rows) if self.kind == "numpy" else rows.sum(0)
 
     def copy(self, x):
         return x.clone() if self.kind == "torch" else x.copy()

@@ -151,3 +151,20 @@ def test_an_error_in_one_unit_tile_does_not_hang(monkeypatch):
     monkeypatch.undo()
     y, _ = rg.GRU(3, 8)(np.zeros((5, 4, 3), "float32"))     # the pool still works
     assert y.shape == (5, 4, 8)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("rows", [0, 1, 37, 4096])
+def test_column_sums_are_the_bias_gradients_sum(dtype, rows):
+    """The bias gradients' sum over T*B rows, as a product with ones: NumPy's sum down axis 0
+    in float64 is the oracle (also for a strided view, and for no rows at all)."""
+    from rnn_gpu._arrays import column_sums
+
+    rng = np.random.default_rng(rows)
+    a = rng.standard_normal((rows, 2 * 24)).astype(dtype)
+    for view in (a, a[:, ::2]):
+        got = column_sums(view)
+        want = view.astype(np.float64).sum(axis=0)
+        assert got.dtype == np.dtype(dtype) and got.shape == (view.shape[1],)
+        tol = 1e-5 if dtype == "float32" else 1e-12
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1, rows))

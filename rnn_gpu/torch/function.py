@@ -76,19 +76,7 @@ def run(core: RecurrentLayer, params: dict[str, torch.Tensor], x: torch.Tensor, 
     otherwise; and the core's ``forward`` (with its dropout) when no gradient flows but dropout
     must still apply.
     """
-    is_exporting = getattr(torch.compiler, "is_exporting", None)      # torch >= 2.5
-    if is_exporting is not None and is_exporting():
-        # traced with fake tensors, the core failed deep inside with ".numpy() is not
-        # supported for tensor subclasses"
-        name = type(core).__name__
-        instead = (f"export the model with torch.nn.{name} in its place (it takes this "
-                   f"layer's state_dict unchanged), or " if name in ("LSTM", "GRU", "RNN")
-                   else "")
-        raise NotImplementedError(
-            f"torch.export: rnn_gpu.torch.{name} runs its fused kernels outside torch's graph "
-            f"and cannot be exported; {instead}use torch.compile, which runs this layer as one "
-            f"graph break")
-    _refuse_transforms(type(core).__name__)
+    _refuse_tracing(type(core).__name__)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input: expected a torch.Tensor or a PackedSequence, got "
                         f"{type(x).__name__} (the NumPy/CuPy API is rnn_gpu.{type(core).__name__})")
@@ -120,10 +108,20 @@ def run(core: RecurrentLayer, params: dict[str, torch.Tensor], x: torch.Tensor, 
         return core(x, state, lengths=lengths, backend=backend)
 
 
-def _refuse_transforms(name: str) -> None:
-    """torch.jit.trace and torch.func's transforms cannot see through the fused op: say so
-    here, where torch's own errors were "unordered_map::at" (trace) and a note on
-    autograd.Function's setup_context (vmap, grad, jvp), which read as our bugs."""
+def _refuse_tracing(name: str) -> None:
+    """torch.export, torch.jit.trace and torch.func's transforms cannot see through the fused
+    op: say so here, where their own errors read as our bugs (export, on fake tensors: ".numpy()
+    is not supported for tensor subclasses" deep in the core; trace: "unordered_map::at"; vmap,
+    grad, jvp: a note on autograd.Function's setup_context)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)      # torch >= 2.5
+    if is_exporting is not None and is_exporting():
+        instead = (f"export the model with torch.nn.{name} in its place (it takes this "
+                   f"layer's state_dict unchanged), or " if name in ("LSTM", "GRU", "RNN")
+                   else "")
+        raise NotImplementedError(
+            f"torch.export: rnn_gpu.torch.{name} runs its fused kernels outside torch's graph "
+            f"and cannot be exported; {instead}use torch.compile, which runs this layer as one "
+            f"graph break")
     if torch.jit.is_tracing():
         raise NotImplementedError(
             f"torch.jit.trace: rnn_gpu.torch.{name} runs its fused kernels outside torch's "

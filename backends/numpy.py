@@ -61,7 +61,10 @@ from rnn_gpu.backend_api import Backend, Problem, SegmentCosts, Tape
 # * below ~1M multiply-adds per tile and step, one thread with multi-threaded BLAS is best
 #   (RNN 200x16x128: 10 ms against 20 for row tiles and 42 for unit tiles); so it is for
 #   training below 64 rows per tile (LSTM 64x32x256 forward with tape + backward: 51 + 63 ms
-#   on one thread, 70 + 74 ms in row tiles of 16).
+#   on one thread, 70 + 74 ms in row tiles of 16). LSTM's forward with the tape in unit tiles,
+#   each writing its units' columns of the tape, was tried and was slower than one thread
+#   (Sapphire Rapids VM, medians of 9: 256x32x512 526 against 448 ms, 128x64x256 161
+#   against 107).
 _MIN_ROWS_PER_THREAD = 64            # row tiles at least this tall need no other reason
 _MIN_SMALL_ROWS = 16                 # shorter row tiles need _MIN_TILE_MACS of work too
 _MIN_TILE_MACS = 1 << 20             # recurrent multiply-adds per tile and step

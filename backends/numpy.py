@@ -225,14 +225,22 @@ def _relu_(x: np.ndarray) -> np.ndarray:
 _ACT = {"sigmoid": _sigmoid_, "tanh": _tanh_, "relu": _relu_}
 
 
+def _act_slope(y: np.ndarray, act: str, out: np.ndarray) -> np.ndarray:
+    """``act'(pre)`` written through the activation's output ``y``, into ``out``."""
+    if act == "tanh":
+        np.multiply(y, y, out=out)
+        np.subtract(1.0, out, out=out)
+    elif act == "sigmoid":
+        np.subtract(1.0, y, out=out)
+        np.multiply(out, y, out=out)
+    else:                                                   # relu: 1 where y > 0
+        np.greater(y, 0, out=out, casting="unsafe")
+    return out
+
+
 def _act_grad_(dy: np.ndarray, y: np.ndarray, act: str) -> np.ndarray:
     """``dy *= act'(pre)`` written through the activation's output ``y``."""
-    if act == "tanh":
-        dy *= 1.0 - y * y
-    elif act == "sigmoid":
-        dy *= y * (1.0 - y)
-    else:
-        dy *= y > 0
+    dy *= _act_slope(y, act, np.empty_like(y))
     return dy
 
 
@@ -614,10 +622,8 @@ def _lstm_backward(tape: dict, dy, dstate, steps: _Steps, rows: slice, grads: di
             dm = dh_t @ whr
         else:
             dm = dh_t
-        np.subtract(1.0, g, out=slope)                      # sigmoid: a (1 - a)
-        np.multiply(slope, g, out=slope)
-        np.multiply(g[:, g_], g[:, g_], out=slope[:, g_])   # tanh: 1 - a^2
-        np.subtract(1.0, slope[:, g_], out=slope[:, g_])
+        _act_slope(g, "sigmoid", slope)                     # i, f, o; then g's own:
+        _act_slope(g[:, g_], "tanh", slope[:, g_])
         np.multiply(tc, tc, out=tmp)                        # dc_t = dc + dm o (1 - tanh(c)^2)
         np.subtract(1.0, tmp, out=tmp)
         tmp *= g[:, o_]
@@ -766,13 +772,8 @@ def _rnn_backward(tape: dict, dy, dstate, steps: _Steps, rows: slice, grads: dic
             np.add(dh, dy[t, rows], out=dh_t)
         else:
             np.add(dh, np.where(invalid, 0.0, dy[t, rows]), out=dh_t)
-        d, h = dxw[t, rows], tape["hnew"][t, rows]
-        if act == "tanh":                                   # 1 - h^2
-            np.multiply(h, h, out=slope)
-            np.subtract(1.0, slope, out=slope)
-        else:                                               # relu: 1 where h > 0
-            np.greater(h, 0, out=slope, casting="unsafe")
-        np.multiply(dh_t, slope, out=d)
+        d = dxw[t, rows]
+        np.multiply(dh_t, _act_slope(tape["hnew"][t, rows], act, slope), out=d)
         np.matmul(d, whh, out=dh_prev)
         if invalid is not None:
             np.copyto(d, 0.0, where=invalid)

@@ -472,6 +472,60 @@ def test_retain_graph_backward_twice():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+SECOND_ORDER = r"rnn_gpu.torch.{}: second-order gradients .* are not supported"
+
+
+def _maml_meta_gradient(m, x, x2):
+    """One MAML step: the gradient of the adapted model's loss through the adaptation."""
+    params = dict(m.named_parameters())
+    g = torch.autograd.grad(m(x)[0].pow(2).sum(), list(params.values()), create_graph=True)
+    fast = {k: p - 0.1 * gi for (k, p), gi in zip(params.items(), g)}
+    loss = functional_call(m, fast, (x2,))[0].pow(2).sum()
+    return torch.autograd.grad(loss, list(params.values()))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_second_order_gradients_raise_instead_of_dropping_terms(cell):
+    """torch's once_differentiable raised only for .backward(): autograd.grad(inputs=...)
+    pruned its error node, and the MAML meta-gradient came out first-order, a Hessian zero."""
+    ref, ours = _pair(cell, input_size=3, hidden_size=4)
+    x, x2 = torch.randn(5, 2, 3, dtype=F64), torch.randn(5, 2, 3, dtype=F64)
+    _maml_meta_gradient(ref, x, x2)                     # torch.nn can: the oracle of "can"
+    message = SECOND_ORDER.format(CELLS[cell][1].__name__)
+    with pytest.raises(RuntimeError, match=message):
+        _maml_meta_gradient(ours, x, x2)
+    xx = x.clone().requires_grad_()
+    g, = torch.autograd.grad(ours(xx)[0].pow(2).sum(), xx, create_graph=True)
+    with pytest.raises(RuntimeError, match=message):
+        torch.autograd.grad(g.sum(), xx)
+    with pytest.raises(RuntimeError, match=message):
+        torch.autograd.functional.hessian(lambda v: ours(v)[0].pow(2).sum(), x)
+    with pytest.raises(RuntimeError, match=message):
+        torch.autograd.gradgradcheck(lambda v: ours(v)[0], (xx,))
+
+
+def test_create_graph_keeps_first_order_gradients_and_second_order_elsewhere():
+    """create_graph=True through the layer gives the first-order gradients as without it,
+    and second-order terms that do not pass through the layer's backward still work (here
+    a gradient penalty on the head's weight), matching torch.nn."""
+    ref, ours = _pair("gru", input_size=3, hidden_size=4)
+    x = torch.randn(5, 2, 3, dtype=F64)
+    results = []
+    for rnn in (ref, ours):
+        head = nn.Linear(4, 1, dtype=F64)
+        with torch.no_grad():
+            head.weight.copy_(torch.arange(1.0, 5.0, dtype=F64)[None] / 4)
+            head.bias.fill_(0.5)
+        loss = head(rnn(x)[0]).pow(2).sum()
+        params = [head.weight, *rnn.parameters()]
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        penalty, = torch.autograd.grad(grads[0].pow(2).sum(), head.weight)
+        results.append((grads, penalty))
+    for a, b in zip(results[0][0], results[1][0]):
+        torch.testing.assert_close(b, a, **TOL)
+    torch.testing.assert_close(results[1][1], results[0][1], **TOL)
+
+
 def test_no_grad_path_and_errors():
     ours = rt.GRU(3, 4, dtype=F64)
     x = torch.randn(4, 2, 3, dtype=F64)

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _config
 from .._arrays import device_of, to_kind
@@ -177,32 +176,81 @@ class RecurrentFunction(torch.autograd.Function):
         return (y, *final) if isinstance(core, _CoreLSTM) else (y, final)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy, *dfinal):
         # Raises torch's own error if an input changed in place, or if this is a second
         # backward without retain_graph=True (autograd freed the saved tensors).
         x, h0, c0, *params = ctx.saved_tensors
-        core, tape, ctx.tape = ctx.core, ctx.tape, None     # free the activations once used
-        if tape is None:
-            # A second backward through this node (retain_graph=True, gradcheck): the core's
-            # backward consumed the first tape, so recompute it (same dropout seed).
-            tape = _core_forward(core, ctx.call, x, h0, c0)[2]
-        if dy is None:
-            shape, dtype, device = ctx.y_meta
-            dy = torch.zeros(shape, dtype=dtype, device=device)
-        lstm = isinstance(core, _CoreLSTM)
-        # Autograd may hand in expanded (stride-0) gradients, e.g. from .sum(): densify them.
-        dfinal = tuple(None if d is None else d.contiguous() for d in dfinal)
-        dx, dstate0, grads = core.backward(tape, dy.contiguous(), dfinal if lstm else dfinal[0])
-        dh0, dc0 = dstate0 if lstm else (dstate0, None)
-        needs = ctx.needs_input_grad
-        param_grads = [_as_grad(grads[name], p) if needs[5 + i] else None
-                       for i, (name, p) in enumerate(zip(core._params, params))]
-        return (None, None,
-                dx if needs[2] else None,
-                dh0 if needs[3] else None,
-                dc0 if needs[4] else None,
-                *param_grads)
+        with torch.no_grad():
+            grads = _backward(ctx, x, h0, c0, params, dy, dfinal)
+        if not torch.is_grad_enabled():
+            return grads
+        # create_graph=True: the gradients must not pass for differentiable. Not
+        # torch's once_differentiable: its error node has no path to the inputs, so
+        # torch.autograd.grad(..., inputs=...) prunes it and a MAML meta-gradient or a Hessian
+        # came out first-order or zero, silently.
+        anchors = [t for t in (x, h0, c0, *params, dy, *dfinal)
+                   if t is not None and t.requires_grad]
+        return _refuse_second_order(type(ctx.core).__name__, grads, anchors)
+
+
+def _backward(ctx, x, h0, c0, params, dy, dfinal):
+    """RecurrentFunction's gradients, in its inputs' order: the core's backward on the tape."""
+    core, tape, ctx.tape = ctx.core, ctx.tape, None     # free the activations once used
+    if tape is None:
+        # A second backward through this node (retain_graph=True, gradcheck): the core's
+        # backward consumed the first tape, so recompute it (same dropout seed).
+        tape = _core_forward(core, ctx.call, x, h0, c0)[2]
+    if dy is None:
+        shape, dtype, device = ctx.y_meta
+        dy = torch.zeros(shape, dtype=dtype, device=device)
+    lstm = isinstance(core, _CoreLSTM)
+    # Autograd may hand in expanded (stride-0) gradients, e.g. from .sum(): densify them.
+    dfinal = tuple(None if d is None else d.contiguous() for d in dfinal)
+    dx, dstate0, grads = core.backward(tape, dy.contiguous(), dfinal if lstm else dfinal[0])
+    dh0, dc0 = dstate0 if lstm else (dstate0, None)
+    needs = ctx.needs_input_grad
+    param_grads = [_as_grad(grads[name], p) if needs[5 + i] else None
+                   for i, (name, p) in enumerate(zip(core._params, params))]
+    return (None, None,
+            dx if needs[2] else None,
+            dh0 if needs[3] else None,
+            dc0 if needs[4] else None,
+            *param_grads)
+
+
+def _refuse_second_order(name: str, grads: tuple, anchors: list[torch.Tensor]) -> tuple:
+    """``grads`` as they are, behind a node that raises when they are differentiated. The
+    node's inputs include ``anchors`` (the layer's inputs and the incoming gradients that
+    require grad), so every path from the gradients back to the inputs crosses it."""
+    present = [i for i, g in enumerate(grads) if g is not None]
+    guarded = _SecondOrderRefused.apply(name, len(present), *(grads[i] for i in present),
+                                        *anchors)
+    out = list(grads)
+    for i, g in zip(present, guarded):
+        out[i] = g
+    return tuple(out)
+
+
+class _SecondOrderRefused(torch.autograd.Function):
+    """Identity on the first ``n`` tensors (the gradients); differentiating them raises."""
+
+    @staticmethod
+    def forward(ctx, name, n, *tensors):
+        ctx.name = name
+        ctx.set_materialize_grads(False)
+        return tuple(g.clone() for g in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            f"rnn_gpu.torch.{ctx.name}: second-order gradients (differentiating gradients "
+            f"taken with create_graph=True, as MAML, Hessians and gradient penalties do) are "
+            f"not supported: the fused backward is not itself differentiable. Use "
+            f"torch.nn.{ctx.name} for that part (it takes this layer's state_dict unchanged)"
+            if ctx.name in ("LSTM", "GRU", "RNN") else
+            f"rnn_gpu.torch.{ctx.name}: second-order gradients (differentiating gradients "
+            f"taken with create_graph=True, as MAML, Hessians and gradient penalties do) are "
+            f"not supported: the fused backward is not itself differentiable")
 
 
 def _core_forward(core, call, x, h0, c0):

@@ -17,6 +17,25 @@ def positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
     return int(value)
 
 
+def seed(name: str, value: Any) -> int | None:
+    """None, or an int >= 0 (what NumPy's default_rng takes, named here and not 7 frames deep
+    in SeedSequence)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected None or an int >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name}: expected None or an int >= 0, got {value!r}")
+    return int(value)
+
+
+def flag(name: str, value: Any) -> bool:
+    """A bool (NumPy's too): "no" or None would otherwise count as True or False."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+    return bool(value)
+
+
 def choice(name: str, value: Any, options: tuple[str, ...]) -> str:
     if value not in options:
         raise ValueError(f"{name}: expected one of {options}, got {value!r}")
@@ -29,6 +48,10 @@ def array(name: str, x: Any) -> str:
     if kind is None:
         raise TypeError(f"{name}: expected a NumPy array, CuPy array or torch tensor, got "
                         f"{type(x).__name__}")
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name}: expected a plain array, got a NumPy masked array, whose mask "
+                        f"would be ignored; pass {name}.filled(0) (and, for padding at the "
+                        f"end of sequences, lengths=)")
     return kind
 
 

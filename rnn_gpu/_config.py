@@ -6,6 +6,8 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 
+from . import _checks
+
 _TF32 = False
 FLOAT32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 _FLOAT32 = "ieee"
@@ -17,7 +19,7 @@ def allow_tf32(enabled: bool = True) -> None:
     """Let GPU backends use TF32 tensor cores for float32 (off by default: float32 means IEEE
     float32). ``rnn_gpu.torch`` layers follow ``torch.backends.cudnn.allow_tf32`` instead."""
     global _TF32
-    _TF32 = bool(enabled)
+    _TF32 = _checks.flag("enabled", enabled)
 
 
 @contextlib.contextmanager

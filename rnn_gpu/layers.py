@@ -9,13 +9,14 @@ and direction of the recurrence (see :mod:`rnn_gpu.backend_api`).
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from . import _checks, _config, _segments, registry
+from . import _checks, _config, _fingerprint, _segments, registry
 from ._arrays import Ops, device_of, dtype_name, kind_of, parse_device, to_kind, to_numpy
 from ._dtypes import canonical_dtype
 from ._matmul import matmul
@@ -49,6 +50,17 @@ class LayerTape:
     precision: str = "ieee"                                  # float32 products, as forward's
     steps: int = 0                          # the steps forward ran: T, or the longest length
     schedule: Any = None                    # _segments.Schedule: segments and row order
+    # (what, the caller's array, its fingerprint at forward): what the tapes refer to
+    fingerprints: list[tuple[str, Any, Any]] = field(default_factory=list)
+
+    def check_unchanged(self) -> None:
+        """Raise if an array the tape refers to was changed in place since forward."""
+        for what, array, before in self.fingerprints:
+            if not _fingerprint.same(array, before):
+                raise RuntimeError(
+                    f"tape: {what} was changed in place after forward(); the gradients would "
+                    f"be for values the forward did not use. Run forward() again after "
+                    f"changing it (an optimizer step belongs after backward())")
 
 
 class RecurrentLayer:
@@ -70,12 +82,17 @@ class RecurrentLayer:
         if self.proj_size >= self.hidden_size:
             raise ValueError(f"proj_size: expected less than hidden_size={hidden_size}, got "
                              f"{proj_size}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
-                0.0 <= dropout <= 1.0):
+        # Any real number (np.float32 too, which torch.nn takes) but not a bool
+        if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, numbers.Real) or \
+                not (0.0 <= dropout <= 1.0):
             raise ValueError(f"dropout: expected a float in [0, 1], got {dropout!r}")
         for name, flag in (("bias", bias), ("batch_first", batch_first),
                            ("bidirectional", bidirectional)):
-            if not isinstance(flag, (bool, np.bool_)):
+            # bidirectional 0 or 1 as well, which torch.nn takes (it checks only bias and
+            # batch_first to be bools)
+            if not isinstance(flag, (bool, np.bool_)) and not (
+                    name == "bidirectional" and isinstance(flag, numbers.Integral)
+                    and flag in (0, 1)):
                 raise TypeError(f"{name}: expected a bool, got {flag!r}")
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
@@ -85,7 +102,7 @@ class RecurrentLayer:
                           f"between stacked layers (as torch.nn's)", UserWarning, stacklevel=3)
         self.bidirectional = bool(bidirectional)
         self.dtype = canonical_dtype(dtype)
-        self.seed = seed
+        self.seed = _checks.seed("seed", seed)
         self.device = "cpu"
         self.training = True
         self.readout = None
@@ -218,7 +235,7 @@ class RecurrentLayer:
 
     def train(self, mode: bool = True) -> RecurrentLayer:
         """Dropout between layers applies in :meth:`forward` while training (the default)."""
-        self.training = bool(mode)
+        self.training = _checks.flag("mode", mode)
         return self
 
     def eval(self) -> RecurrentLayer:
@@ -269,7 +286,8 @@ class RecurrentLayer:
         plan = _segments.schedule(backend, problem, lengths_np, steps)
         index = _segment_rows(plan, ops, device)
         tape = (LayerTape(problem, backend, layout, owner=self,
-                          precision=_config.float32_precision(), steps=steps, schedule=plan)
+                          precision=_config.float32_precision(), steps=steps, schedule=plan,
+                          fingerprints=self._fingerprints(x, state, lengths))
                 if keep_tape else None)
         D, P = self.num_directions, self.output_size
         finals: list[tuple[Any, ...]] = []
@@ -309,6 +327,19 @@ class RecurrentLayer:
         y = to_kind(y, in_kind, device)
         final_state = self._pack_state(finals, layout, in_kind, ops)
         return y, final_state, tape
+
+    def _fingerprints(self, x, state, lengths) -> list[tuple[str, Any, Any]]:
+        """The caller's arrays that the tapes may refer to, with their fingerprints."""
+        arrays = [("x (the input of forward())", x)]
+        if state is not None:
+            parts = state if isinstance(state, (tuple, list)) else (state,)
+            arrays += [(f"the initial state's {name}", s)
+                       for name, s in zip(("h_0", "c_0"), parts)]
+        if lengths is not None:
+            arrays.append(("lengths", lengths))
+        arrays += [(f"parameter {name!r}", p) for name, p in self._params.items()]
+        return [(what, a, _fingerprint.fingerprint(a)) for what, a in arrays
+                if kind_of(a) is not None]
 
     def _run_direction(self, backend, problem, plan, index, params, inp, init, layer: int,
                        reverse: bool, keep_tape: bool, ops: Ops):
@@ -385,6 +416,7 @@ class RecurrentLayer:
         if tape.used:
             raise RuntimeError("tape: this tape was already used by backward(); run forward() "
                                "again (backward consumes the saved activations)")
+        tape.check_unchanged()
         layout = tape.layout
         kind, device = tape.backend.array_kind, layout["device"]
         ops = Ops(kind)
@@ -491,8 +523,11 @@ class RecurrentLayer:
                             f"{hint}")
         device = device_of(x)
         if device != self.device:
+            # the layers live on the CPU or CUDA devices only (no meta, mps, ...)
+            fix = (f"call model.to({device!r}) or move x" if device.startswith("cuda")
+                   else f"move x to {self.device}")
             raise ValueError(f"x: the input is on {device} but {type(self).__name__}'s weights "
-                             f"are on {self.device}; call model.to({device!r}) or move x")
+                             f"are on {self.device}; {fix}")
         shape = tuple(x.shape)
         if len(shape) not in (2, 3):
             expected = "(B, T, input_size)" if self.batch_first else "(T, B, input_size)"
@@ -694,16 +729,17 @@ def _check_lengths(lengths, T: int, B: int, unbatched: bool) -> np.ndarray | Non
     if arr.shape != (B,):
         raise ValueError(f"lengths: expected shape ({B},) (one length per sequence), got "
                          f"{tuple(arr.shape)}")
-    if arr.dtype.kind not in "iu":
-        if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
-            arr = arr.astype(np.int64)
-        else:
-            raise TypeError(f"lengths: expected integers, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64)
+    if arr.dtype.kind == "f":
+        whole = np.isfinite(arr) & (arr == np.round(arr))
+        if not whole.all():
+            i = int(np.argmin(whole))
+            raise TypeError(f"lengths: expected integers, got dtype {arr.dtype} with "
+                            f"lengths[{i}] = {arr[i].item()!r}")
+    # the range is checked before the cast: a uint64 2**64 - 1 would wrap to -1
     if B and (arr.min() < 0 or arr.max() > T):
         bad = arr[(arr < 0) | (arr > T)]
         raise ValueError(f"lengths: expected every length in [0, T={T}], got {bad[:5].tolist()}")
-    return arr
+    return arr.astype(np.int64)
 
 
 # ---------------------------------------------------------------------- the public layers

@@ -123,7 +123,7 @@ def test_state_or_input_on_another_device(gru, x):
                        r"got one on meta"):
         gru(t, torch.zeros(1, 2, 4, device="meta"))
     with pytest.raises(ValueError, match=r"x: the input is on meta.* but GRU's weights are on "
-                       r"cpu; call model.to\('meta.*'\) or move x"):
+                       r"cpu; move x to cpu"):         # model.to('meta') is no fix: it refuses
         gru(t.to("meta"))
     lstm = rg.LSTM(3, 4)
     _, _, tape = lstm.forward(t)
@@ -197,6 +197,29 @@ def test_lengths_out_of_range_torch(lstm, x):
 def test_lengths_not_integers(lstm, x, lengths):
     with pytest.raises(TypeError, match=r"lengths: expected integers.*dtype"):
         lstm(x, lengths=lengths)
+
+
+@pytest.mark.parametrize("lengths, bad", [
+    (np.array([3.0, np.inf]), r"lengths\[1\] = inf"),
+    (np.array([np.nan, 2.0]), r"lengths\[0\] = nan"),
+    (np.array([3.0, 2.5]), r"lengths\[1\] = 2.5")])
+def test_lengths_not_integers_name_the_first_bad_one(lstm, x, lengths, bad):
+    with pytest.raises(TypeError, match=rf"lengths: expected integers, got dtype float64 with "
+                                        rf"{bad}"):
+        lstm(x, lengths=lengths)
+
+
+def test_lengths_out_of_range_are_reported_as_given(lstm, x):
+    """A uint64 2**64 - 1 was reported as [-1], after the cast to int64."""
+    with pytest.raises(ValueError, match=r"got \[18446744073709551615\]"):
+        lstm(x, lengths=np.array([2**64 - 1, 3], np.uint64))
+
+
+def test_masked_input_is_refused(lstm, x):
+    """Its mask would have been ignored, silently."""
+    with pytest.raises(TypeError, match=r"x: expected a plain array, got a NumPy masked array, "
+                                        r"whose mask would be ignored; pass x.filled\(0\)"):
+        lstm(np.ma.masked_array(x, mask=x > 0))
 
 
 def test_lengths_as_text_is_not_reported_as_a_shape(lstm, x):
@@ -277,7 +300,11 @@ def test_backend_cannot_serve_dtype():
     (dict(dtype=np.int32), ValueError, r"dtype: expected one of .*got <class 'numpy.int32'>"),
     (dict(bias="yes"), TypeError, r"bias: expected a bool, got 'yes'"),
     (dict(batch_first=1), TypeError, r"batch_first: expected a bool, got 1"),
+    (dict(bidirectional=2), TypeError, r"bidirectional: expected a bool, got 2"),
     (dict(bidirectional=None), TypeError, r"bidirectional: expected a bool, got None"),
+    (dict(seed="abc"), TypeError, r"seed: expected None or an int >= 0, got 'abc'"),
+    (dict(seed=1.5), TypeError, r"seed: expected None or an int >= 0, got 1.5"),
+    (dict(seed=-1), ValueError, r"seed: expected None or an int >= 0, got -1"),
 ])
 def test_constructor_errors(kwargs, exc, pattern):
     args = dict(input_size=3, hidden_size=4)
@@ -410,6 +437,67 @@ def test_backward_tape_of_another_layer(lstm, x):
     _, _, tape = lstm.forward(x)
     with pytest.raises(ValueError, match=r"tape: expected a tape from this layer's forward\(\)"):
         other.backward(tape, np.zeros((5, 2, 4), F32))
+
+
+def _change(a):
+    if isinstance(a, torch.Tensor):
+        a.mul_(2.0) if a.is_floating_point() else a.sub_(1)
+    else:
+        a[...] = a * 2 if a.dtype.kind == "f" else a - 1
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+@pytest.mark.parametrize("what, message", [
+    ("x", r"x \(the input of forward\(\)\)"),
+    ("h0", r"the initial state's h_0"),
+    ("lengths", r"lengths"),
+    ("weight_hh_l0", r"parameter 'weight_hh_l0'"),
+    ("weight_ih_l0", r"parameter 'weight_ih_l0'"),
+    ("bias_hh_l0", r"parameter 'bias_hh_l0'"),
+])
+def test_backward_refuses_a_tape_whose_arrays_changed_in_place(kind, cell, what, message):
+    """The tape refers to x, the state, lengths and the parameters rather than copying them;
+    changed in place between forward and backward (an optimizer step before backward, a
+    reused input buffer), they gave gradients for values the forward never saw."""
+    m = getattr(rg, cell)(3, 4, dtype="float64")
+    x = np.random.default_rng(0).standard_normal((5, 2, 3))
+    h0, lengths = np.full((1, 2, 4), 0.5), np.array([5, 3])
+    if kind == "torch":          # checked by version counter (the CPU parameters are NumPy)
+        x, h0, lengths = torch.from_numpy(x), torch.from_numpy(h0), torch.from_numpy(lengths)
+    state = (h0, h0 * 0 + 0.25) if cell == "LSTM" else h0
+    arrays = {"x": x, "h0": h0, "lengths": lengths, **m.parameters()}
+    y, _, tape = m.forward(x, state, lengths=lengths)
+    dy = y * 0 + 1
+    _change(arrays[what])
+    with pytest.raises(RuntimeError, match=rf"tape: {message} was changed in place after "
+                                           rf"forward\(\)"):
+        m.backward(tape, dy)
+    _change(arrays[what])                              # a fresh forward with it is fine
+    y, _, tape = m.forward(x, state, lengths=lengths)
+    m.backward(tape, dy)
+
+
+def test_bit_sum_fingerprint_sees_a_change():
+    """The CuPy arrays' fingerprint, computed here with NumPy, which has the same API."""
+    from rnn_gpu._fingerprint import bit_sum
+
+    a = np.arange(12, dtype=np.float16).reshape(3, 4)[:, ::2]        # not contiguous
+    before = bit_sum(a)
+    assert bit_sum(a.copy()) == before
+    a[1, 1] = 7.5
+    assert bit_sum(a) != before
+
+
+def test_switches_take_bools_only(lstm):
+    """"no" was taken as True, silently."""
+    with pytest.raises(TypeError, match=r"mode: expected a bool, got 'no'"):
+        lstm.train("no")
+    assert lstm.training
+    with pytest.raises(TypeError, match=r"enabled: expected a bool, got 'yes'"):
+        rg.allow_tf32("yes")
+    with pytest.raises(ValueError, match=r"seed: expected None or an int >= 0, got -3"):
+        rg.Readout(3, 4, seed=-3)
 
 
 def test_inference_call_has_no_tape(lstm, x):

@@ -28,7 +28,7 @@ def save(model: Any, path: str | os.PathLike) -> None:
     from safetensors.numpy import save_file
 
     from .layers import RecurrentLayer
-    from .readout import Readout
+    from .readout import Readout, readout_mismatch
 
     if not isinstance(model, (RecurrentLayer, Readout)):
         raise TypeError(f"model: expected an rnn_gpu layer or Readout, got "
@@ -43,6 +43,9 @@ def save(model: Any, path: str | os.PathLike) -> None:
         if not isinstance(readout, Readout):
             raise TypeError(f"model.readout: expected an rnn_gpu.Readout or None, got "
                             f"{type(readout).__name__}")
+        mismatch = readout_mismatch(model, readout)
+        if mismatch:
+            raise ValueError(mismatch)
         tensors.update({_READOUT_PREFIX + k: v for k, v in readout.state_dict().items()})
         metadata["readout"] = json.dumps(readout.config())
     path = os.fspath(path)
@@ -110,6 +113,13 @@ def _build(path: str, cls, config: dict[str, Any], tensors: dict[str, np.ndarray
     except (TypeError, ValueError) as exc:
         raise WeightsFileError(f"{path!r}: its config {config} does not describe a valid "
                                f"{cls.__name__}: {exc}") from None
+    # save writes the config's dtype (bfloat16 as float32, which holds it exactly): another
+    # dtype means a file edited or written elsewhere, cast silently before
+    stored = "float32" if obj.dtype == "bfloat16" else obj.dtype
+    for name, t in tensors.items():
+        if np.dtype(t.dtype) != np.dtype(stored):
+            raise WeightsFileError(f"{path!r}: tensor {name!r} is {t.dtype}, but its config "
+                                   f"says dtype {obj.dtype!r} (stored as {stored})")
     try:
         obj.load_state_dict(tensors)
     except (KeyError, ValueError, TypeError) as exc:
@@ -121,7 +131,7 @@ def _build(path: str, cls, config: dict[str, Any], tensors: dict[str, np.ndarray
 def load(path: str | os.PathLike):
     """Read a file written by :func:`save`; returns the layer (with ``.readout``) or Readout."""
     from .layers import LAYERS
-    from .readout import Readout
+    from .readout import Readout, readout_mismatch
 
     path = os.fspath(path)
     metadata, tensors = _read(path)
@@ -142,6 +152,9 @@ def load(path: str | os.PathLike):
     if "readout" in metadata:
         model.readout = _build(path, Readout, _config(path, metadata, "readout"),
                                readout_tensors)
+        mismatch = readout_mismatch(model, model.readout)
+        if mismatch:
+            raise WeightsFileError(f"{path!r}: {mismatch}")
     elif readout_tensors:
         raise WeightsFileError(f"{path!r} holds readout tensors {sorted(readout_tensors)} but "
                                "no 'readout' metadata")

@@ -22,6 +22,18 @@ def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
 
 
+def readout_mismatch(model: Any, readout: Any) -> str | None:
+    """Why ``readout`` cannot read ``model``'s outputs, or None when it can: its hidden_size
+    must be the layer's output features, both directions side by side (D * H_out)."""
+    width = model.num_directions * model.output_size
+    if readout.hidden_size == width:
+        return None
+    how = (f"num_directions * {'proj_size' if model.proj_size else 'hidden_size'} = "
+           f"{model.num_directions} * {model.output_size} = {width}")
+    return (f"model.readout: expected hidden_size = the layer's output features ({how}), got "
+            f"{readout!r} with hidden_size {readout.hidden_size}")
+
+
 class Readout:
     """Softmax classifier over hidden states: ``(..., H) -> (..., num_classes)``."""
 
@@ -34,7 +46,7 @@ class Readout:
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype: Readout computes in NumPy, expected float32 or float64, "
                              f"got {self.dtype}")
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(_checks.seed("seed", seed))
         bound = 1.0 / math.sqrt(self.hidden_size)       # torch.nn.Linear's default
         self._params = {"weight": rng.uniform(-bound, bound, (num_classes, hidden_size))
                         .astype(self.dtype)}

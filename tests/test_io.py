@@ -241,10 +241,15 @@ def test_config_contradicts_tensors(saved, change, pattern):
     (lambda t: {**t, "weight_hh_l7": np.zeros((16, 4), np.float32)},
      r"tensors do not match its config: .*missing keys \[\], unexpected keys \['weight_hh_l7'\]"),
     (lambda t: {**t, "bias_ih_l0": np.zeros(16, np.int32)},
-     r"state_dict\['bias_ih_l0'\]: expected a floating dtype, got int32"),
+     r"tensor 'bias_ih_l0' is int32, but its config says dtype 'float32' \(stored as float32\)"),
+    (lambda t: {**t, "bias_ih_l0": np.zeros(16, np.float64)},
+     r"tensor 'bias_ih_l0' is float64, but its config says dtype 'float32'"),
+    (lambda t: {**t, "weight_hh_l1": t["weight_hh_l1"].astype(np.float16)},
+     r"tensor 'weight_hh_l1' is float16, but its config says dtype 'float32'"),
     (lambda t: {**t, "readout.weight": np.zeros((3, 4), np.float32)},
      r"holds readout tensors \['weight'\] but no 'readout' metadata"),
-], ids=["missing-tensor", "extra-tensor", "integer-tensor", "readout-without-metadata"])
+], ids=["missing-tensor", "extra-tensor", "integer-tensor", "float64-tensor", "float16-tensor",
+        "readout-without-metadata"])
 def test_tensors_that_contradict_the_config(saved, edit, pattern):
     _, path = saved
     with pytest.raises(WeightsFileError, match=pattern):
@@ -260,6 +265,35 @@ def test_readout_metadata_contradicts_tensors(tmp_path):
         {**json.loads(meta["readout"]), "num_classes": 5})})
     with pytest.raises(WeightsFileError, match=r"tensors do not match its config: "
                        r"state_dict\['weight'\]: expected shape \(5, 3\), got \(4, 3\)"):
+        rg.load(bad)
+
+
+READOUT_WIDTH = (r"model.readout: expected hidden_size = the layer's output features "
+                 r"\(num_directions \* hidden_size = 2 \* 3 = 6\), got Readout\(3, 4\)")
+
+
+def test_readout_that_does_not_fit_the_layer(tmp_path):
+    """A Readout must read the layer's D*H_out features. Before, save and load took it and
+    `rnn-gpu run --emit probs` failed on the first batch with a traceback naming `h`."""
+    m = rg.GRU(2, 3, bidirectional=True)
+    m.readout = rg.Readout(3, 4)
+    with pytest.raises(ValueError, match=READOUT_WIDTH):
+        rg.save(m, tmp_path / "m.safetensors")
+    assert not list(tmp_path.iterdir())
+    from rnn_gpu.batch.apply import apply_batch, output_shape
+
+    with pytest.raises(ValueError, match=READOUT_WIDTH):
+        output_shape(m, 1, 2, "probs")
+    with pytest.raises(ValueError, match=READOUT_WIDTH):
+        apply_batch(m, np.zeros((1, 2, 2), np.float32), emit="probs")
+    # a file written before the check (or by hand): load names the mismatch
+    m.readout = rg.Readout(6, 4)
+    path = tmp_path / "m.safetensors"
+    rg.save(m, path)
+    bad = _rewrite(path, metadata=lambda meta: {**meta, "readout": json.dumps(
+        {**json.loads(meta["readout"]), "hidden_size": 3})},
+        tensors=lambda t: {**t, "readout.weight": t["readout.weight"][:, :3].copy()})
+    with pytest.raises(WeightsFileError, match=READOUT_WIDTH):
         rg.load(bad)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .._arrays import to_numpy
+from ..readout import readout_mismatch
 
 EMITS = ("last", "sequence", "probs")
 
@@ -66,6 +67,9 @@ def _readout(model):
     if readout is None:
         raise ValueError("emit: 'probs' needs a model saved with a Readout (model.readout), "
                          "and this model has none; emit 'last' or 'sequence' instead")
+    mismatch = readout_mismatch(model, readout)
+    if mismatch:
+        raise ValueError(mismatch)
     return readout
 
 

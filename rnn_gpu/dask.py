@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from . import registry
 from ._arrays import device_of, kind_of, parse_device
 from .batch.apply import EMITS, apply_batch, output_shape
 
@@ -177,6 +178,7 @@ def apply(model, array, lengths=None, *, emit: str = "last", backend: str | None
     dask = _require("dask")
     model = _as_layer(model)
     _check_emit(model, emit)
+    _check_backend(backend)
     shipped = _ShippedModel(model)
     array = _check_array(da, array, shipped)
     batch_size = _check_batch_size(batch_size)
@@ -243,11 +245,20 @@ def _check_array(da, array, shipped: _ShippedModel):
                          f"axis, got shape {array.shape}")
     model_dtype = shipped.config["dtype"]
     if model_dtype != "bfloat16" and np.dtype(array.dtype) != np.dtype(model_dtype):
-        raise ValueError(f"array: dtype {array.dtype} does not match the model's {model_dtype}; "
+        raise TypeError(f"array: dtype {array.dtype} does not match the model's {model_dtype}; "
                          f"convert with array.astype({model_dtype!r})")
     if array.numblocks[1] > 1 or array.numblocks[2] > 1:
         array = array.rechunk({1: -1, 2: -1})    # one task sees whole sequences
     return array
+
+
+def _check_backend(backend) -> None:
+    """A misspelt name fails here, naming the registered backends, not at compute()."""
+    if backend is None:
+        return
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a backend name (str) or None, got {backend!r}")
+    registry.get(backend)
 
 
 def _check_batch_size(batch_size):

@@ -128,7 +128,8 @@ def test_apply_empty_array(model):
     ("numpy array", TypeError, "array: expected a dask.array.Array"),
     ("2-d array", ValueError, "array: expected shape"),
     ("wrong input size", ValueError, "array: expected input_size=5"),
-    ("wrong dtype", ValueError, "array: dtype float32 does not match"),
+    ("wrong dtype", TypeError, "array: dtype float32 does not match"),
+    ("unknown backend", ValueError, r"backend: unknown name 'nmupy'; registered backends are"),
     ("lengths too short", ValueError, r"lengths: expected shape \(23,\)"),
     ("lengths 2-d", ValueError, "lengths: expected shape"),
     ("float lengths", TypeError, "lengths: expected integers"),
@@ -151,6 +152,8 @@ def test_apply_bad_input_names_the_argument(model, data, case, error, match):
         kwargs["array"] = array[:, :, :4]
     elif case == "wrong dtype":
         kwargs["array"] = array.astype("float32")
+    elif case == "unknown backend":                 # before: only at compute(), 9 frames deep
+        kwargs["backend"] = "nmupy"
     elif case == "lengths too short":
         kwargs["lengths"] = lengths[:-1]
     elif case == "lengths 2-d":

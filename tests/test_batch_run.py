@@ -348,6 +348,8 @@ def _bad(d, name):
                               "(a one-step probe before the run)"]),
         "no cuda": ([model, x, out, "--device", "cuda"], ["--device"]),
         "output folder missing": ([model, x, d / "no" / "out.npy"], ["OUTPUT", "does not exist"]),
+        "output not npy": ([model, x, d / "out.txt"],         # was written as NPY under .txt
+                           ["OUTPUT: expected a path ending in .npy", "or .zarr", "out.txt"]),
     }
     return cases[name]
 
@@ -356,7 +358,7 @@ def _bad(d, name):
     "missing model", "model not safetensors", "missing input", "input not npy",
     "input_size mismatch", "input ndim", "input not float", "lengths count", "lengths range",
     "batch size", "probs without readout", "unknown backend", "backend declines", "no cuda",
-    "output folder missing"])
+    "output folder missing", "output not npy"])
 def test_bad_input_is_a_usage_error_that_names_the_argument(job, capsys, monkeypatch, name):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)    # triton then declines the CPU
     d = job[0]

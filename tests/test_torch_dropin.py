@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 import warnings
 
 import numpy as np
@@ -195,6 +196,11 @@ def test_constructor_matches_torch_nn():
         rt.GRU(3, 4, dropout=0.5)
     assert [str(w.message)[:30] for w in caught] == ["dropout option adds dropout af"]
     m.flatten_parameters()                                       # a no-op, for compatibility
+    # what torch.nn takes besides bools and floats: bidirectional 0 or 1, a NumPy dropout
+    m = rt.GRU(3, 4, 2, bidirectional=1, dropout=np.float32(0.25))
+    ref = nn.GRU(3, 4, 2, bidirectional=1, dropout=np.float32(0.25))
+    assert (m.bidirectional, m.dropout) == (True, 0.25)
+    assert [n for n, _ in m.named_parameters()] == [n for n, _ in ref.named_parameters()]
 
 
 # ----------------------------------------------------------------------------- vs torch.nn
@@ -457,6 +463,18 @@ def test_follows_dtype_and_in_place_parameter_changes():
     assert ours(x.float())[0].dtype == torch.float32
     with pytest.raises(TypeError, match="dtype"):
         ours(x)
+
+
+@pytest.mark.parametrize("name, shape", [("weight_hh_l0", (6, 18)), ("weight_hh_l0", (18, 6, 1)),
+                                         ("bias_ih_l0", (1,)), ("bias_hh_l0", (18, 1))])
+def test_a_replaced_parameter_of_another_shape_is_named(name, shape):
+    """Before: NumPy's matmul or broadcasting error ~20 frames deep, or (18, 6, 1) silently."""
+    m = rt.GRU(4, 6)
+    setattr(m, name, nn.Parameter(torch.randn(*shape)))
+    expected = tuple(getattr(nn.GRU(4, 6), name).shape)
+    with pytest.raises(ValueError, match=rf"{name}: expected shape {re.escape(str(expected))}, "
+                                         rf"got {re.escape(str(shape))}"):
+        m(torch.randn(5, 3, 4))
 
 
 def test_retain_graph_backward_twice():

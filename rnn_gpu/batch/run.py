@@ -358,6 +358,10 @@ def _check_output_path(opts: RunOptions) -> None:
     if os.path.isdir(opts.output) and not is_zarr_output(opts.output):
         raise UsageError(f"OUTPUT: {opts.output!r} is a directory; expected a .npy file path, "
                          f"or a zarr directory ending in .zarr")
+    if not is_zarr_output(opts.output) and not opts.output.endswith(".npy"):
+        # the file is NPY whatever its name: out.txt or out.csv would mislead whoever opens it
+        raise UsageError(f"OUTPUT: expected a path ending in .npy (a NumPy file) or .zarr (a "
+                         f"zarr array), got {opts.output!r}")
 
 
 def _chunk_rows(batch_size: int, source, out_shape, out_dtype) -> int:

@@ -36,7 +36,12 @@ def bind(core: RecurrentLayer, params: dict[str, torch.Tensor], **attrs: Any) ->
     device follow the parameters, so ``module.double()`` or ``module.to(...)`` need no hook.
     """
     first_name, first = next(iter(params.items()))
+    shapes = core.parameter_shapes()
     for name, p in params.items():
+        # A parameter replaced by one of another shape (m.weight_hh_l0 = nn.Parameter(...), a
+        # parametrization) crashed deep in a matmul, or ran with a (4H, H, 1) one silently.
+        if tuple(p.shape) != shapes[name]:
+            raise ValueError(f"{name}: expected shape {shapes[name]}, got {tuple(p.shape)}")
         if p.dtype != first.dtype or p.device != first.device:
             raise TypeError(f"parameters: every parameter must share one dtype and device; "
                             f"{first_name} is {first.dtype} on {first.device} but {name} is "

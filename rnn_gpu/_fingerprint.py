@@ -42,9 +42,22 @@ def bit_sum(a: Any) -> Any:
     return flat.view(f"uint{8 * a.dtype.itemsize}").sum(dtype="uint64")
 
 
-def same(a: Any, before: Any) -> bool:
-    """Whether ``a`` still has the fingerprint ``before``."""
-    now = fingerprint(a)
-    if kind_of(a) in ("torch", "numpy"):
-        return now == before
-    return bool(now == before)
+def first_changed(entries: list[tuple[str, Any, Any]]) -> str | None:
+    """The name of the first ``(name, array, fingerprint at forward)`` whose array changed
+    since, or None. The device fingerprints are compared on the device and copied to the host
+    together: one sync, not one per array."""
+    on_device = []
+    for name, a, before in entries:
+        if kind_of(a) in ("torch", "numpy"):
+            if fingerprint(a) != before:
+                return name
+        else:
+            on_device.append((name, fingerprint(a) != before))
+    if on_device:
+        import cupy
+
+        flags = cupy.stack([flag for _, flag in on_device]).get()
+        for (name, _), flag in zip(on_device, flags):
+            if flag:
+                return name
+    return None

@@ -55,12 +55,12 @@ class LayerTape:
 
     def check_unchanged(self) -> None:
         """Raise if an array the tape refers to was changed in place since forward."""
-        for what, array, before in self.fingerprints:
-            if not _fingerprint.same(array, before):
-                raise RuntimeError(
-                    f"tape: {what} was changed in place after forward(); the gradients would "
-                    f"be for values the forward did not use. Run forward() again after "
-                    f"changing it (an optimizer step belongs after backward())")
+        what = _fingerprint.first_changed(self.fingerprints)
+        if what is not None:
+            raise RuntimeError(
+                f"tape: {what} was changed in place after forward(); the gradients would be "
+                f"for values the forward did not use. Run forward() again after changing it "
+                f"(an optimizer step belongs after backward())")
 
 
 class RecurrentLayer:

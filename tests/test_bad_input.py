@@ -489,6 +489,33 @@ def test_bit_sum_fingerprint_sees_a_change():
     assert bit_sum(a) != before
 
 
+def test_device_fingerprints_are_compared_with_one_copy(monkeypatch):
+    """CuPy arrays' branch of first_changed, with NumPy standing in for CuPy: every device
+    comparison goes to the host in one stacked copy, and the first changed array is named."""
+    import sys
+    import types
+
+    from rnn_gpu import _fingerprint
+
+    copies = []
+
+    class Stacked(np.ndarray):
+        def get(self):
+            copies.append(len(self))
+            return np.asarray(self)
+
+    fake = types.SimpleNamespace(stack=lambda xs: np.stack(xs).view(Stacked))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(_fingerprint, "kind_of", lambda a: "cupy")
+    arrays = {name: np.arange(6.0) for name in ("a", "b", "c")}
+    entries = [(name, a, _fingerprint.fingerprint(a)) for name, a in arrays.items()]
+    assert _fingerprint.first_changed(entries) is None
+    arrays["b"][2] = -1.0
+    arrays["c"][0] = 9.0
+    assert _fingerprint.first_changed(entries) == "b"
+    assert copies == [3, 3]
+
+
 def test_switches_take_bools_only(lstm):
     """"no" was taken as True, silently."""
     with pytest.raises(TypeError, match=r"mode: expected a bool, got 'no'"):

@@ -268,6 +268,25 @@ def test_gpu_runs_on_the_callers_stream(registered, monkeypatch):
 
 @gpu
 @needs_gpu
+def test_gpu_backward_refuses_a_tape_whose_cupy_input_changed(registered):
+    """The CuPy fingerprint (a bit sum on the device, compared with one copy to the host)."""
+    import cupy
+
+    m = rg.GRU(3, 16, dtype="float32", seed=2).to("cuda")
+    x = cupy.asarray(np.random.default_rng(4).standard_normal((5, 8, 3)).astype(np.float32))
+    h0 = cupy.zeros((1, 8, 16), cupy.float32)
+    y, _, tape = m.forward(x, h0, backend="cupy")
+    m.backward(tape, cupy.ones_like(y))                          # unchanged: fine
+    for changed in (x, h0):
+        y, _, tape = m.forward(x, h0, backend="cupy")
+        changed[0, 1] += 1.0
+        with pytest.raises(RuntimeError, match=r"tape: .* was changed in place after "
+                                               r"forward\(\)"):
+            m.backward(tape, cupy.ones_like(y))
+
+
+@gpu
+@needs_gpu
 def test_gpu_out_of_memory_names_the_buffer(registered):
     import cupy
 

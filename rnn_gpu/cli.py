@@ -10,6 +10,19 @@ import sys
 from ._config import FLOAT32_PRECISIONS
 
 
+def _variant_names() -> str:
+    """Every registered backend's variants as NAME:VARIANT, for --backend's help (read from
+    the backends, so that the help cannot fall behind them)."""
+    from . import registry
+
+    try:
+        names = [f"{name}:{v}" for name in registry.names()
+                 for v in (getattr(registry.get(name), "variants", None) or (lambda: ()))()]
+    except Exception as exc:               # a broken plugin must not break --help
+        return f"the backends' variants could not be listed: {exc}"
+    return ", ".join(names) or "no backend has variants"
+
+
 def _info(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -145,9 +158,23 @@ def _print_dry_run(cases, runners, repeats: int, device: str, kernels: int | Non
     names = ", ".join(runner.name for runner in runners)
     split = f", each call split by kernel (top {kernels})" if kernels else ""
     print(f"dry run: {len(cases)} cases on {device}, {repeats} repeats, runners: {names}{split}")
+    for runner in runners:
+        # a runner that can serve none of the cases here (no GPU, no CuPy) would only report
+        # "unavailable" rows: say so now (on a GPU machine, where .ci/gpu runs, it may serve)
+        reasons = {_runner_reason(runner, case) for case in cases}
+        if cases and None not in reasons:
+            print(f"  note: {runner.name} serves none of these cases here: "
+                  f"{sorted(reasons)[0]}")
     for case in cases:
         print(f"  {case.cell} {case.shape} {case.dtype} {case.pass_}")
     return 0
+
+
+def _runner_reason(runner, case) -> str | None:
+    try:
+        return runner.unavailable_reason(case)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
 
 
 def _check_bench_backends(names: list[str]) -> None:
@@ -223,8 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backend", action="append", metavar="NAME",
                        help="our backends to run (default: every registered one that can "
                             "serve the case), NAME:VARIANT for one way of running it "
-                            "(cupy:graph, cupy:graph-captured, cupy:persistent, "
-                            "cupy:persistent-mma); torch.nn always runs as the peer")
+                            f"({_variant_names()}); torch.nn always runs as the peer")
     bench.add_argument("--dtype", action="append", metavar="DTYPE",
                        help="CPU: float32 (default) or float64; GPU: float32, float16, "
                             "bfloat16 (default: all three)")

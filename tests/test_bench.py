@@ -519,3 +519,24 @@ def test_a_dry_run_lists_the_cases_and_times_nothing(capsys, monkeypatch, tmp_pa
     # what is checked still is: a backend's unknown variant
     assert main(["bench", "--dry-run", "--backend", "numpy:fast"]) == 2
     assert "the numpy backend has no variant 'fast'" in capsys.readouterr().err
+
+
+def test_a_dry_run_notes_runners_that_serve_no_case_here(capsys, monkeypatch):
+    """On a machine without a GPU, triton (no interpreter) serves nothing: said up front."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["bench", "--dry-run", "--cell", "GRU", "--shape", "4x8x8",
+                 "--backend", "numpy,triton"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("  note: triton serves none of these cases here: ")
+    assert not any("note: numpy" in line for line in out)
+
+
+def test_bench_help_lists_every_backends_variants(capsys):
+    from rnn_gpu import registry
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")
+    for name in registry.names():
+        for variant in (getattr(registry.get(name), "variants", None) or (lambda: ()))():
+            assert f"{name}:{variant}" in text

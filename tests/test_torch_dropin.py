@@ -21,6 +21,7 @@ from torch.func import functional_call
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnn_gpu.torch as rt
+from rnn_gpu.registry import BackendError
 
 F64 = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -609,6 +610,37 @@ def test_autocast_without_a_half_precision_backend_runs_in_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y64, _ = m64(torch.randn(2, 1, 3, dtype=torch.float64))
     assert y64.dtype == torch.float64
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_half_precision_module_on_the_cpu_runs_as_torch_nn_does(monkeypatch, cell, low):
+    """m.half() on the CPU: torch.nn runs it, and no CPU backend computes in half precision,
+    so float32 stands in and the results come back in the module's dtype. Oracle: torch.nn in
+    float32 on the same (rounded) weights and input, within half precision's rounding of the
+    outputs; the gradients reach the half parameters in their dtype."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ref, ours = _pair(cell, dtype=torch.float32, input_size=3, hidden_size=4, num_layers=2,
+                      bidirectional=True)
+    ours.to(low)
+    ref.load_state_dict({k: v.to(low).float() for k, v in ours.state_dict().items()})
+    x = torch.randn(5, 2, 3).to(low)
+    packed = pack_padded_sequence(x, torch.tensor([5, 3]))
+    y, state = ours(x)
+    y_ref, state_ref = ref(x.float())
+    assert y.dtype == low and ours(packed)[0].data.dtype == low
+    tol = dict(rtol=0, atol=1e-2 if low == torch.bfloat16 else 2e-3)
+    torch.testing.assert_close(y.float(), y_ref, **tol)
+    h = state[0] if cell == "lstm" else state
+    assert h.dtype == low
+    y.float().sum().backward()
+    y_ref.sum().backward()
+    grad = ours.weight_hh_l0.grad
+    assert grad.dtype == low
+    torch.testing.assert_close(grad.float(), ref.weight_hh_l0.grad,
+                               rtol=2e-2, atol=5e-2 if low == torch.bfloat16 else 1e-2)
+    with pytest.raises(BackendError, match="cannot serve"):
+        ours(x, backend="numpy")             # named explicitly: its own error stands
 
 
 @pytest.mark.parametrize("cell, kwargs", [

@@ -120,7 +120,20 @@ class _RecurrentModule(nn.Module):
             return self._meta_forward(input, params)
         low = _autocast_dtype(data, params)
         if low is None:
-            return self._forward(input, hx, params, backend, attrs)
+            try:
+                return self._forward(input, hx, params, backend, attrs)
+            except registry.BackendError:
+                own = next(iter(params.values())).dtype
+                if not _float32_stands_in(data, own, backend):
+                    raise
+            # A half-precision module on the CPU (m.half()), which torch.nn runs: no CPU
+            # backend computes in half precision, so float32 stands in, with differentiable
+            # casts (gradients come back in the parameters' dtype) and results in the module's
+            # dtype, as torch.nn returns them.
+            f32 = torch.float32
+            return _cast(self._forward(_cast(input, f32), _cast(hx, f32),
+                                       {k: p.to(f32) for k, p in params.items()}, backend,
+                                       attrs), own)
         # Under torch.autocast an RNN runs in the autocast dtype, as torch.nn's do (it is on
         # autocast's lower-precision list): x, hx and the weights cast for this call (the
         # casts are differentiable, so the float32 parameters get their gradients), autocast
@@ -192,6 +205,15 @@ class _RecurrentModule(nn.Module):
         if self.backend is not None:
             s += f", backend={self.backend!r}"
         return s
+
+
+def _float32_stands_in(x: Any, dtype: torch.dtype, backend: str | None) -> bool:
+    """Whether a call no backend served may run in float32 instead: half-precision tensors on
+    the CPU with the backend left to the registry (a backend named explicitly keeps its
+    error)."""
+    return (backend is None and dtype in (torch.float16, torch.bfloat16)
+            and isinstance(x, torch.Tensor) and x.device.type == "cpu"
+            and x.dtype == dtype)
 
 
 def _autocast_dtype(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.dtype | None:

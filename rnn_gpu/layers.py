@@ -295,11 +295,12 @@ class RecurrentLayer:
         for layer in range(self.num_layers):
             mask = None
             if keep_tape and self.training and self.dropout > 0 and layer > 0 and not empty:
-                keep = (self._rng.random(inp.shape) >= self.dropout).astype(self.dtype)
                 # p = 1 drops everything (as torch.nn); no 1/(1-p) scaling to divide by zero.
                 scale = 0.0 if self.dropout == 1.0 else 1.0 / (1.0 - self.dropout)
-                mask = to_kind(keep * scale, kind, device)
-                inp = inp * mask
+                host = np.float64 if self.dtype == "float64" else np.float32
+                keep = (self._rng.random(inp.shape) >= self.dropout).astype(host)
+                mask = _mask_like(keep * host(scale), kind, device, self.dtype)
+                inp = _times_mask(inp, mask, kind, device)
             outs, tapes, w_ihs = [], [], []
             for d in range(D):
                 reverse = d == 1
@@ -453,7 +454,7 @@ class RecurrentLayer:
             if empty:
                 d_inp = ops.zeros(inp.shape, self.dtype, device)
             if tape.dropout_masks[layer] is not None:
-                d_inp = d_inp * tape.dropout_masks[layer]
+                d_inp = _times_mask(d_inp, tape.dropout_masks[layer], kind, device)
             grad = d_inp
         tape.used = True
         tape.tapes.clear()
@@ -600,6 +601,25 @@ class RecurrentLayer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+def _mask_like(host: np.ndarray, kind: str, device: str, dtype: str):
+    """A host dropout mask as an array of ``kind`` in ``dtype``. NumPy has no
+    bfloat16: its mask goes over as float32 and is cast by torch (exact: 0 and 1/(1-p) as
+    float32, cast once, as a bfloat16 input scaled by it would be)."""
+    if dtype != "bfloat16":
+        return to_kind(host.astype(dtype), kind, device)
+    import torch
+
+    return to_kind(to_kind(host, "torch", device).to(torch.bfloat16), kind, device)
+
+
+def _times_mask(x, mask, kind: str, device: str):
+    """``x * mask``; for CuPy bfloat16 arrays (which CuPy computes on only through ml_dtypes)
+    the product is taken in torch, through DLPack without copies."""
+    if kind != "cupy" or dtype_name(x) != "bfloat16":
+        return x * mask
+    return to_kind(to_kind(x, "torch", device) * to_kind(mask, "torch", device), kind, device)
+
 
 def _storage_kind(device: str, dtype: str) -> str:
     if device == "cpu":

@@ -147,10 +147,19 @@ def use_backend(name: str) -> Iterator[Backend]:
 
 
 def _reasons(backend: Backend, problem: Problem) -> list[str]:
-    reason = backend.unavailable_reason()
-    if reason:
-        return [reason]
-    return list(backend.not_supported_reasons(problem))
+    """Why ``backend`` cannot serve ``problem`` (empty: it can). A probe that raises is a
+    reason, with a warning: a broken plugin is passed over, never the crash of a call that
+    another backend serves."""
+    try:
+        reason = backend.unavailable_reason()
+        if reason:
+            return [reason]
+        return list(backend.not_supported_reasons(problem))
+    except Exception as exc:
+        message = (f"backend {getattr(backend, 'name', backend)!r}: its availability check "
+                   f"failed: {type(exc).__name__}: {exc}")
+        warnings.warn(f"rnn_gpu: {message}; passed over", RuntimeWarning, stacklevel=3)
+        return [message]
 
 
 def select(problem: Problem, explicit: str | None = None) -> Backend:

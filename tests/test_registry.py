@@ -98,6 +98,28 @@ def test_auto_takes_the_highest_priority_backend_that_serves(temporary, x):
     assert type(mid).calls == 1 and type(high).calls == 0 and type(low).calls == 0
 
 
+@pytest.mark.parametrize("probe", ["unavailable_reason", "not_supported_reasons"])
+def test_a_backend_whose_probe_raises_is_passed_over_with_a_warning(temporary, x, probe):
+    """A broken plugin's probe failed every auto-selected call, even ones NumPy serves."""
+
+    class Broken(_backend("tmp_broken", 1000)):
+        def unavailable_reason(self):
+            if probe == "unavailable_reason":
+                raise OSError("libfoo.so: cannot open shared object file")
+            return None
+
+        def not_supported_reasons(self, problem):
+            raise OSError("libfoo.so: cannot open shared object file")
+
+    temporary(Broken)
+    with pytest.warns(RuntimeWarning, match=r"backend 'tmp_broken': its availability check "
+                                            r"failed: OSError: libfoo.so.*; passed over"):
+        assert rg.backends.select(_problem()).name == "numpy"
+        rg.LSTM(3, 5)(x)
+    with pytest.warns(RuntimeWarning), pytest.raises(rg.BackendError, match="OSError"):
+        rg.LSTM(3, 5)(x, backend="tmp_broken")        # named: its failure is the error
+
+
 def test_selection_order_call_then_context_then_env_then_auto(temporary, x, monkeypatch):
     a = temporary(_backend("tmp_a", -5))
     b = temporary(_backend("tmp_b", -5))

@@ -40,7 +40,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +82,9 @@ _pool_size = 0
 _pool_lock = threading.Lock()
 _barrier_lock = threading.Lock()      # one barrier group at a time in the pool: no deadlock
 _blas_controller = None
+_blas_limiter = None                  # the limit in force while _blas_users > 0
+_blas_users = 0
+_blas_lock = threading.Lock()
 
 
 def num_threads() -> int:
@@ -138,13 +141,29 @@ def _plan(problem: Problem, batch: int, keep_tape: bool) -> list[_Tile]:
     return [_Tile(slice(0, batch), every_unit)]
 
 
+@contextmanager
 def _single_threaded_blas():
-    global _blas_controller
-    if _blas_controller is None:
-        from threadpoolctl import ThreadpoolController
+    """BLAS on one thread while tiles run (they are the threads). The limit is process-wide,
+    so calls from several threads (Dask workers sharing a layer) share one: the first sets
+    it and the last restores it. Each holding its own, the calls' restores interleaved and
+    could leave BLAS on one thread for the rest of the process."""
+    global _blas_controller, _blas_limiter, _blas_users
+    with _blas_lock:
+        if _blas_users == 0:
+            if _blas_controller is None:
+                from threadpoolctl import ThreadpoolController
 
-        _blas_controller = ThreadpoolController()   # scanning the libraries costs ~0.5 ms
-    return _blas_controller.limit(limits=1, user_api="blas")
+                _blas_controller = ThreadpoolController()   # scanning the libraries: ~0.5 ms
+            _blas_limiter = _blas_controller.limit(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
 
 
 def _run_tiles(fn, tiles: list[_Tile]) -> None:
@@ -179,7 +198,7 @@ def _run_tiles(fn, tiles: list[_Tile]) -> None:
             if exc is not None:
                 errors.append(exc)
     real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
-    if real or errors:
+    if errors:
         raise (real or errors)[0]
 
 

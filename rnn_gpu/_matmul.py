@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -98,23 +99,41 @@ def _takes_tf32(a, b) -> bool:
             and a.dtype == b.dtype == torch.float32 and a.is_cuda and b.is_cuda)
 
 
+_tf32_lock = threading.Lock()
+_tf32_users = 0
+_tf32_previous: Any = None
+
+
 @contextlib.contextmanager
 def _tf32_matmuls() -> Iterator[None]:
-    """torch's TF32 switch for matmuls, on for the block (it is process-wide in torch).
+    """torch's TF32 switch for matmuls, on for the block.
+
+    The switch is process-wide in torch, so blocks in several threads share one setting: the
+    first turns it on and the last puts back what was there before. Each restoring its own
+    saved value, interleaved blocks could leave TF32 on for the rest of the process (and
+    every IEEE float32 GEMM after in TF32). A thread's IEEE GEMM that runs while another's
+    block is open still gets TF32: torch has no per-thread switch.
 
     torch >= 2.9 has ``fp32_precision`` beside the legacy ``allow_tf32``, and reading the
     legacy flag raises once a program has set the new one to another value ("mix of the legacy
     and new APIs"); the new one reads and restores cleanly whichever was set, so it is used
     where it exists (torch 2.13: legacy True reads back as "tf32", untouched as "none")."""
+    global _tf32_users, _tf32_previous
     flags = _torch().backends.cuda.matmul
     name, on = (("fp32_precision", "tf32") if hasattr(flags, "fp32_precision")
                 else ("allow_tf32", True))
-    previous = getattr(flags, name)
-    setattr(flags, name, on)
+    with _tf32_lock:
+        if _tf32_users == 0:
+            _tf32_previous = getattr(flags, name)
+            setattr(flags, name, on)
+        _tf32_users += 1
     try:
         yield
     finally:
-        setattr(flags, name, previous)
+        with _tf32_lock:
+            _tf32_users -= 1
+            if _tf32_users == 0:
+                setattr(flags, name, _tf32_previous)
 
 
 def _torch():

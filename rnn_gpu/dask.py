@@ -334,6 +334,12 @@ class DaskExecutor:
                  connect_timeout: float = 10.0):
         distributed = _require("distributed")
         self.device = None if device is None else parse_device(device)
+        # checked before connecting: a client opened and then refused was left open
+        if max_in_flight is not None and (isinstance(max_in_flight, bool) or
+                                          not isinstance(max_in_flight, int) or
+                                          max_in_flight < 1):
+            raise ValueError(f"max_in_flight: expected a positive int or None, got "
+                             f"{max_in_flight!r}")
         if isinstance(address, distributed.Client):
             self._client, self._owns_client = address, False
         else:
@@ -345,11 +351,6 @@ class DaskExecutor:
                 raise ConnectionError(f"address: cannot connect to a Dask scheduler at "
                                       f"{address!r}: {exc}") from None
             self._owns_client = True
-        if max_in_flight is not None and (isinstance(max_in_flight, bool) or
-                                          not isinstance(max_in_flight, int) or
-                                          max_in_flight < 1):
-            raise ValueError(f"max_in_flight: expected a positive int or None, got "
-                             f"{max_in_flight!r}")
         self._max_in_flight = max_in_flight
         self.batches_retried = 0
         self.name = f"dask {self._client.scheduler.address}"

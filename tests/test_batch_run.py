@@ -269,6 +269,15 @@ class _RecordingLookahead(_HostStaging):
         return staged
 
 
+def test_cuda_staging_with_a_cpu_build_of_torch_copies_through_cupy():
+    """A CUDA run on a machine with CuPy and a CPU build of torch: torch.cuda.Stream raised
+    in the first stage(); the copies go through cupy.asarray then, as without torch."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("checks a CPU build of torch")
+    assert _HostStaging("cuda:0").lookahead is False
+
+
 def test_lookahead_stages_the_next_batch_first_and_survives_out_of_memory(job):
     d, model, x, lengths = job
     model = model.eval()
@@ -404,9 +413,13 @@ def test_prefetch_keeps_order_and_reraises_the_producers_error():
     assert got == [1]
 
 
-def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(job, capsys):
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(job, capsys,
+                                                                              monkeypatch):
+    from rnn_gpu.batch import run as batch_run
     from rnn_gpu.batch.sinks import OutputLock
 
+    made = []
+    monkeypatch.setattr(batch_run, "_executor", lambda opts, log: made.append(1))
     d = job[0]
     lock = OutputLock(str(d / "out.npy"))         # as a run in progress holds it
     try:
@@ -414,6 +427,8 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(job
     finally:
         lock.release()
     assert code == 2 and "another rnn-gpu run is writing" in err
+    assert made == []          # no executor (a Dask client) opened for a refused run
+    monkeypatch.undo()
     assert run_cli(capsys, *job_args(d))[0] == 0  # released: free again
 
 

@@ -274,6 +274,16 @@ def test_executor_malformed_address_fails_at_once(address):
     assert time.perf_counter() - started < 5
 
 
+def test_executor_checks_max_in_flight_before_connecting(monkeypatch):
+    """A Client connected and then refused for a bad max_in_flight was left open."""
+    import distributed
+
+    monkeypatch.setattr(distributed, "Client", lambda *a, **k: pytest.fail("connected"))
+    with pytest.raises(ValueError, match="max_in_flight: expected a positive int or None, "
+                                         "got 0"):
+        rgd.DaskExecutor("tcp://127.0.0.1:8786", max_in_flight=0)
+
+
 def test_cli_run_malformed_scheduler_is_a_usage_error(model, data, tmp_path, capsys):
     from rnn_gpu.cli import main
 

@@ -130,6 +130,21 @@ def test_the_torch_tf32_switch_is_restored(set_by):
             flags.allow_tf32 = before
 
 
+def test_overlapping_tf32_blocks_in_two_threads_restore_the_switch():
+    """Two threads' blocks, the first ending first: each used to restore its own saved value,
+    so the second put back "on" and TF32 stayed on for the rest of the process."""
+    flags = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(flags, "fp32_precision") else "allow_tf32"
+    kept = getattr(flags, name)
+    first, second = _matmul._tf32_matmuls(), _matmul._tf32_matmuls()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert getattr(flags, name) in ("tf32", True)         # the second block still runs
+    second.__exit__(None, None, None)
+    assert getattr(flags, name) == kept
+
+
 INTERPRETED = pytest.mark.skipif(
     torch.cuda.is_available(), reason="a GPU is present: the kernels are compiled there, not "
     "interpreted (tests/test_triton_gpu.py covers tf32x3)")

@@ -168,3 +168,25 @@ def test_column_sums_are_the_bias_gradients_sum(dtype, rows):
         assert got.dtype == np.dtype(dtype) and got.shape == (view.shape[1],)
         tol = 1e-5 if dtype == "float32" else 1e-12
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1, rows))
+
+
+def test_overlapping_tile_runs_share_one_blas_limit_and_restore_it():
+    """Two calls from two threads (Dask workers sharing a layer) whose tile runs overlap, the
+    first ending first: each used to hold its own limit, and the second's restore put back the
+    first's single thread for the rest of the process."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+
+    before = blas_threads()
+    if not before:
+        pytest.skip("no BLAS library that threadpoolctl can see")
+    first, second = nb._single_threaded_blas(), nb._single_threaded_blas()
+    first.__enter__()
+    second.__enter__()
+    assert blas_threads() == [1]
+    first.__exit__(None, None, None)
+    assert blas_threads() == [1]               # the second call's tiles still run
+    second.__exit__(None, None, None)
+    assert blas_threads() == before

@@ -158,6 +158,8 @@ class _HostStaging:
                 import torch
             except ImportError:        # the model is on CUDA through CuPy then
                 return
+            if not torch.cuda.is_available():     # a CPU build of torch beside CuPy: the same
+                return
             self._torch = torch
             self.lookahead = True
 

@@ -105,18 +105,22 @@ def run(opts: RunOptions, *, executor=None, log: Callable[[str], None] | None = 
     parent = os.path.dirname(os.path.abspath(opts.output))
     if not os.path.isdir(parent):
         raise UsageError(f"OUTPUT: the directory {parent!r} does not exist")
-    executor = executor or _executor(opts, log)
     plan = _Plan(source, lengths, chunk_rows, opts.batch_size, opts.bucket, model.dtype)
-    lock = OutputLock(opts.output)
+    lock = None
     try:
+        # The lock first: a Dask client connected before a refused lock was left open
+        lock = OutputLock(opts.output)
+        executor = executor or _executor(opts, log)
         remove_stale_temporaries(opts.output)
         manifest, fresh = _open_manifest(opts, job, -(-N // chunk_rows), out_shape, out_dtype,
                                          note)
         counts = _execute(opts, model, plan, manifest, fresh, executor, out_shape, out_dtype,
                           note)
     finally:
-        lock.release()
-        executor.close()
+        if lock is not None:
+            lock.release()
+        if executor is not None:
+            executor.close()
     return {
         "sequences": N, "computed": counts["computed"],
         "seconds": round(time.perf_counter() - started, 3),

@@ -207,12 +207,11 @@ def _check_writable(arg: str, path: str) -> None:
 
 
 def _write_atomically(path: str, text: str) -> None:
-    """``text`` and a newline into ``path`` through a temporary file beside it, renamed over it:
-    a reader (or a kill mid-write) never sees half a report."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
+    """``text`` and a newline into ``path``: a reader (or a kill mid-write) never sees half a
+    report (the batch runner's manifest writer: a temporary file, fsynced, renamed over it)."""
+    from .batch.sinks import atomic_write_text
+
+    atomic_write_text(path, text + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -54,7 +55,9 @@ def save(model: Any, path: str | os.PathLike) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"path: the directory {parent!r} of {path!r} does not exist")
-    tmp = f"{path}.tmp-{os.getpid()}"
+    # a name of its own (not path + pid): two threads saving to one path must not share it
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
         os.chmod(tmp, _file_mode(path))     # safetensors creates its files 0600
@@ -70,9 +73,20 @@ def _file_mode(path: str) -> int:
     try:
         return stat.S_IMODE(os.stat(path).st_mode)
     except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it: os.umask(0) and back would leave a window
+    in which a file another thread creates gets mode 0666."""
+    try:
+        with open("/proc/self/status") as f:        # Linux
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022                                     # the common default elsewhere
 
 
 def _read(path: str) -> tuple[dict[str, str], dict[str, np.ndarray]]:

@@ -316,6 +316,10 @@ def test_full_disk_keeps_what_was_written_and_a_rerun_resumes(job, capsys, monke
         real_write(self, start, rows)
 
     monkeypatch.setattr(batch_sinks.NpyWriter, "write", write_until_full)
+    from rnn_gpu.batch import cli as batch_cli
+
+    kept, real_fail = [], batch_cli._fail      # the error kept, as a caller's handler may keep it
+    monkeypatch.setattr(batch_cli, "_fail", lambda exc: kept.append(exc) or real_fail(exc))
     args = job_args(d, "out.npy", "--chunk-size", "50")
     code, _, err = run_cli(capsys, *args)
     assert code == 1
@@ -323,6 +327,15 @@ def test_full_disk_keeps_what_was_written_and_a_rerun_resumes(job, capsys, monke
     assert "2 chunks recorded" in err and "rerun the same command" in err
     manifest = json.loads((d / "out.npy.manifest.json").read_text())
     assert manifest["done"] == [[0, 2]]                 # untouched by the failed chunk
+    # the reader thread stopped with the run, though the error (and its traceback, with the
+    # run's frames) is still held: it had read on until the traceback was dropped
+    import threading
+    import time
+
+    deadline = time.monotonic() + 2
+    while any(t.name == "rnn-gpu-reader" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the reader thread outlived the failed run"
+        time.sleep(0.05)
     monkeypatch.setattr(batch_sinks.NpyWriter, "write", real_write)
     code, summary, _ = run_cli(capsys, *args)
     assert code == 0 and summary["chunks_skipped"] == 2 and summary["chunks_written"] == 4

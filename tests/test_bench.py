@@ -263,6 +263,19 @@ def test_variable_length_cases(capsys):
             assert row["tokens_per_s"] * row["ms"] / 1e3 == pytest.approx(case.tokens)
 
 
+def test_the_problem_a_backend_is_asked_about_has_the_cases_lengths():
+    """Backends' describe_run and not_supported_reasons saw a case with lengths as one
+    without (and T steps, not the longest), so a runner's config column could name a tiling
+    it never ran."""
+    from rnn_gpu.bench.peers import _problem
+
+    case = cases.Case("LSTM", 7, 9, 6, 6, lengths="uniform")
+    problem = _problem(case)
+    assert problem.has_lengths and problem.seq_len == cases.case_lengths(case).max()
+    plain = _problem(cases.Case("LSTM", 7, 9, 6, 6))
+    assert not plain.has_lengths and plain.seq_len == 7
+
+
 class _IgnoresLengths(Backend):
     """The NumPy backend with the lengths dropped: right without lengths, wrong with them."""
 

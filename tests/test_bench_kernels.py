@@ -92,3 +92,15 @@ def test_kernels_needs_a_gpu_and_a_positive_count(capsys):
     assert main(["bench", "--quick", "--kernels", "0", "--device", "cuda", "--dry-run"]) == 2
     assert "kernels: expected a positive count of kernels to list, got 0" in \
         capsys.readouterr().err
+
+
+def test_a_failing_describe_run_costs_the_config_column_only(monkeypatch):
+    """A backend's describe_run that raises stopped the whole bench."""
+    def broken(self, case):
+        raise KeyError("tiles")
+
+    monkeypatch.setattr(BackendRunner, "describe_run", broken)
+    rows = runner.run_case(cases.Case("GRU", 4, 3, 5, 6),
+                           [BackendRunner("numpy"), TorchRunner("cpu")], repeats=1)
+    assert rows[0].ok and rows[0].ms is not None
+    assert rows[0].config == "(describe_run failed: KeyError: 'tiles')"

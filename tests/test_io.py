@@ -357,5 +357,14 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
         os.chmod(tmp_path / "m.safetensors", 0o640)
         rg.save(rg.GRU(2, 3), tmp_path / "m.safetensors")
         assert stat.S_IMODE(os.stat(tmp_path / "m.safetensors").st_mode) == 0o640
+        os.umask(0o027)
+        real_umask = os.umask
+        try:      # read, never set: setting it to 0 and back races with other threads' files
+            os.umask = lambda mask: pytest.fail("save set the process umask")
+            rg.save(rg.GRU(2, 3), tmp_path / "n.safetensors")
+        finally:
+            os.umask = real_umask
+        assert stat.S_IMODE(os.stat(tmp_path / "n.safetensors").st_mode) == 0o640
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "n.safetensors"]
     finally:
         os.umask(old)

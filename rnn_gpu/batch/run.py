@@ -159,9 +159,10 @@ def _execute(opts, model, plan, manifest, fresh, executor, out_shape, out_dtype,
     started = time.perf_counter()
     buffers: dict[int, np.ndarray] = {}       # chunks in flight (one, locally)
     received: dict[int, int] = {}
+    batches = results = None
     try:
-        results = executor.map(model, prefetch(plan.batches(pending), PREFETCH_DEPTH),
-                               emit=opts.emit, backend=opts.backend)
+        batches = prefetch(plan.batches(pending), PREFETCH_DEPTH)
+        results = executor.map(model, batches, emit=opts.emit, backend=opts.backend)
         for (chunk, number), out in results:
             counts["batches"] += 1
             if chunk not in buffers:
@@ -192,6 +193,11 @@ def _execute(opts, model, plan, manifest, fresh, executor, out_shape, out_dtype,
             raise
         raise RunFailure(f"{exc}. {_kept(manifest)}") from None
     finally:
+        # Closed now, not when the traceback lets go of them: the reader thread stops
+        for generator in (results, batches):
+            close = getattr(generator, "close", None)
+            if close is not None:
+                close()
         bar.close()
         writer.close()
     counts["seconds"] = time.perf_counter() - started

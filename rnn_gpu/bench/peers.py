@@ -290,11 +290,17 @@ def _problem(case):
     from rnn_gpu.backend_api import Problem
     from rnn_gpu.layers import LAYERS
 
+    from .cases import case_lengths
+
     activations = {"RNN": ("tanh",), "TwoStageRNN": ("tanh", "tanh")}.get(case.cell, ())
+    lengths = case_lengths(case)
+    # as the layer does: with lengths it runs up to the longest (and says so to the backend)
+    steps = case.T if lengths is None or case.B == 0 else int(lengths.max())
     return Problem(cell=LAYERS[case.cell]._spec.kind, activations=activations, dtype=case.dtype,
                    device=case.device, input_kind="torch" if case.on_gpu else "numpy",
-                   seq_len=case.T, batch=case.B, input_size=case.I, hidden_size=case.H,
-                   proj_size=case.P, training=case.pass_ == "train")
+                   seq_len=steps, batch=case.B, input_size=case.I, hidden_size=case.H,
+                   proj_size=case.P, training=case.pass_ == "train",
+                   has_lengths=lengths is not None)
 
 
 def _packed(module, lengths: np.ndarray):

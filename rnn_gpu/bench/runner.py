@@ -237,7 +237,10 @@ def run_case(case: Case, runners: list[Runner], *, repeats: int,
         if peer is not None and row.ok:
             row.ratio = peer.ms / row.ms
         if row.ok:
-            row.config = by_name[row.runner].describe_run(case)
+            try:
+                row.config = by_name[row.runner].describe_run(case)
+            except Exception as exc:      # a plugin's broken description costs the column only
+                row.config = f"(describe_run failed: {type(exc).__name__}: {exc})"
         if row.ok and kernels:
             try:
                 row.kernel_ms, row.kernels = profile_kernels(calls[row.runner], case.device,

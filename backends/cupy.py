@@ -358,7 +358,7 @@ class CupyBackend(Backend):
             raise RuntimeError("tape: this cupy tape was already used by backward()")
         with cupy.cuda.Device(dy.device.id):
             dev = CupyDevice(dy.device.id, dy.dtype, capture=USE_GRAPH)
-            return run_backward(dev, tape.problem, ktape, dy, dstate)
+            return run_backward(dev, ktape, dy, dstate)
 
 
 # ---------------------------------------------------------------------- availability
@@ -835,7 +835,7 @@ def _twostage_persistent(dev, acts, xw, w, h0, lens, outs, reverse):
 
 # ---------------------------------------------------------------------- backward
 
-def run_backward(dev, problem: Problem, ktape, dy, dstate):
+def run_backward(dev, ktape, dy, dstate):
     """Returns ``(dxw, dstate0, dweights)`` (rnn_gpu.backend_api's contract)."""
     dy = contiguous(dev, dy)
     dstate = tuple(contiguous(dev, d) for d in dstate)

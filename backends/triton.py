@@ -321,8 +321,6 @@ def _lengths(lengths: np.ndarray | None, device):
 
 
 def _on(device):
-    import contextlib
-
     import torch
 
     if device.type == "cuda":

@@ -49,7 +49,8 @@ def set_float32_precision(precision: str) -> None:
     LSTM 256x4096x256 forward step: 59-72 against 173 us). The layers' GEMMs around the kernels
     on torch CUDA tensors follow it too (:mod:`rnn_gpu._matmul`). A backend with no such path
     (cupy, numpy) computes IEEE float32, which is at least as precise. ``"tf32"`` is the same
-    as :func:`allow_tf32`."""
+    as :func:`allow_tf32`, and ``"ieee"`` or ``"tf32x3"`` turn an earlier ``allow_tf32(True)``
+    off: one setting, the last one made."""
     global _FLOAT32, _TF32
     if precision not in FLOAT32_PRECISIONS:
         raise ValueError(f"precision: expected one of {', '.join(FLOAT32_PRECISIONS)}, got "

@@ -24,3 +24,9 @@ def canonical_dtype(dtype: Any, *, strict: bool = True) -> str:
     if text in FLOAT_DTYPES or not strict:
         return text
     raise ValueError(f"dtype: expected one of {FLOAT_DTYPES}, got {dtype!r}")
+
+
+def host_dtype(dtype: str) -> str:
+    """The NumPy dtype that holds values of ``dtype`` on the host: itself, or float32 for
+    bfloat16, which NumPy lacks (every bfloat16 value is exactly a float32)."""
+    return "float32" if dtype == "bfloat16" else dtype

@@ -19,8 +19,8 @@ class CellSpec:
     ``kind`` is what backends dispatch on: ``"lstm"``, ``"gru"``, ``"rnn"``, ``"twostage"``.
     ``gates`` is how many H-sized blocks the hoisted input projection has.
     ``input_weight``/``input_bias`` are the base names of the parameters that act on ``x_t``
-    (the layer applies them to all time steps as one GEMM); ``recurrent`` lists the base names
-    the backend receives, each with a shape rule.
+    (the layer applies them to all time steps as one GEMM); ``recurrent_weights`` and
+    ``recurrent_biases`` list the base names the backend receives, each with a shape rule.
     """
 
     kind: str

@@ -29,6 +29,7 @@ import numpy as np
 
 from . import registry
 from ._arrays import device_of, kind_of, parse_device
+from ._dtypes import host_dtype
 from .batch.apply import EMITS, apply_batch, output_shape
 
 __all__ = ["BatchFailedError", "DaskExecutor", "apply"]
@@ -123,7 +124,7 @@ class _ShippedModel:
         if emit == "probs":
             return np.dtype(self.readout_config["dtype"])
         # bfloat16 has no NumPy dtype; its outputs come back as float32, exactly.
-        return np.dtype("float32" if self.config["dtype"] == "bfloat16" else self.config["dtype"])
+        return np.dtype(host_dtype(self.config["dtype"]))
 
     def model(self, device: str):
         """The layer on ``device``, built on first use in this process."""
@@ -178,7 +179,7 @@ def apply(model, array, lengths=None, *, emit: str = "last", backend: str | None
     dask = _require("dask")
     model = _as_layer(model)
     _check_emit(model, emit)
-    _check_backend(backend)
+    registry.check_name(backend)      # at apply(), not at compute()
     shipped = _ShippedModel(model)
     array = _check_array(da, array, shipped)
     batch_size = _check_batch_size(batch_size)
@@ -250,15 +251,6 @@ def _check_array(da, array, shipped: _ShippedModel):
     if array.numblocks[1] > 1 or array.numblocks[2] > 1:
         array = array.rechunk({1: -1, 2: -1})    # one task sees whole sequences
     return array
-
-
-def _check_backend(backend) -> None:
-    """A misspelt name fails here, naming the registered backends, not at compute()."""
-    if backend is None:
-        return
-    if not isinstance(backend, str):
-        raise TypeError(f"backend: expected a backend name (str) or None, got {backend!r}")
-    registry.get(backend)
 
 
 def _check_batch_size(batch_size):

@@ -16,12 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from ._dtypes import host_dtype
+
 FORMAT = "rnn_gpu/1"
 _READOUT_PREFIX = "readout."
 
 
 class WeightsFileError(ValueError):
-    """A weights file that is missing, unreadable, not safetensors, or inconsistent."""
+    """A weights file that is unreadable, not safetensors, or inconsistent (a missing one
+    raises FileNotFoundError)."""
 
 
 def save(model: Any, path: str | os.PathLike) -> None:
@@ -129,7 +132,7 @@ def _build(path: str, cls, config: dict[str, Any], tensors: dict[str, np.ndarray
                                f"{cls.__name__}: {exc}") from None
     # save writes the config's dtype (bfloat16 as float32, which holds it exactly): another
     # dtype means a file edited or written elsewhere, cast silently before
-    stored = "float32" if obj.dtype == "bfloat16" else obj.dtype
+    stored = host_dtype(obj.dtype)
     for name, t in tensors.items():
         if np.dtype(t.dtype) != np.dtype(stored):
             raise WeightsFileError(f"{path!r}: tensor {name!r} is {t.dtype}, but its config "

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _checks, _config, _fingerprint, _segments, registry
 from ._arrays import Ops, device_of, dtype_name, kind_of, parse_device, to_kind, to_numpy
-from ._dtypes import canonical_dtype
+from ._dtypes import canonical_dtype, host_dtype
 from ._matmul import matmul
 from .backend_api import Problem, Tape
 from .cells import (
@@ -162,8 +162,8 @@ class RecurrentLayer:
     def reset_parameters(self) -> None:
         """torch.nn's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))."""
         bound = 1.0 / math.sqrt(self.hidden_size)
-        host_dtype = "float32" if self.dtype == "bfloat16" else self.dtype
-        params = {name: self._rng.uniform(-bound, bound, size=shape).astype(host_dtype)
+        held = host_dtype(self.dtype)
+        params = {name: self._rng.uniform(-bound, bound, size=shape).astype(held)
                   for name, shape in self.parameter_shapes().items()}
         self._params = self._place(params, self.device)
 

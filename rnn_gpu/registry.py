@@ -110,6 +110,16 @@ def get(name: str) -> Backend:
                          f"{names()}") from None
 
 
+def check_name(name: Any) -> None:
+    """A ``backend=`` argument given ahead of any call: None or a registered name. A misspelt
+    one fails where it is given, naming the registered backends, not at the first call."""
+    if name is None:
+        return
+    if not isinstance(name, str):
+        raise TypeError(f"backend: expected a backend name (str) or None, got {name!r}")
+    get(name)
+
+
 def report() -> list[dict[str, Any]]:
     """One row per backend: name, available, reason, priority (highest priority first)."""
     rows = []

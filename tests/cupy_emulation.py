@@ -604,7 +604,7 @@ def check_against_numpy(dev, cell, acts, T, B, H, *, reverse, lengths, bias, see
     y_inf, final_inf, no_tape = cb.run_forward(dev, pr, f32(xw), w32, state32, lengths,
                                                reverse=reverse, keep_tape=False)
     assert no_tape is None
-    dxw, d0, grads = cb.run_backward(dev, pr, ktape, f32(dy), tuple(map(f32, dstate)))
+    dxw, d0, grads = cb.run_backward(dev, ktape, f32(dy), tuple(map(f32, dstate)))
     assert set(grads) == set(grads64)
     pairs = {"y": (y, y64), "y (no tape)": (y_inf, y64), "dxw": (dxw, dxw64)}
     for i in range(len(state)):
@@ -787,4 +787,4 @@ class EmulatedCupyBackend(Backend):
     def backward(self, tape, dy, dstate):
         ktape = tape.data.pop("kernel_tape")
         return cb.run_backward(EmulatedDevice(self.libs, smem_limit=self.smem_limit),
-                               tape.problem, ktape, dy, dstate)
+                               ktape, dy, dstate)

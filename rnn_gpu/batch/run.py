@@ -33,6 +33,7 @@ import numpy as np
 
 from .. import registry
 from .._arrays import device_of, kind_of, parse_device
+from .._dtypes import host_dtype
 from ..backend_api import Problem
 from .apply import EMITS, apply_batch, output_shape
 from .errors import RunFailure, UsageError
@@ -328,7 +329,7 @@ def _recast_readout(readout, dtype: str):
 def _output_dtype(model, emit: str) -> np.dtype:
     if emit == "probs":                 # the readout's own dtype
         return np.dtype(model.readout.dtype)
-    return np.dtype("float32" if model.dtype == "bfloat16" else model.dtype)  # NumPy has no bf16
+    return np.dtype(host_dtype(model.dtype))
 
 
 def _lengths_path(opts: RunOptions) -> str | None:
@@ -392,7 +393,7 @@ def _preflight(model, opts: RunOptions, input_size: int, has_lengths: bool) -> s
             raise UsageError(f"--backend: unknown name {opts.backend!r}; registered backends "
                              f"are {registry.names()}")
         return opts.backend or "auto"
-    dtype = "float32" if model.dtype == "bfloat16" else model.dtype
+    dtype = host_dtype(model.dtype)
     x = np.zeros((1, 1, input_size), dtype)
     lengths = np.ones(1, np.int64) if has_lengths else None
     staged = _HostStaging(opts.device).to_device(x)

@@ -24,7 +24,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 CELLS = ("LSTM", "GRU", "RNN", "TwoStageRNN")
-CPU_CELLS = ("LSTM", "GRU", "RNN")              # the acceptance set; TwoStageRNN is informative
 CPU_SHAPES = ((128, 256, 128), (64, 1024, 256), (256, 32, 512))      # (T, B, H), I = H
 # asv's CPU set: the same three regimes (mid batch, large batch, small batch with large H) at
 # 1/8-1/16 of the work, because asv starts one process per benchmark and parameter set (144

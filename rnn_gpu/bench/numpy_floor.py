@@ -26,7 +26,7 @@ from .threads import available_cores, same_threads
 from .timing import CpuTimer, measure
 
 
-def _tile_work(T: int, B: int, H: int, rows: int, units: int, with_exp: bool, rng):
+def _tile_work(T: int, H: int, rows: int, units: int, with_exp: bool, rng):
     """One tile's GEMMs (and exps) for the whole sequence, as the backend does them."""
     from rnn_gpu.backends.numpy import _CHUNK_ROWS, _MIN_CONCAT_ROWS
 
@@ -82,7 +82,7 @@ def floor_table(T: int, B: int, H: int, threads: int,
 
         def primitives(with_exp):
             # the backend's own tile runner: its thread pool, single-threaded BLAS per tile
-            work = {id(tile): _tile_work(T, B, H, b, u, with_exp, rng)
+            work = {id(tile): _tile_work(T, H, b, u, with_exp, rng)
                     for tile, (b, u) in zip(tiles, shapes)}
             return lambda: _run_tiles(lambda tile: work[id(tile)](), tiles)
 

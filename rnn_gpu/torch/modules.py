@@ -56,11 +56,7 @@ class _RecurrentModule(nn.Module):
                  proj_size: int = 0, device: Any = None, dtype: Any = None, *,
                  backend: str | None = None, cell_options: dict[str, Any] | None = None):
         super().__init__()
-        if backend is not None:
-            if not isinstance(backend, str):
-                raise TypeError(f"backend: expected a backend name (str) or None, got "
-                                f"{backend!r}")
-            registry.get(backend)      # fail now, naming the registered backends, not later
+        registry.check_name(backend)
         if isinstance(dropout, (int, float)) and dropout > 0 and num_layers == 1:
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
                           f"non-zero dropout expects num_layers greater than 1, but got "

@@ -9,6 +9,7 @@ import platform
 from dataclasses import asdict, dataclass
 
 from .kernels import format_kernels
+from .load import busy_note
 
 COLUMNS = ("cell", "shape T×B×H", "dtype", "pass", "runner", "ms (median)", "tokens/s",
            "TFLOP/s", "vs peer")
@@ -38,6 +39,9 @@ class Row:
     config: str | None = None            # how our backend ran it (tiling, path), if it says
     kernel_ms: float | None = None       # --kernels: the GPU time of one call's kernels
     kernels: list | None = None          # --kernels: its costliest (bench.kernels.KernelTime)
+    other_cores: float | None = None     # cores other processes kept busy while it was timed
+    warning: str | None = None           # why its numbers need care (a peer beyond the
+                                         # half-precision tolerance)
 
     @property
     def ok(self) -> bool:
@@ -160,11 +164,19 @@ def _tflops(gflops: float | None) -> str:
     return _fmt(gflops / 1e3, ".3f" if gflops < 1e3 else ".1f")
 
 
+def _gflops(gflops: float | None) -> str:
+    """CPU rows: GFLOP/s (in TFLOP/s they read 0.000-0.100)."""
+    return _fmt(gflops, ".1f")
+
+
 def format_table(rows: list[Row], info: dict | None = None, markdown: bool = False) -> str:
     """The results as an aligned text table (or a Markdown table), one row per runner.
     The ratio is the peer's time over ours (> 1: faster than the peer); the peer is torch.nn
     on the same device (torch-cpu, or torch-cudnn on a GPU)."""
-    columns = COLUMNS + (("peak MiB",) if any(r.peak_bytes is not None for r in rows) else ())
+    on_cpu = bool(rows) and all(r.device == "cpu" for r in rows)
+    rate = _gflops if on_cpu else _tflops
+    columns = tuple("GFLOP/s" if on_cpu and c == "TFLOP/s" else c for c in COLUMNS)
+    columns += ("peak MiB",) if any(r.peak_bytes is not None for r in rows) else ()
     body = []
     for r in rows:
         timed = r.error is None
@@ -172,7 +184,7 @@ def format_table(rows: list[Row], info: dict | None = None, markdown: bool = Fal
                  _fmt(r.ms, ".2f" if (r.ms or 0) < 10 else ".1f") if timed
                  else "WRONG" if r.max_err is not None else "error",
                  _tokens(r.tokens_per_s) if timed else "—",
-                 _tflops(r.gflops) if timed else "—",
+                 rate(r.gflops) if timed else "—",
                  _fmt(r.ratio, ".2f") if timed else "—")
         if len(columns) > len(COLUMNS):
             cells += (_fmt(None if r.peak_bytes is None else r.peak_bytes / 2**20, ".0f"),)
@@ -196,6 +208,14 @@ def format_table(rows: list[Row], info: dict | None = None, markdown: bool = Fal
                 for r in rows if text_of(r)]
 
     notes = labelled(lambda r: r.error)
+    warnings = labelled(lambda r: r.warning)
+    cores = (info or {}).get("cores") or _cores()
+    busy = {}                            # one line a case: every runner of it was timed together
+    for r in rows:
+        note = busy_note(r.other_cores, cores, r.device)
+        if note:
+            busy.setdefault(f"  {r.cell} {r.shape} {r.dtype} {r.pass_}: {note}", None)
+    warnings = list(busy) + warnings
     configs = labelled(lambda r: r.config if not r.error else None)
     profiles = labelled(lambda r: None if r.kernel_ms is None else
                         format_kernels(r.kernel_ms, r.kernels or [], r.ms))
@@ -210,6 +230,8 @@ def format_table(rows: list[Row], info: dict | None = None, markdown: bool = Fal
                     "kernels: ms, share, launches, us a launch):"] + profiles
     if notes:
         out += ["", "not timed:"] + notes
+    if warnings:
+        out += ["", "take with care:"] + warnings
     return "\n".join(out)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from .cases import Case, round_inputs
 from .flops import case_flops
 from .kernels import profile_kernels
+from .load import LoadMeter
 from .memory import peak_bytes
 from .peers import Runner
 from .report import Row
@@ -210,7 +211,9 @@ def run_case(case: Case, runners: list[Runner], *, repeats: int,
         except WrongAnswer as wrong:
             row.max_err, row.rms_err = wrong.max_err, wrong.rms_err
             if by_name[row.runner].is_peer:     # the bar we are measured against: timed
-                continue                        # as users run it, its errors shown
+                row.warning = (f"the peer itself is beyond the tolerance: {wrong.detail}; "
+                               f"timed as users run it")   # as users run it, its errors shown
+                continue
             row.error = f"wrong answer: {wrong.detail}; not timed"
             calls.pop(row.runner)
         else:
@@ -219,12 +222,14 @@ def run_case(case: Case, runners: list[Runner], *, repeats: int,
     del reference
     if log:
         log(f"timing {case.label()}: {', '.join(calls)}")
-    timings = measure(calls, timer=timer_for(case.device), repeats=repeats)
+    with LoadMeter() as load:
+        timings = measure(calls, timer=timer_for(case.device), repeats=repeats)
     flops = case_flops(case)
     for row in rows:
         timing = timings.get(row.runner)
         if timing is None:
             continue
+        row.other_cores = load.other_cores
         seconds = timing.median
         row.ms, row.best_ms = seconds * 1e3, timing.best * 1e3
         row.spread, row.samples = timing.spread, len(timing.samples)

@@ -148,6 +148,14 @@ def _bench(args: argparse.Namespace) -> int:
             _write_atomically(args.json, text)
     if not to_stdout:
         print(bench.format_table(rows, info, markdown=args.markdown))
+    # A wrong or failed row is a failure of the command, so that a script or CI running it
+    # notices; a runner this machine cannot serve ("unavailable") is not.
+    failed = [r for r in rows if r.error and not r.error.startswith("unavailable")]
+    if failed:
+        print(f"rnn-gpu bench: {len(failed)} row(s) wrong or failed (see 'not timed' under "
+              f"the table): " + "; ".join(f"{r.cell} {r.shape} {r.dtype} {r.pass_} {r.runner}"
+                                          for r in failed[:5]), file=sys.stderr)
+        return 1
     return 0
 
 

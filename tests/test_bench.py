@@ -22,8 +22,10 @@ from rnn_gpu.cli import main
 pytest.importorskip("torch")
 
 
-def _bench_json(capsys, *args: str) -> dict:
-    assert main(["bench", "--quick", "--json", *args]) == 0
+def _bench_json(capsys, *args: str, code: int = 0) -> dict:
+    """The JSON report; ``code`` 1 where a runner is meant to be wrong (a wrong row fails the
+    command)."""
+    assert main(["bench", "--quick", "--json", *args]) == code
     return json.loads(capsys.readouterr().out)
 
 
@@ -123,7 +125,7 @@ def garbage():
 
 def test_a_wrong_backend_is_reported_and_not_timed(capsys, garbage):
     report = _bench_json(capsys, "--cell", "RNN,LSTM", "--backend", f"numpy,{garbage}",
-                         "--repeats", "1")
+                         "--repeats", "1", code=1)
     wrong = [r for r in report["rows"] if r["runner"] == garbage]
     assert len(wrong) == 4                             # 2 cells x 2 quick shapes
     for row in wrong:
@@ -137,7 +139,7 @@ def test_each_case_is_logged_as_soon_as_it_is_timed(capsys, garbage):
     """stderr gets one 'timed' line per case, with every runner's result, before the table:
     what a bench cut off by a time limit still leaves (.ci/gpu keeps these lines)."""
     assert main(["bench", "--quick", "--cell", "GRU", "--shape", "4x8x8,5x3x6", "--backend",
-                 f"numpy,{garbage}", "--repeats", "1"]) == 0
+                 f"numpy,{garbage}", "--repeats", "1"]) == 1          # a wrong row: exit 1
     timed = [line for line in capsys.readouterr().err.splitlines()
              if line.startswith("timed ")]
     assert [line.split(":")[0] for line in timed] == [
@@ -179,11 +181,13 @@ def test_a_bench_cut_off_keeps_the_cases_it_finished_in_its_json(tmp_path, monke
                                                                                     "5×3×6"}
 
 
-def test_the_table_says_wrong(capsys, garbage):
+def test_the_table_says_wrong_and_the_command_fails(capsys, garbage):
     assert main(["bench", "--quick", "--cell", "GRU", "--shape", "4x8x8", "--backend",
-                 garbage, "--repeats", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "WRONG" in out and "not timed" in out and "torch-cpu" in out
+                 garbage, "--repeats", "1"]) == 1
+    captured = capsys.readouterr()
+    assert "WRONG" in captured.out and "not timed" in captured.out and "torch-cpu" in captured.out
+    assert f"rnn-gpu bench: 1 row(s) wrong or failed (see 'not timed' under the table): GRU " \
+           f"4×8×8 float32 forward {garbage}" in captured.err
 
 
 def test_bad_arguments_exit_2(capsys):
@@ -294,7 +298,8 @@ def test_a_backend_that_ignores_lengths_is_not_timed(capsys):
     try:
         for lengths, wrong in (("full", False), ("uniform", True)):
             rows = _bench_json(capsys, "--cell", "GRU", "--shape", "6x5x4", "--lengths",
-                               lengths, "--backend", _IgnoresLengths.name, "--repeats", "1")
+                               lengths, "--backend", _IgnoresLengths.name, "--repeats", "1",
+                               code=1 if wrong else 0)
             [row] = [r for r in rows["rows"] if r["runner"] == _IgnoresLengths.name]
             assert (row["error"] is not None and "wrong answer" in row["error"]) is wrong, row
     finally:
@@ -323,7 +328,8 @@ def test_train_pass_checks_gradients_too(capsys):
     rg.backends.register(_WrongGrads)
     try:
         rows = _bench_json(capsys, "--cell", "GRU", "--shape", "8x16x12", "--pass", "all",
-                           "--backend", f"numpy,{_WrongGrads.name}", "--repeats", "1")["rows"]
+                           "--backend", f"numpy,{_WrongGrads.name}", "--repeats", "1",
+                           code=1)["rows"]
     finally:
         rg.backends.unregister(_WrongGrads.name)
     by = {(r["runner"], r["pass_"]): r for r in rows}
@@ -420,7 +426,7 @@ def test_backend_variants_are_separate_rows(capsys):
     try:
         name = _WithVariants.name
         report = _bench_json(capsys, "--cell", "GRU", "--shape", "4x3x5", "--repeats", "1",
-                             "--backend", f"{name}:plain,{name}:broken")
+                             "--backend", f"{name}:plain,{name}:broken", code=1)
         assert main(["bench", "--quick", "--backend", f"{name}:plain,{name}:nope"]) == 2
         assert "has no variant 'nope' (it has plain, broken)" in capsys.readouterr().err
     finally:

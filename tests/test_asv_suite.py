@@ -58,6 +58,30 @@ def test_cpu_benchmarks_run_and_track_sane_numbers(cls_name, backend):
     assert recurrent.CpuForward.track_tflops.unit == "TFLOP/s"
 
 
+def test_cpu_benchmarks_hold_one_thread_count_from_setup_to_teardown():
+    """Both sides on all usable cores, as rnn-gpu bench runs them (each library's default
+    count could differ), and the process's settings back after teardown."""
+    import os
+
+    import torch
+
+    from rnn_gpu.bench.threads import available_cores
+
+    before = torch.get_num_threads(), os.environ.get("RNN_GPU_NUM_THREADS")
+    torch.set_num_threads(1)
+    try:
+        bench = recurrent.CpuForward()
+        bench.setup("GRU", "torch-cpu", _small(recurrent.CpuForward), "float32")
+        assert torch.get_num_threads() == available_cores()
+        assert os.environ["RNN_GPU_NUM_THREADS"] == str(available_cores())
+        bench.teardown("GRU", "torch-cpu", _small(recurrent.CpuForward), "float32")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before[0])
+        if before[1] is None:
+            os.environ.pop("RNN_GPU_NUM_THREADS", None)
+
+
 def test_gpu_benchmarks_skip_without_a_gpu():
     import torch
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 
-from rnn_gpu.bench import cases, flops, memory, peers, runner, timing
+from rnn_gpu.bench import cases, flops, memory, peers, runner, threads, timing
 
 # Imported up front so that under `--launch-method forkserver` (CI's quick pass) the 3 s import
 # happens once in the server instead of in each of the 144 CPU benchmark processes; under
@@ -123,6 +123,23 @@ class _Gpu(_Recurrent):
 class _Cpu(_Recurrent):
     params = [list(cases.CELLS), list(CPU_BACKENDS),
               [_name(s) for s in cases.ASV_CPU_SHAPES], list(cases.CPU_DTYPES)]
+
+    def setup(self, *params):
+        # Every runner on all usable cores, as `rnn-gpu bench` runs them: left to their own
+        # defaults, torch and OpenBLAS (and our tiles) could each pick another count. Held
+        # from setup to teardown, since asv times between them.
+        self._threads = threads.same_threads(threads.available_cores())
+        self._threads.__enter__()
+        try:
+            super().setup(*params)
+        except BaseException:
+            self.teardown(*params)
+            raise
+
+    def teardown(self, *params):
+        held, self._threads = getattr(self, "_threads", None), None
+        if held is not None:
+            held.__exit__(None, None, None)
 
 
 class CpuForward(_Cpu):

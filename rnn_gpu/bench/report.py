@@ -84,6 +84,9 @@ def machine_info(threads: int, device: str = "cpu") -> dict:
                       f"sm_{props.major}{props.minor}, {props.multi_processor_count} SMs"
         info["cuda"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()
+        # NGC's containers may set it: cuBLAS then runs every float32 GEMM (ours and the
+        # peer's) in TF32 whatever torch's flags say, and "IEEE float32" rows are not
+        info["tf32_override"] = os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE")
         for mod in ("triton", "cupy"):
             try:
                 info[mod] = __import__(mod).__version__
@@ -148,6 +151,9 @@ def header_lines(info: dict) -> list[str]:
     if info.get("gpu"):
         extra = "".join(f"; {m} {info[m]}" for m in ("triton", "cupy") if info.get(m))
         lines.append(f"GPU: {info['gpu']}; CUDA {info['cuda']}, cuDNN {info['cudnn']}{extra}")
+    if info.get("tf32_override") not in (None, "", "0"):
+        lines.append("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE is set: cuBLAS runs float32 GEMMs in "
+                     "TF32 on both sides, whatever the flags; float32 rows are not IEEE")
     if info.get("float32_precision", "ieee") != "ieee":
         lines.append(f"float32 products: {info['float32_precision']} in our backends "
                      f"(rnn-gpu bench --float32-precision); torch.nn: "

@@ -18,6 +18,7 @@ the kernels: RNN 128x256x128 34 ms back to back, 59 ms after a 0.15 s sleep.)
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class CudaEventTimer:
     def __call__(self, fn: Callable[[], object]) -> float:
         torch = self._torch
         with torch.cuda.device(self.device):
+            _check_one_stream(torch)
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
@@ -78,6 +80,20 @@ class CudaEventTimer:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3
+
+
+def _check_one_stream(torch) -> None:
+    """The events are on torch's current stream; the cupy backend queues on CuPy's. Both are
+    the legacy default stream unless a caller changed one, and then the end event would not
+    wait for CuPy's kernels: refused rather than timed short."""
+    cupy = sys.modules.get("cupy")
+    if cupy is None:
+        return
+    ours, theirs = torch.cuda.current_stream().cuda_stream, cupy.cuda.get_current_stream().ptr
+    if ours != theirs:
+        raise RuntimeError(f"timing: torch's current stream ({ours:#x}) is not CuPy's "
+                           f"({theirs:#x}); CUDA events on torch's would not wait for work "
+                           f"queued on CuPy's. Time with both on the same stream")
 
 
 class CudaEventClock:

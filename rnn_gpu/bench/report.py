@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass
 from .kernels import format_kernels
 from .load import busy_note
 
-COLUMNS = ("cell", "shape T×B×H", "dtype", "pass", "runner", "ms (median)", "tokens/s",
-           "TFLOP/s", "vs peer")
+COLUMNS = ("cell", "shape T×B×H", "dtype", "pass", "runner", "ms (median)", "spread",
+           "tokens/s", "TFLOP/s", "vs peer")
 TEXT_COLUMNS = 5            # left-aligned; the numbers after them are right-aligned
 
 
@@ -189,6 +189,9 @@ def format_table(rows: list[Row], info: dict | None = None, markdown: bool = Fal
         cells = (r.cell, r.shape, r.dtype, r.pass_, r.runner,
                  _fmt(r.ms, ".2f" if (r.ms or 0) < 10 else ".1f") if timed
                  else "WRONG" if r.max_err is not None else "error",
+                 # (max - min) / median of the samples: a ratio within it is a draw
+                 _fmt(None if r.spread is None else 100 * r.spread, ".0f") + "%"
+                 if timed and r.spread is not None else "—",
                  _tokens(r.tokens_per_s) if timed else "—",
                  rate(r.gflops) if timed else "—",
                  _fmt(r.ratio, ".2f") if timed else "—")

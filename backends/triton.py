@@ -83,13 +83,19 @@ class TritonBackend(Backend):
                                f"{major}.{minor} (use float16 or float32)")
         if problem.cell not in ("rnn", "lstm", "gru", "twostage"):
             reasons.append(f"the triton backend has no cell {problem.cell!r}")
-        elif problem.cell != "twostage":
-            n = step_elements(problem.batch, problem.hidden_size)
+        else:
+            # TwoStageRNN's kernels index W (H x H, three of them) and a step (B x 2H at most)
+            # with int32 as the gated ones do (common.row_block_dot)
+            B, H = problem.batch, problem.hidden_size
+            n = step_elements(B, H) if problem.cell != "twostage" else max(2 * H * B, H * H)
             if n > MAX_STEP_ELEMENTS:
+                # past the limit through the batch (a step's rows) or the weights (H x H)
+                fix = ("split the batch" if B > H else
+                       "the weights alone are past it (use the numpy or cupy backend)")
                 reasons.append(f"the triton kernels address one time step with 32-bit offsets; "
                                f"batch {problem.batch} x hidden size {problem.hidden_size} "
                                f"needs {n} elements per step (at most {MAX_STEP_ELEMENTS}): "
-                               f"split the batch")
+                               f"{fix}")
         return reasons
 
     def segment_costs(self, problem: Problem) -> SegmentCosts | None:
@@ -264,8 +270,11 @@ class TritonBackend(Backend):
             # H100, LSTM fp16 256x4096x256, the forward was fastest with 128-row x 64-unit
             # programs (8.99 against 9.84 ms) and the backward with 64 x 128 (~29 against
             # ~37 ms), so one choice for both cost the training step ~7 ms (run 3 and 4).
+            # keyed on the precision the forward (and so the tape) ran in: the torch layers
+            # call backward outside the forward's TF32 scope, where _precision would say IEEE
             tiles, sync = launch.choose(f"{problem.cell}-backward", _tuned_gates(problem.cell),
-                                        B, H, _tuned_dtype(problem.dtype), dy.device, time_call)
+                                        B, H, _tuned_dtype(problem.dtype, ktape.precision),
+                                        dy.device, time_call)
             if problem.cell == "twostage":
                 dxw, dh0, (daa, dha, dhh, dbh) = run(ktape, dy, tiles, sync)
                 grads = {"weight_aa": daa, "weight_ha": dha, "weight_hh": dhh}
@@ -292,10 +301,11 @@ def _tuned_gates(cell: str) -> int:
     return 2 if cell == "twostage" else SPECS[cell].gates
 
 
-def _tuned_dtype(dtype: str) -> str:
+def _tuned_dtype(dtype: str, precision: str | None = None) -> str:
     """The dtype the tuner keys shapes on, with the float32 dot's precision where it is not
-    IEEE (tf32x3 runs other instructions than IEEE, so its best tiling is chosen apart)."""
-    precision = _precision(dtype)
+    IEEE (tf32x3 runs other instructions than IEEE, so its best tiling is chosen apart);
+    ``precision`` defaults to the one in force."""
+    precision = _precision(dtype) if precision is None else precision
     return dtype if precision == "ieee" else f"{dtype}-{precision}"
 
 

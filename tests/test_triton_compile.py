@@ -138,3 +138,42 @@ def test_resident_forward_keeps_the_weights_in_shared_memory(tmp_path):
         assert row["weights_before_loop"] == "1", row
         assert int(row["shared"]) <= H100_SHARED_MEMORY, row
         assert int(row["spill_bytes"]) <= budget * 1.25 + 32, (row, budget)
+
+
+def test_grid_barrier_launches_are_cooperative(monkeypatch):
+    """A kernel with a grid barrier asks the driver for a cooperative launch (the whole grid
+    at once, or a refusal), so that two of them on two streams cannot each hold part of the
+    card and spin forever; the rest launch plainly. RNN_GPU_TRITON_COOPERATIVE=0 turns it off."""
+    from rnn_gpu.kernels.triton import common, gated, twostage
+
+    tiles = gated.Tiles(block_b=16, block_h=16, block_k=16, units=16)
+    for grid_sync in (True, False):
+        assert gated._constexprs(0, 0, tiles, "ieee", grid_sync)[
+            "launch_cooperative_grid"] is grid_sync
+        assert twostage._consts((0, 0), tiles, "ieee", grid_sync)[
+            "launch_cooperative_grid"] is grid_sync
+    monkeypatch.setattr(common, "COOPERATIVE", False)
+    assert gated._constexprs(0, 0, tiles, "ieee", True)["launch_cooperative_grid"] is False
+
+
+def test_triton_takes_the_cooperative_launch_option_when_compiling(tmp_path, monkeypatch):
+    """Triton's compiler knows the option and records it for its launcher (what the card's
+    driver is then asked for), on a machine without a GPU."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    code = (
+        "import triton, triton.language as tl\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from triton.compiler import ASTSource\n"
+        "@triton.jit\n"
+        "def k(p):\n"
+        "    tl.store(p + tl.program_id(0), 1.0)\n"
+        "src = ASTSource(fn=k, signature={'p': '*fp32'}, constexprs={})\n"
+        "c = triton.compile(src, target=GPUTarget('cuda', 90, 32),\n"
+        "                   options={'launch_cooperative_grid': True})\n"
+        "print(c.metadata.launch_cooperative_grid)\n")
+    script = tmp_path / "coop.py"                # @triton.jit needs a file to read
+    script.write_text(code)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr

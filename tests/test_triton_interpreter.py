@@ -311,6 +311,12 @@ def test_declines_a_step_beyond_32_bit_offsets(interpret):
         (why,) = reasons(2**19, 1024, cell)
         assert "32-bit offsets" in why and "batch 524288 x hidden size 1024" in why
         assert "split the batch" in why
+    # TwoStageRNN was not checked: its H x H weights are indexed with int32 too
+    assert reasons(64, 46340, "twostage") == []
+    (why,) = reasons(64, 46341, "twostage")
+    assert "hidden size 46341" in why and "the weights alone are past it" in why
+    (why,) = reasons(2**15 + 1, 2**15, "twostage")
+    assert "split the batch" in why
     # The kernel's own launcher refuses too, before it allocates anything (meta tensors).
     from rnn_gpu.kernels.triton.gated import Tiles, gated_forward
 
@@ -436,3 +442,21 @@ def test_autocast_runs_the_drop_in_in_the_autocast_dtype(interpret):
     assert m.weight_hh_l0.grad.dtype == torch.float32
     assert torch.isfinite(m.weight_hh_l0.grad).all() and m.weight_hh_l0.grad.abs().sum() > 0
     assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+
+
+def test_lstm_kernel_without_c0_starts_from_zeros(interpret):
+    """gated_forward for LSTM with c0=None read a 1-element placeholder at (B, H) offsets (the
+    backend always passes c0; the launcher is callable on its own)."""
+    from rnn_gpu.kernels.triton.common import LSTM
+    from rnn_gpu.kernels.triton.gated import Tiles, gated_forward
+
+    torch.manual_seed(0)
+    T, B, H = 3, 4, 8
+    xw, w = torch.randn(T, B, 4 * H), torch.randn(4 * H, H) / 4
+    h0 = torch.randn(B, H)
+    kwargs = dict(reverse=False, keep_tape=False, precision="ieee",
+                  tiles=Tiles(16, 16, 16, H), grid_sync=False)
+    without = gated_forward(LSTM, 0, xw, w, None, h0, None, None, **kwargs)
+    zeros = gated_forward(LSTM, 0, xw, w, None, h0, torch.zeros(B, H), None, **kwargs)
+    for a, b in zip(without[:3], zeros[:3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -229,6 +229,25 @@ def test_backward_chooses_its_own_tiling_and_stays_right(monkeypatch, launch, Ti
     assert steps == [(launch.SHORT_STEPS, 16), (launch.LONG_STEPS, 16), (3, 16)]
 
 
+def test_the_backward_is_tuned_under_the_precision_its_forward_ran_in(monkeypatch, launch):
+    """The drop-ins run the forward in the TF32 scope of torch.backends.cudnn.allow_tf32 and
+    the backward outside it: the backward's tiling was keyed (and cached) as IEEE float32."""
+    from rnn_gpu.torch import GRU
+
+    keys = []
+    real_choose = launch.choose
+
+    def choose(kind, gates, B, H, dtype, device, time_call, resident=False):
+        keys.append((kind, dtype))
+        return real_choose(kind, gates, B, H, dtype, device, time_call)
+
+    monkeypatch.setattr(launch, "choose", choose)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    m = GRU(4, 8, backend="triton")
+    m(torch.randn(3, 2, 4))[0].sum().backward()
+    assert keys == [("gru-taped", "float32-tf32"), ("gru-backward", "float32-tf32")]
+
+
 def test_resident_candidate_keeps_every_program_resident_and_in_shared_memory(launch):
     """DESIGN's 512x64x1024 LSTM on 132 SMs: one 64-row block, 8 units per program (128
     programs, the grid barrier's limit), 64 KB of weights and 128 KB of h; half precision only;
@@ -262,6 +281,35 @@ def test_a_candidate_that_cannot_run_here_is_skipped(fake_card, launch):
 
     best = launch.choose("lstm", 4, 64, 1024, "float16", "cuda:0", time_call, resident=True)
     assert best == options[1]      # (its 3-stage variant, timed next, could not run either)
+
+
+def test_a_refused_launch_or_ptxas_error_is_skipped_and_nothing_runnable_is_an_error(
+        fake_card, launch):
+    """ptxas's errors and a launch's RuntimeError (a cooperative grid the driver cannot hold
+    at once) failed the whole first call; a shape no tiling can run was cached anyway."""
+    from triton.runtime.errors import PTXASError
+
+    options = launch.candidates(4, 64, 1024, "float16", 132)
+    refused = {options[0][0]: RuntimeError("Triton Error [CUDA]: too many blocks in "
+                                           "cooperative launch"),
+               options[1][0]: PTXASError("ptxas fatal")}
+
+    def time_call(tiles, grid_sync, n_steps):
+        if tiles in refused:
+            raise refused[tiles]
+        return 0.1 + 0.01 * n_steps
+
+    best = launch.choose("lstm", 4, 64, 1024, "float16", "cuda:0", time_call)
+    assert best[0] not in refused
+
+    def nothing_runs(tiles, grid_sync, n_steps):
+        raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+
+    with pytest.raises(RuntimeError, match=r"triton: no tiling of gru float16 B=64 H=1024 runs "
+                                           r"on this card: .*too many blocks"):
+        launch.choose("gru", 3, 64, 1024, "float16", "cuda:0", nothing_runs)
+    with pytest.raises(RuntimeError, match="no tiling"):          # not cached: asked again
+        launch.choose("gru", 3, 64, 1024, "float16", "cuda:0", nothing_runs)
 
 
 def test_deeper_pipeline_only_for_long_product_loops(launch, Tiles):

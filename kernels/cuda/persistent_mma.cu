@@ -97,9 +97,13 @@ template <typename T>
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const T* row) {
     unsigned long long addr;
     asm("cvta.to.shared.u64 %0, %1;" : "=l"(addr) : "l"(row));
+    // "memory": it reads shared memory, so the compiler must not move it above the
+    // cp.async wait or the barrier that made the data visible (volatile alone keeps the order
+    // in practice, as CUTLASS relies on; the clobber says so)
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(static_cast<unsigned>(addr)));
+                 : "r"(static_cast<unsigned>(addr))
+                 : "memory");
 }
 #endif
 
@@ -684,6 +688,9 @@ gated_bwd_persistent_mma(const T* __restrict__ dy, const T* __restrict__ w_hh,
             __syncthreads();                      // before chunk ch + 2 refills the buffer
             clocks.mark(4);
         }
+        // Only the valid (row, unit) entries are read and zeroed: the padded ones accumulate
+        // products of the zero padding of drec's rows and w_s's columns, so they stay 0 as
+        // long as the backend fills both (cupy.py allocates them zeroed, never empty).
         for (long long item = threadIdx.x; item < items; item += blockDim.x) {
             const long long row = item / nu, uu = item - row * nu;
             float sum = 0.0f;

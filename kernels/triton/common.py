@@ -7,6 +7,8 @@ that every branch on them is resolved at compile time.
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -137,6 +139,20 @@ def step_and_next(s, T, row_ok, lens, REVERSE: tl.constexpr, HAS_LENGTHS: tl.con
             valid_rows(row_ok, t_next, lens, HAS_LENGTHS))
 
 
+# Kernels with a grid barrier are launched cooperatively (CU_LAUNCH_ATTRIBUTE_COOPERATIVE):
+# the driver then runs the whole grid at once or refuses the launch. Sized to the SM count
+# alone, a plain launch spun forever where fewer SMs were free: two such kernels on two
+# streams, each holding part of the card and waiting on programs the other kept out, or MPS
+# with a thread-percentage limit. Off (RNN_GPU_TRITON_COOPERATIVE=0) restores the plain
+# launch that runs 5-7 timed; the barrier is the same either way.
+COOPERATIVE = os.environ.get("RNN_GPU_TRITON_COOPERATIVE", "1") != "0"
+
+
+def cooperative(grid_sync: bool) -> bool:
+    """Whether a launch with (``grid_sync``) or without a grid barrier is cooperative."""
+    return bool(grid_sync) and COOPERATIVE
+
+
 @triton.jit
 def step_barrier(counter_ptr, target, GRID_SYNC: tl.constexpr):
     """Wait until every program of this row block has reached this point.
@@ -144,8 +160,9 @@ def step_barrier(counter_ptr, target, GRID_SYNC: tl.constexpr):
     With ``GRID_SYNC`` the programs that split one row block's hidden units meet at an atomic
     counter (release on arrival, acquire while spinning); ``target`` is the count that means
     "all arrived" for this barrier (barriers so far times programs per row block), so the
-    counter is never reset inside a launch. The launcher guarantees that every program is
-    resident (grid no larger than the SM count). Without it only this program's threads meet:
+    counter is never reset inside a launch. Every program must be resident: the grid is no
+    larger than the SM count, and the launch is cooperative (:data:`COOPERATIVE`), so the
+    driver schedules all of it at once or refuses. Without it only this program's threads meet:
     its own stores become visible to its own loads of the next step.
     """
     tl.debug_barrier()

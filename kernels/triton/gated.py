@@ -49,6 +49,7 @@ from .common import (
     LSTM,
     RNN,
     activation_grad,
+    cooperative,
     program_rows,
     step_and_next,
     step_barrier,
@@ -296,7 +297,8 @@ def _constexprs(cell, act, tiles: Tiles, precision, grid_sync, H: int = 0):
     forward's, which has no k-loop and no unit blocks."""
     common = dict(CELL=cell, G=GATES[cell], TG=TAPE_GATES[cell], ACT=act, GRID_SYNC=grid_sync,
                   PRECISION=precision, BLOCK_B=tiles.block_b, UNITS=tiles.units,
-                  num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+                  num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                  launch_cooperative_grid=cooperative(grid_sync))
     if tiles.resident:
         return dict(common, G4=gate_slots(GATES[cell]), HP=triton.next_power_of_2(H))
     return dict(common, BLOCK_H=tiles.block_h, BLOCK_K=tiles.block_k)
@@ -334,7 +336,10 @@ def gated_forward(cell: int, act: int, xw: torch.Tensor, w_hh: torch.Tensor,
         hbuf = torch.empty((3, B, H), device=dev, dtype=dt)
         hbuf[0].copy_(h0)
     h0f = h0.to(f32).contiguous()
-    c0f = (c0 if c0 is not None else torch.zeros((1,), device=dev)).to(f32).contiguous()
+    # LSTM reads c0 at (B, H) offsets: zeros of that shape when not given (a 1-element
+    # placeholder serves the cells that never read it)
+    c0f = (c0 if c0 is not None else torch.zeros((B, H) if cell == LSTM else (1,), device=dev)
+           ).to(f32).contiguous()
     h = torch.empty((B, H), device=dev, dtype=f32)
     c = torch.empty((B, H), device=dev, dtype=f32) if cell == LSTM else h
     if keep_tape:

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator
 
 import triton
 from triton.compiler.errors import CompilationError
-from triton.runtime.errors import OutOfResources
+from triton.runtime.errors import OutOfResources, PTXASError
 
 from . import gated_resident, interpreting
 from .gated import Tiles
@@ -204,7 +204,11 @@ def choose(kind: str, gates: int, B: int, H: int, dtype: str, device,
     if len(options) == 1:
         best = options[0]
     else:
-        per_step = [_timed(time_call, option) for option in options]
+        failures: list[str] = []
+        per_step = [_timed(time_call, option, failures) for option in options]
+        if min(per_step) == math.inf:         # nothing to cache: every call would fail
+            raise RuntimeError(f"triton: no tiling of {kind} {dtype} B={B} H={H} runs on "
+                               f"this card: " + "; ".join(failures))
         winner = options[per_step.index(min(per_step))]
         extra = second_round(winner, kind, gates, B, H, dtype, props.multi_processor_count)
         options = options + extra
@@ -322,15 +326,25 @@ def step_ms(time_call: Callable[[Tiles, bool, int], float],
     return (long - short) / (LONG_STEPS - SHORT_STEPS)
 
 
-def _timed(time_call: Callable[[Tiles, bool, int], float], option: tuple[Tiles, bool]) -> float:
+# What a tiling that cannot run here raises: Triton's compile errors, ptxas's, its resource
+# check, and the launch's RuntimeError ("Triton Error [CUDA]: ...", e.g. a cooperative grid the
+# driver cannot hold at once)
+CANNOT_RUN = (CompilationError, OutOfResources, PTXASError, RuntimeError)
+
+
+def _timed(time_call: Callable[[Tiles, bool, int], float], option: tuple[Tiles, bool],
+           failures: list[str] | None = None) -> float:
     """:func:`step_ms`, or infinity for a tiling this card cannot compile or launch (a
-    resident tile over its shared memory, say): the next candidate is taken instead."""
+    resident tile over its shared memory, say): the next candidate is taken instead, and the
+    reason goes to ``failures``."""
     try:
         return step_ms(time_call, option)
-    except (CompilationError, OutOfResources) as exc:
+    except CANNOT_RUN as exc:
+        reason = f"{_describe(option)}: {type(exc).__name__}: {str(exc)[:200]}"
+        if failures is not None:
+            failures.append(reason)
         if os.environ.get("RNN_GPU_TUNE_LOG"):
-            print(f"rnn_gpu triton tiles: {_describe(option)} cannot run here "
-                  f"({type(exc).__name__}: {exc})", file=sys.stderr)
+            print(f"rnn_gpu triton tiles: cannot run here: {reason}", file=sys.stderr)
         return math.inf
 
 

@@ -28,6 +28,7 @@ from . import steps_of
 from .common import (
     activate,
     activation_grad,
+    cooperative,
     program_rows,
     row_block_dot,
     step_and_next,
@@ -193,7 +194,8 @@ def _launch_spans(n_phases: int, grid_sync: bool, split: bool):
 def _consts(acts, tiles: Tiles, precision: str, grid_sync: bool):
     return dict(F=acts[0], G=acts[1], GRID_SYNC=grid_sync, PRECISION=precision,
                 BLOCK_B=tiles.block_b, BLOCK_H=tiles.block_h, BLOCK_K=tiles.block_k,
-                UNITS=tiles.units, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+                UNITS=tiles.units, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                launch_cooperative_grid=cooperative(grid_sync))
 
 
 def twostage_forward(acts: tuple[int, int], xw, w_aa, w_ha, w_hh, b_h, h0, lengths, *,

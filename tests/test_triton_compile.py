@@ -140,20 +140,27 @@ def test_resident_forward_keeps_the_weights_in_shared_memory(tmp_path):
         assert int(row["spill_bytes"]) <= budget * 1.25 + 32, (row, budget)
 
 
-def test_grid_barrier_launches_are_cooperative(monkeypatch):
+def test_grid_barrier_launches_are_cooperative(tmp_path):
     """A kernel with a grid barrier asks the driver for a cooperative launch (the whole grid
     at once, or a refusal), so that two of them on two streams cannot each hold part of the
-    card and spin forever; the rest launch plainly. RNN_GPU_TRITON_COOPERATIVE=0 turns it off."""
-    from rnn_gpu.kernels.triton import common, gated, twostage
-
-    tiles = gated.Tiles(block_b=16, block_h=16, block_k=16, units=16)
-    for grid_sync in (True, False):
-        assert gated._constexprs(0, 0, tiles, "ieee", grid_sync)[
-            "launch_cooperative_grid"] is grid_sync
-        assert twostage._consts((0, 0), tiles, "ieee", grid_sync)[
-            "launch_cooperative_grid"] is grid_sync
-    monkeypatch.setattr(common, "COOPERATIVE", False)
-    assert gated._constexprs(0, 0, tiles, "ieee", True)["launch_cooperative_grid"] is False
+    card and spin forever; the rest launch plainly. RNN_GPU_TRITON_COOPERATIVE=0 turns it off.
+    In a subprocess: importing the kernel modules here would fix, for the rest of the run,
+    whether they are interpreted or compiled (the interpreter tests and the gpu tests each
+    need theirs)."""
+    code = (
+        "from rnn_gpu.kernels.triton import common, gated, twostage\n"
+        "tiles = gated.Tiles(block_b=16, block_h=16, block_k=16, units=16)\n"
+        "key = 'launch_cooperative_grid'\n"
+        "for sync in (True, False):\n"
+        "    assert gated._constexprs(0, 0, tiles, 'ieee', sync)[key] is sync\n"
+        "    assert twostage._consts((0, 0), tiles, 'ieee', sync)[key] is sync\n"
+        "common.COOPERATIVE = False\n"
+        "assert gated._constexprs(0, 0, tiles, 'ieee', True)[key] is False\n"
+        "print('ok')\n")
+    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 def test_triton_takes_the_cooperative_launch_option_when_compiling(tmp_path, monkeypatch):

@@ -607,7 +607,7 @@ def _mask_like(host: np.ndarray, kind: str, device: str, dtype: str):
     bfloat16: its mask goes over as float32 and is cast by torch (exact: 0 and 1/(1-p) as
     float32, cast once, as a bfloat16 input scaled by it would be)."""
     if dtype != "bfloat16":
-        return to_kind(host.astype(dtype), kind, device)
+        return to_kind(host.astype(dtype, copy=False), kind, device)
     import torch
 
     return to_kind(to_kind(host, "torch", device).to(torch.bfloat16), kind, device)

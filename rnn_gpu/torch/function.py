@@ -247,15 +247,12 @@ class _SecondOrderRefused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *_):
+        instead = (f". Use torch.nn.{ctx.name} for that part (it takes this layer's state_dict "
+                   f"unchanged)" if ctx.name in ("LSTM", "GRU", "RNN") else "")
         raise RuntimeError(
             f"rnn_gpu.torch.{ctx.name}: second-order gradients (differentiating gradients "
             f"taken with create_graph=True, as MAML, Hessians and gradient penalties do) are "
-            f"not supported: the fused backward is not itself differentiable. Use "
-            f"torch.nn.{ctx.name} for that part (it takes this layer's state_dict unchanged)"
-            if ctx.name in ("LSTM", "GRU", "RNN") else
-            f"rnn_gpu.torch.{ctx.name}: second-order gradients (differentiating gradients "
-            f"taken with create_graph=True, as MAML, Hessians and gradient penalties do) are "
-            f"not supported: the fused backward is not itself differentiable")
+            f"not supported: the fused backward is not itself differentiable{instead}")
 
 
 def _core_forward(core, call, x, h0, c0):

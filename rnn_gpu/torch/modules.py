@@ -126,10 +126,8 @@ class _RecurrentModule(nn.Module):
             # backend computes in half precision, so float32 stands in, with differentiable
             # casts (gradients come back in the parameters' dtype) and results in the module's
             # dtype, as torch.nn returns them.
-            f32 = torch.float32
-            return _cast(self._forward(_cast(input, f32), _cast(hx, f32),
-                                       {k: p.to(f32) for k, p in params.items()}, backend,
-                                       attrs), own)
+            return _cast(self._forward_in(torch.float32, input, hx, params, backend, attrs),
+                         own)
         # Under torch.autocast an RNN runs in the autocast dtype, as torch.nn's do (it is on
         # autocast's lower-precision list): x, hx and the weights cast for this call (the
         # casts are differentiable, so the float32 parameters get their gradients), autocast
@@ -138,11 +136,16 @@ class _RecurrentModule(nn.Module):
         # parameters' own dtype, as autocast leaves ops without a low-precision kernel.
         with torch.autocast(data.device.type, enabled=False):
             try:
-                return self._forward(_cast(input, low), _cast(hx, low),
-                                     {k: p.to(low) for k, p in params.items()}, backend, attrs)
+                return self._forward_in(low, input, hx, params, backend, attrs)
             except registry.BackendError:
                 own = next(iter(params.values())).dtype
-                return self._forward(_cast(input, own), _cast(hx, own), params, backend, attrs)
+                return self._forward_in(own, input, hx, params, backend, attrs)
+
+    def _forward_in(self, dtype, input, hx, params, backend, attrs):
+        """:meth:`_forward` with x, hx and the parameters cast to ``dtype`` (differentiable
+        casts: the gradients reach the parameters in their own dtype)."""
+        return self._forward(_cast(input, dtype), _cast(hx, dtype),
+                             {k: p.to(dtype) for k, p in params.items()}, backend, attrs)
 
     def _meta_forward(self, input, params):
         """On the ``meta`` device (shape inference, FLOP counters, deferred init): empty

@@ -225,7 +225,9 @@ def _write_atomically(path: str, text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .bench.cases import LENGTHS
 
-    parser = argparse.ArgumentParser(prog="rnn-gpu", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="rnn-gpu", description="Fast recurrent layers: the backend table (info), a saved "
+        "model over a dataset of sequences (run), our backends against torch.nn (bench).")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions and the backend table")
     info.set_defaults(func=_info)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import re
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -38,7 +39,13 @@ _context_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
+ARRAY_KINDS = ("numpy", "torch", "cupy")
+DISTRIBUTION = "rnn-gpu"        # whose entry points are the built-in backends
+
+
 def _instantiate(factory: Callable[[], Any], origin: str) -> Backend:
+    """The backend ``factory`` returns, checked for what the registry and the layers read
+    from it: a broken plugin fails here, by name, not in every later call."""
     backend = factory()
     name = getattr(backend, "name", None)
     if not isinstance(name, str) or not name:
@@ -46,7 +53,22 @@ def _instantiate(factory: Callable[[], Any], origin: str) -> Backend:
     for method in ("forward", "backward", "not_supported_reasons", "unavailable_reason"):
         if not callable(getattr(backend, method, None)):
             raise TypeError(f"{origin} returned backend {name!r} without a {method}() method")
+    priority = getattr(backend, "priority", 0)
+    if (isinstance(priority, bool) or not isinstance(priority, (int, float))
+            or priority != priority or priority in (float("inf"), float("-inf"))):
+        raise TypeError(f"{origin} returned backend {name!r} with priority {priority!r}; "
+                        "expected a finite number (auto selection takes the highest)")
+    kind = getattr(backend, "array_kind", "numpy")
+    if kind not in ARRAY_KINDS:
+        raise TypeError(f"{origin} returned backend {name!r} with array_kind {kind!r}; "
+                        f"expected one of {list(ARRAY_KINDS)}")
     return backend
+
+
+def _is_builtin(ep: Any) -> bool:
+    dist = getattr(ep, "dist", None)
+    name = (dist.metadata["Name"] or "") if dist is not None else ""
+    return re.sub(r"[-_.]+", "-", name).lower() == DISTRIBUTION      # PEP 503's normal form
 
 
 def _load_plugins() -> None:
@@ -55,8 +77,16 @@ def _load_plugins() -> None:
         if _plugins_loaded:
             return
         _plugins_loaded = True
-        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            origin = f"backend plugin {ep.name!r} ({ep.value})"
+        # The built-in backends first, then the plugins by entry-point name: a plugin that
+        # names its backend "numpy" is refused whatever its entry point is called (replacing
+        # a backend on purpose is register(..., override=True)).
+        found = sorted(entry_points(group=ENTRY_POINT_GROUP),
+                       key=lambda e: (not _is_builtin(e), e.name))
+        origins: dict[str, str] = {}
+        for ep in found:
+            dist = getattr(ep, "dist", None)
+            source = f", from {dist.metadata['Name']}" if dist is not None else ""
+            origin = f"backend plugin {ep.name!r} ({ep.value}{source})"
             try:
                 backend = _instantiate(ep.load(), origin)
             except Exception as exc:  # a broken plugin must never break the library
@@ -64,10 +94,12 @@ def _load_plugins() -> None:
                               RuntimeWarning, stacklevel=3)
                 continue
             if backend.name in _backends:
-                warnings.warn(f"rnn_gpu: {origin} is named {backend.name!r}, which is already "
-                              "registered; ignoring it", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"rnn_gpu: {origin} is named {backend.name!r}, which "
+                              f"{origins[backend.name]} already registered; ignoring it",
+                              RuntimeWarning, stacklevel=3)
                 continue
             _backends[backend.name] = backend
+            origins[backend.name] = origin
 
 
 def register(factory: Callable[[], Any], *, override: bool = False) -> Backend:
@@ -126,9 +158,9 @@ def report() -> list[dict[str, Any]]:
     for name in names():
         backend = _backends[name]
         try:
-            reason = backend.unavailable_reason()
+            reason = _unavailable(backend)
         except Exception as exc:
-            reason = f"availability check failed: {type(exc).__name__}: {exc}"
+            reason = f"its unavailable_reason() raised {type(exc).__name__}: {exc}"
         rows.append({"name": name, "available": reason is None, "reason": reason or "",
                      "priority": getattr(backend, "priority", 0)})
     return sorted(rows, key=lambda r: (-r["priority"], r["name"]))
@@ -156,18 +188,46 @@ def use_backend(name: str) -> Iterator[Backend]:
         _context_choice.reset(token)
 
 
+def _unavailable(backend: Backend) -> str | None:
+    """``unavailable_reason()`` read one way for the table and for selection: None (or an
+    empty string, or False) is available; a string is the reason; anything else is a
+    broken probe, named."""
+    reason = backend.unavailable_reason()
+    if reason is None or reason is False or reason == "":
+        return None
+    if isinstance(reason, str):
+        return reason
+    return f"its unavailable_reason() returned {reason!r}, not None or a str"
+
+
+def _declines(backend: Backend, problem: Problem) -> list[str]:
+    """``not_supported_reasons(problem)`` as a list of strings. A single string is one
+    reason; None or another non-list is a broken probe and declines (serving a problem the
+    backend meant to decline could give wrong results)."""
+    reasons = backend.not_supported_reasons(problem)
+    if isinstance(reasons, str):
+        return [reasons]
+    if not isinstance(reasons, (list, tuple)):
+        raise TypeError(f"not_supported_reasons() returned {reasons!r}; expected a list of "
+                        "str ([] when the backend serves the problem)")
+    return [str(r) for r in reasons]
+
+
 def _reasons(backend: Backend, problem: Problem) -> list[str]:
     """Why ``backend`` cannot serve ``problem`` (empty: it can). A probe that raises is a
     reason, with a warning: a broken plugin is passed over, never the crash of a call that
     another backend serves."""
+    probe = "unavailable_reason()"
     try:
-        reason = backend.unavailable_reason()
+        reason = _unavailable(backend)
         if reason:
             return [reason]
-        return list(backend.not_supported_reasons(problem))
+        probe = "not_supported_reasons()"
+        return _declines(backend, problem)
     except Exception as exc:
-        message = (f"backend {getattr(backend, 'name', backend)!r}: its availability check "
-                   f"failed: {type(exc).__name__}: {exc}")
+        detail = (str(exc) if isinstance(exc, TypeError) and str(exc).startswith(probe)
+                  else f"{probe} raised {type(exc).__name__}: {exc}")
+        message = f"backend {getattr(backend, 'name', backend)!r}: its {detail}"
         warnings.warn(f"rnn_gpu: {message}; passed over", RuntimeWarning, stacklevel=3)
         return [message]
 

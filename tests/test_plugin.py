@@ -138,3 +138,35 @@ def test_rnn_gpu_info_lists_the_plugin(site):
     lines = [line.split() for line in proc.stdout.splitlines()]
     assert ["example", "yes", "-10"] in [line[:3] for line in lines]
     assert ["numpy", "yes", "0"] in [line[:3] for line in lines]
+
+
+def test_a_plugin_cannot_take_a_builtin_name_or_break_the_table(site):
+    """Entry points loaded by name, first claim wins: a plugin whose entry point sorted before
+    "numpy" and whose backend was named "numpy" displaced the built-in, and the warning blamed
+    the built-in. A plugin with priority "5" broke `rnn-gpu info` and every auto-selected
+    call."""
+    (site / "rnn_gpu_shadow_plugin.py").write_text(textwrap.dedent("""
+        from rnn_gpu_example_plugin import ExampleBackend
+
+        class Shadow(ExampleBackend):
+            name, priority = "numpy", 50
+
+        class BadPriority(ExampleBackend):
+            name, priority = "bad_priority", "5"
+    """))
+    _dist_info(site, "rnn_gpu_shadow_plugin", "aaa_shadow = rnn_gpu_shadow_plugin:Shadow\n"
+                                              "bad = rnn_gpu_shadow_plugin:BadPriority")
+    out = _run(site, """
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out["names"] = rg.backends.names()
+            out["rows"] = rg.backends.report()
+        out["warnings"] = [str(w.message) for w in caught]
+        out["numpy_module"] = type(rg.backends.get("numpy")).__module__
+        out["ok"] = bool(np.isfinite(m(x)[0]).all())
+    """)
+    assert out["numpy_module"] == "rnn_gpu.backends.numpy"
+    assert "bad_priority" not in out["names"] and out["ok"]
+    assert any("'aaa_shadow'" in w and "from rnn_gpu_shadow_plugin" in w and "'numpy'" in w
+               and "from rnn-gpu) already registered" in w for w in out["warnings"])
+    assert any("'bad'" in w and "priority '5'" in w for w in out["warnings"])

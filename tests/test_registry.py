@@ -112,8 +112,8 @@ def test_a_backend_whose_probe_raises_is_passed_over_with_a_warning(temporary, x
             raise OSError("libfoo.so: cannot open shared object file")
 
     temporary(Broken)
-    with pytest.warns(RuntimeWarning, match=r"backend 'tmp_broken': its availability check "
-                                            r"failed: OSError: libfoo.so.*; passed over"):
+    with pytest.warns(RuntimeWarning, match=rf"backend 'tmp_broken': its {probe}\(\) raised "
+                                            r"OSError: libfoo.so.*; passed over"):
         assert rg.backends.select(_problem()).name == "numpy"
         rg.LSTM(3, 5)(x)
     with pytest.warns(RuntimeWarning), pytest.raises(rg.BackendError, match="OSError"):
@@ -202,3 +202,64 @@ def test_a_backend_breaking_the_return_contract_is_named(temporary, x, returns, 
     with pytest.raises(TypeError, match=r"backend 'broken_backward': backward\(\) returned "
                                         r".*\(dxw, dstate0, weight_grads\)"):
         m.backward(tape, np.ones_like(y))
+
+
+@pytest.mark.parametrize("attr, value, expected", [
+    ("priority", "5", "priority '5'; expected a finite number"),
+    ("priority", None, "priority None; expected a finite number"),
+    ("priority", True, "priority True; expected a finite number"),
+    ("priority", float("nan"), "priority nan; expected a finite number"),
+    ("array_kind", "jax", r"array_kind 'jax'; expected one of \['numpy', 'torch', 'cupy'\]"),
+])
+def test_a_backend_with_a_bad_priority_or_array_kind_is_refused_at_registration(attr, value,
+                                                                               expected):
+    """A plugin with priority "5" made report() (so `rnn-gpu info` and every auto-selected
+    call) fail with `bad operand type for unary -: 'str'`; array_kind "jax" failed only at
+    its first call, naming neither."""
+    Bad = _backend("tmp_bad_attr", 0)
+    setattr(Bad, attr, value)
+    with pytest.raises(TypeError, match=rf"backend 'tmp_bad_attr' with {expected}"):
+        rg.backends.register(Bad)
+    assert "tmp_bad_attr" not in rg.backends.names()
+    assert rg.backends.report()
+
+
+@pytest.mark.parametrize("returned, available", [("", True), (False, True), (42, False)])
+def test_report_and_selection_read_unavailable_reason_alike(temporary, returned, available):
+    """"" showed as unavailable in the table while selection took the backend."""
+
+    class Odd(_backend("tmp_odd", 1000)):
+        def unavailable_reason(self):
+            return returned
+
+    temporary(Odd)
+    row = next(r for r in rg.backends.report() if r["name"] == "tmp_odd")
+    assert row["available"] is available
+    if available:
+        assert rg.backends.select(_problem()).name == "tmp_odd"
+    else:
+        assert "returned 42, not None or a str" in row["reason"]
+        assert rg.backends.select(_problem()).name == "numpy"
+
+
+def test_not_supported_reasons_returning_a_string_or_none(temporary):
+    """A string was spelt out letter by letter ("o; n; l; y; ..."); None (a forgotten
+    `return`) declined with a warning about an availability check."""
+
+    class OneString(_backend("tmp_one_string", 1000)):
+        def not_supported_reasons(self, problem):
+            return "only GRU"
+
+    class Nothing(_backend("tmp_nothing", 1000)):
+        def not_supported_reasons(self, problem):
+            return None
+
+    temporary(OneString)
+    with pytest.raises(rg.BackendError, match=r"'tmp_one_string' \(chosen by backend=\) cannot "
+                                              r"serve .*: only GRU$"):
+        rg.backends.select(_problem(), "tmp_one_string")
+    rg.backends.unregister("tmp_one_string")
+    temporary(Nothing)
+    with pytest.warns(RuntimeWarning, match=r"'tmp_nothing': its not_supported_reasons\(\) "
+                                            r"returned None; expected a list of str"):
+        assert rg.backends.select(_problem()).name == "numpy"

@@ -20,6 +20,38 @@ Equations per cell (DESIGN §2), with ``hh = W_hh h_{t-1} + b_hh``:
 ``lengths`` (host int64 array of B, or None) has packed-sequence semantics: at steps
 ``t >= lengths[b]`` row b keeps its state and outputs zero. A reverse direction walks t from
 T-1 down to 0, so each row starts at its own end.
+
+``weights`` by cell (``_hh`` biases absent with ``bias=False``; H hidden, P ``proj_size``):
+
+* ``rnn``, ``gru``, ``lstm``: ``weight_hh`` (gates*H, H), ``bias_hh`` (gates*H,); gates 1, 3, 4.
+  LSTM with P > 0: ``weight_hh`` is (4H, P) and ``weight_hr`` (P, H); the state's h is (B, P).
+* ``twostage``: ``weight_aa``, ``weight_ha``, ``weight_hh`` (H, H) and ``bias_h`` (H,); ``b_a``
+  is in ``xw``. ``problem.activations`` is ``(f, g)``, each "tanh", "sigmoid" or "relu".
+
+What a backend can rely on:
+
+* Every array it is given is in its ``array_kind`` ("numpy", "torch" or "cupy"), on
+  ``problem.device``, in ``problem.dtype``; T and B are at least 1. ``xw`` and ``dy`` are
+  C-contiguous; the state, the parameters and ``forward_layer``'s x may be views (a caller's
+  sliced h0, a batch_first input): make them contiguous where a kernel needs it.
+* ``problem.seq_len`` and ``problem.batch`` are this call's (with lengths, T is the longest
+  length; with ``segment_costs``, a segment's steps and rows, and ``lengths`` may then be None
+  though ``problem.has_lengths`` is set). ``problem.input_size`` is the model's, not this
+  layer's (``x.shape[-1]`` in ``forward_layer``).
+* ``backward`` is called at most once per tape, with ``dstate`` filled (zeros where the caller
+  gave none).
+
+What it must do:
+
+* **Not write into any array it is given.** They may be the caller's own (h0, c0, dy,
+  ``dstate``, the parameters, ``forward_layer``'s x); the layer hands them over without a
+  copy, and a tape checked at ``backward`` would blame the caller for the change.
+* Return arrays of its ``array_kind`` in ``problem.dtype`` (y (T, B, H_out), the state in
+  the shapes it was given), a tape when ``keep_tape`` is set, and from ``backward`` one
+  gradient per weight it was given, by the same names. The layer checks the kinds, shapes,
+  dtypes and names (metadata only) and names the backend when one is wrong.
+* Keep per-call state in the tape, not on the instance: one instance serves every call in the
+  process, from several threads at once (``rnn_gpu.dask`` on the threads scheduler, a server).
 """
 
 from __future__ import annotations

@@ -366,14 +366,15 @@ class RecurrentLayer:
                 # A copy: `carried` changes after the call, and a tape may keep its start.
                 start = tuple(_copy_rows(s, rows, ops) for s in carried)
             if fused:
-                out = _returned(backend, "forward_layer", backend.forward_layer(
+                method, out = "forward_layer", backend.forward_layer(
                     sub, part, w_ih, b_ih, weights, start, seg.lengths, reverse=reverse,
-                    keep_tape=keep_tape))
+                    keep_tape=keep_tape)
             else:
                 xw = self._input_projection(w_ih, b_ih, part)
-                out = _returned(backend, "forward", backend.forward(
-                    sub, xw, weights, start, seg.lengths, reverse=reverse, keep_tape=keep_tape))
-            y_part, final, btape = out
+                method, out = "forward", backend.forward(
+                    sub, xw, weights, start, seg.lengths, reverse=reverse, keep_tape=keep_tape)
+            y_part, final, btape = _checked_forward(backend, method, out, sub, start,
+                                                    self.output_size, keep_tape)
             tapes.append(btape)
             y, carried = _put_segment(whole, seg, rows, y, y_part, carried, final)
         return y, tuple(carried), tapes, w_ih
@@ -392,12 +393,15 @@ class RecurrentLayer:
         xw = matmul(inp.reshape(T * B, n_in), w_ih.T, _config.float32_precision(), b_ih)
         return xw.reshape(T, B, w_ih.shape[0])
 
-    def _recurrent_weights(self, params, layer: int, reverse: bool) -> dict[str, Any]:
+    def _recurrent_names(self) -> list[str]:
+        """The base names of the weights a backend gets (and returns gradients for)."""
         spec = self._spec
         names = list(spec.recurrent_weights) + (list(spec.recurrent_biases) if self.bias else [])
-        if self.proj_size:
-            names.append("weight_hr")
-        return {base: params[parameter_name(base, layer, reverse)] for base in names}
+        return names + ["weight_hr"] if self.proj_size else names
+
+    def _recurrent_weights(self, params, layer: int, reverse: bool) -> dict[str, Any]:
+        return {base: params[parameter_name(base, layer, reverse)]
+                for base in self._recurrent_names()}
 
     # ------------------------------------------------------------------ backward
 
@@ -482,6 +486,7 @@ class RecurrentLayer:
         d_inp = None if whole else ops.zeros(inp.shape, self.dtype, tape.layout["device"])
         carried = dfinal if whole else tuple(ops.copy(s) for s in dfinal)
         grads: dict[str, Any] = {}
+        weight_names = self._recurrent_names()
 
         def add(name, g):
             grads[name] = g if name not in grads else grads[name] + g
@@ -493,9 +498,10 @@ class RecurrentLayer:
                 dy_part = ops.contiguous(dy[seg.start:seg.stop, rows])
                 d_end = tuple(_copy_rows(s, rows, ops) for s in carried)
                 inp_part = ops.contiguous(inp[seg.start:seg.stop, rows])
-            dxw, d_start, dw = _returned(backend, "backward", backend.backward(
-                btape, dy_part, d_end))
             steps, count, n_in = inp_part.shape
+            dxw, d_start, dw = _checked_backward(
+                backend, backend.backward(btape, dy_part, d_end), (steps, count, w_ih.shape[0]),
+                d_end, weight_names, self.dtype)
             dxw2 = dxw.reshape(steps * count, -1)
             add(spec.input_weight, matmul(dxw2.T, inp_part.reshape(steps * count, n_in),
                                           precision))
@@ -725,6 +731,61 @@ def _returned(backend, method: str, result) -> tuple:
                         f"{got}; the backend contract (rnn_gpu.backend_api) is a tuple "
                         f"{_RETURNS[method]}")
     return tuple(result)
+
+
+def _check_returned(backend, method: str, what: str, value, like_shape, dtype: str) -> None:
+    """One array a backend returned: its kind, shape and dtype as the contract says. Metadata
+    only (no copy, no device sync); a plugin's wrong shape or dtype reached the user before."""
+    kind = backend.array_kind
+    got = kind_of(value)
+    problem = None
+    if got != kind:
+        problem = f"a {type(value).__name__}, not a {kind} array (its array_kind)"
+    elif tuple(value.shape) != tuple(like_shape):
+        problem = f"shape {tuple(value.shape)}, expected {tuple(like_shape)}"
+    elif dtype_name(value) != dtype:
+        problem = f"dtype {dtype_name(value)}, expected {dtype}"
+    if problem:
+        raise TypeError(f"backend {backend.name!r}: {method}() returned {what} of {problem} "
+                        "(rnn_gpu.backend_api)")
+
+
+def _check_state_returned(backend, method: str, what: str, value, like, dtype: str) -> tuple:
+    """A state (or its gradient) returned: a tuple with ``like``'s structure and shapes."""
+    if not isinstance(value, (tuple, list)) or len(value) != len(like):
+        expected = "(h,)" if len(like) == 1 else "(h, c)"
+        raise TypeError(f"backend {backend.name!r}: {method}() returned {what} {value!r:.60}; "
+                        f"expected a tuple {expected} like the state it was given "
+                        "(rnn_gpu.backend_api)")
+    for part, (got, want) in zip(("h", "c"), zip(value, like)):
+        _check_returned(backend, method, f"{what} {part}", got, want.shape, dtype)
+    return tuple(value)
+
+
+def _checked_forward(backend, method: str, result, problem: Problem, start: tuple,
+                     output_size: int, keep_tape: bool) -> tuple:
+    y, final, tape = _returned(backend, method, result)
+    _check_returned(backend, method, "y", y, (problem.seq_len, problem.batch, output_size),
+                    problem.dtype)
+    final = _check_state_returned(backend, method, "the final state", final, start,
+                                  problem.dtype)
+    if keep_tape and tape is None:
+        raise TypeError(f"backend {backend.name!r}: {method}() returned no tape though "
+                        "keep_tape=True (rnn_gpu.backend_api)")
+    return y, final, tape
+
+
+def _checked_backward(backend, result, xw_shape, d_end: tuple, weight_names, dtype: str
+                      ) -> tuple:
+    dxw, d_start, dw = _returned(backend, "backward", result)
+    _check_returned(backend, "backward", "dxw", dxw, xw_shape, dtype)
+    d_start = _check_state_returned(backend, "backward", "dstate0", d_start, d_end, dtype)
+    if not isinstance(dw, dict) or set(dw) != set(weight_names):
+        got = sorted(dw) if isinstance(dw, dict) else type(dw).__name__
+        raise TypeError(f"backend {backend.name!r}: backward() returned weight gradients "
+                        f"{got}; expected one for each weight forward() was given, "
+                        f"{sorted(weight_names)} (rnn_gpu.backend_api)")
+    return dxw, d_start, dw
 
 
 def _check_lengths(lengths, T: int, B: int, unbatched: bool) -> np.ndarray | None:

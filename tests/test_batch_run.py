@@ -367,7 +367,7 @@ def _bad(d, name):
                             ["--backend: backend 'nosuch' (chosen by --backend)"]),
         "backend declines": ([model, x, out, "--backend", "triton"],
                              ["--backend: backend 'triton' (chosen by --backend) cannot serve",
-                              "(a one-step probe before the run)"]),
+                              f"T={T} B=256 "]),
         "no cuda": ([model, x, out, "--device", "cuda"], ["--device"]),
         "output folder missing": ([model, x, d / "no" / "out.npy"], ["OUTPUT", "does not exist"]),
         "output not npy": ([model, x, d / "out.txt"],         # was written as NPY under .txt
@@ -497,3 +497,42 @@ def test_lengths_stored_as_whole_floats_are_taken_and_fractions_refused(job, cap
     code, _, err = run_cli(capsys, d / "model.safetensors", d / "x.npy", d / "out2.npy",
                            "--lengths", d / "half_lengths.npy", "--quiet")
     assert code == 2 and "--lengths: expected integers, got 2.5 at index 4" in err, err
+
+
+class _AtMost(NumpyBackend):
+    """A plugin that serves batches of up to 50 sequences (a size limit, as a GPU backend's
+    shared memory may impose)."""
+
+    name, priority = "test_at_most_50", 10
+
+    def not_supported_reasons(self, problem):
+        return ([f"test_at_most_50 takes batches of up to 50, not {problem.batch}"]
+                if problem.batch > 50 else super().not_supported_reasons(problem))
+
+
+@pytest.mark.parametrize("backend", ["--backend", "auto"])
+def test_the_backend_is_chosen_for_the_jobs_batches_before_anything_is_written(job, capsys,
+                                                                               backend):
+    """The backend was checked on one step of one sequence only: named, a plugin that declines
+    the run's batches failed after the output was created (exit 1); chosen automatically, the
+    batches ran on NumPy while the summary named the plugin."""
+    d, model, x, lengths = job
+    name = ["--backend", _AtMost.name] if backend == "--backend" else []
+    rg.backends.register(_AtMost)
+    try:
+        code, summary_big, err = run_cli(capsys, *job_args(d, "big.npy", "--batch-size", "128",
+                                                           *name))
+        code_small, summary, _ = run_cli(capsys, *job_args(d, "small.npy", "--batch-size",
+                                                            "32", *name))
+    finally:
+        rg.backends.unregister(_AtMost.name)
+    if backend == "--backend":
+        assert code == 2 and not os.path.exists(d / "big.npy"), err
+        assert ("--backend: backend 'test_at_most_50' (chosen by --backend) cannot serve "
+                f"lstm T={T} B=128 ") in err and "up to 50, not 128" in err
+    else:
+        assert code == 0 and summary_big["backend"] == "numpy"      # batches ran there
+    assert code_small == 0 and summary["backend"] == _AtMost.name
+    np.testing.assert_allclose(np.load(d / "small.npy"),
+                               apply_batch(model.eval(), x, lengths, emit="last"),
+                               rtol=1e-5, atol=1e-6)

@@ -263,3 +263,61 @@ def test_not_supported_reasons_returning_a_string_or_none(temporary):
     with pytest.warns(RuntimeWarning, match=r"'tmp_nothing': its not_supported_reasons\(\) "
                                             r"returned None; expected a list of str"):
         assert rg.backends.select(_problem()).name == "numpy"
+
+
+def _drop_key(grads, key):
+    return {k: v for k, v in grads.items() if k != key}
+
+
+# (what the plugin gets wrong, how its forward result / backward result is changed, the error)
+_BROKEN_RESULTS = [
+    ("y time-major swapped", lambda y, s, t: (y.transpose(1, 0, 2), s, t), None,
+     r"forward_layer\(\) returned y of shape \(2, 4, 5\), expected \(4, 2, 5\)"),
+    ("a step missing from y", lambda y, s, t: (y[1:], s, t), None, r"y of shape \(3, 2, 5\)"),
+    ("y in float64", lambda y, s, t: (y.astype("float64"), s, t), None,
+     "y of dtype float64, expected float32"),
+    ("y as a list", lambda y, s, t: (y.tolist(), s, t), None, "y of a list, not a numpy array"),
+    ("a bare final h", lambda y, s, t: (y, s[0], t), None,
+     r"the final state .*; expected a tuple \(h, c\) like the state it was given"),
+    ("LSTM's final c left out", lambda y, s, t: (y, s[:1], t), None,
+     r"expected a tuple \(h, c\)"),
+    ("final c of the wrong shape", lambda y, s, t: (y, (s[0], s[1][0]), t), None,
+     r"the final state c of shape \(5,\), expected \(2, 5\)"),
+    ("no tape", lambda y, s, t: (y, s, None), None, "returned no tape though keep_tape=True"),
+    ("a gradient left out", None, lambda dx, ds, g: (dx, ds, _drop_key(g, "bias_hh")),
+     r"weight gradients \['weight_hh'\]; expected one for each weight .*"
+     r"\['bias_hh', 'weight_hh'\]"),
+    ("an unknown gradient", None, lambda dx, ds, g: (dx, ds, {**g, "weight_ih": g["weight_hh"]}),
+     r"weight gradients \['bias_hh', 'weight_hh', 'weight_ih'\]"),
+    ("dstate0 h of the wrong shape", None, lambda dx, ds, g: (dx, (ds[0][None], ds[1]), g),
+     r"backward\(\) returned dstate0 h of shape \(1, 2, 5\), expected \(2, 5\)"),
+    ("dxw in float64", None, lambda dx, ds, g: (dx.astype("float64"), ds, g),
+     "dxw of dtype float64"),
+]
+
+
+@pytest.mark.parametrize("forward_change, backward_change, error",
+                         [case[1:] for case in _BROKEN_RESULTS],
+                         ids=[case[0] for case in _BROKEN_RESULTS])
+def test_a_backend_returning_wrong_arrays_is_named(temporary, x, forward_change,
+                                                   backward_change, error):
+    """What a backend returns reached the user unchecked: a missing gradient came back as
+    zeros, an unknown one was added into weight_ih's, a y of the wrong shape or dtype, a
+    final state of the wrong structure were handed on."""
+
+    class Wrong(NumpyBackend):
+        name, priority = "tmp_wrong", -5
+
+        def forward_layer(self, *args, **kwargs):
+            out = super().forward_layer(*args, **kwargs)
+            return forward_change(*out) if forward_change else out
+
+        def backward(self, *args, **kwargs):
+            out = super().backward(*args, **kwargs)
+            return backward_change(*out) if backward_change else out
+
+    temporary(Wrong)
+    m = rg.LSTM(3, 5)
+    with pytest.raises(TypeError, match=r"backend 'tmp_wrong': .*" + error):
+        y, state, tape = m.forward(x, backend="tmp_wrong")
+        m.backward(tape, np.ones_like(y))

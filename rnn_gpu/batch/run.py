@@ -101,7 +101,8 @@ def run(opts: RunOptions, *, executor=None, log: Callable[[str], None] | None = 
     out_dtype = _output_dtype(model, opts.emit)
     chunk_rows = opts.chunk_rows or _chunk_rows(opts.batch_size, source, out_shape, out_dtype)
     chunk_rows = max(1, min(chunk_rows, N))
-    backend_name = _preflight(model, opts, input_size, lengths is not None)
+    backend_name = _preflight(model, opts, input_size, lengths, N, T)
+    pinned = None if _on_workers(opts) else backend_name
     job = _job(opts, model, source, lengths_identity, chunk_rows, out_shape, out_dtype)
     parent = os.path.dirname(os.path.abspath(opts.output))
     if not os.path.isdir(parent):
@@ -116,7 +117,7 @@ def run(opts: RunOptions, *, executor=None, log: Callable[[str], None] | None = 
         manifest, fresh = _open_manifest(opts, job, -(-N // chunk_rows), out_shape, out_dtype,
                                          note)
         counts = _execute(opts, model, plan, manifest, fresh, executor, out_shape, out_dtype,
-                          note)
+                          note, pinned or opts.backend)
     finally:
         if lock is not None:
             lock.release()
@@ -136,8 +137,8 @@ def run(opts: RunOptions, *, executor=None, log: Callable[[str], None] | None = 
     }
 
 
-def _execute(opts, model, plan, manifest, fresh, executor, out_shape, out_dtype, note
-             ) -> dict[str, Any]:
+def _execute(opts, model, plan, manifest, fresh, executor, out_shape, out_dtype, note,
+             backend: str | None) -> dict[str, Any]:
     """The loop: batches to the executor, outputs into chunk buffers, full chunks to disk."""
     from tqdm import tqdm
 
@@ -163,7 +164,7 @@ def _execute(opts, model, plan, manifest, fresh, executor, out_shape, out_dtype,
     batches = results = None
     try:
         batches = prefetch(plan.batches(pending), PREFETCH_DEPTH)
-        results = executor.map(model, batches, emit=opts.emit, backend=opts.backend)
+        results = executor.map(model, batches, emit=opts.emit, backend=backend)
         for (chunk, number), out in results:
             counts["batches"] += 1
             if chunk not in buffers:
@@ -183,7 +184,7 @@ def _execute(opts, model, plan, manifest, fresh, executor, out_shape, out_dtype,
     except OutOfMemory as exc:
         raise RunFailure(f"{exc}. {_kept(manifest)}") from None
     except registry.BackendError as exc:
-        raise RunFailure(f"--backend: {exc}") from None
+        raise RunFailure(f"--backend: {_cli_words(exc, opts)}. {_kept(manifest)}") from None
     except OSError as exc:             # writing errors are RunFailures already: this is reading
         raise RunFailure(f"INPUT: reading {opts.input!r} failed: {exc}. {_kept(manifest)}"
                          ) from None
@@ -382,10 +383,12 @@ def _chunk_rows(batch_size: int, source, out_shape, out_dtype) -> int:
     return batch_size * max(1, min(MAX_BATCHES_PER_CHUNK, CHUNK_BUDGET // per_batch))
 
 
-def _preflight(model, opts: RunOptions, input_size: int, has_lengths: bool) -> str:
-    """Run one tiny batch before anything is written: an unknown backend, a device nothing
-    serves or a dtype the backend declines fail here, as usage errors. Returns the name of the
-    backend that serves the job."""
+def _preflight(model, opts: RunOptions, input_size: int, lengths: np.ndarray | None, N: int,
+               T: int) -> str:
+    """Before anything is written: choose the backend for the job's largest batch (an unknown
+    backend, a device nothing serves, a dtype or size the backend declines fail here, as usage
+    errors), then run one tiny batch on it (a device that does not work, a model that does not
+    fit). Returns the name of the backend that serves every batch of the job."""
     if _on_workers(opts):
         # The shapes were checked by the caller; what the device and backend can do only the
         # workers can tell, and a batch they cannot run fails the run there (exit code 1).
@@ -393,38 +396,49 @@ def _preflight(model, opts: RunOptions, input_size: int, has_lengths: bool) -> s
             raise UsageError(f"--backend: unknown name {opts.backend!r}; registered backends "
                              f"are {registry.names()}")
         return opts.backend or "auto"
+    has_lengths = lengths is not None
+    steps = T if lengths is None or N == 0 else int(lengths.max())
     dtype = host_dtype(model.dtype)
     x = np.zeros((1, 1, input_size), dtype)
-    lengths = np.ones(1, np.int64) if has_lengths else None
     staged = _HostStaging(opts.device).to_device(x)
     # who chose the backend, in the command line's words (the registry's name the Python API)
     arg = ("--backend" if opts.backend else
            registry.ENV_VAR if os.environ.get(registry.ENV_VAR) else "--device/--dtype")
-
-    def cli_words(exc: Exception) -> str:
-        return (str(exc).replace("(chosen by backend=)", "(chosen by --backend)")
-                .replace(" T=1 B=1 ", " (a one-step probe before the run) "))
-
+    # The job's largest batch: a backend that serves one step of one sequence may decline
+    # the batches of the run (a size limit), which the README promises to say before writing.
+    problem = Problem(cell=model._spec.kind, activations=model._activations(),
+                      dtype=model.dtype, device=device_of(staged), input_kind=kind_of(staged),
+                      seq_len=steps, batch=max(1, min(opts.batch_size, N)),
+                      input_size=input_size, hidden_size=model.hidden_size,
+                      proj_size=model.proj_size, num_layers=model.num_layers,
+                      bidirectional=model.bidirectional, bias=model.bias,
+                      has_lengths=has_lengths)
     try:
-        apply_batch(model, staged, lengths, emit=opts.emit, backend=opts.backend)
+        chosen = registry.select(problem, opts.backend).name
     except registry.BackendError as exc:
-        raise UsageError(f"{arg}: {cli_words(exc)}") from None
+        raise UsageError(f"{arg}: {_cli_words(exc, opts)}") from None
     except ValueError as exc:        # --backend (or RNN_GPU_BACKEND) names no backend
         if "not registered" not in str(exc):
             raise
-        raise UsageError(f"{arg}: {cli_words(exc)}") from None
+        raise UsageError(f"{arg}: {_cli_words(exc, opts)}") from None
+    try:
+        apply_batch(model, staged, np.ones(1, np.int64) if has_lengths else None,
+                    emit=opts.emit, backend=chosen)
+    except registry.BackendError:
+        pass            # declines one step of one sequence, serves the job's batches: fine
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
         raise RunFailure(f"out of memory ({type(exc).__name__}) running a single one-step "
                          "sequence: the model does not fit this device") from None
-    problem = Problem(cell=model._spec.kind, activations=model._activations(),
-                      dtype=model.dtype, device=device_of(staged), input_kind=kind_of(staged),
-                      seq_len=1, batch=1, input_size=input_size, hidden_size=model.hidden_size,
-                      proj_size=model.proj_size, num_layers=model.num_layers,
-                      bidirectional=model.bidirectional, bias=model.bias,
-                      has_lengths=has_lengths)
-    return registry.select(problem, opts.backend).name
+    return chosen
+
+
+def _cli_words(exc: Exception, opts: RunOptions) -> str:
+    """A registry error in the command line's words. Every batch runs on the backend chosen
+    before the run (pinned, so that the summary's backend is the one that ran them all)."""
+    who = "--backend" if opts.backend else "the choice made before the run"
+    return str(exc).replace("(chosen by backend=)", f"(chosen by {who})")
 
 
 def _job(opts, model, source, lengths_identity, chunk_rows, out_shape, out_dtype) -> dict:

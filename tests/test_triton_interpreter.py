@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from oracles import Result, as_tuple, assert_close, assert_close_rms, in_dtype, ours, reference
-from test_layers_vs_torch import Case, build
+from test_layers_vs_torch import SMALL_ACTIVATION_CELLS, Case, build, check_small_activations
 
 import rnn_gpu as rg
 from rnn_gpu.registry import BackendError
@@ -74,6 +74,14 @@ def check(case: Case, seed: int, tol: float):
 def test_float32_matches_float64_oracle(interpret, cell, opts, layout, rng):
     case = Case(cell=cell, opts=opts, dtype="float32", **LAYOUTS[layout])
     check(case, int(rng.integers(2**32)), TOL["float32"])
+
+
+@pytest.mark.parametrize("cell,opts", SMALL_ACTIVATION_CELLS)
+def test_float32_keeps_relative_accuracy_for_small_activations(interpret, cell, opts, rng):
+    """The kernels' tanh was 1 - 2/(e^{2x}+1), exact only to 1's rounding: tanh(1e-8) gave 0.
+    Below |x| = 0.2 it is now the odd series (kernels/triton/common.py)."""
+    check_small_activations(cell, opts, 1e-8, int(rng.integers(2**63)), backend="triton",
+                            to_input=torch.from_numpy)
 
 
 @pytest.mark.parametrize("cell,opts", CELL_OPTS[:3] + CELL_OPTS[4:5])

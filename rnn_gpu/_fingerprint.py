@@ -26,7 +26,9 @@ def fingerprint(a: Any) -> Any:
     """A value that changes when ``a``'s contents change (see the module docstring)."""
     kind = kind_of(a)
     if kind == "torch":
-        return a._version
+        # An inference tensor has no version counter, and nothing outside inference mode can
+        # change it in place (torch refuses): it needs none.
+        return None if a.is_inference() else a._version
     if kind == "numpy":
         # bytes through a uint8 view: a memoryview cannot hold ml_dtypes' bfloat16
         return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8))

@@ -659,6 +659,124 @@ def test_meta_device_gives_torch_nn_shapes_without_computing(cell, kwargs):
         assert all(t.device.type == "meta" for t in got)
 
 
+@pytest.mark.parametrize("bad, error", [
+    (lambda m, x: m(torch.empty(7, 2, 4, device="meta")), r"x: expected last dimension "
+                                                           r"input_size=3"),
+    (lambda m, x: m(torch.empty(7, 2, 3, 1, device="meta")), "x: expected a 3-D array"),
+    (lambda m, x: m(x.double()), "x: expected dtype float32"),
+    (lambda m, x: m(x, (torch.empty(3, 9, 5, device="meta"),) * 2),
+     r"hx\[0\] \(h\): expected shape \(2, 2, 5\), got \(3, 9, 5\)"),
+    (lambda m, x: rt.LSTM(3, 5)(x), "x: the input is on meta:0 but LSTM's weights are on cpu"),
+])
+def test_meta_device_checks_the_call_as_a_real_one(bad, error):
+    """A meta run (shape inference) answered shapes for a wrong input size, a 4-D input, a
+    float64 input, a wrong hx and a meta input to a CPU module, each of which torch.nn refuses:
+    the bug a meta run is there to find passed."""
+    m = rt.LSTM(3, 5, num_layers=2, device="meta")
+    with pytest.raises((ValueError, TypeError), match=error):
+        bad(m, torch.empty(7, 2, 3, device="meta"))
+
+
+@pytest.mark.parametrize("attr, value", [("bidirectional", True), ("num_layers", 2),
+                                         ("hidden_size", 8), ("mode", "RNN_RELU"),
+                                         ("nonlinearity", "relu"), ("proj_size", 1)])
+def test_configuration_set_after_construction_is_refused(attr, value):
+    """``m.mode = "RNN_RELU"`` switches torch.nn.RNN to relu, and ``m.bidirectional = True``
+    makes its next call fail; ours kept running the configuration it was built with,
+    silently. batch_first and dropout, which are read at every call, stay settable."""
+    m = rt.RNN(3, 4)
+    before = getattr(m, attr, None)
+    with pytest.raises(AttributeError, match=rf"{attr} of RNN is fixed when it is built"):
+        setattr(m, attr, value)
+    assert getattr(m, attr, None) == before
+    x = torch.randn(5, 2, 3)
+    m.batch_first = True
+    assert m(x)[0].shape == (5, 2, 4)                      # (B, T, H) now
+    assert (m.mode, m.nonlinearity, rt.LSTM(3, 4).mode, rt.GRU(3, 4).mode) == (
+        "RNN_TANH", "tanh", "LSTM", "GRU")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's
+def test_fake_tensors_and_forward_mode_ad_say_they_cannot():
+    """FakeTensorMode failed with ".numpy() is not supported for tensor subclasses" deep in
+    the core; forward-mode AD with torch's generic note on custom Functions' jvp."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    m = rt.GRU(4, 6)
+    with pytest.raises(NotImplementedError, match=r"FakeTensorMode: rnn_gpu.torch.GRU .*meta "
+                                                  r"device"), FakeTensorMode():
+        m(torch.randn(3, 2, 4))
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match=r"forward-mode AD .*"
+                                          r"rnn_gpu.torch.GRU's fused op has no forward-mode "
+                                          r"rule; .* torch.nn.GRU has one"):
+        m(fwAD.make_dual(torch.randn(3, 2, 4), torch.randn(3, 2, 4)))
+
+
+def test_fx_symbolic_trace_says_to_keep_the_layer_a_leaf():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rt.GRU(4, 6)
+
+        def forward(self, x):
+            return self.rnn(x)[0]
+
+    with pytest.raises(TypeError, match=r"torch.fx.symbolic_trace: rnn_gpu.torch.GRU .* keep "
+                                        r"it a leaf module"):
+        torch.fx.symbolic_trace(Model())
+
+    class Leaves(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, rt.GRU) or super().is_leaf_module(m, qualname)
+
+    graph = Leaves().trace(Model())
+    assert any(node.op == "call_module" and node.target == "rnn" for node in graph.nodes)
+
+
+def test_inference_tensor_input_to_a_trained_layer_fails_as_in_torch_nn():
+    """Our fingerprint read the inference tensor's version counter and failed with "Inference
+    tensors do not track version counter"; torch.nn's own message says what to do."""
+    with torch.inference_mode():
+        x = torch.randn(3, 2, 4)
+    for m in (nn.GRU(4, 6), rt.GRU(4, 6)):
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+            m(x)
+
+
+@pytest.mark.parametrize("hooks", ["save_on_cpu", "checkpoint"])
+def test_saved_tensor_hooks_reach_the_layers_activations(hooks):
+    """The tape sat outside save_for_backward, so checkpoint(use_reentrant=False),
+    save_on_cpu and other saved-tensor hooks never saw it: a GRU(64, 256, 2) kept its 83 MB
+    of activations under checkpoint. Under such hooks the node keeps only its inputs (which
+    the hooks pack) and backward recomputes the tape; the gradients are unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    m = rt.GRU(4, 6, num_layers=2, dropout=0.3, dtype=F64)
+    m.train()
+    x = torch.randn(5, 3, 4, dtype=F64, requires_grad=True)
+
+    def loss(inp):
+        torch.manual_seed(7)                               # the same dropout masks each time
+        return m(inp)[0].square().sum()
+
+    want = torch.autograd.grad(loss(x), [x, *m.parameters()])
+    torch.manual_seed(7)
+    assert m(x)[0].grad_fn.tape is not None                # kept without hooks
+    if hooks == "save_on_cpu":
+        with torch.autograd.graph.save_on_cpu():
+            torch.manual_seed(7)
+            y = m(x)[0]
+        assert y.grad_fn.tape is None
+        got = torch.autograd.grad(y.square().sum(), [x, *m.parameters()])
+    else:
+        got = torch.autograd.grad(checkpoint(loss, x, use_reentrant=False),
+                                  [x, *m.parameters()])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 def test_gru_and_rnn_refuse_proj_size_as_torch_nn_does():
     for cls in (rt.GRU, rt.RNN):
         with pytest.raises(ValueError, match="proj_size argument is only supported for LSTM"):

@@ -17,6 +17,7 @@ and nothing keeps an old parameter alive after ``.to()`` / ``.double()`` replace
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any
 
 import numpy as np
@@ -82,8 +83,14 @@ def run(core: RecurrentLayer, params: dict[str, torch.Tensor], x: torch.Tensor, 
     """
     _refuse_tracing(type(core).__name__)
     if not isinstance(x, torch.Tensor):
+        name = type(core).__name__
+        if isinstance(x, torch.fx.Proxy):
+            raise TypeError(f"torch.fx.symbolic_trace: rnn_gpu.torch.{name} runs its fused "
+                            f"kernels outside torch's graph and cannot be traced into; keep "
+                            f"it a leaf module (a torch.fx.Tracer whose is_leaf_module returns "
+                            f"True for it), as torch.nn.{name} is by default")
         raise TypeError(f"input: expected a torch.Tensor or a PackedSequence, got "
-                        f"{type(x).__name__} (the NumPy/CuPy API is rnn_gpu.{type(core).__name__})")
+                        f"{type(x).__name__} (the NumPy/CuPy API is rnn_gpu.{name})")
     core = bind(core, params, **attrs)
     lstm = isinstance(core, _CoreLSTM)
     h0, c0 = _split_state(hx, lstm)
@@ -131,6 +138,11 @@ def _refuse_tracing(name: str) -> None:
             f"torch.jit.trace: rnn_gpu.torch.{name} runs its fused kernels outside torch's "
             f"graph and cannot be traced; use torch.compile, which runs this layer as one "
             f"graph break")
+    if _fake_tensor_mode_active():
+        raise NotImplementedError(
+            f"FakeTensorMode: rnn_gpu.torch.{name} computes with the tensors' values outside "
+            f"torch's graph, which fake tensors do not have; for shapes, run it on the meta "
+            f"device (it returns empty results of torch.nn's shapes there)")
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     if active is not None and active():
         raise NotImplementedError(
@@ -138,6 +150,20 @@ def _refuse_tracing(name: str) -> None:
             f"fused op has no rules for them; use torch.autograd (loss.backward(), "
             f"torch.autograd.grad) for gradients, and a batch dimension instead of vmap "
             f"(torch.func.functional_call works)")
+
+
+def _fake_tensor_mode_active() -> bool:
+    """Whether a FakeTensorMode is on (its tensors have no data; `.numpy()` failed deep in the
+    core). Private API, so guarded: where it is missing, that failure stays as it was."""
+    # Not imported here: importing it costs time and warnings; no FakeTensorMode can be on
+    # before something else has imported it.
+    fake = sys.modules.get("torch._subclasses.fake_tensor")
+    stack = getattr(sys.modules.get("torch.utils._python_dispatch"),
+                    "_get_current_dispatch_mode_stack", None)
+    mode = getattr(fake, "FakeTensorMode", None)
+    if mode is None or stack is None:
+        return False
+    return any(isinstance(m, mode) for m in stack())
 
 
 def _reseed(core: RecurrentLayer, seed: int | None) -> None:
@@ -171,6 +197,12 @@ class RecurrentFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, core, call, x, h0, c0, *params):
         y, final, tape = _core_forward(core, call, x, h0, c0)
+        # Under saved-tensor hooks (torch.utils.checkpoint without reentrance, save_on_cpu)
+        # the caller wants the activations out of memory, and the tape is outside their
+        # reach (a GRU(64, 256, 2) on 200x32x64 kept its 83 MB): keep only the inputs, which
+        # the hooks pack, and let backward recompute the tape from them.
+        if _saved_tensor_hooks_active():
+            tape = None
         ctx.core, ctx.call, ctx.tape = core, call, tape
         ctx.y_meta = (y.shape, y.dtype, y.device)
         # The tape holds what backward needs (partly as views of these very tensors); saving
@@ -198,12 +230,37 @@ class RecurrentFunction(torch.autograd.Function):
         return _refuse_second_order(type(ctx.core).__name__, grads, anchors)
 
 
+    @staticmethod
+    def jvp(ctx, *tangents):
+        name = type(ctx.core).__name__
+        instead = (f"; torch.nn.{name} has one (it takes this layer's state_dict unchanged)"
+                   if name in ("LSTM", "GRU", "RNN") else "")
+        raise NotImplementedError(
+            f"forward-mode AD (torch.autograd.forward_ad): rnn_gpu.torch.{name}'s fused op has "
+            f"no forward-mode rule; use reverse mode (loss.backward(), torch.autograd.grad)"
+            f"{instead}")
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether default saved-tensor hooks are set (torch.autograd.graph.saved_tensors_hooks:
+    checkpoint(use_reentrant=False), save_on_cpu). torch has no public query; without this
+    private one (older or newer torch), the tape is kept, as before."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return False
+    try:
+        return top(False) is not None
+    except TypeError:
+        return False
+
+
 def _backward(ctx, x, h0, c0, params, dy, dfinal):
     """RecurrentFunction's gradients, in its inputs' order: the core's backward on the tape."""
     core, tape, ctx.tape = ctx.core, ctx.tape, None     # free the activations once used
     if tape is None:
-        # A second backward through this node (retain_graph=True, gradcheck): the core's
-        # backward consumed the first tape, so recompute it (same dropout seed).
+        # A second backward through this node (retain_graph=True, gradcheck), whose first
+        # consumed the tape, or a forward under saved-tensor hooks: recompute it (same dropout
+        # seed).
         tape = _core_forward(core, ctx.call, x, h0, c0)[2]
     if dy is None:
         shape, dtype, device = ctx.y_meta

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from .. import layers as _layers
 from .. import registry
 from .._dtypes import canonical_dtype
-from .function import run
+from .function import bind, run
 
 
 def _parameterless(core_class: type, qualname: str) -> type:
@@ -46,10 +46,37 @@ _CORE_RNN = _parameterless(_layers.RNN, "_CORE_RNN")
 _CORE_TWOSTAGE = _parameterless(_layers.TwoStageRNN, "_CORE_TWOSTAGE")
 
 
+def _fixed(name: str) -> property:
+    """A configuration attribute read from the core, which set at construction the parameters'
+    shapes and the cell. torch.nn lets ``m.bidirectional = True`` be set and then fails at the
+    next call, or (``m.mode = "RNN_RELU"``) switches the cell; here the core kept the old
+    configuration silently, so setting one is refused."""
+    def get(self):
+        options = self._core._cell_options()
+        if name == "mode":                  # torch.nn.RNNBase's: "LSTM", "GRU", "RNN_TANH", ...
+            kind = type(self).__name__
+            return f"RNN_{options['nonlinearity'].upper()}" if kind == "RNN" else kind
+        return options[name] if name in options else getattr(self._core, name)
+
+    def refuse(self, value):
+        raise AttributeError(f"{name} of {type(self).__name__} is fixed when it is built (the "
+                             f"parameters and the kernels follow it); build a new "
+                             f"{type(self).__name__} with {name}={value!r} instead")
+
+    return property(get, refuse, doc=f"The {name} the module was built with (read-only).")
+
+
 class _RecurrentModule(nn.Module):
     """What the four drop-ins share; the subclasses only fix the constructor signature."""
 
     _core_class: type[_layers.RecurrentLayer]
+    input_size = _fixed("input_size")
+    hidden_size = _fixed("hidden_size")
+    num_layers = _fixed("num_layers")
+    bias = _fixed("bias")
+    bidirectional = _fixed("bidirectional")
+    proj_size = _fixed("proj_size")
+    mode = _fixed("mode")
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
@@ -70,10 +97,9 @@ class _RecurrentModule(nn.Module):
                 dropout=dropout, bidirectional=bidirectional, proj_size=proj_size,
                 dtype=canonical_dtype(dtype), **(cell_options or {}))
         core = self._core
-        self.input_size, self.hidden_size = core.input_size, core.hidden_size
-        self.num_layers, self.bias, self.batch_first = core.num_layers, core.bias, core.batch_first
-        self.dropout, self.bidirectional = core.dropout, core.bidirectional
-        self.proj_size = core.proj_size
+        # batch_first and dropout are read at every call, so they may be changed; the sizes,
+        # layers, directions, biases and cell options are properties of the core (see _fixed)
+        self.batch_first, self.dropout = core.batch_first, core.dropout
         self.backend = backend
         self._flat_weights_names: list[str] = []
         groups: dict[str, list[str]] = {}               # per layer and direction, as torch.nn
@@ -113,7 +139,7 @@ class _RecurrentModule(nn.Module):
                      batch_first=bool(self.batch_first))
         data = input.data if isinstance(input, PackedSequence) else input
         if isinstance(data, torch.Tensor) and data.device.type == "meta":
-            return self._meta_forward(input, params)
+            return self._meta_forward(input, hx, params, attrs)
         low = _autocast_dtype(data, params)
         if low is None:
             try:
@@ -147,12 +173,19 @@ class _RecurrentModule(nn.Module):
         return self._forward(_cast(input, dtype), _cast(hx, dtype),
                              {k: p.to(dtype) for k, p in params.items()}, backend, attrs)
 
-    def _meta_forward(self, input, params):
+    def _meta_forward(self, input, hx, params, attrs):
         """On the ``meta`` device (shape inference, FLOP counters, deferred init): empty
-        results of torch.nn's shapes, nothing computed."""
+        results of torch.nn's shapes, nothing computed, after the checks a real call makes
+        (a meta run is there to catch a wrong shape, dtype or device)."""
         if isinstance(input, PackedSequence):
             raise NotImplementedError("rnn_gpu.torch on the meta device takes padded input, "
                                       "not a PackedSequence")
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
+        view = bind(self._core, params, **attrs)
+        layout = view._check_input(input, "torch")
+        if hx is not None:
+            view._check_state(hx, layout, "torch", name="hx")
         dtype = next(iter(params.values())).dtype
         D, out = 2 if self.bidirectional else 1, self.proj_size or self.hidden_size
         unbatched = input.dim() == 2
@@ -277,7 +310,6 @@ class LSTM(_RecurrentModule):
                  backend: str | None = None):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype, backend=backend)
-        self.mode = "LSTM"
 
 
 class GRU(_RecurrentModule):
@@ -292,7 +324,6 @@ class GRU(_RecurrentModule):
         _only_lstm_projects(proj_size)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype, backend=backend)
-        self.mode = "GRU"
 
 
 class RNN(_RecurrentModule):
@@ -308,8 +339,8 @@ class RNN(_RecurrentModule):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype, backend=backend,
                          cell_options={"nonlinearity": nonlinearity})
-        self.nonlinearity = nonlinearity
-        self.mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
+
+    nonlinearity = _fixed("nonlinearity")
 
 
 class TwoStageRNN(_RecurrentModule):
@@ -325,4 +356,6 @@ class TwoStageRNN(_RecurrentModule):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype, backend=backend,
                          cell_options={"f": f, "g": g})
-        self.f, self.g = f, g
+
+    f = _fixed("f")
+    g = _fixed("g")

@@ -536,3 +536,123 @@ def test_the_backend_is_chosen_for_the_jobs_batches_before_anything_is_written(j
     np.testing.assert_allclose(np.load(d / "small.npy"),
                                apply_batch(model.eval(), x, lengths, emit="last"),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_a_zarr_input_rewritten_in_place_is_another_job(job, capsys):
+    """The manifest knew a zarr input by path, shape and dtype only: a store regenerated with
+    other data of the same shape was resumed, and the output mixed old and new results."""
+    zarr = pytest.importorskip("zarr")
+    d, _, x, _ = job
+    def write(data):
+        z = zarr.open_array(store=str(d / "x.zarr"), mode="w", shape=data.shape,
+                            chunks=(64, T, I), dtype=data.dtype)
+        z[...] = data
+
+    write(x)
+    args = [d / "model.safetensors", d / "x.zarr", d / "out.npy", "--quiet", "--no-lengths"]
+    assert run_cli(capsys, *args)[0] == 0
+    write(x[::-1].copy())                                   # other data, the same shape
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "different job (it differs in: input)" in err, err
+
+
+@pytest.mark.parametrize("values, shown", [(np.array([1e20] * N), "got 100000000000000000000"),
+                                           (np.full(N, 2**63 + 5, np.uint64),
+                                            f"got {2**63 + 5}")])
+def test_lengths_out_of_range_are_shown_as_given(job, capsys, values, shown):
+    """Cast to int64 before the range check, 1e20 and 2**63 + 5 were reported as negative."""
+    d = job[0]
+    np.save(d / "huge.npy", values)
+    code, _, err = run_cli(capsys, *job_args(d)[:3], "--lengths", d / "huge.npy", "--quiet")
+    assert code == 2 and f"expected lengths in [0, T] = [0, {T}], {shown} at index 0" in err, err
+
+
+def test_an_output_directory_without_room_for_the_lock_is_a_usage_error(job, capsys,
+                                                                         monkeypatch):
+    """OutputLock's os.open was unguarded: a read-only directory (or /proc) gave a
+    traceback."""
+    from rnn_gpu.batch import sinks
+
+    real_open = os.open
+
+    def refusing(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(sinks.os, "open", refusing)
+    code, _, err = run_cli(capsys, *job_args(job[0]))
+    assert code == 2 and "OUTPUT: cannot create the lock file" in err and "writable" in err, err
+
+
+def test_a_zarr_output_that_lost_its_metadata_can_be_overwritten(job, capsys):
+    """A .zarr output of ours whose zarr.json was lost (an --overwrite cut short, a power cut)
+    could be neither resumed nor overwritten: "not a zarr store; not deleting it"."""
+    pytest.importorskip("zarr")
+    d = job[0]
+    assert run_cli(capsys, *job_args(d, "out.zarr"))[0] == 0
+    for name in ("zarr.json", ".zarray", ".zattrs"):
+        if (d / "out.zarr" / name).exists():
+            (d / "out.zarr" / name).unlink()
+    code, summary, err = run_cli(capsys, *job_args(d, "out.zarr", "--overwrite"))
+    assert code == 0 and summary["computed"] == N, err
+
+
+def test_an_output_named_like_the_inputs_lengths_is_not_taken_for_them(job, capsys):
+    """OUTPUT data.lengths.npy beside INPUT data.npy: the first run had no lengths, and its
+    resume took the partly written output for them."""
+    d, model, x, _ = job
+    args = [d / "model.safetensors", d / "x.npy", d / "x.lengths.npy", "--quiet"]
+    assert run_cli(capsys, *args)[0] == 0
+    code, summary, err = run_cli(capsys, *args)
+    assert code == 0 and summary["computed"] == 0, err
+    np.testing.assert_allclose(np.load(d / "x.lengths.npy"),
+                               apply_batch(model.eval(), x, None), rtol=1e-5, atol=1e-6)
+
+
+def test_a_lost_dask_connection_is_not_reported_as_an_input_error(job):
+    """distributed's CommClosedError is an OSError, and was reported as "INPUT: reading ...
+    failed"."""
+    from rnn_gpu.batch.errors import RunFailure
+    from rnn_gpu.batch.run import RunOptions, run
+
+    CommClosedError = type("CommClosedError", (OSError,), {"__module__": "distributed.comm"})
+
+    class Lost(LocalExecutor):
+        def map(self, *args, **kwargs):
+            raise CommClosedError("in <TCP (closed)>: Stream is closed")
+            yield
+
+    d = job[0]
+    opts = RunOptions(model=str(d / "model.safetensors"), input=str(d / "x.npy"),
+                      output=str(d / "out.npy"), quiet=True)
+    with pytest.raises(RunFailure, match=r"--scheduler: the connection to the Dask cluster was "
+                                         r"lost \(CommClosedError: .*Stream is closed\)"):
+        run(opts, executor=Lost(log=lambda msg: None))
+
+
+@pytest.mark.parametrize("interpret", [True, False])
+def test_bfloat16_runs_where_a_backend_serves_it(job, capsys, monkeypatch, interpret):
+    """--dtype bfloat16 failed with a traceback: the runner reads bfloat16 data as float32
+    (NumPy has none) and the layer refused it. Without a backend for it, a usage error."""
+    pytest.importorskip("triton")
+    d, model, x, lengths = job
+    if interpret:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rows = 6                                              # the interpreter is slow
+    np.save(d / "few.npy", x[:rows])
+    np.save(d / "few_lengths.npy", lengths[:rows])
+    code, _, err = run_cli(capsys, d / "model.safetensors", d / "few.npy", d / "bf.npy",
+                           "--lengths", d / "few_lengths.npy", "--dtype", "bfloat16",
+                           "--emit", "sequence", "--quiet")
+    if not interpret:
+        assert code == 2 and "--device/--dtype: no backend can serve" in err
+        assert "bfloat16 on cpu" in err and not os.path.exists(d / "bf.npy")
+        return
+    assert code == 0, err
+    got = np.load(d / "bf.npy")
+    want = apply_batch(model.eval(), x[:rows], lengths[:rows], emit="sequence")
+    assert got.dtype == np.float32
+    assert np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2)) < 2e-2

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .._arrays import to_numpy
+from .._arrays import device_of, dtype_name, kind_of, to_kind, to_numpy
 from ..readout import readout_mismatch
 
 EMITS = ("last", "sequence", "probs")
@@ -45,13 +45,14 @@ def apply_batch(model, x: Any, lengths: Any = None, *, emit: str = "last",
     if getattr(x, "ndim", None) != 3:
         raise ValueError(f"x: expected a batch of shape (B, T, input_size), got shape "
                          f"{tuple(getattr(x, 'shape', ()))}")
+    x = _in_bfloat16(model, x)
     xt = x if model.batch_first else _swap01(x)
     y, state = model(xt, lengths=lengths, backend=backend)
     if emit == "last":
         h = state[0] if isinstance(state, tuple) else state            # LSTM: (h, c)
-        h = to_numpy(h)[-model.num_directions:]                        # top layer: (D, B, P)
+        h = _host(h)[-model.num_directions:]                           # top layer: (D, B, P)
         return np.ascontiguousarray(np.concatenate(list(h), axis=-1))  # (B, D*P)
-    y = to_numpy(y)
+    y = _host(y)
     y = y if model.batch_first else y.swapaxes(0, 1)                   # (B, T, D*P)
     if emit == "sequence":
         return np.ascontiguousarray(y)
@@ -60,6 +61,26 @@ def apply_batch(model, x: Any, lengths: Any = None, *, emit: str = "last",
         steps = np.arange(probs.shape[1])[None, :]
         probs[steps >= np.asarray(to_numpy(lengths))[:, None]] = 0.0  # padding, not a guess
     return probs
+
+
+def _host(a) -> np.ndarray:
+    """A result as NumPy; bfloat16 as float32 (exact), which the runner writes."""
+    if dtype_name(a) == "bfloat16":
+        a = to_kind(a, "torch", device_of(a)).float()
+    return to_numpy(a)
+
+
+def _in_bfloat16(model, x):
+    """A bfloat16 model's batch, which the runner reads and stages as float32 (NumPy has no
+    bfloat16; each value is exactly a float32), cast where it now lies, through torch (which
+    holds bfloat16 models). The layers refuse a dtype other than the model's."""
+    if model.dtype != "bfloat16" or dtype_name(x) == "bfloat16":
+        return x
+    import torch
+
+    kind, device = kind_of(x), device_of(x)
+    cast = to_kind(x, "torch", device).to(torch.bfloat16)
+    return to_kind(cast, "cupy", device) if kind == "cupy" else cast   # NumPy: torch stays
 
 
 def _readout(model):

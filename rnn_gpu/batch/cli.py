@@ -53,7 +53,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help='"cpu" (default), "cuda" or "cuda:N"')
     p.add_argument("--chunk-size", type=int, metavar="ROWS",
                    help="sequences per output chunk, the unit of resuming and of length "
-                        "bucketing (default: up to 8 batches, at most ~32 MiB)")
+                        "bucketing (default: up to 8 batches and ~32 MiB, but at least "
+                        "one batch)")
     p.add_argument("--no-bucket", action="store_true",
                    help="keep input order inside batches instead of grouping similar lengths")
     p.add_argument("--overwrite", action="store_true",

@@ -186,6 +186,9 @@ def _execute(opts, model, plan, manifest, fresh, executor, out_shape, out_dtype,
     except registry.BackendError as exc:
         raise RunFailure(f"--backend: {_cli_words(exc, opts)}. {_kept(manifest)}") from None
     except OSError as exc:             # writing errors are RunFailures already: this is reading
+        if type(exc).__module__.startswith("distributed"):   # CommClosedError is an OSError
+            raise RunFailure(f"--scheduler: the connection to the Dask cluster was lost "
+                             f"({type(exc).__name__}: {exc}). {_kept(manifest)}") from None
         raise RunFailure(f"INPUT: reading {opts.input!r} failed: {exc}. {_kept(manifest)}"
                          ) from None
     except Exception as exc:
@@ -336,7 +339,12 @@ def _output_dtype(model, emit: str) -> np.dtype:
 def _lengths_path(opts: RunOptions) -> str | None:
     """--lengths, or without it the file found beside INPUT (unless --no-lengths)."""
     if opts.lengths is None and opts.find_lengths:
-        return lengths_beside(opts.input)
+        found = lengths_beside(opts.input)
+        # OUTPUT named like INPUT's lengths (data.lengths.npy beside data.npy): not lengths,
+        # but this job's own output on a resume
+        if found is not None and os.path.abspath(found) == os.path.abspath(opts.output):
+            return None
+        return found
     return opts.lengths
 
 

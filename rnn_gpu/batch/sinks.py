@@ -125,7 +125,11 @@ class OutputLock:
             import fcntl
         except ImportError:
             return
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UsageError(f"OUTPUT: cannot create the lock file {self.path!r} beside it "
+                             f"({exc.strerror}); OUTPUT's directory must be writable") from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -175,7 +179,9 @@ def remove_output(path: str) -> None:
     empty): anything else is a UsageError, never deleted."""
     if os.path.isdir(path) and not os.path.islink(path):
         entries = os.listdir(path)
-        if not is_zarr_output(path) or (entries and not set(entries) & set(ZARR_METADATA)):
+        ours = os.path.isfile(manifest_path(path))      # a run of ours wrote it (its manifest)
+        if not is_zarr_output(path) or (entries and not ours
+                                        and not set(entries) & set(ZARR_METADATA)):
             raise UsageError(f"OUTPUT: {path!r} is a directory that is not a zarr store; "
                              f"not deleting it (give a .npy path or a .zarr directory)")
         shutil.rmtree(path)

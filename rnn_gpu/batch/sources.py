@@ -151,8 +151,17 @@ class ZarrArray:
         return np.asarray(self.array[start:stop])
 
     def identity(self) -> dict[str, Any]:
+        """Path, shape, dtype, and the store's files: how many, their bytes and the newest
+        modification time. Without the files a store rewritten in place with new data of the
+        same shape was resumed, and the output mixed results of the old and the new data."""
+        files = size = newest = 0
+        for folder, _, names in os.walk(self.path):
+            for name in names:
+                stat = os.stat(os.path.join(folder, name))
+                files, size = files + 1, size + stat.st_size
+                newest = max(newest, stat.st_mtime_ns)
         return {"kind": self.kind, "path": os.path.abspath(self.path), "shape": list(self.shape),
-                "dtype": self.dtype.str}
+                "dtype": self.dtype.str, "files": files, "bytes": size, "mtime_ns": newest}
 
 
 def open_input(path: str):
@@ -187,13 +196,15 @@ def open_lengths(path: str, n: int, T: int, arg: str = "--lengths"
             i = int(fractional[0])
             raise UsageError(f"{arg}: expected integers, got {lengths[i]} at index {i} "
                              f"(dtype {lengths.dtype}) in {path!r}")
-    lengths = lengths.astype(np.int64)
+    # checked before the cast to int64, which made 1e20 and 2**63 + 5 read as negative numbers
     bad = np.flatnonzero((lengths < 0) | (lengths > T))
     if bad.size:
         i = int(bad[0])
-        raise UsageError(f"{arg}: expected lengths in [0, T] = [0, {T}], got {lengths[i]} at "
+        value = lengths[i].item()
+        raise UsageError(f"{arg}: expected lengths in [0, T] = [0, {T}], got "
+                         f"{int(value) if float(value).is_integer() else value} at "
                          f"index {i} ({bad.size} out of range) in {path!r}")
-    return lengths, source.identity()
+    return lengths.astype(np.int64), source.identity()
 
 
 def lengths_beside(input_path: str) -> str | None:

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from rnn_gpu._arrays import column_sums
+from rnn_gpu._config import cpu_threads_cap
 from rnn_gpu.backend_api import Backend, Problem, SegmentCosts, Tape
 
 # ----------------------------------------------------------------------------- threads
@@ -87,14 +88,18 @@ _blas_lock = threading.Lock()
 
 
 def num_threads() -> int:
-    """Threads the backend uses: ``RNN_GPU_NUM_THREADS`` if set, else the usable cores."""
+    """Threads the backend uses: ``RNN_GPU_NUM_THREADS`` if set, else the usable cores, at
+    most the caller's cap (``rnn_gpu._config.cpu_threads_scope``: torch's thread count for the
+    torch drop-ins)."""
     env = os.environ.get("RNN_GPU_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:                      # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    cap = cpu_threads_cap()
+    return max(1, min(cores, cap)) if cap else cores
 
 
 @dataclass

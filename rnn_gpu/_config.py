@@ -33,6 +33,27 @@ def tf32_scope(enabled: bool) -> Iterator[None]:
         _tf32_scope.reset(token)
 
 
+_cpu_threads: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "rnn_gpu_cpu_threads", default=None)
+
+
+@contextlib.contextmanager
+def cpu_threads_scope(n: int | None) -> Iterator[None]:
+    """Within the block, CPU backends use at most ``n`` threads (``RNN_GPU_NUM_THREADS``, when
+    set, still decides). The torch drop-ins wrap each call in it with torch.get_num_threads(),
+    so that torch.set_num_threads(1) (DataLoader workers, one process a core) holds for them as
+    it does for torch.nn; before, they took every usable core whatever torch was told."""
+    token = _cpu_threads.set(n)
+    try:
+        yield
+    finally:
+        _cpu_threads.reset(token)
+
+
+def cpu_threads_cap() -> int | None:
+    return _cpu_threads.get()
+
+
 def tf32_allowed() -> bool:
     scoped = _tf32_scope.get()
     return _TF32 if scoped is None else scoped

@@ -863,3 +863,39 @@ def test_tracing_and_func_transforms_say_they_cannot(transform, message):
     """Where torch's own errors were "unordered_map::at" and a note on setup_context."""
     with pytest.raises(NotImplementedError, match=message):
         transform(rt.GRU(4, 6), torch.randn(3, 2, 4))
+
+
+def test_the_numpy_backend_follows_torchs_thread_count(monkeypatch):
+    """torch.set_num_threads(1) (DataLoader workers, one process a core) held for torch.nn but
+    not for the drop-ins, whose NumPy backend took every usable core."""
+    import rnn_gpu.backends.numpy as nb
+
+    seen = []
+    real_plan = nb._plan
+
+    def recording(*args, **kwargs):
+        seen.append(nb.num_threads())
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(nb, "_plan", recording)
+    monkeypatch.delenv("RNN_GPU_NUM_THREADS", raising=False)
+    monkeypatch.setattr(nb.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    before = torch.get_num_threads()
+    m, x = rt.GRU(4, 6), torch.randn(3, 2, 4, requires_grad=True)
+    try:
+        torch.set_num_threads(1)
+        m(x)[0].sum().backward()                       # forward and backward
+        with torch.no_grad():
+            m(x)                                       # inference
+        assert seen and set(seen) == {1}, seen
+        torch.set_num_threads(3)
+        seen.clear()
+        m(x)[0].sum().backward()
+        assert set(seen) == {3}, seen
+    finally:
+        torch.set_num_threads(before)
+    seen.clear()
+    import rnn_gpu as rg
+
+    rg.GRU(4, 6)(np.zeros((3, 2, 4), "float32"))        # the core API: every usable core
+    assert seen == [8], seen

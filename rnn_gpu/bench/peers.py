@@ -96,8 +96,8 @@ class BackendRunner(Runner):
             reason = backend.unavailable_reason() or self.variant_reason(backend)
             if reason:
                 return reason
-            with self._variant():
-                reasons = backend.not_supported_reasons(_problem(case))
+            with self._variant():       # read as the registry reads it (a str is one reason)
+                reasons = registry._declines(backend, _problem(case))
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}"
         return "; ".join(reasons) or None

@@ -111,7 +111,7 @@ def run(core: RecurrentLayer, params: dict[str, torch.Tensor], x: torch.Tensor, 
                                        *params.values())
         return (outs[0], (outs[1], outs[2])) if lstm else (outs[0], outs[1])
     state = None if h0 is None else ((h0, c0) if lstm else h0)
-    with _config.tf32_scope(tf32):
+    with _config.tf32_scope(tf32), _config.cpu_threads_scope(torch.get_num_threads()):
         if dropout_active:
             _reseed(core, seed)
             y, final, _ = core.forward(x, state, lengths=lengths, backend=backend)
@@ -268,7 +268,8 @@ def _backward(ctx, x, h0, c0, params, dy, dfinal):
     lstm = isinstance(core, _CoreLSTM)
     # Autograd may hand in expanded (stride-0) gradients, e.g. from .sum(): densify them.
     dfinal = tuple(None if d is None else d.contiguous() for d in dfinal)
-    dx, dstate0, grads = core.backward(tape, dy.contiguous(), dfinal if lstm else dfinal[0])
+    with _config.cpu_threads_scope(torch.get_num_threads()):
+        dx, dstate0, grads = core.backward(tape, dy.contiguous(), dfinal if lstm else dfinal[0])
     dh0, dc0 = dstate0 if lstm else (dstate0, None)
     needs = ctx.needs_input_grad
     param_grads = [_as_grad(grads[name], p) if needs[5 + i] else None
@@ -316,7 +317,7 @@ def _core_forward(core, call, x, h0, c0):
     lengths, backend, seed, tf32 = call
     _reseed(core, seed)
     state = None if h0 is None else ((h0, c0) if isinstance(core, _CoreLSTM) else h0)
-    with _config.tf32_scope(tf32):
+    with _config.tf32_scope(tf32), _config.cpu_threads_scope(torch.get_num_threads()):
         return core.forward(x, state, lengths=lengths, backend=backend)
 
 

@@ -218,7 +218,8 @@ SMALL_ACTIVATION_CELLS = [("LSTM", None), ("GRU", None), ("RNN", {"nonlinearity"
                           ("TwoStageRNN", {"f": "tanh", "g": "tanh"})]
 
 
-def check_small_activations(cell, opts, scale, seed, backend=None, to_input=None):
+def check_small_activations(cell, opts, scale, seed, backend=None, to_input=None,
+                            device=None):
     """Inputs of size ``scale`` (no biases, zero state), so that every pre-activation is of
     that size: float32 results against the float64 reference by relative RMS error, with no
     floor on the scale. tanh as 2/(1+e^-2x) - 1 kept only an absolute error of 1's rounding:
@@ -228,6 +229,8 @@ def check_small_activations(cell, opts, scale, seed, backend=None, to_input=None
     m, x, _, _, dy, dstate = build(case, np.random.default_rng(seed))
     x = (x * scale).astype(np.float32)
     want = reference(m, x, None, None, dy, dstate)
+    if device is not None:
+        m.to(device)
     if to_input is not None:          # the backend's array kind (torch for Triton)
         x, dy = to_input(x), to_input(dy)
         dstate = (tuple(map(to_input, dstate)) if isinstance(dstate, tuple)

@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 import pytest
 from oracles import Result, as_tuple, assert_close, assert_close_rms, in_dtype, reference
-from test_layers_vs_torch import Case, build
+from test_layers_vs_torch import SMALL_ACTIVATION_CELLS, Case, build, check_small_activations
 
 import rnn_gpu as rg
 from rnn_gpu.registry import BackendError
@@ -340,3 +340,12 @@ def test_torch_compile_around_the_drop_in_on_cuda(backend):
     for name, p in ours.named_parameters():
         q = getattr(ref, name)
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("cell,opts", SMALL_ACTIVATION_CELLS)
+def test_small_activations_keep_relative_accuracy_on_cuda(cell, opts):
+    """The compiled kernels' tanh below |x| = 0.2 (the odd series; 1 - 2/(e^{2x}+1) gave 0 for
+    tanh(1e-8)), as the interpreter test checks it on the CPU."""
+    check_small_activations(cell, opts, 1e-8, int(np.random.default_rng().integers(2**63)),
+                            backend="triton", to_input=lambda a: torch.from_numpy(a).cuda(),
+                            device="cuda")

@@ -344,7 +344,7 @@ def test_torch_compile_around_the_drop_in_on_cuda(backend):
 
 @pytest.mark.parametrize("cell,opts", SMALL_ACTIVATION_CELLS)
 def test_small_activations_keep_relative_accuracy_on_cuda(cell, opts):
-    """The compiled kernels' tanh below |x| = 0.2 (the odd series; 1 - 2/(e^{2x}+1) gave 0 for
+    """The compiled kernels' tanh (a rational function; 1 - 2/(e^{2x}+1) gave 0 for
     tanh(1e-8)), as the interpreter test checks it on the CPU."""
     check_small_activations(cell, opts, 1e-8, int(np.random.default_rng().integers(2**63)),
                             backend="triton", to_input=lambda a: torch.from_numpy(a).cuda(),

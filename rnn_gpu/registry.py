@@ -208,9 +208,13 @@ def _declines(backend: Backend, problem: Problem) -> list[str]:
     if isinstance(reasons, str):
         return [reasons]
     if not isinstance(reasons, (list, tuple)):
-        raise TypeError(f"not_supported_reasons() returned {reasons!r}; expected a list of "
-                        "str ([] when the backend serves the problem)")
+        raise _BrokenProbe(f"not_supported_reasons() returned {reasons!r}; expected a list of "
+                           "str ([] when the backend serves the problem)")
     return [str(r) for r in reasons]
+
+
+class _BrokenProbe(TypeError):
+    """A probe that returned what the contract does not allow (its message says what)."""
 
 
 def _reasons(backend: Backend, problem: Problem) -> list[str]:
@@ -225,7 +229,7 @@ def _reasons(backend: Backend, problem: Problem) -> list[str]:
         probe = "not_supported_reasons()"
         return _declines(backend, problem)
     except Exception as exc:
-        detail = (str(exc) if isinstance(exc, TypeError) and str(exc).startswith(probe)
+        detail = (str(exc) if isinstance(exc, _BrokenProbe)
                   else f"{probe} raised {type(exc).__name__}: {exc}")
         message = f"backend {getattr(backend, 'name', backend)!r}: its {detail}"
         warnings.warn(f"rnn_gpu: {message}; passed over", RuntimeWarning, stacklevel=3)

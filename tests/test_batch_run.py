@@ -656,3 +656,22 @@ def test_bfloat16_runs_where_a_backend_serves_it(job, capsys, monkeypatch, inter
     want = apply_batch(model.eval(), x[:rows], lengths[:rows], emit="sequence")
     assert got.dtype == np.float32
     assert np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2)) < 2e-2
+
+
+def test_shards_are_ordered_by_number_then_name_whatever_the_listing(tmp_path, monkeypatch):
+    """part1 and part01 compared equal as numbers, so their order was the file system's
+    listing order, which may differ between machines (and between a run and its resume)."""
+    from rnn_gpu.batch import sources
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for name, value in (("part10", 10), ("part2", 2), ("part1", 1), ("part01", 0)):
+        np.save(folder / f"{name}.npy", np.full((1, 2, 3), value, "float32"))
+    real_listdir = os.listdir
+    orders = []
+    for reverse in (False, True):
+        monkeypatch.setattr(sources.os, "listdir",
+                            lambda p, r=reverse: sorted(real_listdir(p), reverse=r))
+        source = sources.open_input(str(folder))
+        orders.append(source.read(0, 4)[:, 0, 0].tolist())
+    assert orders == [[0, 1, 2, 10]] * 2

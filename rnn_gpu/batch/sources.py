@@ -249,4 +249,6 @@ def _import_zarr(arg: str):
 
 
 def _natural_key(name: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+    """part2 before part10; names equal as numbers (part1, part01) by the name itself, so that
+    the order never depends on the order the file system lists them in."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)], name

@@ -36,6 +36,7 @@ order), so the same code serves both directions.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -158,7 +159,8 @@ def _single_threaded_blas():
                 from threadpoolctl import ThreadpoolController
 
                 _blas_controller = ThreadpoolController()   # scanning the libraries: ~0.5 ms
-            _blas_limiter = _blas_controller.limit(limits=1, user_api="blas")
+            with _any_thread_controls_blas():
+                _blas_limiter = _blas_controller.limit(limits=1, user_api="blas")
         _blas_users += 1
     try:
         yield
@@ -166,8 +168,54 @@ def _single_threaded_blas():
         with _blas_lock:
             _blas_users -= 1
             if _blas_users == 0:
-                _blas_limiter.restore_original_limits()
+                with _any_thread_controls_blas():
+                    _blas_limiter.restore_original_limits()
                 _blas_limiter = None
+
+
+@contextmanager
+def _any_thread_controls_blas():
+    """threadpoolctl >= 3.8 lets only the first thread that set OpenBLAS's (process-wide) limit
+    change it while that thread lives; from any other thread the call does nothing, silently.
+    The first and the last of our users are often different threads, so a limit set by one
+    stayed at 1 thread for the rest of the process when another restored it, and a limit from
+    a worker thread was skipped (its tiles then oversubscribed the cores: 48 GRU calls from 6
+    threads took 1.2 s instead of 0.4-0.6). Our changes are serialised by _blas_lock, so the
+    control is handed back after each. Earlier threadpoolctl has no such rule (no-op)."""
+    try:
+        from threadpoolctl import OpenBLASController
+    except ImportError:
+        OpenBLASController = None
+    clear = getattr(OpenBLASController, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
+    try:
+        yield
+    finally:
+        if clear is not None:
+            clear(force=True)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (DataLoader workers, multiprocessing's "fork") has none of the pool's
+    threads, but the pool counted them as idle and started none: the child's first multi-tile
+    call waited forever. A lock another parent thread held at the fork stays held in the
+    child. Start over: no pool, fresh locks, no BLAS users (the parent's limit, if one was on,
+    is given back)."""
+    global _pool, _pool_size, _pool_lock, _barrier_lock, _blas_lock, _blas_limiter, _blas_users
+    _pool, _pool_size = None, 0
+    _pool_lock, _barrier_lock, _blas_lock = threading.Lock(), threading.Lock(), threading.Lock()
+    limiter, _blas_limiter, _blas_users = _blas_limiter, None, 0
+    if limiter is not None:
+        try:
+            with _any_thread_controls_blas():
+                limiter.restore_original_limits()
+        except Exception:          # the child still computes; BLAS may stay on one thread
+            pass
+
+
+if hasattr(os, "register_at_fork"):          # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _run_tiles(fn, tiles: list[_Tile]) -> None:
@@ -191,7 +239,11 @@ def _run_tiles(fn, tiles: list[_Tile]) -> None:
             raise
 
     with _single_threaded_blas(), (_barrier_lock if barrier is not None else nullcontext()):
-        futures = [_pool.submit(guarded, tile) for tile in tiles[1:]]
+        # Each tile in a copy of the caller's context: np.errstate (and rnn_gpu's scopes) held
+        # only for the tile the caller runs; the pool's ran with NumPy's defaults, so
+        # errstate(all="raise") raised for row 0 and let row 255 through as NaN, warned.
+        futures = [_pool.submit(contextvars.copy_context().run, guarded, tile)
+                   for tile in tiles[1:]]
         errors = []
         try:
             guarded(tiles[0])

@@ -190,3 +190,105 @@ def test_overlapping_tile_runs_share_one_blas_limit_and_restore_it():
     assert blas_threads() == [1]               # the second call's tiles still run
     second.__exit__(None, None, None)
     assert blas_threads() == before
+
+
+def _blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+
+def test_a_forked_child_runs_tiled_calls(monkeypatch):
+    """The pool's threads do not survive a fork, but it counted them as idle: a DataLoader
+    worker's (or multiprocessing's "fork" child's) first multi-tile call waited forever."""
+    import multiprocessing
+
+    monkeypatch.setenv("RNN_GPU_NUM_THREADS", "2")
+    m = rg.LSTM(8, 64, seed=0)
+    x = np.random.default_rng(0).standard_normal((4, 200, 8)).astype("float32")
+    assert len(nb._plan(nb_problem(m, x), 200, False)) == 2        # two row tiles
+    want = m(x)[0]                                                  # the pool starts here
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_call, args=(m, x, want, queue))
+    child.start()
+    try:
+        same = queue.get(timeout=60)
+    except Exception:
+        same = None
+    child.join(10)
+    if child.is_alive():
+        child.kill()
+    assert same is not None, "the forked child hung in a tiled call"
+    assert same, "the forked child's result differs from the parent's"
+
+
+def _child_call(m, x, want, queue):
+    queue.put(bool(np.array_equal(m(x)[0], want)))
+
+
+def nb_problem(m, x):
+    from rnn_gpu.backend_api import Problem
+
+    return Problem(cell="lstm", activations=(), dtype="float32", device="cpu",
+                   input_kind="numpy", seq_len=x.shape[0], batch=x.shape[1],
+                   input_size=x.shape[2], hidden_size=m.hidden_size)
+
+
+def test_blas_limit_set_in_one_thread_and_restored_in_another():
+    """threadpoolctl >= 3.8 lets only the first thread that set OpenBLAS's limit change it:
+    a limit taken by the main thread and given back by a worker's call stayed at one thread
+    for the rest of the process, and a worker's own limit was skipped."""
+    import threading
+
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_threads()
+        if not before or max(before) < 2:
+            pytest.skip("no BLAS whose thread count threadpoolctl can set to 2")
+        main_entered, worker_entered, main_left = (threading.Event() for _ in range(3))
+        inside = {}
+
+        def worker():
+            main_entered.wait()
+            with nb._single_threaded_blas():
+                worker_entered.set()
+                main_left.wait()                      # the worker's call is the last one out
+                inside["worker"] = _blas_threads()
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        with nb._single_threaded_blas():              # the main thread's call comes first
+            main_entered.set()
+            worker_entered.wait()
+            inside["main"] = _blas_threads()
+        main_left.set()
+        thread.join()
+        assert _blas_threads() == before, "the limit was not given back"
+        with nb._single_threaded_blas():              # taken again from this thread
+            pass
+        result = []
+        other = threading.Thread(target=lambda: result.append(_in_limit()))
+        other.start()
+        other.join()
+        assert inside == {"main": [1] * len(before), "worker": [1] * len(before)}
+        assert result == [[1] * len(before)], "a worker thread's limit was skipped"
+        assert _blas_threads() == before
+
+
+def _in_limit():
+    with nb._single_threaded_blas():
+        return _blas_threads()
+
+
+def test_errstate_holds_in_every_tile(monkeypatch):
+    """np.errstate held only in the tile the caller's thread ran: an inf pair in row 0
+    raised under errstate(all="raise"), in row 255 it came back as NaN with a warning."""
+    monkeypatch.setenv("RNN_GPU_NUM_THREADS", "2")
+    m = rg.RNN(8, 512, seed=0)
+    for row in (0, 255):
+        x = np.zeros((3, 256, 8), np.float32)
+        x[0, row, :2] = np.inf, -np.inf
+        with np.errstate(all="raise"), pytest.raises(FloatingPointError):
+            m(x)

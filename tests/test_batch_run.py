@@ -675,3 +675,19 @@ def test_shards_are_ordered_by_number_then_name_whatever_the_listing(tmp_path, m
         source = sources.open_input(str(folder))
         orders.append(source.read(0, 4)[:, 0, 0].tolist())
     assert orders == [[0, 1, 2, 10]] * 2
+
+
+def test_two_paths_to_one_output_take_one_lock(job, capsys):
+    """The lock was named after OUTPUT as written: through a symlink to the output file, a
+    second run took another lock and could write the same file at once."""
+    from rnn_gpu.batch.sinks import OutputLock
+
+    d = job[0]
+    assert run_cli(capsys, *job_args(d, "out.npy"))[0] == 0
+    (d / "alias.npy").symlink_to(d / "out.npy")
+    lock = OutputLock(str(d / "out.npy"))             # a run writing through the real path
+    try:
+        code, _, err = run_cli(capsys, *job_args(d, "alias.npy"))
+    finally:
+        lock.release()
+    assert code == 2 and "another rnn-gpu run is writing" in err, err

@@ -119,7 +119,9 @@ class OutputLock:
     stale lock behind. Where ``fcntl`` does not exist (Windows) there is no lock."""
 
     def __init__(self, output: str):
-        self.path = os.path.normpath(output) + ".lock"
+        # beside the file the output really is: two paths to it (a symlink, a symlinked
+        # folder) took two locks, and two runs could write the same file at once
+        self.path = os.path.realpath(output) + ".lock"
         self._fd = None
         try:
             import fcntl

@@ -229,7 +229,6 @@ class RecurrentFunction(torch.autograd.Function):
                    if t is not None and t.requires_grad]
         return _refuse_second_order(type(ctx.core).__name__, grads, anchors)
 
-
     @staticmethod
     def jvp(ctx, *tangents):
         name = type(ctx.core).__name__

@@ -187,13 +187,10 @@ class _RecurrentModule(nn.Module):
         if hx is not None:
             view._check_state(hx, layout, "torch", name="hx")
         dtype = next(iter(params.values())).dtype
-        D, out = 2 if self.bidirectional else 1, self.proj_size or self.hidden_size
-        unbatched = input.dim() == 2
-        T = input.shape[1] if self.batch_first and not unbatched else input.shape[0]
-        B = 1 if unbatched else input.shape[0 if self.batch_first else 1]
-        y_shape = _layers._layout_shape({"unbatched": unbatched, "batch_first": self.batch_first},
-                                        T, B, D * out)
-        state = (self.num_layers * D,) if unbatched else (self.num_layers * D, B)
+        D, out = view.num_directions, view.output_size
+        T, B = layout["T"], layout["B"]
+        y_shape = _layers._layout_shape(layout, T, B, D * out)
+        state = (self.num_layers * D,) if layout["unbatched"] else (self.num_layers * D, B)
 
         def empty(*shape):
             return torch.empty(shape, dtype=dtype, device="meta")

@@ -49,11 +49,14 @@ def test_cpu_benchmarks_run_and_track_sane_numbers(cls_name, backend):
     tflops = bench.track_tflops()
     assert tokens > 0 and tflops > 0
     T, B, I, H = cases.parse_shape(shape)
-    # tokens/s and TFLOP/s come from different timings of the same call: they agree to noise,
-    # which on a loaded 2-core box reached 5.5x (another process holding the other core during
-    # one of the two timings); a unit error (1e3, 1e6) still falls far outside.
-    per_token = flops.case_flops(bench.case) / (T * B) / 1e12
-    assert 0.1 < tflops / (tokens * per_token) < 10
+    # The units, on one fixed time: the two tracks time the call separately, and on a loaded
+    # 2-core box their ratio reached 54x (another process holding the other core during one
+    # timing), so a check on two real timings flaked; on one time a unit error (1e3, 1e6) or a
+    # wrong count of tokens or flops cannot hide.
+    bench._median_seconds = lambda: 0.25
+    assert bench.track_tokens_per_s() == pytest.approx(T * B / 0.25, rel=1e-12)
+    assert bench.track_tflops() == pytest.approx(
+        flops.case_flops(bench.case) / 0.25 / 1e12, rel=1e-12)
     assert recurrent.CpuForward.track_tokens_per_s.unit == "tokens/s"
     assert recurrent.CpuForward.track_tflops.unit == "TFLOP/s"
 

@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import os
 import re
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -41,6 +42,34 @@ _context_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 ARRAY_KINDS = ("numpy", "torch", "cupy")
 DISTRIBUTION = "rnn-gpu"        # whose entry points are the built-in backends
+
+
+def _library_dirs() -> tuple[str, ...]:
+    """The directories whose frames are rnn_gpu's own, each ending in a separator (so that a
+    plugin module beside the package, ``rnn_gpu_example_plugin.py``, is not one of them).
+    ``rnn_gpu.backends`` and ``rnn_gpu.kernels`` live outside the package directory (see
+    pyproject's package-dir); torch's frames stand between a drop-in's caller and the
+    registry (``Module.__call__``, ``Function.apply``) and are skipped as well."""
+    dirs = [os.path.dirname(os.path.abspath(__file__))]
+    for name in ("rnn_gpu.backends", "rnn_gpu.kernels", "torch"):
+        module = sys.modules.get(name)        # a module never imported has no frame to skip
+        dirs += [os.path.abspath(p) for p in getattr(module, "__path__", None) or ()]
+    return tuple(d.rstrip(os.sep) + os.sep for d in dirs)
+
+
+def _warn(message: str) -> None:
+    """A RuntimeWarning attributed to the first frame outside rnn_gpu (and torch): the user's
+    line whose call loaded the plugins or picked a backend. A fixed ``stacklevel`` pointed
+    into registry.py or layers.py, depending on which path got here first. Python 3.12's
+    ``skip_file_prefixes`` does that walk; before it, the same walk by hand."""
+    prefixes = _library_dirs()
+    if sys.version_info >= (3, 12):
+        warnings.warn(message, RuntimeWarning, skip_file_prefixes=prefixes)
+        return
+    frame, level = sys._getframe(1), 2          # level 2: _warn's caller
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(prefixes):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
 def _instantiate(factory: Callable[[], Any], origin: str) -> Backend:
@@ -90,13 +119,11 @@ def _load_plugins() -> None:
             try:
                 backend = _instantiate(ep.load(), origin)
             except Exception as exc:  # a broken plugin must never break the library
-                warnings.warn(f"rnn_gpu: {origin} failed to load: {type(exc).__name__}: {exc}",
-                              RuntimeWarning, stacklevel=3)
+                _warn(f"rnn_gpu: {origin} failed to load: {type(exc).__name__}: {exc}")
                 continue
             if backend.name in _backends:
-                warnings.warn(f"rnn_gpu: {origin} is named {backend.name!r}, which "
-                              f"{origins[backend.name]} already registered; ignoring it",
-                              RuntimeWarning, stacklevel=3)
+                _warn(f"rnn_gpu: {origin} is named {backend.name!r}, which "
+                      f"{origins[backend.name]} already registered; ignoring it")
                 continue
             _backends[backend.name] = backend
             origins[backend.name] = origin
@@ -232,7 +259,7 @@ def _reasons(backend: Backend, problem: Problem) -> list[str]:
         detail = (str(exc) if isinstance(exc, _BrokenProbe)
                   else f"{probe} raised {type(exc).__name__}: {exc}")
         message = f"backend {getattr(backend, 'name', backend)!r}: its {detail}"
-        warnings.warn(f"rnn_gpu: {message}; passed over", RuntimeWarning, stacklevel=3)
+        _warn(f"rnn_gpu: {message}; passed over")
         return [message]
 
 

@@ -130,6 +130,22 @@ def test_broken_plugin_warns_by_name_and_the_rest_still_works(site):
     assert out["ok"]
 
 
+def test_a_broken_plugins_warning_points_at_the_call_that_loaded_it(site):
+    """The load warning had stacklevel=3, right for a direct names() only: loaded by a
+    layer's call or by report(), it pointed into rnn_gpu's own files."""
+    (site / "rnn_gpu_broken_plugin.py").write_text("raise ImportError('libfoo.so missing')\n")
+    _dist_info(site, "rnn_gpu_broken_plugin", "broken = rnn_gpu_broken_plugin:Backend")
+    for call in ("m(x)", "rg.backends.report()", "rg.backends.get('numpy')"):
+        out = _run(site, f"""
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                line = sys._getframe().f_lineno; {call}
+            out["line"] = line
+            out["where"] = [[w.filename, w.lineno] for w in caught if "'broken'" in str(w.message)]
+        """)
+        assert out["where"] == [["<string>", out["line"]]], call
+
+
 def test_rnn_gpu_info_lists_the_plugin(site):
     environ = dict(os.environ, PYTHONPATH=str(site))
     proc = subprocess.run([sys.executable, "-m", "rnn_gpu.cli", "info"], env=environ,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -118,6 +120,32 @@ def test_a_backend_whose_probe_raises_is_passed_over_with_a_warning(temporary, x
         rg.LSTM(3, 5)(x)
     with pytest.warns(RuntimeWarning), pytest.raises(rg.BackendError, match="OSError"):
         rg.LSTM(3, 5)(x, backend="tmp_broken")        # named: its failure is the error
+
+
+def test_a_broken_backends_warning_points_at_the_callers_line(temporary, x):
+    """A fixed stacklevel counted from whichever path reached the warning: it named
+    registry.py, layers.py or torch's module.py, never the line of the user's call."""
+    torch = pytest.importorskip("torch")
+    import rnn_gpu.torch as rt
+
+    class Broken(_backend("tmp_broken", 1000)):
+        def unavailable_reason(self):
+            raise OSError("libfoo.so: cannot open shared object file")
+
+    temporary(Broken)
+    calls = [
+        lambda: rg.backends.select(_problem()),
+        lambda: rg.LSTM(3, 5)(x),
+        lambda: rg.LSTM(3, 5).forward(x),
+        lambda: rt.LSTM(3, 5)(torch.from_numpy(x)),
+        lambda: rt.LSTM(3, 5)(torch.from_numpy(x).requires_grad_()),   # autograd.Function
+    ]
+    for call in calls:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        where = {(w.filename, w.lineno) for w in caught if "tmp_broken" in str(w.message)}
+        assert where == {(__file__, call.__code__.co_firstlineno)}
 
 
 def test_selection_order_call_then_context_then_env_then_auto(temporary, x, monkeypatch):

@@ -12,7 +12,7 @@ from ._config import FLOAT32_PRECISIONS
 
 def _variant_names() -> str:
     """Every registered backend's variants as NAME:VARIANT, for --backend's help (read from
-    the backends, so that the help cannot fall behind them)."""
+    the backends, so that the help cannot fall behind them; see _BenchHelp for when)."""
     from . import registry
 
     try:
@@ -21,6 +21,22 @@ def _variant_names() -> str:
     except Exception as exc:               # a broken plugin must not break --help
         return f"the backends' variants could not be listed: {exc}"
     return ", ".join(names) or "no backend has variants"
+
+
+_VARIANTS = "{the backends' variants}"       # in bench --backend's help, see _BenchHelp
+
+
+class _BenchHelp(argparse.HelpFormatter):
+    """Fills in the backends' variants when bench's help is printed, not when the parser is
+    built: building it for every command (``rnn-gpu --help``, ``rnn-gpu run``) loaded every
+    backend plugin, and a plugin may import torch, triton or cupy at import time."""
+
+    def _get_help_string(self, action):
+        text = super()._get_help_string(action)
+        if text and _VARIANTS in text:
+            # argparse %-formats the help after this: a % in a variant's name is literal
+            text = text.replace(_VARIANTS, _variant_names().replace("%", "%%"))
+        return text
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -236,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
     bench = sub.add_parser(
         "bench", help="throughput of our backends next to torch.nn (cuDNN on a GPU), checked "
-                      "first",
+                      "first", formatter_class=_BenchHelp,
         description="Time one-layer passes of every available backend and of torch.nn with "
                     "the same weights in one process: on the CPU with the same thread count, "
                     "on a GPU with CUDA events against cuDNN. Every runner's output (and, for "
@@ -259,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backend", action="append", metavar="NAME",
                        help="our backends to run (default: every registered one that can "
                             "serve the case), NAME:VARIANT for one way of running it "
-                            f"({_variant_names()}); torch.nn always runs as the peer")
+                            f"({_VARIANTS}); torch.nn always runs as the peer")
     bench.add_argument("--dtype", action="append", metavar="DTYPE",
                        help="CPU: float32 (default) or float64; GPU: float32, float16, "
                             "bfloat16 (default: all three)")

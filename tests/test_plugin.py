@@ -156,6 +156,34 @@ def test_rnn_gpu_info_lists_the_plugin(site):
     assert ["numpy", "yes", "0"] in [line[:3] for line in lines]
 
 
+@pytest.mark.parametrize("argv,loads", [
+    (["--help"], False), (["run", "--help"], False), (["info", "--help"], False),
+    (["run"], False),                                 # a usage error: arguments missing
+    (["bench", "--threads", "two"], False),           # a usage error: not a number
+    (["bench", "--help"], True),                      # its --backend help lists the variants
+    (["info"], True),
+])
+def test_the_command_line_loads_plugins_only_for_a_command_that_needs_them(site, argv, loads):
+    """Building the parser read the backends' variants for bench's help, so every command,
+    `rnn-gpu --help` and `rnn-gpu run --help` too, imported every plugin (and whatever it
+    imports: torch, triton, cupy) before parsing a single argument."""
+    marker = site / "imported"
+    (site / "rnn_gpu_marker_plugin.py").write_text(textwrap.dedent(f"""
+        from pathlib import Path
+        Path({str(marker)!r}).write_text("imported")
+        from rnn_gpu_example_plugin import ExampleBackend as Marker
+    """))
+    _dist_info(site, "rnn_gpu_marker_plugin", "marker = rnn_gpu_marker_plugin:Marker")
+    environ = dict(os.environ, PYTHONPATH=str(site))
+    proc = subprocess.run([sys.executable, "-m", "rnn_gpu.cli", *argv], env=environ,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == (2 if argv in (["run"], ["bench", "--threads", "two"]) else 0), \
+        proc.stderr
+    assert marker.exists() == loads
+    if argv == ["bench", "--help"]:
+        assert "cupy:persistent" in " ".join(proc.stdout.split())
+
+
 def test_a_plugin_cannot_take_a_builtin_name_or_break_the_table(site):
     """Entry points loaded by name, first claim wins: a plugin whose entry point sorted before
     "numpy" and whose backend was named "numpy" displaced the built-in, and the warning blamed

@@ -1,7 +1,7 @@
 """Backends of rnn_gpu, one module each, and the registry API (DESIGN §4).
 
     rg.backends.names()     registered names
-    rg.backends.report()    one row per backend: name, available, reason, priority
+    rg.backends.report()    one row per backend: name, available, reason, priority, distribution
     rg.backends.get(name)
     rg.backends.register(factory, *, override=False)
 

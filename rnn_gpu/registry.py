@@ -33,6 +33,10 @@ class BackendError(RuntimeError):
 
 
 _backends: dict[str, Backend] = {}
+# name -> where the backend came from, for report(): "DIST VERSION" of the distribution whose
+# entry point it is, or "register() in MODULE" for one registered in code (which of several
+# installed plugins, or which version, serves a call is otherwise not visible)
+_sources: dict[str, str] = {}
 _plugins_loaded = False
 _lock = threading.RLock()
 _context_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -116,6 +120,9 @@ def _load_plugins() -> None:
             dist = getattr(ep, "dist", None)
             source = f", from {dist.metadata['Name']}" if dist is not None else ""
             origin = f"backend plugin {ep.name!r} ({ep.value}{source})"
+            # ep.dist is None where the finder gives no distribution (some importers)
+            installed = (f"{dist.metadata['Name']} {dist.version}" if dist is not None
+                         else f"entry point {ep.value}")
             try:
                 backend = _instantiate(ep.load(), origin)
             except Exception as exc:  # a broken plugin must never break the library
@@ -126,6 +133,7 @@ def _load_plugins() -> None:
                       f"{origins[backend.name]} already registered; ignoring it")
                 continue
             _backends[backend.name] = backend
+            _sources[backend.name] = installed
             origins[backend.name] = origin
 
 
@@ -143,6 +151,7 @@ def register(factory: Callable[[], Any], *, override: bool = False) -> Backend:
             raise ValueError(f"a backend named {backend.name!r} is already registered; "
                              "pass override=True to replace it")
         _backends[backend.name] = backend
+        _sources[backend.name] = f"register() in {getattr(factory, '__module__', None)}"
     return backend
 
 
@@ -151,6 +160,7 @@ def unregister(name: str) -> None:
     _load_plugins()
     with _lock:
         _backends.pop(name, None)
+        _sources.pop(name, None)
 
 
 def names() -> list[str]:
@@ -180,7 +190,10 @@ def check_name(name: Any) -> None:
 
 
 def report() -> list[dict[str, Any]]:
-    """One row per backend: name, available, reason, priority (highest priority first)."""
+    """One row per backend: name, available, reason, priority, distribution (highest priority
+    first). ``distribution`` is "NAME VERSION" of the installed distribution whose entry point
+    the backend is ("rnn-gpu 0.1.0" for the built-in ones), or "register() in MODULE" for one
+    registered in code."""
     rows = []
     for name in names():
         backend = _backends[name]
@@ -189,17 +202,19 @@ def report() -> list[dict[str, Any]]:
         except Exception as exc:
             reason = f"its unavailable_reason() raised {type(exc).__name__}: {exc}"
         rows.append({"name": name, "available": reason is None, "reason": reason or "",
-                     "priority": getattr(backend, "priority", 0)})
+                     "priority": getattr(backend, "priority", 0),
+                     "distribution": _sources.get(name, "")})
     return sorted(rows, key=lambda r: (-r["priority"], r["name"]))
 
 
 def format_report(rows: list[dict[str, Any]] | None = None) -> str:
     rows = report() if rows is None else rows
-    header = ("backend", "available", "priority", "reason")
+    header = ("backend", "available", "priority", "from", "reason")
+    # rows from before the distribution column (a caller's own report() rows) still print
     table = [header] + [(r["name"], "yes" if r["available"] else "no", str(r["priority"]),
-                         r["reason"]) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(3)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3]
+                         r.get("distribution") or "-", r["reason"]) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4]
              for row in table]
     return "\n".join(line.rstrip() for line in lines)
 

@@ -600,7 +600,7 @@ def test_report_says_why_cupy_is_unavailable(registered):
     assert "cupy is not installed" in reason or "no CUDA device" in reason or "cuBLAS" in reason
     row = next(r for r in rg.backends.report() if r["name"] == "cupy")
     assert row == {"name": "cupy", "available": False, "reason": reason,
-                   "priority": cb.PRIORITY}
+                   "priority": cb.PRIORITY, "distribution": f"rnn-gpu {rg.__version__}"}
 
 
 def test_explicit_cupy_on_numpy_input_raises_with_the_reason(registered):

@@ -65,7 +65,8 @@ def test_plugin_is_registered_through_the_entry_point(site):
     """)
     assert "example" in out["names"] and "numpy" in out["names"]
     row = next(r for r in out["rows"] if r["name"] == "example")
-    assert row == {"name": "example", "available": True, "reason": "", "priority": -10}
+    assert row == {"name": "example", "available": True, "reason": "", "priority": -10,
+                   "distribution": "rnn_gpu_example_plugin 0.1.0"}
     assert out["auto"] == 0, "auto selection must prefer the higher-priority numpy backend"
 
 
@@ -152,8 +153,9 @@ def test_rnn_gpu_info_lists_the_plugin(site):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = [line.split() for line in proc.stdout.splitlines()]
-    assert ["example", "yes", "-10"] in [line[:3] for line in lines]
-    assert ["numpy", "yes", "0"] in [line[:3] for line in lines]
+    assert ["example", "yes", "-10", "rnn_gpu_example_plugin", "0.1.0"] in [line[:5]
+                                                                           for line in lines]
+    assert ["numpy", "yes", "0", "rnn-gpu", "0.1.0"] in [line[:5] for line in lines]
 
 
 @pytest.mark.parametrize("argv,loads", [

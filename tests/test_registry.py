@@ -65,7 +65,8 @@ def x():
 def test_builtin_numpy_backend_comes_from_the_entry_point():
     assert "numpy" in rg.backends.names()
     row = next(r for r in rg.backends.report() if r["name"] == "numpy")
-    assert row == {"name": "numpy", "available": True, "reason": "", "priority": 0}
+    assert row == {"name": "numpy", "available": True, "reason": "", "priority": 0,
+                   "distribution": f"rnn-gpu {rg.__version__}"}
     assert isinstance(rg.backends.get("numpy"), NumpyBackend)
 
 
@@ -198,8 +199,24 @@ def test_nothing_fits_lists_every_backends_reason():
 
 def test_format_report_is_a_table():
     lines = rg.backends.format_report().splitlines()
-    assert lines[0].split() == ["backend", "available", "priority", "reason"]
-    assert any(line.split()[:3] == ["numpy", "yes", "0"] for line in lines[1:])
+    assert lines[0].split() == ["backend", "available", "priority", "from", "reason"]
+    assert any(line.split()[:5] == ["numpy", "yes", "0", "rnn-gpu", rg.__version__]
+               for line in lines[1:])
+
+
+def test_report_says_where_each_backend_came_from(temporary):
+    """Which installed distribution (and version) a backend came from was not shown: with two
+    plugins or two versions installed, `rnn-gpu info` could not tell which one served."""
+    temporary(_backend("tmp_coded", -5))
+    rows = {r["name"]: r for r in rg.backends.report()}
+    assert rows["numpy"]["distribution"] == f"rnn-gpu {rg.__version__}"
+    assert rows["tmp_coded"]["distribution"] == f"register() in {__name__}"
+    line = next(line for line in rg.backends.format_report().splitlines()
+                if line.startswith("tmp_coded"))
+    assert line.split()[3:6] == ["register()", "in", __name__]
+    # rows without the key (built by a caller before it existed) still format
+    assert "-" in rg.backends.format_report([{"name": "x", "available": True, "reason": "",
+                                              "priority": 1}]).splitlines()[1].split()
 
 
 @pytest.mark.parametrize("returns, got", [(None, "NoneType"), ((1, 2), "a tuple of 2")])

@@ -8,6 +8,7 @@ is printed so that a failure can be replayed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import re
@@ -899,3 +900,40 @@ def test_the_numpy_backend_follows_torchs_thread_count(monkeypatch):
 
     rg.GRU(4, 6)(np.zeros((3, 2, 4), "float32"))        # the core API: every usable core
     assert seen == [8], seen
+
+
+@pytest.mark.parametrize("cell", ["lstm", "lstm_proj", "gru", "rnn_tanh", "twostage"])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_zero_steps_are_refused_and_an_empty_batch_taken_as_by_torch_nn(cell, batch_first,
+                                                                         device):
+    """torch.nn's RNNs raise for T = 0 (batched or not, either layout, B = 0 or not; on the
+    meta device too) and take B = 0 with T >= 1; the drop-ins took T = 0 and returned empty
+    outputs, so code tried on them failed on torch.nn. TwoStageRNN is held to an RNN's rule."""
+    kwargs = dict(num_layers=2, bidirectional=True, batch_first=batch_first, device=device)
+    if cell == "twostage":
+        ref, ours = nn.RNN(3, 4, **kwargs), rt.TwoStageRNN(3, 4, **kwargs)
+    else:
+        ref_cls, our_cls, extra = CELLS[cell]
+        ref, ours = ref_cls(3, 4, **extra, **kwargs), our_cls(3, 4, **extra, **kwargs)
+    cases = {(0, 3): True}                          # shape -> refused; unbatched T = 0
+    for t, b in [(0, 2), (0, 0), (5, 0)]:
+        cases[(b, t, 3) if batch_first else (t, b, 3)] = t == 0
+    for shape, refused in cases.items():
+        x = torch.randn(*shape, device=device, requires_grad=device == "cpu")
+        with pytest.raises(RuntimeError, match="sequence length to be larger than 0") \
+                if refused else contextlib.nullcontext():
+            want = ref(x)
+        if refused:
+            with pytest.raises(ValueError, match=re.escape(
+                    f"input: expected at least one time step (T in dimension "
+                    f"{1 if batch_first and len(shape) == 3 else 0}")):
+                ours(x)
+            continue
+        got = ours(x)
+        assert [t.shape for t in torch.utils._pytree.tree_leaves(got)] == \
+            [t.shape for t in torch.utils._pytree.tree_leaves(want)]
+        if device == "cpu":                          # B = 0 trains: empty and zero gradients
+            sum(t.sum() for t in torch.utils._pytree.tree_leaves(got)).backward()
+            assert x.grad.shape == x.shape
+            assert all(p.grad is not None and not p.grad.any() for p in ours.parameters())

@@ -92,6 +92,7 @@ def run(core: RecurrentLayer, params: dict[str, torch.Tensor], x: torch.Tensor, 
         raise TypeError(f"input: expected a torch.Tensor or a PackedSequence, got "
                         f"{type(x).__name__} (the NumPy/CuPy API is rnn_gpu.{name})")
     core = bind(core, params, **attrs)
+    refuse_no_steps(core, core._check_input(x, "torch"), x)
     lstm = isinstance(core, _CoreLSTM)
     h0, c0 = _split_state(hx, lstm)
     dropout_active = core.training and core.dropout > 0 and core.num_layers > 1
@@ -117,6 +118,20 @@ def run(core: RecurrentLayer, params: dict[str, torch.Tensor], x: torch.Tensor, 
             y, final, _ = core.forward(x, state, lengths=lengths, backend=backend)
             return y, final
         return core(x, state, lengths=lengths, backend=backend)
+
+
+def refuse_no_steps(core: RecurrentLayer, layout: dict[str, Any], x: torch.Tensor) -> None:
+    """torch.nn's RNNs refuse an input of T = 0 steps (batched or not, either layout; B = 0
+    with T >= 1 they take), so the drop-ins do too, after the same checks of the input's
+    shape that torch.nn makes first. The core layers (the NumPy/CuPy API) take T = 0 and
+    return empty outputs and the initial state; a drop-in that did so would accept what
+    torch.nn refuses, and code tried on it would fail on torch.nn."""
+    if layout["T"] == 0:
+        where = "dimension 1, batch_first=True" if layout["batch_first"] and \
+            not layout["unbatched"] else "dimension 0"
+        raise ValueError(f"input: expected at least one time step (T in {where}), got shape "
+                         f"{tuple(x.shape)}; torch.nn's RNNs refuse T = 0 too (rnn_gpu."
+                         f"{type(core).__name__}, the NumPy/CuPy API, takes it)")
 
 
 def _refuse_tracing(name: str) -> None:

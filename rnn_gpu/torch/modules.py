@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from .. import layers as _layers
 from .. import registry
 from .._dtypes import canonical_dtype
-from .function import bind, run
+from .function import bind, refuse_no_steps, run
 
 
 def _parameterless(core_class: type, qualname: str) -> type:
@@ -186,6 +186,7 @@ class _RecurrentModule(nn.Module):
         layout = view._check_input(input, "torch")
         if hx is not None:
             view._check_state(hx, layout, "torch", name="hx")
+        refuse_no_steps(view, layout, input)
         dtype = next(iter(params.values())).dtype
         D, out = view.num_directions, view.output_size
         T, B = layout["T"], layout["B"]

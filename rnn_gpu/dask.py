@@ -166,7 +166,8 @@ def apply(model, array, lengths=None, *, emit: str = "last", backend: str | None
     ``.safetensors`` file. ``array``: a Dask array ``(N, T, input_size)``, sequence-major as on
     disk; chunks along N are the unit of work, and the T and feature axes are rechunked to one
     chunk each (a sequence cannot be split across tasks). ``lengths``: optional ``(N,)`` integer
-    lengths, NumPy or Dask; they are rechunked to match ``array``'s rows.
+    lengths, NumPy or Dask (whole numbers stored as floats are taken too, as the layers take
+    them); they are rechunked to match ``array``'s rows.
 
     Each chunk goes through :func:`rnn_gpu.batch.apply_batch`, in sub-batches of at most
     ``batch_size`` rows when given (to bound a worker's memory). The result is chunked along N
@@ -272,7 +273,10 @@ def _align_lengths(da, lengths, array):
     if lengths.ndim != 1 or (not np.isnan(N) and lengths.shape[0] != N):
         raise ValueError(f"lengths: expected shape ({N},), one length per sequence of array, "
                          f"got shape {tuple(lengths.shape)}")
-    if np.dtype(lengths.dtype).kind not in "iu":
+    # Floats holding whole numbers are lengths too, as the layers and `rnn-gpu run --lengths`
+    # take them (a lengths file saved as float64 is common); fractions are refused below
+    # (NumPy) or by the layer when the chunk runs (Dask), with the layers' message.
+    if np.dtype(lengths.dtype).kind not in "iuf":
         raise TypeError(f"lengths: expected integers, got dtype {lengths.dtype}")
     if any(np.isnan(c) for c in array.chunks[0]):
         raise ValueError("lengths: array has unknown chunk sizes along N, so lengths cannot be "
@@ -280,11 +284,17 @@ def _align_lengths(da, lengths, array):
     if isinstance(lengths, da.Array):           # checked per chunk, where they are read
         return lengths.rechunk((array.chunks[0],))
     T = array.shape[1]
+    if lengths.dtype.kind == "f":
+        whole = np.isfinite(lengths) & (lengths == np.round(lengths))
+        if not whole.all():
+            i = int(np.argmin(whole))
+            raise TypeError(f"lengths: expected integers, got dtype {lengths.dtype} with "
+                            f"lengths[{i}] = {lengths[i].item()!r}")
     bad = np.flatnonzero((lengths < 0) | (lengths > T))
     if bad.size:             # in memory already: checked now, not deep in a task at compute()
         raise ValueError(f"lengths: expected every length in [0, T={T}], got "
                          f"{lengths[bad[:5]].tolist()} (at index {int(bad[0])})")
-    return da.from_array(lengths, chunks=(array.chunks[0],))
+    return da.from_array(lengths.astype(np.int64, copy=False), chunks=(array.chunks[0],))
 
 
 # ---------------------------------------------------------------------- executor for `run`

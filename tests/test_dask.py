@@ -118,6 +118,48 @@ def test_apply_sub_batches_bound_rows_per_call(monkeypatch, model, data):
     assert max(sizes) <= 4 and sum(sizes) == N
 
 
+def test_float_lengths_are_taken_alike_by_the_layers_the_cli_and_apply(model, data, tmp_path,
+                                                                      capsys):
+    """Whole numbers stored as floats (a lengths file saved as float64) are lengths for the
+    layers and for `rnn-gpu run --lengths`; apply refused them (TypeError for any float
+    dtype), so the same data ran through two entry points and not the third. A fraction is
+    refused by all three, naming the lengths."""
+    from rnn_gpu.cli import main
+
+    x, lengths = data
+    whole = lengths.astype("float64")
+    expected = apply_batch(model, x, lengths, emit="last")
+    np.testing.assert_allclose(apply_batch(model, x, whole, emit="last"), expected, **TOL)
+    for given in (whole, da.from_array(whole, chunks=10)):
+        out = rgd.apply(model, da.from_array(x, chunks=(10, T, I)), given).compute(
+            scheduler="sync")
+        np.testing.assert_allclose(out, expected, **TOL)
+    rg.save(model, tmp_path / "m.safetensors")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "whole.npy", whole)
+    assert main(["run", str(tmp_path / "m.safetensors"), str(tmp_path / "x.npy"),
+                 str(tmp_path / "out.npy"), "--lengths", str(tmp_path / "whole.npy"),
+                 "--quiet"]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, **TOL)
+
+    half = whole.copy()
+    half[4] = 2.5
+    with pytest.raises(TypeError, match=r"lengths: expected integers.*2\.5"):
+        model(x.transpose(1, 0, 2), lengths=half)     # the layers: time-major (T, B, I)
+    with pytest.raises(TypeError, match=r"lengths: expected integers.*2\.5"):
+        rgd.apply(model, da.from_array(x, chunks=(10, T, I)), half)
+    with pytest.raises(TypeError, match=r"lengths: expected integers.*2\.5"):
+        rgd.apply(model, da.from_array(x, chunks=(10, T, I)),
+                  da.from_array(half, chunks=10)).compute(scheduler="sync")
+    np.save(tmp_path / "half.npy", half)
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "m.safetensors"), str(tmp_path / "x.npy"),
+                 str(tmp_path / "half.npy.out.npy"), "--lengths", str(tmp_path / "half.npy"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--lengths: expected integers, got 2.5 at index 4" in err and "Traceback" not in err
+
+
 def test_apply_empty_array(model):
     out = rgd.apply(model, da.zeros((0, T, I), chunks=(5, T, I), dtype="float64")).compute(
         scheduler="sync")
@@ -132,7 +174,8 @@ def test_apply_empty_array(model):
     ("unknown backend", ValueError, r"backend: unknown name 'nmupy'; registered backends are"),
     ("lengths too short", ValueError, r"lengths: expected shape \(23,\)"),
     ("lengths 2-d", ValueError, "lengths: expected shape"),
-    ("float lengths", TypeError, "lengths: expected integers"),
+    ("float lengths", TypeError, r"lengths: expected integers, got dtype float64 with "
+                                 r"lengths\[4\] = 2.5"),
     ("lengths past T", ValueError, rf"lengths: expected every length in \[0, T={T}\], got "
                                    rf"\[{T + 1}\] \(at index 3\)"),
     ("unknown emit", ValueError, "emit: expected one of last, sequence, probs"),
@@ -158,8 +201,9 @@ def test_apply_bad_input_names_the_argument(model, data, case, error, match):
         kwargs["lengths"] = lengths[:-1]
     elif case == "lengths 2-d":
         kwargs["lengths"] = lengths[:, None]
-    elif case == "float lengths":
-        kwargs["lengths"] = da.from_array(lengths.astype("float64"))
+    elif case == "float lengths":                   # whole floats are taken; 2.5 is not
+        kwargs["lengths"] = lengths.astype("float64")
+        kwargs["lengths"][4] = 2.5
     elif case == "lengths past T":                  # NumPy lengths: checked at once
         kwargs["lengths"] = lengths.copy()
         kwargs["lengths"][3] = T + 1

@@ -691,3 +691,38 @@ def test_two_paths_to_one_output_take_one_lock(job, capsys):
     finally:
         lock.release()
     assert code == 2 and "another rnn-gpu run is writing" in err, err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fds through /proc")
+def test_a_zarr_output_is_on_disk_before_the_manifest_names_its_chunks(job, capsys, monkeypatch):
+    """The npy path fsyncs each chunk (and with it the file's header) before the manifest
+    records it; zarr's metadata (zarr.json) and the folders zarr creates for a chunk
+    (c/<i>/0/) were never fsynced, so a crash after a run could leave recorded chunks beside
+    missing metadata, or chunk files whose names were lost (read back as zeros)."""
+    pytest.importorskip("zarr")
+    d = job[0]
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    assert run_cli(capsys, *job_args(d, "out.zarr", "--chunk-size", "96"))[0] == 0
+    store = os.path.realpath(d / "out.zarr")
+    manifests = [i for i, p in enumerate(synced) if ".manifest.json.tmp-" in p]
+    assert len(manifests) == 1 + 4            # the job, then one record per chunk
+    metadata = [m for m in ("zarr.json", ".zarray") if os.path.exists(os.path.join(store, m))]
+    first_record = manifests[1]
+    for path in [os.path.join(store, m) for m in metadata] + [store]:
+        assert path in synced[:first_record], path
+    for chunk in range(4):
+        chunk_file = next(p for p in (os.path.join(store, "c", str(chunk), "0"),   # (N, 2H)
+                                      os.path.join(store, f"{chunk}.0")) if os.path.exists(p))
+        before = synced[:manifests[1 + chunk]]
+        folder = os.path.dirname(chunk_file)
+        assert chunk_file in before
+        while folder != os.path.dirname(store):          # every folder up to the store's
+            assert folder in before, (chunk, folder)
+            folder = os.path.dirname(folder)

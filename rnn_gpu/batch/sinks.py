@@ -1,7 +1,8 @@
 """Outputs of ``rnn-gpu run`` and the manifest that makes a run resumable.
 
 The output is written one chunk (a contiguous range of rows) at a time. A chunk counts as done
-only once its bytes are on disk (written, then fsync'ed) *and* the manifest says so; the
+only once its bytes are on disk (written, then fsync'ed; for zarr, with the array's metadata
+and the folders on the way to the chunk's file) *and* the manifest says so; the
 manifest itself is replaced atomically (temporary file, fsync, ``os.replace``, fsync of the
 directory). A crash at any moment therefore leaves either the old manifest or the new one, and
 every chunk that either names is complete. Chunks not named are simply computed again.
@@ -77,6 +78,14 @@ class ZarrWriter:
         if create:
             self.array = zarr.open_array(store=path, mode="w", shape=self.shape, chunks=chunks,
                                          dtype=self.dtype, fill_value=0)
+            # zarr writes its metadata without fsync: a crash after a chunk was recorded could
+            # leave the recorded chunks beside a missing or empty zarr.json, as the npy path's
+            # header cannot be (the first chunk's fsync covers that file's header). OUTPUT's own
+            # entry in its folder is flushed by the manifest's write (same folder).
+            for name in ZARR_METADATA:
+                if os.path.isfile(os.path.join(path, name)):
+                    _fsync_file(os.path.join(path, name))
+            _fsync_dir(path)
         else:
             self.array = zarr.open_array(store=path, mode="r+")
         self.chunk_rows = chunk_rows
@@ -88,8 +97,15 @@ class ZarrWriter:
         chunk_file = self._chunk_file(start // self.chunk_rows)
         if chunk_file is None:
             os.sync()
-        else:
-            _fsync_file(chunk_file)
+            return
+        _fsync_file(chunk_file)
+        # and the folders on the way to it, which this write may have created (format 3:
+        # c/<i>/0/): a file's fsync does not flush its name, and a chunk recorded as done but
+        # not found after a crash would read as zeros (the fill value)
+        rel = os.path.relpath(os.path.dirname(chunk_file), self.path)
+        folders = [] if rel == os.curdir else rel.split(os.sep)
+        for depth in range(len(folders), -1, -1):          # c/<i>/0, c/<i>, c, the store
+            _fsync_dir(os.path.join(self.path, *folders[:depth]))
 
     def close(self) -> None:
         pass

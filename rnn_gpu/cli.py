@@ -314,7 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        # building the parser imports the commands and lists the backends' plugins: a few
+        # tenths of a second in which a Ctrl-C printed a traceback. Nothing has run yet. (The
+        # commands handle their own interruptions: run's message says what it kept.)
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("rnn-gpu: interrupted before the command started; nothing was done",
+              file=sys.stderr)
+        return 130
     return args.func(args)
 
 

@@ -101,3 +101,36 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(job, sig):
                               capture_output=True, text=True, timeout=120)
     assert straight.returncode == 0, straight.stderr
     np.testing.assert_array_equal(np.load(job / "out.npy"), np.load(job / "ref.npy"))
+
+
+# Ctrl-C while a module loads inside main: the process signals itself when the import starts
+CTRL_C_DURING_IMPORT = """
+import os, signal, sys
+signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])     # as SLOW_RUN above
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from rnn_gpu.cli import main
+
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == sys.argv[1]:
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlC())
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("module, message", [
+    ("rnn_gpu.bench.cases", "rnn-gpu: interrupted before the command started"),   # the parser
+    ("rnn_gpu.batch.run", "rnn-gpu run: interrupted"),          # the runner's own modules
+])
+def test_ctrl_c_while_the_command_loads_is_a_clean_interruption(job, module, message):
+    """Ctrl-C in the first few tenths of a second (the parser lists the backends' plugins, run
+    imports its modules) printed a traceback instead of the runner's message and status 130."""
+    args = [job / "model.safetensors", job / "x.npy", job / "out.npy", "--quiet"]
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_DURING_IMPORT, module, "run",
+                           *map(str, args)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (job / "out.npy").exists()

@@ -12,6 +12,7 @@ import json
 import sys
 
 from .apply import EMITS
+from .errors import RunFailure, UsageError
 
 DESCRIPTION = """\
 Stream the sequences of INPUT through the model in MODEL and write the results to OUTPUT.
@@ -67,18 +68,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .errors import RunFailure, UsageError
-    from .run import RunOptions, run
-
     if args.lengths is not None and args.no_lengths:
         return _fail(UsageError("--lengths: cannot be combined with --no-lengths"))
-    opts = RunOptions(
-        model=args.model, input=args.input, output=args.output, batch_size=args.batch_size,
-        emit=args.emit, backend=args.backend, dtype=args.dtype, device=args.device,
-        lengths=args.lengths, find_lengths=not args.no_lengths, chunk_rows=args.chunk_size,
-        bucket=not args.no_bucket, overwrite=args.overwrite, quiet=args.quiet,
-        scheduler=args.scheduler)
     try:
+        # the import inside the try: a Ctrl-C while the runner's modules load is an
+        # interruption like any other, not a traceback
+        from .run import RunOptions, run
+
+        opts = RunOptions(
+            model=args.model, input=args.input, output=args.output,
+            batch_size=args.batch_size, emit=args.emit, backend=args.backend, dtype=args.dtype,
+            device=args.device, lengths=args.lengths, find_lengths=not args.no_lengths,
+            chunk_rows=args.chunk_size, bucket=not args.no_bucket, overwrite=args.overwrite,
+            quiet=args.quiet, scheduler=args.scheduler)
         summary = run(opts)
     except (UsageError, RunFailure) as exc:
         return _fail(exc)

@@ -726,3 +726,51 @@ def test_a_zarr_output_is_on_disk_before_the_manifest_names_its_chunks(job, caps
         while folder != os.path.dirname(store):          # every folder up to the store's
             assert folder in before, (chunk, folder)
             folder = os.path.dirname(folder)
+
+
+def test_a_refused_run_leaves_no_lock_file_behind(job, capsys):
+    """OUTPUT.lock was created before the output was examined, so a run refused by those
+    checks (OUTPUT exists and is not this job's) left an empty lock file beside it."""
+    d = job[0]
+    (d / "other.npy").write_bytes(b"not ours")
+    code, _, err = run_cli(capsys, *job_args(d, "other.npy"))
+    assert code == 2 and "exists and was not written by this job" in err, err
+    assert not (d / "other.npy.lock").exists()
+    assert (d / "other.npy").read_bytes() == b"not ours"
+    # a run leaves its lock file (the README says so); another job refused later keeps it
+    assert run_cli(capsys, *job_args(d, "out.npy"))[0] == 0
+    assert (d / "out.npy.lock").exists()
+    code, _, err = run_cli(capsys, *job_args(d, "out.npy", "--emit", "sequence"))
+    assert code == 2 and "belongs to a different job" in err, err
+    assert (d / "out.npy.lock").exists()
+
+
+def test_a_lock_file_removed_by_a_refused_run_is_not_a_lock_any_more(job, monkeypatch):
+    """A refused run removes the lock file it made while it holds the lock. A run that opened
+    that file just before then locks a file no longer at the path, which a third run would
+    not see: it must start again with the file that is there."""
+    import fcntl
+
+    from rnn_gpu.batch.sinks import OutputLock
+
+    d = job[0]
+    refused = OutputLock(str(d / "out.npy"))            # created the file, holds the lock
+    assert refused.created
+    real_flock, calls = fcntl.flock, []
+
+    def flock_after_the_refusal(fd, op):
+        calls.append(fd)
+        if len(calls) == 1:                 # we opened the file; the refused run lets go now
+            refused.discard()
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_the_refusal)
+    second = OutputLock(str(d / "out.npy"))
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    try:
+        assert len(calls) == 2 and second.created          # locked the new file, not the old
+        assert os.path.samestat(os.fstat(second._fd), os.stat(d / "out.npy.lock"))
+        with pytest.raises(batch_sinks.UsageError, match="another rnn-gpu run is writing"):
+            OutputLock(str(d / "out.npy"))
+    finally:
+        second.release()

@@ -112,10 +112,16 @@ def run(opts: RunOptions, *, executor=None, log: Callable[[str], None] | None = 
     try:
         # The lock first: a Dask client connected before a refused lock was left open
         lock = OutputLock(opts.output)
-        executor = executor or _executor(opts, log)
-        remove_stale_temporaries(opts.output)
-        manifest, fresh = _open_manifest(opts, job, -(-N // chunk_rows), out_shape, out_dtype,
-                                         note)
+        try:
+            executor = executor or _executor(opts, log)
+            remove_stale_temporaries(opts.output)
+            manifest, fresh = _open_manifest(opts, job, -(-N // chunk_rows), out_shape,
+                                             out_dtype, note)
+        except UsageError:
+            # refused before anything was written: the lock file goes too, if this run made it
+            # (the checks above need the lock, so it cannot come after them; see OutputLock)
+            lock.discard()
+            raise
         counts = _execute(opts, model, plan, manifest, fresh, executor, out_shape, out_dtype,
                           note, pinned or opts.backend)
     finally:

@@ -10,6 +10,7 @@ every chunk that either names is complete. Chunks not named are simply computed 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -132,29 +133,75 @@ class ZarrWriter:
 class OutputLock:
     """An exclusive lock on OUTPUT for the length of a run, so that two runs never write the
     same output at once. ``flock`` locks die with their process, so a killed run leaves no
-    stale lock behind. Where ``fcntl`` does not exist (Windows) there is no lock."""
+    stale lock behind. Where ``fcntl`` does not exist (Windows) there is no lock.
+
+    The lock is taken before the output is examined: whether OUTPUT may be resumed,
+    overwritten or refused is only true while no other run can change it. A run refused by
+    those checks removes the lock file again if it created it (:meth:`discard`), so that a
+    refused command leaves the folder as it found it. Removing a lock file is safe only
+    because every run, once it holds the lock, checks that the file it locked is still the
+    one at the path (see ``__init__``)."""
 
     def __init__(self, output: str):
         # beside the file the output really is: two paths to it (a symlink, a symlinked
         # folder) took two locks, and two runs could write the same file at once
         self.path = os.path.realpath(output) + ".lock"
         self._fd = None
+        self.created = False            # by this run: discard() may remove it
         try:
             import fcntl
         except ImportError:
             return
-        try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise UsageError(f"OUTPUT: cannot create the lock file {self.path!r} beside it "
-                             f"({exc.strerror}); OUTPUT's directory must be writable") from None
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self._fd)
-            self._fd = None
-            raise UsageError(f"OUTPUT: another rnn-gpu run is writing {output!r} (it holds "
-                             f"{self.path!r}); wait for it or stop it first") from None
+        while True:
+            fd, created = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise UsageError(f"OUTPUT: another rnn-gpu run is writing {output!r} (it "
+                                 f"holds {self.path!r}); wait for it or stop it first"
+                                 ) from None
+            # A refused run removes the file while holding its lock; if we opened it just
+            # before that, we now hold a lock on a file no longer at the path, which a third
+            # run would not see. Then start again with the file that is there (or none).
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd, self.created = fd, created
+                return
+            os.close(fd)
+
+    def _open(self) -> tuple[int, bool]:
+        """The lock file's descriptor, and whether this call created it."""
+        while True:
+            try:
+                return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise UsageError(f"OUTPUT: cannot create the lock file {self.path!r} beside "
+                                 f"it ({exc.strerror}); OUTPUT's directory must be writable"
+                                 ) from None
+            try:
+                return os.open(self.path, os.O_RDWR), False
+            except FileNotFoundError:
+                continue                # removed in between by a refused run: create it
+            except OSError as exc:
+                raise UsageError(f"OUTPUT: cannot open the lock file {self.path!r} beside it "
+                                 f"({exc.strerror}); OUTPUT's directory must be writable"
+                                 ) from None
+
+    def discard(self) -> None:
+        """Release the lock, and remove the lock file if this run created it: for a run that
+        was refused before it wrote anything. (After a run the file stays, as documented.)"""
+        if self._fd is not None and self.created:
+            # still ours: removed while we hold its lock. If it cannot be, it stays, as after
+            # any run: harmless
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+        self.release()
 
     def release(self) -> None:
         if self._fd is not None:

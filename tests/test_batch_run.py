@@ -774,3 +774,33 @@ def test_a_lock_file_removed_by_a_refused_run_is_not_a_lock_any_more(job, monkey
             OutputLock(str(d / "out.npy"))
     finally:
         second.release()
+
+
+def test_the_output_is_checked_before_the_dask_scheduler_is_contacted(job, capsys,
+                                                                      monkeypatch):
+    """With --scheduler the client connected before OUTPUT was examined: a usage error there
+    (OUTPUT not this job's) cost a connection, or the wait for a scheduler that is down."""
+    from rnn_gpu.batch import run as batch_run
+    from rnn_gpu.batch.errors import UsageError
+
+    contacted = []
+
+    def unreachable(opts, log):
+        contacted.append(opts.scheduler)
+        raise UsageError(f"--scheduler: cannot connect to a Dask scheduler at "
+                         f"{opts.scheduler!r}: timed out")
+
+    monkeypatch.setattr(batch_run, "_executor", unreachable)
+    d = job[0]
+    (d / "other.npy").write_bytes(b"not ours")
+    scheduler = ["--scheduler", "tcp://127.0.0.1:9"]
+    code, _, err = run_cli(capsys, *job_args(d, "other.npy", *scheduler))
+    assert code == 2 and "OUTPUT:" in err and "was not written by this job" in err, err
+    assert contacted == []
+    # the checks passed (--overwrite): the connection is tried, and fails before the old
+    # output is deleted
+    code, _, err = run_cli(capsys, *job_args(d, "other.npy", *scheduler, "--overwrite"))
+    assert code == 2 and "--scheduler: cannot connect" in err, err
+    assert contacted == ["tcp://127.0.0.1:9"]
+    assert (d / "other.npy").read_bytes() == b"not ours"
+    assert not (d / "other.npy.manifest.json").exists() and not (d / "other.npy.lock").exists()

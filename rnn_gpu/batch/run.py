@@ -42,6 +42,7 @@ from .prefetch import prefetch
 from .sinks import (
     Manifest,
     OutputLock,
+    check_removable,
     is_zarr_output,
     manifest_path,
     open_writer,
@@ -113,15 +114,18 @@ def run(opts: RunOptions, *, executor=None, log: Callable[[str], None] | None = 
         # The lock first: a Dask client connected before a refused lock was left open
         lock = OutputLock(opts.output)
         try:
+            checked = _check_output(opts, job, out_shape, out_dtype)
+            # Only now the cluster: every local check is done, so a usage error costs no
+            # connection (nor the wait for a scheduler that is down). Nothing is written yet
+            # either, so a scheduler that cannot be reached is still a usage error.
             executor = executor or _executor(opts, log)
-            remove_stale_temporaries(opts.output)
-            manifest, fresh = _open_manifest(opts, job, -(-N // chunk_rows), out_shape,
-                                             out_dtype, note)
         except UsageError:
             # refused before anything was written: the lock file goes too, if this run made it
             # (the checks above need the lock, so it cannot come after them; see OutputLock)
             lock.discard()
             raise
+        remove_stale_temporaries(opts.output)
+        manifest, fresh = _open_manifest(opts, job, -(-N // chunk_rows), checked, note)
         counts = _execute(opts, model, plan, manifest, fresh, executor, out_shape, out_dtype,
                           note, pinned or opts.backend)
     finally:
@@ -469,11 +473,14 @@ def _job(opts, model, source, lengths_identity, chunk_rows, out_shape, out_dtype
     return json.loads(json.dumps(job))       # the form it takes after a round trip to disk
 
 
-def _open_manifest(opts, job, n_chunks, out_shape, out_dtype, note) -> tuple[Manifest, bool]:
-    """The job's manifest, and whether the output has to be created afresh."""
+def _check_output(opts, job, out_shape, out_dtype) -> tuple[dict | None, bool]:
+    """Whether OUTPUT may be written by this job: (the stored manifest, whether to resume it).
+    Raises UsageError if not. Only reads: :func:`_open_manifest` acts on the answer, after the
+    executor has connected."""
     path, chunk_rows = manifest_path(opts.output), job["chunk_rows"]
     if opts.overwrite:
-        remove_output(opts.output)
+        check_removable(opts.output)
+        return None, False
     stored = Manifest.read(path)
     exists = os.path.lexists(opts.output)
     if stored is None and exists:
@@ -487,10 +494,23 @@ def _open_manifest(opts, job, n_chunks, out_shape, out_dtype, note) -> tuple[Man
                          "or pass --overwrite to start again")
     if stored is not None and exists and output_matches(opts.output, out_shape, out_dtype,
                                                          chunk_rows):
+        return stored, True
+    if exists:
+        check_removable(opts.output)
+    return stored, False
+
+
+def _open_manifest(opts, job, n_chunks, checked: tuple[dict | None, bool], note
+                   ) -> tuple[Manifest, bool]:
+    """The job's manifest, and whether the output has to be created afresh. ``checked`` is
+    :func:`_check_output`'s answer."""
+    path, chunk_rows = manifest_path(opts.output), job["chunk_rows"]
+    stored, resume = checked
+    if resume:
         return Manifest.from_dict(path, stored), False
     if stored is not None and stored.get("done"):
         note(f"rnn-gpu run: OUTPUT {opts.output!r} is missing or damaged; starting again")
-    if exists:
+    if opts.overwrite or os.path.lexists(opts.output):
         remove_output(opts.output)
     manifest = Manifest(path, job, chunk_rows, n_chunks)
     try:

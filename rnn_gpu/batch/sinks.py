@@ -238,10 +238,8 @@ def output_matches(path: str, shape, dtype, chunk_rows: int) -> bool:
 ZARR_METADATA = (".zarray", ".zgroup", ".zattrs", "zarr.json")
 
 
-def remove_output(path: str) -> None:
-    """Delete an output (file or zarr directory) and its manifest, for ``--overwrite``. A
-    directory goes only when it is a zarr store (named ``*.zarr``, holding zarr's metadata, or
-    empty): anything else is a UsageError, never deleted."""
+def check_removable(path: str) -> None:
+    """The UsageError :func:`remove_output` would raise, without deleting anything."""
     if os.path.isdir(path) and not os.path.islink(path):
         entries = os.listdir(path)
         ours = os.path.isfile(manifest_path(path))      # a run of ours wrote it (its manifest)
@@ -249,6 +247,14 @@ def remove_output(path: str) -> None:
                                         and not set(entries) & set(ZARR_METADATA)):
             raise UsageError(f"OUTPUT: {path!r} is a directory that is not a zarr store; "
                              f"not deleting it (give a .npy path or a .zarr directory)")
+
+
+def remove_output(path: str) -> None:
+    """Delete an output (file or zarr directory) and its manifest, for ``--overwrite``. A
+    directory goes only when it is a zarr store (named ``*.zarr``, holding zarr's metadata, or
+    empty): anything else is a UsageError, never deleted."""
+    check_removable(path)
+    if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.remove(path)

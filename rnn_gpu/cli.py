@@ -315,9 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        # building the parser imports the commands and lists the backends' plugins: a few
-        # tenths of a second in which a Ctrl-C printed a traceback. Nothing has run yet. (The
-        # commands handle their own interruptions: run's message says what it kept.)
+        # building the parser imports the commands' modules (bench's help, if asked for, lists
+        # the backends' plugins): a window in which a Ctrl-C printed a traceback. Nothing has
+        # run yet. (The commands handle their own interruptions: run's message says what it
+        # kept.)
         args = build_parser().parse_args(argv)
     except KeyboardInterrupt:
         print("rnn-gpu: interrupted before the command started; nothing was done",

@@ -804,3 +804,46 @@ def test_the_output_is_checked_before_the_dask_scheduler_is_contacted(job, capsy
     assert contacted == ["tcp://127.0.0.1:9"]
     assert (d / "other.npy").read_bytes() == b"not ours"
     assert not (d / "other.npy.manifest.json").exists() and not (d / "other.npy.lock").exists()
+
+
+def test_a_zarr_output_without_zarr_installed_is_refused_before_anything_is_written(
+        job, capsys, monkeypatch):
+    """Refused at the output's checks, leaving the folder as it was: the check at the sink's
+    opening came after the manifest and the lock file had been written beside OUTPUT."""
+    import sys
+
+    d = job[0]
+    before = sorted(p.name for p in d.iterdir())
+    monkeypatch.setitem(sys.modules, "zarr", None)          # import zarr -> ImportError
+    code, _, err = run_cli(capsys, *job_args(d, "out.zarr"))
+    assert code == 2 and "OUTPUT: reading or writing zarr needs the zarr package" in err, err
+    assert sorted(p.name for p in d.iterdir()) == before
+
+
+def test_an_old_output_that_cannot_be_removed_fails_clearly_and_vouches_for_nothing(
+        job, capsys, monkeypatch):
+    """--overwrite of a zarr output whose removal fails half way: exit 1 with the reason, no
+    traceback, and no manifest left to vouch for chunks that may be gone (a rerun resumed
+    them, reading zeros where the files had been)."""
+    import errno as _errno
+    import shutil
+
+    d = job[0]
+    assert run_cli(capsys, *job_args(d, "out.zarr"))[0] == 0
+    real_rmtree = shutil.rmtree
+
+    def half_then_fail(path, *args, **kwargs):
+        chunks = os.path.join(path, "c")
+        if os.path.isdir(chunks):
+            real_rmtree(chunks)                 # some chunk files gone ...
+        raise PermissionError(_errno.EACCES, "Permission denied", path)   # ... then refused
+
+    monkeypatch.setattr(batch_sinks.shutil, "rmtree", half_then_fail)
+    code, _, err = run_cli(capsys, *job_args(d, "out.zarr", "--overwrite"))
+    assert code == 1 and "cannot remove the old output" in err and "Permission denied" in err
+    assert not os.path.exists(batch_sinks.manifest_path(str(d / "out.zarr")))
+    monkeypatch.setattr(batch_sinks.shutil, "rmtree", real_rmtree)
+    code, _, err = run_cli(capsys, *job_args(d, "out.zarr"))      # no resume of gone chunks
+    assert code == 2, err
+    code, summary, err = run_cli(capsys, *job_args(d, "out.zarr", "--overwrite"))
+    assert code == 0 and summary["shape"][0] == N, err

@@ -50,7 +50,7 @@ from .sinks import (
     remove_output,
     remove_stale_temporaries,
 )
-from .sources import lengths_beside, open_input, open_lengths
+from .sources import _import_zarr, lengths_beside, open_input, open_lengths
 
 CHUNK_BUDGET = 32 * 2**20          # bytes of input or output per chunk, at most 8 batches
 MAX_BATCHES_PER_CHUNK = 8
@@ -392,6 +392,10 @@ def _check_output_path(opts: RunOptions) -> None:
         # the file is NPY whatever its name: out.txt or out.csv would mislead whoever opens it
         raise UsageError(f"OUTPUT: expected a path ending in .npy (a NumPy file) or .zarr (a "
                          f"zarr array), got {opts.output!r}")
+    if is_zarr_output(opts.output):
+        # here, not when the sink opens: by then the manifest was written and the lock file
+        # made, and a run refused for want of zarr left both beside OUTPUT
+        _import_zarr("OUTPUT")
 
 
 def _chunk_rows(batch_size: int, source, out_shape, out_dtype) -> int:
@@ -511,7 +515,11 @@ def _open_manifest(opts, job, n_chunks, checked: tuple[dict | None, bool], note
     if stored is not None and stored.get("done"):
         note(f"rnn-gpu run: OUTPUT {opts.output!r} is missing or damaged; starting again")
     if opts.overwrite or os.path.lexists(opts.output):
-        remove_output(opts.output)
+        try:
+            remove_output(opts.output)
+        except OSError as exc:      # a read-only folder, a file in use: say which, no traceback
+            raise RunFailure(f"OUTPUT: cannot remove the old output {opts.output!r} to start "
+                             f"again: {exc}") from None
     manifest = Manifest(path, job, chunk_rows, n_chunks)
     try:
         manifest.save()          # first the manifest: a crash now leaves a job with no chunks

@@ -254,12 +254,15 @@ def remove_output(path: str) -> None:
     directory goes only when it is a zarr store (named ``*.zarr``, holding zarr's metadata, or
     empty): anything else is a UsageError, never deleted."""
     check_removable(path)
+    # the manifest first: a removal that fails half way (a read-only folder inside the store)
+    # then leaves an output no manifest vouches for, which a rerun refuses or overwrites;
+    # the other way round, a manifest would list chunks whose files were gone
+    if os.path.lexists(manifest_path(path)):
+        os.remove(manifest_path(path))
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.remove(path)
-    if os.path.lexists(manifest_path(path)):
-        os.remove(manifest_path(path))
 
 
 class Manifest:

@@ -422,3 +422,20 @@ def test_the_first_split_tiling_is_also_offered_with_half_the_programs(launch):
                                    "split b32 h32 k64 u32 w4"]        # 128, 128, 64 programs
     assert described(4096, 256)[2] == "split b128 h64 k64 u128 w8"     # 32 x 2 programs
     assert not any(d.startswith("split") for d in described(16384, 128))   # none to widen
+
+
+def test_out_of_memory_while_timing_is_raised_as_such(fake_card, launch):
+    """torch.cuda.OutOfMemoryError is a RuntimeError, which the tuner takes for a tiling the
+    card cannot launch: every candidate "failed" and the call raised "no tiling ... runs on
+    this card", which rnn-gpu run does not recognise as out of memory (it halves the batch on
+    one), nor would anyone reading it. The error itself must come through, and nothing be
+    cached."""
+    from rnn_gpu.batch.executors import is_out_of_memory
+
+    def no_memory(tiles, grid_sync, n_steps):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError) as caught:
+        launch.choose("lstm", 4, 64, 1024, "float16", "cuda:0", no_memory, resident=True)
+    assert is_out_of_memory(caught.value)
+    assert launch.tuned() == {}

@@ -328,8 +328,15 @@ def step_ms(time_call: Callable[[Tiles, bool, int], float],
 
 # What a tiling that cannot run here raises: Triton's compile errors, ptxas's, its resource
 # check, and the launch's RuntimeError ("Triton Error [CUDA]: ...", e.g. a cooperative grid the
-# driver cannot hold at once)
+# driver cannot hold at once). Not an out-of-memory error, though torch's is a RuntimeError too:
+# the call itself would not fit either, and the caller must see it as one (rnn-gpu run halves
+# a batch on it; as "no tiling runs on this card" the run failed).
 CANNOT_RUN = (CompilationError, OutOfResources, PTXASError, RuntimeError)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch's (and CuPy's) out-of-memory errors, by type name as rnn_gpu.batch matches them."""
+    return any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__)
 
 
 def _timed(time_call: Callable[[Tiles, bool, int], float], option: tuple[Tiles, bool],
@@ -340,6 +347,8 @@ def _timed(time_call: Callable[[Tiles, bool, int], float], option: tuple[Tiles, 
     try:
         return step_ms(time_call, option)
     except CANNOT_RUN as exc:
+        if _out_of_memory(exc):
+            raise
         reason = f"{_describe(option)}: {type(exc).__name__}: {str(exc)[:200]}"
         if failures is not None:
             failures.append(reason)

@@ -559,3 +559,35 @@ def test_bench_help_lists_every_backends_variants(capsys):
     for name in registry.names():
         for variant in (getattr(registry.get(name), "variants", None) or (lambda: ()))():
             assert f"{name}:{variant}" in text
+
+
+def test_the_cudnn_peer_declines_bfloat16_below_compute_capability_8_on_the_case_card(
+        monkeypatch):
+    """torch.cuda.is_bf16_supported() answers for the current device, and says yes below 8.0
+    where a bfloat16 tensor can be made (emulation): a V100 (7.0) was not declined, nor a
+    case on cuda:1 judged by its own card."""
+    torch = pytest.importorskip("torch")
+    from rnn_gpu.bench.cases import Case
+    from rnn_gpu.bench.peers import TorchRunner
+
+    capability = {0: (9, 0), 1: (7, 0)}
+    asked = []
+
+    def get_device_capability(device=None):
+        index = torch.device(device).index or 0
+        asked.append(index)
+        return capability[index]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+    runner = TorchRunner("cuda:1")
+    old = Case("LSTM", 4, 2, 3, 5, dtype="bfloat16", device="cuda:1")
+    assert runner.unavailable_reason(old) == ("bfloat16 needs compute capability 8.0, cuda:1 "
+                                              "has 7.0")
+    assert runner.unavailable_reason(Case("LSTM", 4, 2, 3, 5, dtype="float16",
+                                          device="cuda:1")) is None
+    assert TorchRunner("cuda").unavailable_reason(
+        Case("LSTM", 4, 2, 3, 5, dtype="bfloat16", device="cuda:0")) is None
+    assert set(asked) == {0, 1}

@@ -195,8 +195,12 @@ class TorchRunner(Runner):
             return None
         if not torch.cuda.is_available():
             return "torch sees no CUDA device"
-        if case.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
-            return "bfloat16 needs compute capability 8.0"
+        # the case's card, not the current one; and not torch.cuda.is_bf16_supported(), which
+        # says yes below 8.0 too where bfloat16 tensors can be made (emulated)
+        major, minor = torch.cuda.get_device_capability(case.device)
+        if case.dtype == "bfloat16" and major < 8:
+            return (f"bfloat16 needs compute capability 8.0, {case.device} has "
+                    f"{major}.{minor}")
         return None
 
     def prepare(self, case, params, x):

@@ -230,9 +230,15 @@ def _run_tiles(fn, tiles: list[_Tile]) -> None:
             _pool = ThreadPoolExecutor(max_workers=_pool_size, thread_name_prefix="rnn_gpu_numpy")
     barrier = tiles[0].barrier
 
+    # NumPy < 2 keeps np.errstate per thread, outside the context copied below: a pool thread
+    # ran its tiles with the defaults (errstate(all="raise") raised for row 0 of a batch and
+    # let row 255 through as NaN, warned). Each tile takes the caller's settings explicitly.
+    err, errcall = np.geterr(), np.geterrcall()
+
     def guarded(tile):
         try:
-            fn(tile)
+            with np.errstate(call=errcall, **err):
+                fn(tile)
         except BaseException:
             if tile.barrier is not None:
                 tile.barrier.abort()            # release the other tiles instead of hanging

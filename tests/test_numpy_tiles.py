@@ -280,15 +280,3 @@ def test_blas_limit_set_in_one_thread_and_restored_in_another():
 def _in_limit():
     with nb._single_threaded_blas():
         return _blas_threads()
-
-
-def test_errstate_holds_in_every_tile(monkeypatch):
-    """np.errstate held only in the tile the caller's thread ran: an inf pair in row 0
-    raised under errstate(all="raise"), in row 255 it came back as NaN with a warning."""
-    monkeypatch.setenv("RNN_GPU_NUM_THREADS", "2")
-    m = rg.RNN(8, 512, seed=0)
-    for row in (0, 255):
-        x = np.zeros((3, 256, 8), np.float32)
-        x[0, row, :2] = np.inf, -np.inf
-        with np.errstate(all="raise"), pytest.raises(FloatingPointError):
-            m(x)

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'rnn-gpu[test]')")
 
 F64 = torch.float64
 

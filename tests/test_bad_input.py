@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import rnn_gpu as rg
 from rnn_gpu.registry import BackendError
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'rnn-gpu[test]')")
 
 F32 = np.float32
 

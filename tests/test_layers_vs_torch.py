@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracles import (
@@ -27,6 +26,8 @@ from oracles import (
 )
 
 import rnn_gpu as rg
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'rnn-gpu[test]')")
 
 CELLS = ("LSTM", "GRU", "RNN", "TwoStageRNN")
 ACTS = ("tanh", "sigmoid", "relu")

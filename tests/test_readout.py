@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 import rnn_gpu as rg
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'rnn-gpu[test]')")
+F = torch.nn.functional
 
 
 def _torch_linear(r: rg.Readout) -> torch.nn.Linear:

@@ -15,7 +15,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 from oracles import assert_close, ours, reference
 from test_layers_vs_torch import Case, build
 
@@ -24,6 +23,8 @@ import rnn_gpu.backends.numpy as nb
 from rnn_gpu import _segments
 from rnn_gpu.backend_api import SegmentCosts
 from rnn_gpu.backends.numpy import NumpyBackend
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'rnn-gpu[test]')")
 
 # ---------------------------------------------------------------------- the planner
 

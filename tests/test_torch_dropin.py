@@ -16,13 +16,16 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
-from torch.func import functional_call
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-import rnn_gpu.torch as rt
 from rnn_gpu.registry import BackendError
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'rnn-gpu[test]')")
+nn = torch.nn
+functional_call = torch.func.functional_call
+PackedSequence = torch.nn.utils.rnn.PackedSequence
+pack_padded_sequence = torch.nn.utils.rnn.pack_padded_sequence
+
+import rnn_gpu.torch as rt  # noqa: E402  (needs torch)
 
 F64 = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)

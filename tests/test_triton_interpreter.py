@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from oracles import Result, as_tuple, assert_close, assert_close_rms, in_dtype, ours, reference
 from test_layers_vs_torch import SMALL_ACTIVATION_CELLS, Case, build, check_small_activations
 
 import rnn_gpu as rg
 from rnn_gpu.registry import BackendError
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'rnn-gpu[test]')")
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 

@@ -14,7 +14,8 @@ import types
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'rnn-gpu[test]')")
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 

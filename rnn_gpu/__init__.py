@@ -7,7 +7,10 @@
 See DESIGN §3 for the public names; ``rg.backends`` is the backend registry.
 """
 
-from . import backends
+from . import (
+    _source_tree,  # noqa: F401  (first: a checkout's backends/ and kernels/)
+    backends,
+)
 from ._config import allow_tf32, float32_precision, set_float32_precision, tf32_allowed
 from .io import load, save
 from .layers import GRU, LSTM, RNN, RecurrentLayer, TwoStageRNN

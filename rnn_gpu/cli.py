@@ -324,7 +324,17 @@ def main(argv: list[str] | None = None) -> int:
         print("rnn-gpu: interrupted before the command started; nothing was done",
               file=sys.stderr)
         return 130
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        # the reader of stdout left (`rnn-gpu info | head -3`): no traceback. Python flushes
+        # stdout again at exit and would raise there too, so stdout goes to devnull.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):   # no real stdout (captured, closed)
+            pass
+        return 1
 
 
 if __name__ == "__main__":

@@ -829,6 +829,7 @@ def test_an_old_output_that_cannot_be_removed_fails_clearly_and_vouches_for_noth
     import errno as _errno
     import shutil
 
+    pytest.importorskip("zarr")
     d = job[0]
     assert run_cli(capsys, *job_args(d, "out.zarr"))[0] == 0
     real_rmtree = shutil.rmtree

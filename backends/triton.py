@@ -50,9 +50,9 @@ class TritonBackend(Backend):
         return INTERPRETED_PRIORITY if interpreting() else PRIORITY
 
     def unavailable_reason(self) -> str | None:
-        for module, extra in (("torch", "torch"), ("triton", "triton")):
-            if importlib.util.find_spec(module) is None:
-                return f"{module} is not installed (pip install 'rnn-gpu[{extra}]')"
+        for module in ("torch", "triton"):
+            if importlib.util.find_spec(module) is None:   # [triton] brings both
+                return f"{module} is not installed (pip install 'rnn-gpu[triton]')"
         if interpreting():
             return None
         import torch

@@ -366,3 +366,18 @@ def test_a_backend_returning_wrong_arrays_is_named(temporary, x, forward_change,
     with pytest.raises(TypeError, match=r"backend 'tmp_wrong': .*" + error):
         y, state, tape = m.forward(x, backend="tmp_wrong")
         m.backward(tape, np.ones_like(y))
+
+
+@pytest.mark.parametrize("missing", ["torch", "triton"])
+def test_the_triton_backends_install_hint_names_the_extra_that_brings_it(monkeypatch, missing):
+    """Either package missing: the hint is the [triton] extra (torch + triton); [torch] alone
+    would leave the backend unavailable for want of triton."""
+    import importlib.util
+
+    from rnn_gpu.backends.triton import TritonBackend
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == missing else real(name, *a))
+    assert TritonBackend().unavailable_reason() == (
+        f"{missing} is not installed (pip install 'rnn-gpu[triton]')")

@@ -41,6 +41,24 @@ def _build(kind: str, src: Path, out: Path) -> Path:
     return built
 
 
+def _tracked(*folders: str) -> list[str]:
+    """The files under ``folders`` that git tracks (a checkout's leftovers, such as asv's
+    results, are no part of a release); without git (an unpacked sdist), every file but
+    caches and hidden folders."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "--", *folders], cwd=ROOT, check=True,
+                                capture_output=True, text=True, timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        listed = None
+    if listed:
+        return listed
+    return [p.relative_to(ROOT).as_posix() for folder in folders
+            for p in (ROOT / folder).rglob("*")
+            if p.is_file() and not p.name.endswith(".pyc")
+            and not any(part == "__pycache__" or part.startswith(".")
+                        for part in p.relative_to(ROOT).parts)]
+
+
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
     """The project's files without build leftovers (egg-info, build/, caches)."""
@@ -64,15 +82,14 @@ def test_wheel_holds_kernels_backends_and_entry_points(tree, tmp_path):
     text = zipfile.ZipFile(whl).read(ep).decode()
     assert "rnn-gpu = rnn_gpu.cli:main" in text
     assert "numpy = rnn_gpu.backends.numpy:NumpyBackend" in text
+    # BSD-3-Clause asks that binary redistributions carry the licence text
+    assert any(n.endswith("LICENSE") and ".dist-info/" in n for n in names), sorted(names)
 
 
 def test_sdist_holds_what_its_tests_need(tree, tmp_path):
     with tarfile.open(_build("sdist", tree, tmp_path / "dist")) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    tracked = [p.relative_to(ROOT).as_posix()
-               for folder in ("tests", "examples", "asv_benchmarks")
-               for p in (ROOT / folder).rglob("*")
-               if p.is_file() and "__pycache__" not in p.parts and not p.name.endswith(".pyc")]
+    tracked = _tracked("tests", "examples", "asv_benchmarks")
     missing = sorted(set(tracked) - names)
     assert not missing, f"not in the sdist: {missing}"
-    assert {"README.md", "pyproject.toml", "docs/design.md"} <= names
+    assert {"README.md", "LICENSE", "pyproject.toml", "docs/design.md"} <= names

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -83,6 +84,7 @@ _pool_size = 0
 _pool_lock = threading.Lock()
 _barrier_lock = threading.Lock()      # one barrier group at a time in the pool: no deadlock
 _blas_controller = None
+_blas_controller_modules = -1         # len(sys.modules) when _blas_controller scanned
 _blas_limiter = None                  # the limit in force while _blas_users > 0
 _blas_users = 0
 _blas_lock = threading.Lock()
@@ -152,13 +154,18 @@ def _single_threaded_blas():
     so calls from several threads (Dask workers sharing a layer) share one: the first sets
     it and the last restores it. Each holding its own, the calls' restores interleaved and
     could leave BLAS on one thread for the rest of the process."""
-    global _blas_controller, _blas_limiter, _blas_users
+    global _blas_controller, _blas_controller_modules, _blas_limiter, _blas_users
     with _blas_lock:
         if _blas_users == 0:
-            if _blas_controller is None:
+            # Scanning the loaded libraries costs ~0.5 ms, so the scan is kept; but a package
+            # imported since (scipy, scikit-learn: each brings its own OpenBLAS) loaded a BLAS
+            # the old scan did not know, which then ran its own threads beside our tiles. A
+            # BLAS comes with an import, so a change in sys.modules calls for a new scan.
+            if _blas_controller is None or _blas_controller_modules != len(sys.modules):
                 from threadpoolctl import ThreadpoolController
 
-                _blas_controller = ThreadpoolController()   # scanning the libraries: ~0.5 ms
+                _blas_controller = ThreadpoolController()
+                _blas_controller_modules = len(sys.modules)     # after threadpoolctl's own
             with _any_thread_controls_blas():
                 _blas_limiter = _blas_controller.limit(limits=1, user_api="blas")
         _blas_users += 1

@@ -1,10 +1,12 @@
 """np.errstate (and np.seterrcall) hold in every tile the NumPy backend runs on its pool, on
-NumPy 1.x as on 2.x. Kept free of torch, so that it runs on the minimum NumPy the project
-claims without the test extra."""
+NumPy 1.x as on 2.x; and the one-BLAS-thread limit reaches a BLAS loaded after the first call.
+Kept free of torch, so that it runs on the minimum NumPy the project claims without the test
+extra (and with no BLAS of torch's loaded before the test's own)."""
 
 from __future__ import annotations
 
 import contextvars
+import os
 
 import numpy as np
 import pytest
@@ -59,3 +61,55 @@ def test_pool_threads_keep_numpys_defaults_after_a_call(model):
     with np.errstate(invalid="ignore"):
         y, _ = model(_inf_pair_in(255))
     assert np.isnan(y[:, 255]).any()
+
+
+_LATE_BLAS = r"""
+import ctypes, json, os, shutil, sys, tempfile
+import rnn_gpu.backends.numpy as nb
+from threadpoolctl import threadpool_info
+
+def blas():
+    return sorted((i["filepath"], i["num_threads"]) for i in threadpool_info()
+                  if i["user_api"] == "blas")
+
+with nb._single_threaded_blas():            # the first call: the loaded libraries scanned
+    pass
+# a package imported afterwards that brings its own BLAS, as scipy and scikit-learn do: a
+# copy of NumPy's, loaded by the package's import
+folder = tempfile.mkdtemp()
+shutil.copy(blas()[0][0], os.path.join(folder, "libscipy_openblas64_late.so"))
+with open(os.path.join(folder, "late_blas_package.py"), "w") as f:
+    f.write("import ctypes, os\nHERE = os.path.dirname(__file__)\n"
+            "LIB = ctypes.CDLL(os.path.join(HERE, 'libscipy_openblas64_late.so'))\n")
+sys.path.insert(0, folder)
+import late_blas_package
+outside = blas()
+with nb._single_threaded_blas():
+    inside = blas()
+print(json.dumps([outside, inside, blas()]))
+shutil.rmtree(folder)
+"""
+
+
+def test_a_blas_loaded_after_the_first_call_is_limited_too():
+    """A BLAS loaded by an import after the first multi-tile call (scipy, imported later in a
+    notebook) was not in the kept scan of the libraries: it ran its own threads beside our
+    tiles."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("threadpoolctl")
+    from threadpoolctl import threadpool_info
+
+    if not any(i["user_api"] == "blas" and i["internal_api"] == "openblas"
+               for i in threadpool_info()):
+        pytest.skip("NumPy's BLAS is not an OpenBLAS threadpoolctl can see")
+    done = subprocess.run([sys.executable, "-c", _LATE_BLAS], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OPENBLAS_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    outside, inside, after = json.loads(done.stdout)
+    if len(outside) < 2:
+        pytest.skip("the copied OpenBLAS did not load as a second library")
+    assert [n for _, n in inside] == [1] * len(outside), inside
+    assert after == outside

@@ -67,3 +67,15 @@ def same_place(name: str, x: Any, *, kind: str, device: str, dtype: str, shape: 
         raise TypeError(f"{name}: expected dtype {dtype} like the input, got {dtype_name(x)}")
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def whole_lengths(lengths: np.ndarray) -> None:
+    """Lengths stored as floats must hold whole numbers (3.0, not 2.5, NaN or inf): the one
+    rule of the layers, ``rnn-gpu run --lengths`` and ``rnn_gpu.dask.apply``."""
+    if lengths.dtype.kind != "f":
+        return
+    whole = np.isfinite(lengths) & (lengths == np.round(lengths))
+    if not whole.all():
+        i = int(np.argmin(whole))
+        raise TypeError(f"lengths: expected integers, got dtype {lengths.dtype} with "
+                        f"lengths[{i}] = {lengths[i].item()!r}")

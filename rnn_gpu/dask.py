@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from . import registry
+from . import _checks, registry
 from ._arrays import device_of, kind_of, parse_device
 from ._dtypes import host_dtype
 from .batch.apply import EMITS, apply_batch, output_shape
@@ -284,12 +284,7 @@ def _align_lengths(da, lengths, array):
     if isinstance(lengths, da.Array):           # checked per chunk, where they are read
         return lengths.rechunk((array.chunks[0],))
     T = array.shape[1]
-    if lengths.dtype.kind == "f":
-        whole = np.isfinite(lengths) & (lengths == np.round(lengths))
-        if not whole.all():
-            i = int(np.argmin(whole))
-            raise TypeError(f"lengths: expected integers, got dtype {lengths.dtype} with "
-                            f"lengths[{i}] = {lengths[i].item()!r}")
+    _checks.whole_lengths(lengths)
     bad = np.flatnonzero((lengths < 0) | (lengths > T))
     if bad.size:             # in memory already: checked now, not deep in a task at compute()
         raise ValueError(f"lengths: expected every length in [0, T={T}], got "

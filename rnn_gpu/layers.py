@@ -810,12 +810,7 @@ def _check_lengths(lengths, T: int, B: int, unbatched: bool) -> np.ndarray | Non
     if arr.shape != (B,):
         raise ValueError(f"lengths: expected shape ({B},) (one length per sequence), got "
                          f"{tuple(arr.shape)}")
-    if arr.dtype.kind == "f":
-        whole = np.isfinite(arr) & (arr == np.round(arr))
-        if not whole.all():
-            i = int(np.argmin(whole))
-            raise TypeError(f"lengths: expected integers, got dtype {arr.dtype} with "
-                            f"lengths[{i}] = {arr[i].item()!r}")
+    _checks.whole_lengths(arr)
     # the range is checked before the cast: a uint64 2**64 - 1 would wrap to -1
     if B and (arr.min() < 0 or arr.max() > T):
         bad = arr[(arr < 0) | (arr > T)]

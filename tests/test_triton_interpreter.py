@@ -469,3 +469,59 @@ def test_lstm_kernel_without_c0_starts_from_zeros(interpret):
     zeros = gated_forward(LSTM, 0, xw, w, None, h0, torch.zeros(B, H), None, **kwargs)
     for a, b in zip(without[:3], zeros[:3]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cell, act", [(0, 0), (0, 2), (1, 0), (2, 0), ("twostage", (0, 1))])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_each_launcher_matches_its_naive_reference(interpret, cell, act, reverse):
+    """The plain-torch references beside the kernels (``naive_gated``, ``naive_twostage``,
+    straight from DESIGN §2) agree with the launchers, lengths included: a reference no test
+    ran could drift from the kernels unseen (naive_twostage built its mask on the CPU
+    whatever the input's device)."""
+    from rnn_gpu.kernels.triton import gated, twostage
+    from rnn_gpu.kernels.triton.gated import Tiles
+
+    torch.manual_seed(1)
+    T, B, H = 4, 3, 8
+    lengths = torch.tensor([4, 1, 3])
+    kwargs = dict(reverse=reverse, keep_tape=False, precision="ieee",
+                  tiles=Tiles(16, 16, 16, H), grid_sync=False)
+    h0 = torch.randn(B, H)
+    if cell == "twostage":
+        xw = torch.randn(T, B, H)
+        w_aa, w_ha, w_hh = (torch.randn(H, H) / 3 for _ in range(3))
+        b_h = torch.randn(H)
+        got = twostage.twostage_forward(act, xw, w_aa, w_ha, w_hh, b_h, h0, lengths, **kwargs)
+        want = twostage.naive_twostage(act, xw, w_aa, w_ha, w_hh, b_h, h0, lengths,
+                                       reverse=reverse)
+    else:
+        G = (1, 4, 3)[cell]
+        xw, w_hh, b_hh = torch.randn(T, B, G * H), torch.randn(G * H, H) / 3, torch.randn(G * H)
+        c0 = torch.randn(B, H)
+        got = gated.gated_forward(cell, act, xw, w_hh, b_hh, h0, c0, lengths, **kwargs)
+        want = gated.naive_gated(cell, act, xw, w_hh, b_hh, h0, c0, lengths, reverse=reverse)
+        if cell == 1:                       # LSTM: the final cell state too
+            torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)     # y
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)     # h_T
+
+
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_the_naive_references_stay_on_the_inputs_device(with_lengths):
+    """On the meta device as a stand-in for a GPU: naive_twostage made its mask on the CPU
+    (lengths or not), which fails beside tensors elsewhere."""
+    from rnn_gpu.kernels.triton.gated import naive_gated
+    from rnn_gpu.kernels.triton.twostage import naive_twostage
+
+    T, B, H = 2, 3, 4
+
+    def meta(*shape):
+        return torch.empty(*shape, device="meta")
+
+    lengths = torch.tensor([2, 1, 2]) if with_lengths else None
+    y, _ = naive_twostage((0, 1), meta(T, B, H), meta(H, H), meta(H, H), meta(H, H), None,
+                          meta(B, H), lengths, reverse=False)
+    assert y.device.type == "meta" and y.shape == (T, B, H)
+    y, _, _ = naive_gated(1, 0, meta(T, B, 4 * H), meta(4 * H, H), None, meta(B, H),
+                          meta(B, H), lengths, reverse=False)
+    assert y.device.type == "meta" and y.shape == (T, B, H)

@@ -290,8 +290,8 @@ def naive_twostage(acts: tuple[int, int], xw, w_aa, w_ha, w_hh, b_h, h0, lengths
         t = T - 1 - s if reverse else s
         a = f(xw[t] + h @ w_aa.t())
         h_new = g(a @ w_ha.t() + h @ w_hh.t() + (b_h if b_h is not None else 0))
-        valid = (torch.ones((B, 1), dtype=torch.bool) if lengths is None
-                 else (t < lengths)[:, None])
+        valid = (torch.ones((B, 1), dtype=torch.bool, device=xw.device) if lengths is None
+                 else (t < lengths.to(xw.device))[:, None])
         ys[t] = torch.where(valid, h_new, torch.zeros_like(h_new))
         h = torch.where(valid, h_new, h)
     return torch.stack(ys), h

@@ -302,6 +302,18 @@ class RecurrentLayer:
                 mask = _mask_like(keep * host(scale), kind, device, self.dtype)
                 inp = _times_mask(inp, mask, kind, device)
             outs, tapes, w_ihs = [], [], []
+            # Bidirectional: where it holds less at the peak, each direction's y goes into
+            # its half of the layer's output rather than both halves being kept for one
+            # concatenation (2x the output at once). With segments the backend's parts are
+            # put there directly; a whole-batch y is copied in and let go, which pays while the
+            # backend needs less than one y beside it (a fused backend: no (T, B, gates*H)
+            # input projection). The top layer's output then has T rows at once, zero past
+            # `steps`: no padding copy after.
+            fused = callable(getattr(backend, "forward_layer", None))
+            out = None
+            if D > 1 and (fused or not plan.whole) and not empty:
+                rows_out = T if layer == self.num_layers - 1 else steps
+                out = ops.zeros((rows_out, B, D * P), self.dtype, device)
             for d in range(D):
                 reverse = d == 1
                 init = states[layer * D + d]
@@ -309,10 +321,15 @@ class RecurrentLayer:
                     outs.append(ops.zeros((steps, B, P), self.dtype, device))
                     finals.append(init)
                     continue
+                half = None if out is None else out[:steps, :, d * P:(d + 1) * P]
                 y, final, btapes, w_ih = self._run_direction(
                     backend, problem, plan, index, params, inp, init, layer, reverse, keep_tape,
-                    ops)
-                outs.append(y)
+                    ops, half)
+                if half is None:
+                    outs.append(y)
+                elif y is not half:
+                    half[...] = y
+                del y, half
                 finals.append(final)
                 tapes.append(btapes)
                 w_ihs.append(w_ih)
@@ -321,8 +338,11 @@ class RecurrentLayer:
                 tape.dropout_masks.append(mask)
                 tape.tapes.append(tapes)
                 tape.input_weights.append(w_ihs)
-            inp = outs[0] if D == 1 else ops.concat(outs, axis=2)
-        if steps < T:
+            if out is None:
+                out = outs[0] if D == 1 else ops.concat(outs, axis=2)
+            inp = out
+            del out, outs
+        if inp.shape[0] < T:
             inp = ops.concat([inp, ops.zeros((T - steps, B, D * P), self.dtype, device)], axis=0)
         y = _from_time_major(inp, layout)
         y = to_kind(y, in_kind, device)
@@ -343,16 +363,17 @@ class RecurrentLayer:
                 if kind_of(a) is not None]
 
     def _run_direction(self, backend, problem, plan, index, params, inp, init, layer: int,
-                       reverse: bool, keep_tape: bool, ops: Ops):
+                       reverse: bool, keep_tape: bool, ops: Ops, into=None):
         """One layer and direction: one backend call per segment of ``plan`` (one without
         segments; ``index``: each segment's rows). Returns ``y, final, tapes, w_ih``, tapes one
-        per segment."""
+        per segment. With segments, ``into`` (zeros, (steps, B, P), may be a view) receives
+        their parts and is the y returned."""
         weights = self._recurrent_weights(params, layer, reverse)
         w_ih, b_ih = self._input_weights(params, layer, reverse)
         fused = callable(getattr(backend, "forward_layer", None))    # fuses W_ih x (§4)
         whole = plan.whole
-        y = None if whole else ops.zeros((inp.shape[0], problem.batch, self.output_size),
-                                         self.dtype, problem.device)
+        y = None if whole else into if into is not None else ops.zeros(
+            (inp.shape[0], problem.batch, self.output_size), self.dtype, problem.device)
         carried = init if whole else tuple(ops.copy(s) for s in init)
         tapes = []
         # The reverse direction meets the segments last first; a row that starts inside one

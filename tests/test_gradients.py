@@ -361,3 +361,35 @@ def test_assert_close_scales_only_the_weight_gradients_tolerance():
         assert_close(got(dw=5e-4), want, rtol=2e-5, atol=2e-5)
     with pytest.raises(AssertionError, match="y"):                  # y: not scaled
         assert_close(got(dy=3e-4), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN", "TwoStageRNN"])
+@pytest.mark.parametrize("lengths", [None, [5, 2, 0, 4]])
+def test_backward_without_the_input_gradient_gives_the_same_other_gradients(cell, lengths,
+                                                                           rng):
+    """input_grad=False: dx is None (not computed: the first layer's dxw @ W_ih), every other
+    gradient as with it, over two bidirectional layers with dropout, whole or in segments."""
+    kwargs = dict(num_layers=2, bidirectional=True, dropout=0.3, seed=4, dtype="float64")
+    x = rng.standard_normal((5, 4, 3))
+    dys = rng.standard_normal((5, 4, 2 * 6))
+    results = []
+    for input_grad in (True, False):
+        m = getattr(rg, cell)(3, 6, **kwargs)
+        y, final, tape = m.forward(x, lengths=lengths)
+        dstate = tuple(np.ones_like(s) for s in as_tuple(final))
+        results.append(m.backward(tape, dys, dstate if cell == "LSTM" else dstate[0],
+                                  input_grad=input_grad))
+    (dx, ds, grads), (no_dx, ds2, grads2) = results
+    assert dx is not None and dx.shape == x.shape and no_dx is None
+    for a, b in zip(as_tuple(ds), as_tuple(ds2)):
+        np.testing.assert_array_equal(a, b)
+    assert grads.keys() == grads2.keys()
+    for name in grads:
+        np.testing.assert_array_equal(grads[name], grads2[name], err_msg=name)
+
+
+def test_input_grad_must_be_a_bool(rng):
+    m = rg.GRU(3, 4)
+    _, _, tape = m.forward(rng.standard_normal((2, 1, 3)).astype("float32"))
+    with pytest.raises(TypeError, match="input_grad"):
+        m.backward(tape, np.zeros((2, 1, 4), "float32"), input_grad="no")

@@ -940,3 +940,34 @@ def test_zero_steps_are_refused_and_an_empty_batch_taken_as_by_torch_nn(cell, ba
             sum(t.sum() for t in torch.utils._pytree.tree_leaves(got)).backward()
             assert x.grad.shape == x.shape
             assert all(p.grad is not None and not p.grad.any() for p in ours.parameters())
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_data_input_skips_its_gradient_and_nothing_else(cell, monkeypatch):
+    """x that requires no gradient (data, as in most training): the core backward is asked
+    for no dx, and the parameters' and hx's gradients are those of a run whose x does."""
+    from rnn_gpu import layers
+
+    asked = []
+    real = layers.RecurrentLayer.backward
+
+    def spy(self, *args, **kwargs):
+        asked.append(kwargs.get("input_grad", True))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(layers.RecurrentLayer, "backward", spy)
+    torch.manual_seed(0)
+    m = getattr(rt, cell)(3, 5, num_layers=2, bidirectional=True, dtype=torch.float64)
+    x, h = torch.randn(4, 2, 3, dtype=torch.float64), torch.randn(4, 2, 5, dtype=torch.float64)
+    grads = []
+    for needs_x in (True, False):
+        m.zero_grad()
+        xi = x.clone().requires_grad_(needs_x)
+        hx = h.clone().requires_grad_(True)
+        y, _ = m(xi, (hx, torch.zeros_like(hx)) if cell == "LSTM" else hx)
+        y.square().sum().backward()
+        assert (xi.grad is not None) == needs_x
+        grads.append([hx.grad] + [p.grad.clone() for p in m.parameters()])
+    assert asked == [True, False]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

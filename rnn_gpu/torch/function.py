@@ -282,10 +282,12 @@ def _backward(ctx, x, h0, c0, params, dy, dfinal):
     lstm = isinstance(core, _CoreLSTM)
     # Autograd may hand in expanded (stride-0) gradients, e.g. from .sum(): densify them.
     dfinal = tuple(None if d is None else d.contiguous() for d in dfinal)
-    with _config.cpu_threads_scope(torch.get_num_threads()):
-        dx, dstate0, grads = core.backward(tape, dy.contiguous(), dfinal if lstm else dfinal[0])
-    dh0, dc0 = dstate0 if lstm else (dstate0, None)
     needs = ctx.needs_input_grad
+    with _config.cpu_threads_scope(torch.get_num_threads()):
+        # x is data in most training: its gradient, the first layer's dxw @ W_ih, is skipped
+        dx, dstate0, grads = core.backward(tape, dy.contiguous(), dfinal if lstm else dfinal[0],
+                                           input_grad=needs[2])
+    dh0, dc0 = dstate0 if lstm else (dstate0, None)
     param_grads = [_as_grad(grads[name], p) if needs[5 + i] else None
                    for i, (name, p) in enumerate(zip(core._params, params))]
     return (None, None,

@@ -107,14 +107,13 @@ import contextlib
 import importlib.util
 import os
 import threading
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from rnn_gpu import _segments
+from rnn_gpu import _segments, _warnings
 from rnn_gpu.backend_api import Backend, Problem, SegmentCosts, Tape
 from rnn_gpu.kernels.cuda import projected
 from rnn_gpu.kernels.cuda.blocks import (
@@ -704,8 +703,8 @@ def _persistent_launch(dev, base: str, template_args: tuple, n_mat: int, H: int,
     if isinstance(plan, str):
         then = ("the CUDA-core persistent kernel" if batch is not None and not backward
                 else "the graph path")
-        warnings.warn(f"rnn_gpu cupy backend: the persistent kernel {name} cannot run here "
-                      f"({plan}); taking {then}", RuntimeWarning, stacklevel=4)
+        _warnings.warn(f"rnn_gpu cupy backend: the persistent kernel {name} cannot run here "
+                       f"({plan}); taking {then}", RuntimeWarning)
         return False
     dev.run([Launch(name, fn, plan.blocks, PERSISTENT_THREADS, args_of(plan),
                      shared_mem=plan.shared_mem, cooperative=True)])

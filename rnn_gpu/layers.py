@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from . import _checks, _config, _fingerprint, _segments, registry
+from . import _checks, _config, _fingerprint, _segments, _warnings, registry
 from ._arrays import Ops, device_of, dtype_name, kind_of, parse_device, to_kind, to_numpy
 from ._dtypes import canonical_dtype, host_dtype
 from ._matmul import matmul
@@ -98,8 +97,8 @@ class RecurrentLayer:
         self.batch_first = bool(batch_first)
         self.dropout = float(dropout)
         if self.dropout > 0 and num_layers == 1:
-            warnings.warn(f"dropout={dropout} does nothing with num_layers=1: it applies "
-                          f"between stacked layers (as torch.nn's)", UserWarning, stacklevel=3)
+            _warnings.warn(f"dropout={dropout} does nothing with num_layers=1: it applies "
+                           f"between stacked layers (as torch.nn's)", UserWarning)
         self.bidirectional = bool(bidirectional)
         self.dtype = canonical_dtype(dtype)
         self.seed = _checks.seed("seed", seed)
@@ -747,9 +746,9 @@ def _warn_outside_autograd(name: str) -> None:
     import torch
 
     if torch.is_grad_enabled():        # inside rnn_gpu.torch's autograd Function it is not
-        warnings.warn(f"x requires grad, but rnn_gpu.{name} runs outside torch's autograd: its "
-                      f"outputs have no grad_fn. For autograd use rnn_gpu.torch.{name}; here, "
-                      f"forward() and backward() give the gradients", UserWarning, stacklevel=3)
+        _warnings.warn(f"x requires grad, but rnn_gpu.{name} runs outside torch's autograd: "
+                       f"its outputs have no grad_fn. For autograd use rnn_gpu.torch.{name}; "
+                       f"here, forward() and backward() give the gradients", UserWarning)
 
 
 _RETURNS = {"forward": "(y, final_state, tape)", "forward_layer": "(y, final_state, tape)",

@@ -15,13 +15,12 @@ import contextlib
 import contextvars
 import os
 import re
-import sys
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from typing import Any
 
+from ._warnings import warn as _warn
 from .backend_api import Backend, Problem
 
 ENTRY_POINT_GROUP = "rnn_gpu.backends"
@@ -46,34 +45,6 @@ _context_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 ARRAY_KINDS = ("numpy", "torch", "cupy")
 DISTRIBUTION = "rnn-gpu"        # whose entry points are the built-in backends
-
-
-def _library_dirs() -> tuple[str, ...]:
-    """The directories whose frames are rnn_gpu's own, each ending in a separator (so that a
-    plugin module beside the package, ``rnn_gpu_example_plugin.py``, is not one of them).
-    ``rnn_gpu.backends`` and ``rnn_gpu.kernels`` live outside the package directory (see
-    pyproject's package-dir); torch's frames stand between a drop-in's caller and the
-    registry (``Module.__call__``, ``Function.apply``) and are skipped as well."""
-    dirs = [os.path.dirname(os.path.abspath(__file__))]
-    for name in ("rnn_gpu.backends", "rnn_gpu.kernels", "torch"):
-        module = sys.modules.get(name)        # a module never imported has no frame to skip
-        dirs += [os.path.abspath(p) for p in getattr(module, "__path__", None) or ()]
-    return tuple(d.rstrip(os.sep) + os.sep for d in dirs)
-
-
-def _warn(message: str) -> None:
-    """A RuntimeWarning attributed to the first frame outside rnn_gpu (and torch): the user's
-    line whose call loaded the plugins or picked a backend. A fixed ``stacklevel`` pointed
-    into registry.py or layers.py, depending on which path got here first. Python 3.12's
-    ``skip_file_prefixes`` does that walk; before it, the same walk by hand."""
-    prefixes = _library_dirs()
-    if sys.version_info >= (3, 12):
-        warnings.warn(message, RuntimeWarning, skip_file_prefixes=prefixes)
-        return
-    frame, level = sys._getframe(1), 2          # level 2: _warn's caller
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(prefixes):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
 def _instantiate(factory: Callable[[], Any], origin: str) -> Backend:

@@ -381,3 +381,26 @@ def test_the_triton_backends_install_hint_names_the_extra_that_brings_it(monkeyp
                         lambda name, *a: None if name == missing else real(name, *a))
     assert TritonBackend().unavailable_reason() == (
         f"{missing} is not installed (pip install 'rnn-gpu[triton]')")
+
+
+def test_the_librarys_own_warnings_point_at_the_users_line(x):
+    """The dropout warning of a one-layer model and the no-autograd warning had a fixed
+    stacklevel: rg.LSTM(..., dropout=0.5) pointed past the user's line (``sys:1``)."""
+    torch = pytest.importorskip("torch")
+    import rnn_gpu.torch as rt
+
+    class MyGRU(rg.GRU):                    # one more __init__ between the user and the check
+        pass
+
+    calls = [
+        (lambda: rg.LSTM(3, 5, dropout=0.5), "does nothing with num_layers=1"),
+        (lambda: MyGRU(3, 5, dropout=0.5), "does nothing with num_layers=1"),
+        (lambda: rt.LSTM(3, 5, dropout=0.5), "expects num_layers greater than 1"),
+        (lambda: rg.LSTM(3, 5)(torch.from_numpy(x).requires_grad_()), "outside torch's autograd"),
+    ]
+    for call, text in calls:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        where = {(w.filename, w.lineno) for w in caught if text in str(w.message)}
+        assert where == {(__file__, call.__code__.co_firstlineno)}, (text, where)

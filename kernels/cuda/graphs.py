@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from rnn_gpu import _warnings
 
 GRAPH_CACHE_SIZE = 16                  # time loops remembered (seen once, or captured)
 # Field order of the call tables in recurrent.cu (the per-call addresses the graph path's step
@@ -185,6 +186,6 @@ def turn_capture_off(reason: str) -> None:
         first = not capture_off
         capture_off.append(reason)
     if first:
-        warnings.warn(f"rnn_gpu cupy backend: {reason}; running the steps as plain launches "
-                      f"from now on (rnn_gpu.backends.cupy.USE_GRAPH = False skips the attempt)",
-                      RuntimeWarning, stacklevel=4)
+        _warnings.warn(f"rnn_gpu cupy backend: {reason}; running the steps as plain launches "
+                       f"from now on (rnn_gpu.backends.cupy.USE_GRAPH = False skips the "
+                       f"attempt)", RuntimeWarning)

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from .. import _warnings, registry
 from .. import layers as _layers
-from .. import registry
 from .._dtypes import canonical_dtype
 from .function import bind, refuse_no_steps, run
 
@@ -85,9 +85,9 @@ class _RecurrentModule(nn.Module):
         super().__init__()
         registry.check_name(backend)
         if isinstance(dropout, (int, float)) and dropout > 0 and num_layers == 1:
-            warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
-                          f"non-zero dropout expects num_layers greater than 1, but got "
-                          f"dropout={dropout} and num_layers={num_layers}", stacklevel=3)
+            _warnings.warn("dropout option adds dropout after all but last recurrent layer, "
+                           f"so non-zero dropout expects num_layers greater than 1, but got "
+                           f"dropout={dropout} and num_layers={num_layers}", UserWarning)
         dtype = torch.get_default_dtype() if dtype is None else dtype
         # The core checks the configuration and is the single source of parameter names/shapes.
         with warnings.catch_warnings():      # torch.nn's own dropout warning was given above

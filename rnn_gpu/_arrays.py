@@ -183,3 +183,13 @@ class Ops:
             with self._xp.cuda.Device(int(device.split(":")[1])):
                 return self._xp.asarray(values)
         return np.asarray(values)
+
+
+# Matched by type name so that neither torch nor cupy has to be imported to recognise them:
+# MemoryError (NumPy), torch.cuda.OutOfMemoryError, cupy.cuda.memory.OutOfMemoryError.
+_OOM_TYPE_NAMES = frozenset({"MemoryError", "OutOfMemoryError"})
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for the out-of-memory errors of NumPy, torch and CuPy (and their subclasses)."""
+    return any(cls.__name__ in _OOM_TYPE_NAMES for cls in type(exc).__mro__)

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 import rnn_gpu as rg
+from rnn_gpu._arrays import is_out_of_memory
 from rnn_gpu.backends.numpy import NumpyBackend
 from rnn_gpu.batch import apply_batch
 from rnn_gpu.batch import sinks as batch_sinks
-from rnn_gpu.batch.executors import LocalExecutor, _HostStaging, is_out_of_memory
+from rnn_gpu.batch.executors import LocalExecutor, _HostStaging
 from rnn_gpu.batch.prefetch import prefetch
 from rnn_gpu.cli import main
 

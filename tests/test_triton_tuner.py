@@ -431,7 +431,7 @@ def test_out_of_memory_while_timing_is_raised_as_such(fake_card, launch):
     this card", which rnn-gpu run does not recognise as out of memory (it halves the batch on
     one), nor would anyone reading it. The error itself must come through, and nothing be
     cached."""
-    from rnn_gpu.batch.executors import is_out_of_memory
+    from rnn_gpu._arrays import is_out_of_memory
 
     def no_memory(tiles, grid_sync, n_steps):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

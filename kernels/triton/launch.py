@@ -44,6 +44,8 @@ import triton
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources, PTXASError
 
+from rnn_gpu._arrays import is_out_of_memory
+
 from . import gated_resident, interpreting
 from .gated import Tiles
 
@@ -334,11 +336,6 @@ def step_ms(time_call: Callable[[Tiles, bool, int], float],
 CANNOT_RUN = (CompilationError, OutOfResources, PTXASError, RuntimeError)
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    """torch's (and CuPy's) out-of-memory errors, by type name as rnn_gpu.batch matches them."""
-    return any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__)
-
-
 def _timed(time_call: Callable[[Tiles, bool, int], float], option: tuple[Tiles, bool],
            failures: list[str] | None = None) -> float:
     """:func:`step_ms`, or infinity for a tiling this card cannot compile or launch (a
@@ -347,7 +344,7 @@ def _timed(time_call: Callable[[Tiles, bool, int], float], option: tuple[Tiles, 
     try:
         return step_ms(time_call, option)
     except CANNOT_RUN as exc:
-        if _out_of_memory(exc):
+        if is_out_of_memory(exc):
             raise
         reason = f"{_describe(option)}: {type(exc).__name__}: {str(exc)[:200]}"
         if failures is not None:

@@ -19,16 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from .._arrays import is_out_of_memory
 from .apply import apply_batch
-
-# Matched by type name so that neither torch nor cupy has to be imported to recognise them:
-# MemoryError (NumPy), torch.cuda.OutOfMemoryError, cupy.cuda.memory.OutOfMemoryError.
-_OOM_TYPE_NAMES = frozenset({"MemoryError", "OutOfMemoryError"})
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for the out-of-memory errors of NumPy, torch and CuPy (and their subclasses)."""
-    return any(cls.__name__ in _OOM_TYPE_NAMES for cls in type(exc).__mro__)
 
 
 class OutOfMemory(RuntimeError):

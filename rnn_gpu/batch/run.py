@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 
 from .. import registry
-from .._arrays import device_of, kind_of, parse_device
+from .._arrays import device_of, is_out_of_memory, kind_of, parse_device
 from .._dtypes import host_dtype
 from ..backend_api import Problem
 from .apply import EMITS, apply_batch, output_shape
 from .errors import RunFailure, UsageError
-from .executors import LocalExecutor, OutOfMemory, _HostStaging, is_out_of_memory
+from .executors import LocalExecutor, OutOfMemory, _HostStaging
 from .prefetch import prefetch
 from .sinks import (
     Manifest,

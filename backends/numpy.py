@@ -252,9 +252,8 @@ def _run_tiles(fn, tiles: list[_Tile]) -> None:
             raise
 
     with _single_threaded_blas(), (_barrier_lock if barrier is not None else nullcontext()):
-        # Each tile in a copy of the caller's context: np.errstate (and rnn_gpu's scopes) held
-        # only for the tile the caller runs; the pool's ran with NumPy's defaults, so
-        # errstate(all="raise") raised for row 0 and let row 255 through as NaN, warned.
+        # Each tile in a copy of the caller's context, so that rnn_gpu's context-variable
+        # scopes (_config's) hold in the pool's tiles as in the caller's (errstate: above)
         futures = [_pool.submit(contextvars.copy_context().run, guarded, tile)
                    for tile in tiles[1:]]
         errors = []

@@ -26,7 +26,7 @@ import numpy as np
 CELLS = ("LSTM", "GRU", "RNN", "TwoStageRNN")
 CPU_SHAPES = ((128, 256, 128), (64, 1024, 256), (256, 32, 512))      # (T, B, H), I = H
 # asv's CPU set: the same three regimes (mid batch, large batch, small batch with large H) at
-# 1/8-1/16 of the work, because asv starts one process per benchmark and parameter set (144
+# 1/4-1/8 of the work (T*B), because asv starts one process per benchmark and parameter set (144
 # on the CPU): at the acceptance shapes a quick pass took 16 min on 2 cores (0.7 s per LSTM
 # 64x1024x256 call), at these about 5.
 ASV_CPU_SHAPES = ((64, 128, 128), (32, 256, 256), (64, 16, 512))

@@ -29,6 +29,15 @@ def _bench_json(capsys, *args: str, code: int = 0) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def _assert_checked(row: dict) -> None:
+    """Ours checked against the peer within float32's tolerance; the peer, the reference
+    itself, with no error against itself (0 would read as 'verified')."""
+    if row["runner"] == "torch-cpu":
+        assert row["max_err"] is None and row["checked_against"] is None, row
+    else:
+        assert row["max_err"] <= 1e-4 and row["checked_against"] == "torch-cpu", row
+
+
 def test_quick_bench_reports_numpy_and_torch(capsys):
     report = _bench_json(capsys, "--repeats", "1")
     assert report["machine"]["threads"] >= 1 and report["machine"]["numpy"] == np.__version__
@@ -41,7 +50,7 @@ def test_quick_bench_reports_numpy_and_torch(capsys):
         assert row["error"] is None, row
         for key in ("ms", "tokens_per_s", "gflops", "ratio"):
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
-        assert row["max_err"] <= 1e-4
+        _assert_checked(row)
         if row["runner"] == "torch-cpu":
             assert row["ratio"] == 1.0
             assert row["config"] is None
@@ -232,7 +241,7 @@ def test_lstm_projection_cases(capsys):
     for row in rows:
         if row["runner"] in ("numpy", "torch-cpu"):
             assert row["shape"] == "6×8×5×12 P=4" and row["error"] is None, row
-            assert row["max_err"] <= 1e-4
+            _assert_checked(row)
     assert flops.forward_flops("LSTM", 6, 8, 5, 12, 4) == 2 * 6 * 8 * ((5 + 4) * 48 + 4 * 12)
     assert cases.Case("LSTM", 6, 8, 5, 12, P=4).out_size == 4
 
@@ -263,7 +272,7 @@ def test_variable_length_cases(capsys):
     for row in rows:
         if row["runner"] in ("numpy", "torch-cpu"):
             assert row["shape"] == "7×9×6 len=uniform" and row["error"] is None, row
-            assert row["max_err"] <= 1e-4
+            _assert_checked(row)
             assert row["tokens_per_s"] * row["ms"] / 1e3 == pytest.approx(case.tokens)
 
 
@@ -320,6 +329,36 @@ def test_without_the_peer_no_row_claims_a_ratio(capsys, monkeypatch):
     assert peers and all("torch is not installed" in r["error"] for r in peers)
 
 
+def test_without_the_peer_no_answer_reads_as_verified(capsys, monkeypatch, garbage):
+    """torch missing: nothing independent checks the first of our runners (the reference of
+    the others), so its errors are None, not 0 against itself, and a line under the table and
+    the 'timed' log line say it is unchecked; another of ours is still checked against it
+    (a wrong one is caught: the NumPy backend is the reference, not a plugin that sorts
+    before it), and says against what."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)          # `import torch` now fails
+    assert main(["bench", "--quick", "--cell", "GRU", "--shape", "4x8x8", "--repeats", "1",
+                 "--backend", f"numpy,{garbage}", "--json", "-"]) == 1
+    rows = {r["runner"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    numpy_row = rows["numpy"]
+    assert numpy_row["error"] is None and numpy_row["ms"] > 0
+    assert numpy_row["max_err"] is None and numpy_row["rms_err"] is None
+    assert numpy_row["checked_against"] is None
+    assert numpy_row["warning"].startswith("unchecked: no peer ran (torch-cpu: torch is not "
+                                           "installed)")
+    wrong = rows[garbage]
+    assert "wrong answer" in wrong["error"] and wrong["max_err"] > 1e-4
+    assert wrong["checked_against"] == "numpy"
+    assert main(["bench", "--quick", "--cell", "RNN", "--shape", "4x8x8", "--repeats", "1",
+                 "--backend", "numpy"]) == 0
+    captured = capsys.readouterr()
+    under = captured.out.split("take with care:\n")[1]
+    assert "  RNN 4×8×8 float32 forward numpy: unchecked: no peer ran" in under
+    [timed] = [line for line in captured.err.splitlines() if line.startswith("timed ")]
+    assert re.search(r"numpy [\d.]+ ms unchecked \[", timed) and " err " not in timed, timed
+
+
 def test_train_pass_checks_gradients_too(capsys):
     """A backend whose forward is right and whose gradients are doubled: timed for forward,
     reported as wrong (and not timed) for train."""
@@ -338,7 +377,8 @@ def test_train_pass_checks_gradients_too(capsys):
     assert by[(_WrongGrads.name, "train")]["ms"] is None
     for runner in ("numpy", "torch-cpu"):
         row = by[(runner, "train")]
-        assert row["error"] is None and row["ms"] > 0 and row["max_err"] <= 1e-4
+        assert row["error"] is None and row["ms"] > 0
+        _assert_checked(row)
 
 
 def test_gpu_options_without_a_gpu_exit_2(capsys):
@@ -472,6 +512,7 @@ def test_half_precision_is_checked_against_the_peer_in_float32():
     assert rows["ours"].error is None and rows["ours"].rms_err == 0 == rows["ours"].max_err
     assert rows["peer"].error is None and rows["peer"].ms is not None
     assert rows["peer"].rms_err > 1e-4                      # its per-step rounding, shown
+    assert rows["peer"].checked_against == rows["ours"].checked_against == "peer in float32"
 
 
 def test_a_half_precision_answer_beyond_the_rms_tolerance_is_not_timed():

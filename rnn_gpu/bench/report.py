@@ -35,6 +35,8 @@ class Row:
     peak_bytes: int | None = None        # GPU: memory the call needed beyond its inputs
     max_err: float | None = None         # max |ours - reference| / max(1, max |reference|)
     rms_err: float | None = None         # half precision: relative RMS error (DESIGN §6)
+    checked_against: str | None = None   # the reference of max_err/rms_err; None: not checked
+                                         # (the row is the reference itself, errors None)
     error: str | None = None             # why there is no timing (wrong answer, failure)
     config: str | None = None            # how our backend ran it (tiling, path), if it says
     kernel_ms: float | None = None       # --kernels: the GPU time of one call's kernels

@@ -185,10 +185,16 @@ def run_case(case: Case, runners: list[Runner], *, repeats: int,
         calls[runner.name] = prepared.call
     by_name = {r.name: r for r in runners}
     peer_name = next((r.name for r in runners if r.is_peer and r.name in results), None)
-    # No peer (torch missing): our runners are still checked against each other, but no row
+    # No peer (torch missing): our runners are still checked against one of them (the NumPy
+    # backend where it ran: the plain one, not a plugin that sorts before it), but no row
     # gets a ratio, since a ratio against ourselves would read as "level with the peer".
-    reference_name = peer_name or next(iter(results), None)
+    reference_name = peer_name or ("numpy" if "numpy" in results else next(iter(results), None))
     reference = results.get(reference_name)
+    # The runner whose own result is the reference is not compared with it (an error of 0
+    # against itself would read as "verified"): its errors stay None, and one of ours in that
+    # place says so under the table. Half precision replaces the reference by the float32
+    # oracle below, against which the peer too has an error.
+    self_referenced = reference_name
     if case.half and peer_name is not None:
         # Half precision: every runner, the peer too, against the peer in float32 on the same
         # rounded inputs (Case.float32_oracle), by DESIGN §6's relative RMS.
@@ -201,10 +207,19 @@ def run_case(case: Case, runners: list[Runner], *, repeats: int,
                     f"checked against {peer_name} in {case.dtype}")
         if oracle is not None:
             reference, reference_name = oracle, f"{peer_name} in float32"
+            self_referenced = None
         del oracle                              # one name for it, freed before the timing
     for row in rows:
         if row.runner not in results:
             continue
+        if row.runner == self_referenced:
+            if not by_name[row.runner].is_peer:
+                row.warning = (f"unchecked: no peer ran ({_peer_reasons(rows, by_name)}), so "
+                               f"nothing independent checked its answer; its errors are "
+                               f"not shown" + (" (the other runners' are against it)"
+                                               if len(results) > 1 else ""))
+            continue
+        row.checked_against = reference_name
         try:
             agreement = check_against_peer(case, results[row.runner], reference,
                                            runner=row.runner, peer=reference_name)
@@ -255,15 +270,24 @@ def run_case(case: Case, runners: list[Runner], *, repeats: int,
                     log(f"{case.label()}: {row.runner}: no kernel profile "
                         f"({type(exc).__name__}: {exc})")
     if log:     # each case's numbers as soon as they exist: a bench cut off by its time limit
-        log(f"timed {case.label()}: " + "; ".join(_brief(r) for r in rows))  # keeps them
+        briefs = (_brief(r, by_name[r.runner].is_peer) for r in rows)     # keeps them
+        log(f"timed {case.label()}: " + "; ".join(briefs))
     return rows
 
 
-def _brief(row: Row) -> str:
+def _peer_reasons(rows: list[Row], by_name: dict[str, Runner]) -> str:
+    """Why no peer of a case ran: each peer row's error, or that none was asked for."""
+    reasons = [f"{r.runner}: {r.error.removeprefix('unavailable: ')}" for r in rows
+               if by_name[r.runner].is_peer and r.error]
+    return "; ".join(reasons) or "none was run"
+
+
+def _brief(row: Row, is_peer: bool) -> str:
     if not row.ok:
         return f"{row.runner} {row.error}"
     ratio = "" if row.ratio is None else f" {row.ratio:.2f}x"
-    err = "" if row.max_err is None else f" err {row.max_err:.1e}"
+    err = ((" reference" if is_peer else " unchecked") if row.checked_against is None
+           else "" if row.max_err is None else f" err {row.max_err:.1e}")
     err += "" if row.rms_err is None else f" rms {row.rms_err:.1e}"
     kernels = "" if row.kernel_ms is None else f" kernels {row.kernel_ms:.3f} ms"
     return f"{row.runner} {row.ms:.3f} ms{ratio}{err}{kernels} [{row.config or ''}]"

@@ -131,6 +131,7 @@ from rnn_gpu.kernels.cuda.blocks import (
     time_of,
     to_f32,
 )
+from rnn_gpu.kernels.cuda.cublas import CUBLAS_MAX_DIM
 from rnn_gpu.kernels.cuda.device import (
     MMA_TILE,
     PERSISTENT_THREADS,
@@ -334,6 +335,7 @@ class CupyBackend(Backend):
             if bad:
                 reasons.append(f"the cupy backend has no activation {bad[0]!r} for "
                                f"{problem.cell}")
+        reasons.extend(_cublas_dimension_reasons(problem))
         return reasons
 
     def forward(self, problem: Problem, xw, weights, state, lengths, *, reverse: bool,
@@ -404,6 +406,29 @@ def _probe() -> str | None:
         return (f"CuPy cannot load cuBLAS ({type(exc).__name__}: {exc}); install the CUDA "
                 f"libraries for CuPy ({INSTALL_HINT})")
     return None
+
+
+def _cublas_dimension_reasons(problem: Problem) -> list[str]:
+    """Why the problem's cuBLAS GEMMs would need a dimension past gemmEx's 32-bit ints
+    (:data:`CUBLAS_MAX_DIM`), or nothing. Of their dimensions and leading dimensions only
+    these grow with the problem: B (every per-step GEMM's rows), T*B (the weight and bias
+    gradients sum over all steps and rows: k, and the bias GEMM's ones vector is its ldb;
+    with proj_size also the rows of ``m W_hrᵀ`` and ``dy W_hr``, forward and backward), and
+    gates*H, H, P (past 2**31 only with weights of 2**60 elements, listed for completeness).
+    The kernels' own arguments are 64-bit (``i64``), and their grids stay far below 2**31
+    blocks for any array that fits on a card."""
+    T, B, H, P = problem.seq_len, problem.batch, problem.hidden_size, problem.proj_size
+    n_mat = {"twostage": 2}.get(problem.cell, GATES.get(problem.cell, 1))
+    extents = [(B, f"batch {B} (the rows of every step's GEMM); split the batch into "
+                   f"several calls")]
+    if problem.training or P:
+        what = ("the weight gradients' GEMMs sum over all of them" if problem.training
+                else "the projection m W_hrᵀ runs over all of them")
+        extents.append((T * B, f"{T} steps x batch {B} = {T * B} rows ({what}); split the "
+                               f"batch or the sequence into several calls"))
+    extents.append((n_mat * H, f"{n_mat} x hidden size {H} gate columns"))
+    return [f"cuBLAS takes 32-bit dimensions (at most {CUBLAS_MAX_DIM}), and this needs "
+            f"{what}" for n, what in extents if n > CUBLAS_MAX_DIM]
 
 
 def _bfloat16_reasons(device: str) -> list[str]:

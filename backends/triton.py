@@ -27,6 +27,7 @@ from rnn_gpu.cells import SPECS
 from rnn_gpu.kernels.triton import MAX_STEP_ELEMENTS, interpreting, step_elements, steps_of
 
 DTYPES = ("float32", "float16", "bfloat16")
+INT32_MAX = 2**31 - 1
 PRIORITY = 100                    # above cupy (the next GPU backend) and numpy
 INTERPRETED_PRIORITY = -10        # below numpy: the interpreter is for tests and debugging
 
@@ -96,6 +97,9 @@ class TritonBackend(Backend):
                                f"batch {problem.batch} x hidden size {problem.hidden_size} "
                                f"needs {n} elements per step (at most {MAX_STEP_ELEMENTS}): "
                                f"{fix}")
+        if problem.has_lengths and problem.seq_len > INT32_MAX:      # _lengths: int32
+            reasons.append(f"the triton kernels read the lengths as int32: {problem.seq_len} "
+                           f"steps is past {INT32_MAX}; split the sequence into several calls")
         return reasons
 
     def segment_costs(self, problem: Problem) -> SegmentCosts | None:

@@ -622,6 +622,41 @@ def test_declined_problems_say_why(kwargs, expected):
     assert any(expected in r for r in reasons), reasons
 
 
+@pytest.mark.parametrize("cell, acts", CELL_CASES)
+def test_gemms_past_cublas_32_bit_dimensions_are_declined(cell, acts):
+    """cuBLAS's gemmEx takes 32-bit ints, and ctypes (the captured path's cuBLAS) wraps a
+    larger one silently: the weight gradients' GEMMs sum over T*B rows (k = T*B, and the bias
+    GEMM's ones vector has ldb = T*B), so 2**32 + 5 rows would have summed over 5. Declined up
+    front with the reason, decided on the Problem alone (no kernel runs)."""
+    def reasons(T, B, **kw):
+        return cb.CupyBackend().not_supported_reasons(problem(cell, acts, T=T, B=B, H=1,
+                                                              **kw))
+
+    limit = 2**31 - 1
+    assert reasons(limit, 1, training=True) == [] == reasons(1, limit)
+    (why,) = reasons(2**16, 2**15, training=True)
+    assert why == ("cuBLAS takes 32-bit dimensions (at most 2147483647), and this needs 65536 "
+                   "steps x batch 32768 = 2147483648 rows (the weight gradients' GEMMs sum "
+                   "over all of them); split the batch or the sequence into several calls")
+    assert reasons(2**16, 2**15) == []         # inference: every GEMM is one step's B rows
+    (why,) = reasons(1, 2**31)
+    assert "needs batch 2147483648 (the rows of every step's GEMM); split the batch" in why
+    if cell == "lstm":                         # m W_hrᵀ over all T*B rows, forward too
+        (why,) = reasons(2**16, 2**15, proj_size=1)
+        assert "2147483648 rows (the projection m W_hrᵀ runs over all of them)" in why
+
+
+def test_a_gemm_past_32_bits_is_refused_before_cublas():
+    """The net under the decline: an operation whose dimension or leading dimension does not
+    fit gemmEx's ints cannot be made (ctypes would have passed it wrapped)."""
+    compute = ccublas.CUBLAS_COMPUTE_32F
+    cops.Gemm(4, 4, 2**31 - 1, 0, True, 0, False, 0, 0, 0, 0, compute)
+    with pytest.raises(ValueError, match=r"32-bit dimensions: k = 2147483648 is outside"):
+        cops.Gemm(4, 4, 2**31, 0, True, 0, False, 0, 0, 0, 0, compute)    # outer_grad
+    with pytest.raises(ValueError, match=r"32-bit dimensions: m = 4294967301 is outside"):
+        cops.Gemm(2**32 + 5, 4, 4, 0, False, 0, True, 0, 0, 0, 0, compute)
+
+
 def test_lstm_projection_is_served():
     # proj_size runs as the LSTM over m with W_hh W_hr folded (kernels/cuda/projected.py)
     assert cb.CupyBackend().not_supported_reasons(problem(proj_size=2)) == []

@@ -337,6 +337,43 @@ def test_declines_a_step_beyond_32_bit_offsets(interpret):
                       grid_sync=False)
 
 
+def test_weight_gradients_sum_over_more_rows_than_a_gemm_takes(interpret, monkeypatch, rng):
+    """The weight gradients are products over T*B rows through torch's GEMM, whose cuBLAS
+    dimensions are 32-bit: past GEMM_MAX_ROWS rows they are summed in chunks (here 4 rows a
+    GEMM, so 15 rows take 4), and agree with the oracle."""
+    import rnn_gpu.kernels.triton as kt
+    from rnn_gpu import _matmul
+
+    d, x = torch.randn(10, 3), torch.randn(10, 2)
+    monkeypatch.setattr(kt, "GEMM_MAX_ROWS", 4)
+    calls = []
+    real = _matmul.matmul
+    monkeypatch.setattr(_matmul, "matmul", lambda a, b, *args, **kw: (
+        calls.append(a.shape[1]), real(a, b, *args, **kw))[1])
+    torch.testing.assert_close(kt.rows_product(d, x, "ieee"), d.t() @ x)
+    assert calls == [4, 4, 2]
+    for cell, opts in (("LSTM", None), ("TwoStageRNN", {"f": "tanh", "g": "tanh"})):
+        calls.clear()
+        case = Case(cell=cell, opts=opts, dtype="float32", T=5, B=3, I=4, H=6,
+                    with_state=True)
+        check(case, int(rng.integers(2**32)), TOL["float32"])
+        assert calls and max(calls) == 4 and 3 in calls, calls      # 15 rows: 4 + 4 + 4 + 3
+
+
+def test_declines_lengths_past_int32(interpret):
+    from rnn_gpu.backend_api import Problem
+
+    def reasons(T, has_lengths):
+        return rg.backends.get("triton").not_supported_reasons(Problem(
+            cell="gru", activations=(), dtype="float32", device="cpu", input_kind="torch",
+            seq_len=T, batch=1, input_size=1, hidden_size=1, has_lengths=has_lengths))
+
+    assert reasons(2**31 - 1, True) == [] == reasons(2**31, False)
+    assert reasons(2**31, True) == [
+        "the triton kernels read the lengths as int32: 2147483648 steps is past 2147483647; "
+        "split the sequence into several calls"]
+
+
 def test_tape_is_used_once(interpret):
     m = rg.RNN(3, 4)
     x = torch.randn(2, 2, 3)

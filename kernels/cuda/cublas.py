@@ -17,6 +17,9 @@ CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
 CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77
 CUBLAS_GEMM_DEFAULT = -1
 CUBLAS_POINTER_MODE_HOST = 0
+# gemmEx's m, n, k, lda, ldb and ldc are C ints (the 32-bit API; the _64 variants are newer
+# than the cuBLAS this backend supports).
+CUBLAS_MAX_DIM = 2**31 - 1
 
 # gemmEx reads alpha and beta through host pointers (float32 for the 32F compute types).
 ONE = np.ones(1, np.float32)

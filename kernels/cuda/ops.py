@@ -12,6 +12,7 @@ import numpy as np
 
 from .cublas import (
     CUBLAS_GEMM_DEFAULT,
+    CUBLAS_MAX_DIM,
     CUBLAS_OP_N,
     CUBLAS_OP_T,
     CUDA_DATA_TYPES,
@@ -89,6 +90,18 @@ class Gemm:
     c_type: int
     beta: int                     # 0 or 1
     compute: int                  # cublasComputeType_t
+
+    def __post_init__(self):
+        # gemmEx takes m, n, k and the leading dimensions as C ints; ctypes (the captured
+        # path's RawCublas) wraps a larger Python int silently, so that k = 2**32 + 5 would
+        # sum over 5 rows. The backend declines such problems up front (CUBLAS_MAX_DIM in
+        # backends/cupy.py); this is the net under it.
+        _, _, n, m, k, _, _, _, lda, _, _, ldb, _, _, _, ldc, _, _ = self.cublas_args()
+        for name, v in (("m", m), ("n", n), ("k", k), ("lda", lda), ("ldb", ldb),
+                        ("ldc", ldc)):
+            if not 0 <= v <= CUBLAS_MAX_DIM:
+                raise ValueError(f"cuBLAS gemmEx takes 32-bit dimensions: {name} = {v} is "
+                                 f"outside 0..{CUBLAS_MAX_DIM} ({self.describe()})")
 
     def cublas_args(self) -> tuple:
         """gemmEx's arguments after the handle. cuBLAS is column-major, where a row-major X is

@@ -45,3 +45,24 @@ def steps_of(a, n: int):
     """The first ``n`` steps of a (T, ...) tensor, repeated when T < n: what the tuner times a
     candidate tiling on (the cost of a step does not depend on the values)."""
     return (a if n <= a.shape[0] else a.repeat(-(-n // a.shape[0]), *[1] * (a.dim() - 1)))[:n]
+
+
+# The weight gradients are products over all T*B rows (``dgatesᵀ h_prev``), through torch's
+# GEMM, which hands cuBLAS 32-bit dimensions (at::cuda::blas refuses k past INT_MAX); T*B may
+# be more, so they are summed in chunks of at most this many rows.
+GEMM_MAX_ROWS = 2**30
+
+
+def rows_product(d, x, precision: str):
+    """``dᵀ x`` over the rows of ``d`` (N, n) and ``x`` (N, m): one GEMM up to
+    :data:`GEMM_MAX_ROWS` rows, else the float32 sum of one GEMM per chunk of rows."""
+    from rnn_gpu._matmul import matmul
+
+    n = d.shape[0]
+    if n <= GEMM_MAX_ROWS:
+        return matmul(d.t(), x, precision)
+    total = None
+    for r in range(0, n, GEMM_MAX_ROWS):
+        part = matmul(d[r:r + GEMM_MAX_ROWS].t(), x[r:r + GEMM_MAX_ROWS], precision).float()
+        total = part if total is None else total.add_(part)
+    return total

@@ -41,9 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rnn_gpu._matmul import matmul
-
-from . import MAX_STEP_ELEMENTS, step_elements, steps_of
+from . import MAX_STEP_ELEMENTS, rows_product, step_elements, steps_of
 from .common import (
     GRU,
     LSTM,
@@ -408,7 +406,7 @@ def gated_backward(tape: GatedTape, dy: torch.Tensor, dhT: torch.Tensor,
             T, B, H, t_begin, n,
             REVERSE=tape.reverse, HAS_LENGTHS=tape.lengths is not None, **consts)
     flat = dhh.reshape(T * B, GH)
-    dw = matmul(flat.t(), tape.hprev.reshape(T * B, H), tape.precision).to(w_hh.dtype)
+    dw = rows_product(flat, tape.hprev.reshape(T * B, H), tape.precision).to(w_hh.dtype)
     db = flat.sum(0, dtype=f32).to(w_hh.dtype) if tape.has_bias else None
     return dxw, dh, (dc if cell == LSTM else None), dw, db
 

@@ -22,9 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rnn_gpu._matmul import matmul
-
-from . import steps_of
+from . import rows_product, steps_of
 from .common import (
     activate,
     activation_grad,
@@ -265,9 +263,9 @@ def twostage_backward(tape: TwoStageTape, dy, dhT, *, tiles: Tiles | None = None
     dpa, dph2 = dxw.reshape(T * B, H), dph.reshape(T * B, H)
     wdt = w_hh.dtype
     p = tape.precision
-    grads = (matmul(dpa.t(), hprev, p).to(wdt),
-             matmul(dph2.t(), tape.atape.reshape(T * B, H).to(dt), p).to(wdt),
-             matmul(dph2.t(), hprev, p).to(wdt),
+    grads = (rows_product(dpa, hprev, p).to(wdt),
+             rows_product(dph2, tape.atape.reshape(T * B, H).to(dt), p).to(wdt),
+             rows_product(dph2, hprev, p).to(wdt),
              dph2.sum(0, dtype=f32).to(wdt) if tape.has_bias else None)
     return dxw, dh, grads
 

@@ -360,6 +360,56 @@ def test_weight_gradients_sum_over_more_rows_than_a_gemm_takes(interpret, monkey
         assert calls and max(calls) == 4 and 3 in calls, calls      # 15 rows: 4 + 4 + 4 + 3
 
 
+def test_a_launch_never_has_more_barriers_than_the_int32_counter_counts():
+    """The grid barrier's counter is int32, zeroed per launch, and reaches barriers x n_split
+    (the programs of one row block): with 132 programs (the SMs of an H100 or H200) a launch
+    may have 16,268,815 barriers; a longer sequence is cut into launches that stay below
+    2**31 - 1, each iteration in exactly one of them."""
+    from rnn_gpu.kernels.triton import MAX_BARRIER_COUNT, launch_spans
+
+    assert MAX_BARRIER_COUNT == 2**31 - 1 and MAX_BARRIER_COUNT // 132 == 16_268_815
+    assert launch_spans(16_268_815, True, True, 132) == [(0, 16_268_815)]
+    assert launch_spans(16_268_816, True, True, 132) == [(0, 16_268_815), (16_268_815, 1)]
+    for n_split in (1, 2, 7, 132, 1000):
+        per_launch = MAX_BARRIER_COUNT // n_split
+        for n in (0, 1, per_launch - 1, per_launch, per_launch + 1, 3 * per_launch + 7):
+            spans = launch_spans(n, True, True, n_split)
+            assert [b for b, _ in spans] == [sum(c for _, c in spans[:i])
+                                             for i in range(len(spans))]
+            assert sum(c for _, c in spans) == n
+            assert all(c * n_split <= MAX_BARRIER_COUNT for _, c in spans)
+            assert len(spans) == max(1, -(-n // per_launch))
+    # split without a grid barrier (the interpreter): one launch per iteration, as before
+    assert launch_spans(3, False, True, 4) == [(0, 1), (1, 1), (2, 1)]
+    assert launch_spans(3, False, False, 1) == [(0, 3)]
+
+
+@pytest.mark.parametrize("cell,opts", [("LSTM", None), ("GRU", None),
+                                       ("TwoStageRNN", {"f": "tanh", "g": "tanh"})])
+def test_a_sequence_cut_into_launches_carries_its_state(interpret, monkeypatch, cell, opts,
+                                                        rng):
+    """What the cut relies on: forward and backward resume at any step (TwoStageRNN: any
+    phase) from the state the previous launch left. With the counter's bound at 2, every
+    launch of a one-program-per-row-block tiling runs 2 iterations; results agree with the
+    float64 oracle."""
+    import rnn_gpu.kernels.triton as kt
+    from rnn_gpu.kernels.triton import gated, twostage
+
+    monkeypatch.setattr(kt, "MAX_BARRIER_COUNT", 2)
+    seen = []
+
+    def spy(*args):
+        seen.append(kt.launch_spans(*args))
+        return seen[-1]
+
+    monkeypatch.setattr(gated, "launch_spans", spy)
+    monkeypatch.setattr(twostage, "launch_spans", spy)
+    case = Case(cell=cell, opts=opts, dtype="float32", T=5, B=3, I=4, H=6, lengths="zero",
+                bidirectional=True, with_state=True)
+    check(case, int(rng.integers(2**32)), TOL["float32"])
+    assert seen and all(len(spans) > 1 and max(c for _, c in spans) == 2 for spans in seen)
+
+
 def test_declines_lengths_past_int32(interpret):
     from rnn_gpu.backend_api import Problem
 

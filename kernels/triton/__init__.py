@@ -47,6 +47,35 @@ def steps_of(a, n: int):
     return (a if n <= a.shape[0] else a.repeat(-(-n // a.shape[0]), *[1] * (a.dim() - 1)))[:n]
 
 
+# The grid barrier (common.step_barrier) counts arrivals in one int32 per row block, zeroed
+# for each launch: the k-th barrier of a launch waits for k x n_split (the programs that split
+# the row block's units), so a launch of n barriers reaches n x n_split. Past 2**31 - 1 the
+# counter and the target wrap (int32 atomics and products) and the signed compare breaks: a
+# program waiting at barrier k reads up to k x n_split + n_split - 1, which has wrapped
+# negative while the target has not (it spins forever), or the target has wrapped negative
+# first (it passes before the others arrive). n_split is at most the SM count (the grid must
+# be resident): 132 on an H100 or H200 gives 16,268,815 barriers, i.e. steps of the gated
+# kernels (one barrier a step) and half as many steps of TwoStageRNN (two phases a step).
+# Longer sequences are cut into launches of at most MAX_BARRIER_COUNT // n_split barriers,
+# each with a fresh counter; the state carries from launch to launch as in the per-step
+# launches of the split design without a barrier (launch_spans).
+MAX_BARRIER_COUNT = 2**31 - 1
+
+
+def launch_spans(n_iterations: int, grid_sync: bool, split: bool, n_split: int):
+    """``(first iteration, count)`` of each launch over ``n_iterations`` loop iterations
+    (steps, or TwoStageRNN's phases; at most one grid barrier each): one launch per iteration
+    when the units are split without a grid barrier (Triton's interpreter runs programs one
+    after another, so there the kernel boundary is the barrier), else launches of at most
+    ``MAX_BARRIER_COUNT // n_split`` iterations, so that the barrier's int32 counter never
+    wraps (one launch for any sequence below ~16 million steps)."""
+    if split and not grid_sync:
+        return [(i, 1) for i in range(n_iterations)]
+    per_launch = max(1, MAX_BARRIER_COUNT // max(1, n_split))
+    if n_iterations <= per_launch:
+        return [(0, n_iterations)]
+    return [(b, min(per_launch, n_iterations - b)) for b in range(0, n_iterations, per_launch)]
+
 # The weight gradients are products over all T*B rows (``dgatesᵀ h_prev``), through torch's
 # GEMM, which hands cuBLAS 32-bit dimensions (at::cuda::blas refuses k past INT_MAX); T*B may
 # be more, so they are summed in chunks of at most this many rows.

@@ -182,10 +182,13 @@ def step_barrier(counter_ptr, target, GRID_SYNC: tl.constexpr):
     With ``GRID_SYNC`` the programs that split one row block's hidden units meet at an atomic
     counter (release on arrival, acquire while spinning); ``target`` is the count that means
     "all arrived" for this barrier (barriers so far times programs per row block), so the
-    counter is never reset inside a launch. Every program must be resident: the grid is no
-    larger than the SM count, and the launch is cooperative (:data:`COOPERATIVE`), so the
-    driver schedules all of it at once or refuses. Without it only this program's threads meet:
-    its own stores become visible to its own loads of the next step.
+    counter is never reset inside a launch (it is int32 and zeroed for each launch; a launch
+    has at most ``MAX_BARRIER_COUNT // n_split`` barriers, so neither the counter nor the
+    target wraps: :func:`rnn_gpu.kernels.triton.launch_spans`). Every program must be
+    resident: the grid is no larger than the SM count, and the launch is cooperative
+    (:data:`COOPERATIVE`), so the driver schedules all of it at once or refuses. Without it
+    only this program's threads meet: its own stores become visible to its own loads of the
+    next step.
     """
     tl.debug_barrier()
     if GRID_SYNC:

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import MAX_STEP_ELEMENTS, rows_product, step_elements, steps_of
+from . import MAX_STEP_ELEMENTS, launch_spans, rows_product, step_elements, steps_of
 from .common import (
     GRU,
     LSTM,
@@ -302,15 +302,6 @@ def _constexprs(cell, act, tiles: Tiles, precision, grid_sync, H: int = 0):
     return dict(common, BLOCK_H=tiles.block_h, BLOCK_K=tiles.block_k)
 
 
-def _spans(T: int, grid_sync: bool, split: bool):
-    """(t_begin, n_steps) launches: one for the whole sequence, or one per step when the units
-    are split without a grid barrier (Triton's interpreter runs programs one after another, so
-    there the kernel boundary is the barrier)."""
-    if grid_sync or not split:
-        return [(0, T)]
-    return [(s, 1) for s in range(T)]
-
-
 def gated_forward(cell: int, act: int, xw: torch.Tensor, w_hh: torch.Tensor,
                   b_hh: torch.Tensor | None, h0: torch.Tensor, c0: torch.Tensor | None,
                   lengths: torch.Tensor | None, *, reverse: bool, keep_tape: bool,
@@ -355,7 +346,7 @@ def gated_forward(cell: int, act: int, xw: torch.Tensor, w_hh: torch.Tensor,
         consts["W_TRANSPOSED"] = weights_transposed(dt, precision)
         if consts["W_TRANSPOSED"]:     # conflict-free FMA operand reads (see common.py)
             w_arg = w_hh.t().contiguous()
-    for t_begin, n in _spans(T, grid_sync, split):
+    for t_begin, n in launch_spans(T, grid_sync, split, grid[1]):
         sync = torch.zeros((grid[0],), device=dev, dtype=torch.int32)
         kernel[grid](
             xw, w_arg, b_hh if b_hh is not None else w_hh, h0f, c0f,
@@ -397,8 +388,7 @@ def gated_backward(tape: GatedTape, dy: torch.Tensor, dhT: torch.Tensor,
     grid = tiles.grid(B, H)
     split = grid[1] > 1
     consts = _constexprs(cell, tape.act, tiles, tape.precision, bool(grid_sync) and split)
-    spans = [(0, T + 1)] if (grid_sync or not split) else [(i, 1) for i in range(T + 1)]
-    for t_begin, n in spans:
+    for t_begin, n in launch_spans(T + 1, bool(grid_sync), split, grid[1]):
         sync = torch.zeros((grid[0],), device=dev, dtype=torch.int32)
         _gated_bwd_kernel[grid](
             dy, w_hh, tape.lengths if tape.lengths is not None else sync, tape.gates,

@@ -6,7 +6,7 @@ Both run in one launch for the whole sequence, tiled as in :mod:`.gated` (rows o
 by units of H). Each step has two phases with a barrier after each: phase A writes this
 program's units of ``a_t`` to ``abuf``, phase B needs all of ``a_t``. Phases are numbered
 ``p = 2s + {0, 1}`` so that a launch can also run one phase at a time (the interpreter's
-barrier-free split mode, see :func:`.gated._spans`).
+barrier-free split mode, see :func:`rnn_gpu.kernels.triton.launch_spans`).
 
 Backward, iteration i handles step s = T-1-i: phase A adds the recurrent gradient of step s+1
 (``dpre_a @ W_aa + dpre_h @ W_hh``) and forms ``dpre_h = (dh + dy_t) g'(h_t)``; phase B forms
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import rows_product, steps_of
+from . import launch_spans, rows_product, steps_of
 from .common import (
     activate,
     activation_grad,
@@ -183,12 +183,6 @@ class TwoStageTape:
     hprev: torch.Tensor
 
 
-def _launch_spans(n_phases: int, grid_sync: bool, split: bool):
-    if grid_sync or not split:
-        return [(0, n_phases)]
-    return [(p, 1) for p in range(n_phases)]
-
-
 def _consts(acts, tiles: Tiles, precision: str, grid_sync: bool):
     return dict(F=acts[0], G=acts[1], GRID_SYNC=grid_sync, PRECISION=precision,
                 BLOCK_B=tiles.block_b, BLOCK_H=tiles.block_h, BLOCK_K=tiles.block_k,
@@ -220,7 +214,7 @@ def twostage_forward(acts: tuple[int, int], xw, w_aa, w_ha, w_hh, b_h, h0, lengt
     consts = _consts(acts, tiles, precision, grid_sync and split)
     transposed = weights_transposed(dt, precision)
     ws = [w.t().contiguous() if transposed else w for w in (w_aa, w_ha, w_hh)]
-    for p_begin, n in _launch_spans(2 * T, grid_sync, split):
+    for p_begin, n in launch_spans(2 * T, grid_sync, split, grid[1]):
         sync = torch.zeros((grid[0],), device=dev, dtype=torch.int32)
         _twostage_fwd_kernel[grid](
             xw, *ws, b_h if b_h is not None else w_hh, h0f,
@@ -252,7 +246,7 @@ def twostage_backward(tape: TwoStageTape, dy, dhT, *, tiles: Tiles | None = None
     grid = tiles.grid(B, H)
     split = grid[1] > 1
     consts = _consts(tape.acts, tiles, tape.precision, bool(grid_sync) and split)
-    for p_begin, n in _launch_spans(2 * T + 1, bool(grid_sync), split):
+    for p_begin, n in launch_spans(2 * T + 1, bool(grid_sync), split, grid[1]):
         sync = torch.zeros((grid[0],), device=dev, dtype=torch.int32)
         _twostage_bwd_kernel[grid](
             dy, w_aa, w_ha, w_hh, tape.lengths if tape.lengths is not None else sync,

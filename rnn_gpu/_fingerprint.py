@@ -14,6 +14,7 @@ saw (torch's autograd does the same with its version counters).
 
 from __future__ import annotations
 
+import weakref
 import zlib
 from typing import Any
 
@@ -47,9 +48,14 @@ def bit_sum(a: Any) -> Any:
 def first_changed(entries: list[tuple[str, Any, Any]]) -> str | None:
     """The name of the first ``(name, array, fingerprint at forward)`` whose array changed
     since, or None. The device fingerprints are compared on the device and copied to the host
-    together: one sync, not one per array."""
+    together: one sync, not one per array. ``array`` may be a weak reference; one that died
+    (nothing holds the array any more) is unchanged."""
     on_device = []
     for name, a, before in entries:
+        if isinstance(a, weakref.ref):
+            a = a()
+            if a is None:
+                continue
         if kind_of(a) in ("torch", "numpy"):
             if fingerprint(a) != before:
                 return name

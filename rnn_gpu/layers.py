@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -55,11 +56,22 @@ class LayerTape:
     def check_unchanged(self) -> None:
         """Raise if an array the tape refers to was changed in place since forward."""
         what = _fingerprint.first_changed(self.fingerprints)
+        if what == _Y:
+            raise RuntimeError(
+                f"tape: {what} was changed in place after forward(); backward reads it (the "
+                f"tape refers to y rather than keeping a copy of it), so the gradients would "
+                f"be wrong. Change a copy instead (y = y * 2 or y.copy()/y.clone() first, not "
+                f"y *= 2 or an in-place op such as torch.relu_), or run forward() again")
         if what is not None:
             raise RuntimeError(
                 f"tape: {what} was changed in place after forward(); the gradients would be "
                 f"for values the forward did not use. Run forward() again after changing it "
                 f"(an optimizer step belongs after backward())")
+
+
+# How check_unchanged names the output: the core layers return it as y, the torch drop-ins
+# as their output tensor (the same memory).
+_Y = "y (the output of forward(); in rnn_gpu.torch, the layer's output tensor)"
 
 
 class RecurrentLayer:
@@ -345,6 +357,8 @@ class RecurrentLayer:
             inp = ops.concat([inp, ops.zeros((T - steps, B, D * P), self.dtype, device)], axis=0)
         y = _from_time_major(inp, layout)
         y = to_kind(y, in_kind, device)
+        if tape is not None:
+            tape.fingerprints.append(_output_fingerprint(y, inp))
         final_state = self._pack_state(finals, layout, in_kind, ops)
         return y, final_state, tape
 
@@ -694,6 +708,21 @@ def _like(value, reference):
     if dtype_name(out) == dtype_name(reference):
         return out
     return out.to(reference.dtype) if kind_of(out) == "torch" else out.astype(reference.dtype)
+
+
+def _output_fingerprint(y, time_major) -> tuple[str, Any, Any]:
+    """The returned y's entry for :attr:`LayerTape.fingerprints`. Taken whatever the backend
+    (a backend's tape may refer to the y it returned, as the example plugin's does): the
+    time-major array when y is a NumPy view of it (one contiguous CRC, the
+    padding and every layout's view included); a torch tensor through a weak reference, so
+    that a drop-in's output and its autograd node (whose context holds the tape) make no
+    reference cycle: its version counter is shared with every view of it, and once nothing
+    holds it, nothing can change it."""
+    guard = time_major if kind_of(y) == "numpy" and kind_of(time_major) == "numpy" else y
+    fp = _fingerprint.fingerprint(guard)
+    if kind_of(guard) == "torch":
+        guard = weakref.ref(guard)
+    return _Y, guard, fp
 
 
 def _segment_rows(plan, ops: Ops, device: str) -> list[tuple[Any, Any]]:

@@ -476,6 +476,52 @@ def test_backward_refuses_a_tape_whose_arrays_changed_in_place(kind, cell, what,
     m.backward(tape, dy)
 
 
+def _scale_(a, index=...):
+    if isinstance(a, torch.Tensor):
+        a[index].mul_(-2.0)
+    else:
+        a[index] *= -2.0
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+@pytest.mark.parametrize("cell, options, lengths, change", [
+    ("RNN", {"nonlinearity": "relu"}, None, lambda y: _scale_(y)),
+    ("RNN", {}, None,                                                        # an in-place relu
+     lambda y: torch.relu_(y) if isinstance(y, torch.Tensor) else np.maximum(y, 0, out=y)),
+    ("GRU", {"batch_first": True}, None, lambda y: _scale_(y, (1, 2))),       # (B, T, H)
+    ("LSTM", {"bidirectional": True}, None, lambda y: _scale_(y, (..., slice(2, 4)))),
+    ("LSTM", {"num_layers": 2, "proj_size": 2, "dropout": 0.5}, None,
+     lambda y: _scale_(y, (0, 0, 1))),
+    # a padded step past a sequence's end (zeros): the reverse direction reads it
+    ("TwoStageRNN", {"bidirectional": True}, [5, 3], lambda y: y[4, 1].__setitem__(..., 1.0)),
+    ("GRU", {}, [4, 2], lambda y: y[3, 1].__setitem__(..., 1.0)),
+    ("GRU", {"unbatched": True}, None, lambda y: _scale_(y, 2)),               # (T, H)
+])
+def test_backward_refuses_a_tape_whose_output_changed_in_place(kind, cell, options, lengths,
+                                                                change):
+    """The tape reads h_{t-1} (and h_t) from y instead of keeping a copy; y is the caller's,
+    and changed in place between forward and backward it gave wrong gradients, silently. In
+    every layout the caller gets: batch_first and unbatched views, a bidirectional half, the
+    zeros past a sequence's length."""
+    options = dict(options)
+    unbatched = options.pop("unbatched", False)
+    m = getattr(rg, cell)(3, 6 if options.get("proj_size") else 2, dtype="float64", seed=0,
+                          **options)
+    rng = np.random.default_rng(0)
+    shape = (5, 3) if unbatched else ((2, 5, 3) if options.get("batch_first") else (5, 2, 3))
+    x = rng.standard_normal(shape)
+    if kind == "torch":
+        x = torch.from_numpy(x)
+    y, _, tape = m.forward(x, lengths=lengths)
+    dy = y * 0 + 1
+    change(y)
+    with pytest.raises(RuntimeError, match=r"tape: y \(the output of forward\(\).* was "
+                                           r"changed in place after forward\(\)"):
+        m.backward(tape, dy)
+    y, _, tape = m.forward(x, lengths=lengths)            # a fresh forward is fine
+    m.backward(tape, dy)
+
+
 def test_bit_sum_fingerprint_sees_a_change():
     """The CuPy arrays' fingerprint, computed here with NumPy, which has the same API."""
     from rnn_gpu._fingerprint import bit_sum

@@ -573,6 +573,68 @@ def test_no_grad_path_and_errors():
         rt.LSTM(3, 4, dtype=F64)(x, torch.zeros(1, 2, 4, dtype=F64))
 
 
+@pytest.mark.parametrize("cls, options, change", [
+    ("RNN", {}, lambda y: y.mul_(2.0)),
+    ("GRU", {"batch_first": True}, lambda y: torch.relu_(y)),
+    ("LSTM", {"bidirectional": True}, lambda y: y[..., 4:].mul_(-1.0)),   # a view of y
+    ("TwoStageRNN", {"num_layers": 2}, lambda y: y[-1].zero_()),
+])
+def test_output_changed_in_place_before_backward_is_refused(cls, options, change):
+    """The tape reads h_{t-1} from the layer's output instead of a copy. autograd lets a
+    custom Function's output be changed in place (it routes the gradient through the change,
+    not knowing that backward reads the output), so the gradients came out wrong, silently;
+    the layer's own check (the output's version counter) now refuses, naming y."""
+    ours = getattr(rt, cls)(3, 4, dtype=F64, **options)
+    x = torch.randn((2, 5, 3) if options.get("batch_first") else (5, 2, 3), dtype=F64)
+    y, _ = ours(x)
+    change(y)
+    with pytest.raises(RuntimeError, match=r"tape: y \(the output of forward\(\); in "
+                                           r"rnn_gpu.torch, the layer's output tensor\) was "
+                                           r"changed in place"):
+        y.sum().backward()
+    # changed out of place, or after backward, as torch.nn allows
+    y, _ = ours(x)
+    (y * 2.0).sum().backward()
+    y.mul_(2.0)
+
+
+def test_output_guard_makes_no_reference_cycle():
+    """The tape guards the output tensor, and the output's autograd node holds the tape: a
+    strong reference made a cycle, and a forward whose backward never ran (an evaluation
+    with grad on) kept its tape until the garbage collector came by."""
+    import gc
+    import weakref
+
+    m = rt.GRU(3, 4)
+    y, h = m(torch.randn(5, 2, 3))
+    tape = weakref.ref(y.grad_fn.tape)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del y, h
+        assert tape() is None
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def test_packed_output_changed_in_place_is_fine():
+    """A PackedSequence's data is gathered from y (a copy): changing it in place changes
+    nothing the backward reads, and the gradient follows the change as torch.nn's does."""
+    ours = rt.GRU(3, 4, dtype=F64)
+    ref = torch.nn.GRU(3, 4, dtype=F64)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 2, 3, dtype=F64)
+    grads = []
+    for m in (ours, ref):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3]))
+        out, _ = m(packed)
+        out.data.mul_(3.0)
+        out.data.sum().backward()
+        grads.append(m.weight_hh_l0.grad)
+    torch.testing.assert_close(grads[0], grads[1], **TOL)
+
+
 def test_pickle_deepcopy_and_state_dict_round_trip():
     ours = rt.LSTM(3, 4, num_layers=2, proj_size=2, dtype=F64)
     x = torch.randn(5, 2, 3, dtype=F64)

@@ -24,6 +24,11 @@ Numbers below: a 2-core AMD EPYC VM, float32, OpenBLAS 0.3.31; see docs/performa
   from z itself: 2/(1+e^-2z) - 1 was as fast but lost all relative accuracy for small z.
 * Without ``lengths``, the chunked paths write h_t straight into ``y[t]`` and read it back
   from there (``_Hidden``).
+* The training tape keeps no copy of y: h_{t-1} (and RNN's and TwoStageRNN's h_t) are read
+  back from y and h0 (``_Steps.h_before``, ``_outer_h_before``), and y is written where the
+  layer asks (``out=``, rnn_gpu.backend_api), so the tape refers to the layer's own output.
+  That is T*B*H per layer and direction less (RNN 1 layer, 64x512x128 float32: training peak
+  97 -> 65 MiB); the layer refuses a backward whose y the caller changed in place.
 * With ``lengths``, the layer calls it once per segment of steps over the sequences still
   running (``segment_costs``, ``rnn_gpu._segments``): ~0.6 of the full-length work for uniform
   lengths, instead of every row for every step with the ended ones masked.
@@ -331,6 +336,7 @@ class _Steps:
 
     def __init__(self, T: int, lengths: np.ndarray | None, reverse: bool):
         self.order = range(T - 1, -1, -1) if reverse else range(T)
+        self.reverse, self.lengths = reverse, lengths
         if lengths is None:
             self.valid = None
         else:
@@ -343,6 +349,28 @@ class _Steps:
             return None
         v = self.valid[t, rows]
         return None if v.all() else ~v[:, None]
+
+    def first_step(self) -> np.ndarray:
+        """Each row's first step (the one that starts from h0), as one index for every row
+        or a (B,) array: 0 forward; in reverse T-1, or with lengths the row's last valid step
+        (0 for an empty row, which no gradient reaches)."""
+        if not self.reverse or self.lengths is None:
+            return np.array([self.order[0]], np.intp)
+        return np.maximum(self.lengths - 1, 0).astype(np.intp)
+
+    def h_before(self, y: np.ndarray, h0: np.ndarray, t: int, rows: slice) -> np.ndarray:
+        """h_{t-1} of ``rows`` for step t (in processing order): y one step earlier, or h0
+        where t is the row's first step. Rows past their length get y's zeros there (or, past
+        the end in reverse, h0): values that no gradient reaches, as the forward's kept h
+        was."""
+        if t == self.order[0]:
+            return h0[rows]
+        prev = y[t + 1 if self.reverse else t - 1, rows]
+        if self.reverse and self.lengths is not None:
+            first = (self.lengths[rows] - 1 == t)[:, None]
+            if first.any():
+                return np.where(first, h0[rows], prev)
+        return prev
 
 
 def _emit(y_t: np.ndarray, h: np.ndarray, invalid: np.ndarray | None) -> None:
@@ -610,7 +638,6 @@ def _lstm_forward(run: _Run, tile: _Tile):
         gates += xin                                      # -z (z for the g gate)
         _lstm_cell(gates, views, c, c_new, tc, tg)
         if run.tape:
-            out["hprev"][t, rows] = hid.cur
             out["cprev"][t, rows] = c
             out["tanh_c"][t, rows] = tc
         h_new = hid.target(t)
@@ -768,8 +795,6 @@ def _gru_forward(run: _Run, tile: _Tile):
         np.multiply(rz[0], hh_n, out=n)
         n += x_n
         _tanh_(n)
-        if run.tape:
-            out["hprev"][t, rows] = h
         # h' = (1 - z) n + z h = n + z (h - n)
         h_new = hid.target(t)
         np.subtract(h[:, units], n, out=h_new)
@@ -788,7 +813,7 @@ def _gru_backward(tape: dict, dy, dstate, steps: _Steps, rows: slice, grads: dic
     for t in reversed(steps.order):
         invalid = steps.invalid_rows(t, rows)
         r, z, n = tape["gates"][t, :, rows]                 # gate-major: (3, B, H)
-        hprev = tape["hprev"][t, rows]
+        hprev = steps.h_before(tape["y"], tape["h0"], t, rows)
         dh_t = dh + dy[t, rows] if invalid is None else dh + np.where(invalid, 0.0, dy[t, rows])
         d, dr_ = dxw[t, rows], drec[t, rows]
         np.multiply(dh_t, 1.0 - z, out=d[:, 2 * H:])
@@ -822,15 +847,9 @@ def _rnn_forward(run: _Run, tile: _Tile):
         invalid = steps.invalid_rows(t, rows)
         (xin,) = inputs.step(t)
         h_new = hid.target(t)
-        if run.tape:
-            out["hprev"][t, rows] = hid.cur
         np.matmul(hid.cur, w_t, out=h_new)
         h_new += xin
         act(h_new)
-        if run.tape:
-            # Rows past their length get h_new here, not the kept h: harmless, since backward
-            # zeroes their gradient before it reads hnew.
-            out["hnew"][t, rows] = h_new
         hid.advance(t, invalid)
     out["h"][rows, hid.cols] = hid.final()
 
@@ -853,7 +872,8 @@ def _rnn_backward(tape: dict, dy, dstate, steps: _Steps, rows: slice, grads: dic
         else:
             np.add(dh, np.where(invalid, 0.0, dy[t, rows]), out=dh_t)
         d = dxw[t, rows]
-        np.multiply(dh_t, _act_slope(tape["hnew"][t, rows], act, slope), out=d)
+        # h_t is y[t] (rows past their length have zeros there: their gradient is zeroed)
+        np.multiply(dh_t, _act_slope(tape["y"][t, rows], act, slope), out=d)
         np.matmul(d, whh, out=dh_prev)
         if invalid is not None:
             np.copyto(d, 0.0, where=invalid)
@@ -885,14 +905,10 @@ def _twostage_forward(run: _Run, tile: _Tile):
         h_new = hid.target(t)
         np.matmul(a, wha_t, out=h_new)
         np.matmul(h, whh_t, out=rec_h)
-        if run.tape:
-            out["hprev"][t, rows] = h
         h_new += rec_h
         if b_h is not None:
             h_new += b_h
         g_act(h_new)
-        if run.tape:
-            out["hnew"][t, rows] = h_new
         hid.advance(t, invalid)
     out["h"][rows] = hid.final()
 
@@ -910,7 +926,7 @@ def _twostage_backward(tape: dict, dy, dstate, steps: _Steps, rows: slice, grads
         dh_t = dh + dy[t, rows] if invalid is None else dh + np.where(invalid, 0.0, dy[t, rows])
         dhp = dhp_all[t, rows]
         np.copyto(dhp, dh_t)
-        _act_grad_(dhp, tape["hnew"][t, rows], g_name)
+        _act_grad_(dhp, tape["y"][t, rows], g_name)                # h_t is y[t]
         dap = dxw[t, rows]
         np.matmul(dhp, wha, out=dap)
         _act_grad_(dap, tape["a"][t, rows], f_name)
@@ -944,14 +960,13 @@ _BACKWARD = {"lstm": _lstm_backward, "gru": _gru_backward, "rnn": _rnn_backward,
 
 
 def _tape_shapes(problem: Problem, T: int, B: int) -> dict[str, tuple[int, ...]]:
-    H, P = problem.hidden_size, problem.output_size
+    H = problem.hidden_size
     return {
-        "lstm": {"gates": (T, B, 4 * H), "hprev": (T, B, P), "cprev": (T, B, H),
-                 "tanh_c": (T, B, H)},
+        "lstm": {"gates": (T, B, 4 * H), "cprev": (T, B, H), "tanh_c": (T, B, H)},
         # GRU's gates are stored gate-major, (T, 3, B, H): see _gru_forward.
-        "gru": {"gates": (T, 3, B, H), "hprev": (T, B, H), "hh_n": (T, B, H)},
-        "rnn": {"hnew": (T, B, H), "hprev": (T, B, H)},
-        "twostage": {"a": (T, B, H), "hnew": (T, B, H), "hprev": (T, B, H)},
+        "gru": {"gates": (T, 3, B, H), "hh_n": (T, B, H)},
+        "rnn": {},
+        "twostage": {"a": (T, B, H)},
     }[problem.cell]
 
 
@@ -961,6 +976,9 @@ class NumpyBackend(Backend):
     name = "numpy"
     priority = 0
     array_kind = "numpy"
+    # forward/forward_layer take out= (rnn_gpu.backend_api): y is written there, and the tape
+    # refers to it instead of copying h_{t-1} (and RNN's and TwoStageRNN's h_t).
+    accepts_out = True
 
     def unavailable_reason(self) -> str | None:
         return None
@@ -1002,27 +1020,32 @@ class NumpyBackend(Backend):
             return f"{len(tiles)} row tiles of ~{rows} rows, no barrier"
         return f"{len(tiles)} unit tiles of ~{units} units, a barrier per step"
 
-    def forward(self, problem, xw, weights, state, lengths, *, reverse, keep_tape):
+    def forward(self, problem, xw, weights, state, lengths, *, reverse, keep_tape, out=None):
         xw = np.asarray(xw)
         return self._forward(problem, None, None, None, xw, weights, state, lengths,
-                             reverse=reverse, keep_tape=keep_tape)
+                             reverse=reverse, keep_tape=keep_tape, y=out)
 
     def forward_layer(self, problem, x, w_ih, b_ih, weights, state, lengths, *, reverse,
-                      keep_tape):
+                      keep_tape, out=None):
         """The fused path (DESIGN §4): the tiles project their own rows of x."""
         return self._forward(problem, np.asarray(x), np.asarray(w_ih),
                              None if b_ih is None else np.asarray(b_ih), None, weights, state,
-                             lengths, reverse=reverse, keep_tape=keep_tape)
+                             lengths, reverse=reverse, keep_tape=keep_tape, y=out)
 
     def _forward(self, problem, x, w_ih, b_ih, xw, weights, state, lengths, *, reverse,
-                 keep_tape):
+                 keep_tape, y=None):
         source = x if x is not None else xw
         T, B = source.shape[:2]
         dt = source.dtype
         w = _prepare_weights(problem, weights)
         steps = _Steps(T, lengths, reverse)
         P = problem.output_size
-        out: dict[str, np.ndarray] = {"y": np.empty((T, B, P), dt), "h": np.empty((B, P), dt)}
+        if y is None:
+            y = np.empty((T, B, P), dt)
+        elif y.shape != (T, B, P) or y.dtype != dt:
+            raise ValueError(f"out: expected a ({T}, {B}, {P}) {dt} array for y, got "
+                             f"{y.shape} {y.dtype}")
+        out: dict[str, np.ndarray] = {"y": y, "h": np.empty((B, P), dt)}
         if problem.cell == "lstm":
             out["c"] = np.empty((B, problem.hidden_size), dt)
         if lengths is not None:
@@ -1041,8 +1064,11 @@ class NumpyBackend(Backend):
         final = (out["h"], out["c"]) if problem.cell == "lstm" else (out["h"],)
         tape = None
         if keep_tape:
-            data = {k: v for k, v in out.items() if k not in ("y", "h", "c", "_hbuf")}
-            data.update(w=w, steps=steps)
+            data = {k: v for k, v in out.items() if k not in ("h", "c", "_hbuf")}
+            # y and h0 by reference, not copied: h_{t-1} is y one step earlier, or h0 at a
+            # row's first step (T*B*H per layer and direction less; the layer guards y, x and
+            # the initial state against in-place changes until backward)
+            data.update(w=w, steps=steps, h0=state[0])
             tape = Tape(self.name, problem, reverse, data)
         return out["y"], final, tape
 
@@ -1052,7 +1078,7 @@ class NumpyBackend(Backend):
         dy = np.asarray(dy)
         T, B = dy.shape[:2]
         H, P = problem.hidden_size, problem.output_size
-        dt = data["hprev"].dtype
+        dt = data["y"].dtype
         gates = {"lstm": 4, "gru": 3, "rnn": 1, "twostage": 1}[problem.cell]
         grads: dict[str, np.ndarray] = {"dxw": np.empty((T, B, gates * H), dt),
                                         "dh0": np.empty((B, P), dt)}
@@ -1086,18 +1112,22 @@ class NumpyBackend(Backend):
         def total(d):
             return column_sums(d.reshape(-1, d.shape[-1]))
 
-        cell, dxw, hprev = problem.cell, grads["dxw"], data["hprev"]
+        cell, dxw = problem.cell, grads["dxw"]
+
+        def outer_prev(d):
+            return _outer_h_before(d, data["y"], data["h0"], data["steps"])
+
         out: dict[str, np.ndarray] = {}
         if cell == "twostage":
             dhp = grads["dh_pre"]
-            out["weight_aa"] = outer(dxw, hprev)
+            out["weight_aa"] = outer_prev(dxw)
             out["weight_ha"] = outer(dhp, data["a"])
-            out["weight_hh"] = outer(dhp, hprev)
+            out["weight_hh"] = outer_prev(dhp)
             if "bias_h" in w:
                 out["bias_h"] = total(dhp)
             return out
         drec = grads["drec"] if cell == "gru" else dxw
-        out["weight_hh"] = outer(drec, hprev)
+        out["weight_hh"] = outer_prev(drec)
         if "bias_hh" in w:
             out["bias_hh"] = total(drec)
         if "weight_hr" in w:
@@ -1106,3 +1136,27 @@ class NumpyBackend(Backend):
             m = gates[..., 3 * H:] * data["tanh_c"]          # sigma(o) * tanh(c), before W_hr
             out["weight_hr"] = outer(grads["dh_out"], m)
         return out
+
+
+def _outer_h_before(d: np.ndarray, y: np.ndarray, h0: np.ndarray, steps: _Steps) -> np.ndarray:
+    """``sum_t d[t]^T h_{t-1}`` without an array of the h_{t-1}: one GEMM over y shifted by a
+    step, and one over each row's first step against h0.
+
+    The shifted GEMM pairs each row's first step with y one step earlier: nothing in forward
+    order (no step before 0); in reverse, y[T-1 + 1] does not exist and with lengths it is
+    y[length], a zero of the padding. So the h0 term only adds."""
+    T, B = d.shape[:2]
+
+    def flat(a):
+        return a.reshape(-1, a.shape[-1])
+
+    if T == 1:
+        total = np.zeros((d.shape[-1], y.shape[-1]), d.dtype)
+    elif steps.reverse:
+        total = flat(d[:-1]).T @ flat(y[1:])
+    else:
+        total = flat(d[1:]).T @ flat(y[:-1])
+    first = steps.first_step()
+    d_first = d[int(first[0])] if len(first) == 1 else d[first, np.arange(B)]
+    total += d_first.T @ h0
+    return total

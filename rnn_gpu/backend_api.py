@@ -52,6 +52,23 @@ What it must do:
   dtypes and names (metadata only) and names the backend when one is wrong.
 * Keep per-call state in the tape, not on the instance: one instance serves every call in the
   process, from several threads at once (``rnn_gpu.dask`` on the threads scheduler, a server).
+
+What a tape may refer to instead of copying: the arrays it was given (x, xw, the state, the
+weights) and the y it returned. The layer guards the caller's arrays among them against
+in-place changes until ``backward`` (fingerprints: torch's version counters, a CRC of NumPy
+arrays, a bit sum of CuPy ones), the returned y included, whatever the backend: ``backward``
+refuses a tape whose y the caller changed, naming y. h_{t-1} is y one step earlier, or the
+initial state at a row's first step (with lengths, in reverse, the row's last valid step),
+and y is zero past each row's length.
+
+Optional, writing y where the layer wants it (``accepts_out = True`` on the backend):
+``forward`` and ``forward_layer`` then take a keyword ``out``, a (T, B, H_out) array of the
+backend's kind and the problem's dtype, possibly a strided view (one direction's half of a
+bidirectional output, a segment's steps and rows of the layer's y), and write y there, every
+element (zeros past each row's length), and return it as y. The layer passes ``out`` only to
+a backend that says it takes it, and not always; a backend without the attribute is called as
+before (its y is copied where the layer needs it). A tape that refers to y then refers to the
+layer's own output, which saves the copy of y and keeps none beside it.
 """
 
 from __future__ import annotations
@@ -126,6 +143,8 @@ class Backend:
     name: str = "unnamed"
     priority: int = 0
     array_kind: str = "numpy"
+    # True: forward/forward_layer take out= (see the module docstring)
+    accepts_out: bool = False
 
     def unavailable_reason(self) -> str | None:
         """None when usable on this machine, else why not ("cupy is not installed")."""
@@ -157,6 +176,7 @@ class Backend:
         ``state`` is ``(h0,)`` or, for LSTM, ``(h0, c0)``; each (B, H_out) / (B, H).
         Returns ``(y, final_state, tape)``: y is (T, B, H_out) with zeros at padded steps,
         ``final_state`` has the structure of ``state``, tape is None unless ``keep_tape``.
+        A backend with ``accepts_out = True`` also takes ``out=`` (the module docstring).
         """
         raise NotImplementedError
 

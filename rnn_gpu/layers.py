@@ -320,10 +320,14 @@ class RecurrentLayer:
             # backend needs less than one y beside it (a fused backend: no (T, B, gates*H)
             # input projection). The top layer's output then has T rows at once, zero past
             # `steps`: no padding copy after.
+            # The same for the top layer of a unidirectional stack with lengths, whose y is
+            # padded to T. A backend that takes `out` (backend_api) writes y there itself, and
+            # its tape may then refer to the layer's output instead of a copy of it.
             fused = callable(getattr(backend, "forward_layer", None))
+            rows_out = T if layer == self.num_layers - 1 else steps
             out = None
-            if D > 1 and (fused or not plan.whole) and not empty:
-                rows_out = T if layer == self.num_layers - 1 else steps
+            if (D > 1 or rows_out > steps) and (fused or not plan.whole or
+                                                _accepts_out(backend)) and not empty:
                 out = ops.zeros((rows_out, B, D * P), self.dtype, device)
             for d in range(D):
                 reverse = d == 1
@@ -384,6 +388,7 @@ class RecurrentLayer:
         weights = self._recurrent_weights(params, layer, reverse)
         w_ih, b_ih = self._input_weights(params, layer, reverse)
         fused = callable(getattr(backend, "forward_layer", None))    # fuses W_ih x (§4)
+        takes_out = _accepts_out(backend)
         whole = plan.whole
         y = None if whole else into if into is not None else ops.zeros(
             (inp.shape[0], problem.batch, self.output_size), self.dtype, problem.device)
@@ -393,23 +398,29 @@ class RecurrentLayer:
         # still holds its initial state in `carried`.
         for seg, rows in (reversed(index) if reverse else index):
             if whole:
-                sub, part, start = problem, inp, init
+                sub, part, start, target = problem, inp, init, into
             else:
                 sub = replace(problem, seq_len=seg.steps, batch=seg.rows)
                 part = inp[seg.start:seg.stop, rows]
                 # A copy: `carried` changes after the call, and a tape may keep its start.
                 start = tuple(_copy_rows(s, rows, ops) for s in carried)
+                # rows gathered by an index array have no view to write into
+                target = y[seg.start:seg.stop, rows] if isinstance(rows, slice) else None
+            given = {"out": target} if takes_out and target is not None else {}
             if fused:
                 method, out = "forward_layer", backend.forward_layer(
                     sub, part, w_ih, b_ih, weights, start, seg.lengths, reverse=reverse,
-                    keep_tape=keep_tape)
+                    keep_tape=keep_tape, **given)
             else:
                 xw = self._input_projection(w_ih, b_ih, part)
                 method, out = "forward", backend.forward(
-                    sub, xw, weights, start, seg.lengths, reverse=reverse, keep_tape=keep_tape)
+                    sub, xw, weights, start, seg.lengths, reverse=reverse, keep_tape=keep_tape,
+                    **given)
             y_part, final, btape = _checked_forward(backend, method, out, sub, start,
                                                     self.output_size, keep_tape)
             tapes.append(btape)
+            if given and not whole and y_part is target:
+                y_part = None                       # already in place
             y, carried = _put_segment(whole, seg, rows, y, y_part, carried, final)
         return y, tuple(carried), tapes, w_ih
 
@@ -710,10 +721,15 @@ def _like(value, reference):
     return out.to(reference.dtype) if kind_of(out) == "torch" else out.astype(reference.dtype)
 
 
+def _accepts_out(backend) -> bool:
+    """Whether ``backend``'s forward/forward_layer take ``out=`` (rnn_gpu.backend_api)."""
+    return getattr(backend, "accepts_out", False) is True
+
+
 def _output_fingerprint(y, time_major) -> tuple[str, Any, Any]:
     """The returned y's entry for :attr:`LayerTape.fingerprints`. Taken whatever the backend
-    (a backend's tape may refer to the y it returned, as the example plugin's does): the
-    time-major array when y is a NumPy view of it (one contiguous CRC, the
+    (a backend's tape may refer to the y it returned, as the NumPy backend's and the example
+    plugin's do): the time-major array when y is a NumPy view of it (one contiguous CRC, the
     padding and every layout's view included); a torch tensor through a weak reference, so
     that a drop-in's output and its autograd node (whose context holds the tape) make no
     reference cycle: its version counter is shared with every view of it, and once nothing

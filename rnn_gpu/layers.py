@@ -163,12 +163,19 @@ class RecurrentLayer:
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape, in torch.nn's order."""
-        shapes = {}
-        for layer in range(self.num_layers):
-            for reverse in (False, True)[: self.num_directions]:
-                for base, shape in self._layer_shapes(layer).items():
-                    shapes[parameter_name(base, layer, reverse)] = shape
-        return shapes
+        # Asked at every call of the torch drop-ins (and by backward): kept with the
+        # configuration it was built from, and rebuilt if that changes.
+        key = (self._spec, self.input_size, self.hidden_size, self.num_layers, self.proj_size,
+               self.bias, self.bidirectional)
+        cached = self.__dict__.get("_shapes_cache")
+        if cached is None or cached[0] != key:
+            shapes = {}
+            for layer in range(self.num_layers):
+                for reverse in (False, True)[: self.num_directions]:
+                    for base, shape in self._layer_shapes(layer).items():
+                        shapes[parameter_name(base, layer, reverse)] = shape
+            cached = self._shapes_cache = (key, shapes)
+        return dict(cached[1])
 
     def reset_parameters(self) -> None:
         """torch.nn's initialisation: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))."""

@@ -294,7 +294,7 @@ class RecurrentLayer:
         backend = registry.select(problem, backend_name)
         kind, device = backend.array_kind, layout["device"]
         ops = Ops(kind)
-        states = self._check_state(state, layout, in_kind)          # per layer*dir tuples
+        states = self._check_state(state, layout, in_kind, zeros_kind=kind)  # per layer*dir
         states = [tuple(to_kind(s, kind, device) for s in st) for st in states]
         params = {k: to_kind(v, kind, device) for k, v in self._params.items()}
         inp = to_kind(xt, kind, device)
@@ -625,8 +625,13 @@ class RecurrentLayer:
             shapes.append((n, B, self.hidden_size))
         return [s[:1] + s[2:] if unbatched else s for s in shapes]
 
-    def _check_state(self, state, layout, kind: str, name: str = "state"):
-        """User state -> list over layer*direction of tuples of (B, ·) arrays (zeros if None)."""
+    def _check_state(self, state, layout, kind: str, name: str = "state",
+                     zeros_kind: str | None = None):
+        """User state -> list over layer*direction of tuples of (B, ·) arrays (zeros if None).
+
+        ``zeros_kind``: the array kind the zeros for a missing state are made in (default
+        ``kind``); the caller converts to its backend's kind anyway, so making them there
+        saves a torch.zeros and a conversion per part on the drop-ins' usual hx=None call."""
         B, unbatched, device = layout["B"], layout["unbatched"], layout["device"]
         shapes = self._state_shapes(B, unbatched)
         lstm = self._spec.kind == "lstm"
@@ -645,7 +650,7 @@ class RecurrentLayer:
                                     f"{type(state).__name__} of {len(state)}")
                 state = state[0]
             parts = [state]
-        ops = Ops(kind)
+        ops = Ops(zeros_kind or kind)
         full = []
         for i, (part, shape) in enumerate(zip(parts, shapes)):
             label = name if not lstm else f"{name}[{i}] ({'h' if i == 0 else 'c'})"

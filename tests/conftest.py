@@ -45,3 +45,25 @@ def force_path():
 @pytest.fixture
 def fresh_workspaces(monkeypatch):
     monkeypatch.setattr(cgraphs, "workspaces", cgraphs.WorkspaceCache())
+
+
+# ------------------------------------------------------------------ triton (test_triton_*.py)
+
+@pytest.fixture
+def launches_of_two(monkeypatch):
+    """The grid barrier's counter bounded at 2 (kernels/triton/__init__.py: MAX_BARRIER_COUNT),
+    so that every sequence is cut into launches as one of ~16 million steps would be. Yields
+    the list of each call's ``(first iteration, count)`` launches, appended as they happen."""
+    import rnn_gpu.kernels.triton as kt
+    from rnn_gpu.kernels.triton import gated, twostage
+
+    monkeypatch.setattr(kt, "MAX_BARRIER_COUNT", 2)
+    seen = []
+
+    def spy(*args):
+        seen.append(kt.launch_spans(*args))
+        return seen[-1]
+
+    monkeypatch.setattr(gated, "launch_spans", spy)
+    monkeypatch.setattr(twostage, "launch_spans", spy)
+    return seen

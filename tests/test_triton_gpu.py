@@ -122,27 +122,15 @@ def test_each_tiling_matches_float64_oracle(cell, opts, tiling, rng):
 
 
 @pytest.mark.parametrize("cell,opts", [CELL_OPTS[0], CELL_OPTS[4]])
-def test_split_grid_barrier_cut_into_launches_matches_float64_oracle(cell, opts, monkeypatch,
-                                                                     rng):
+def test_split_grid_barrier_cut_into_launches_matches_float64_oracle(cell, opts,
+                                                                     launches_of_two, rng):
     """A sequence past the grid barrier's int32 counter (~16 million steps at 132 programs) is
     cut into launches, each with a fresh counter (kernels/triton/__init__.py: launch_spans).
     With the bound at 2 every launch of the split tiling runs one barrier, so each step (each
     TwoStageRNN phase) starts from the state the previous launch left, with the barrier on."""
-    import rnn_gpu.kernels.triton as kt
-    from rnn_gpu.kernels.triton import gated, twostage
-
-    monkeypatch.setattr(kt, "MAX_BARRIER_COUNT", 2)
-    seen = []
-
-    def spy(*args):
-        seen.append(kt.launch_spans(*args))
-        return seen[-1]
-
-    monkeypatch.setattr(gated, "launch_spans", spy)
-    monkeypatch.setattr(twostage, "launch_spans", spy)
     run_on_gpu(Case(cell=cell, opts=opts, **SMALL), "float16", int(rng.integers(2**32)),
                _tilings()["split_grid_barrier"])
-    assert seen and all(len(spans) > 1 for spans in seen)
+    assert launches_of_two and all(len(spans) > 1 for spans in launches_of_two)
 
 
 @pytest.mark.parametrize("cell,opts", [CELL_OPTS[0], CELL_OPTS[4]])

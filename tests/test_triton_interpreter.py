@@ -386,28 +386,17 @@ def test_a_launch_never_has_more_barriers_than_the_int32_counter_counts():
 
 @pytest.mark.parametrize("cell,opts", [("LSTM", None), ("GRU", None),
                                        ("TwoStageRNN", {"f": "tanh", "g": "tanh"})])
-def test_a_sequence_cut_into_launches_carries_its_state(interpret, monkeypatch, cell, opts,
-                                                        rng):
+def test_a_sequence_cut_into_launches_carries_its_state(interpret, launches_of_two, cell,
+                                                        opts, rng):
     """What the cut relies on: forward and backward resume at any step (TwoStageRNN: any
     phase) from the state the previous launch left. With the counter's bound at 2, every
     launch of a one-program-per-row-block tiling runs 2 iterations; results agree with the
     float64 oracle."""
-    import rnn_gpu.kernels.triton as kt
-    from rnn_gpu.kernels.triton import gated, twostage
-
-    monkeypatch.setattr(kt, "MAX_BARRIER_COUNT", 2)
-    seen = []
-
-    def spy(*args):
-        seen.append(kt.launch_spans(*args))
-        return seen[-1]
-
-    monkeypatch.setattr(gated, "launch_spans", spy)
-    monkeypatch.setattr(twostage, "launch_spans", spy)
     case = Case(cell=cell, opts=opts, dtype="float32", T=5, B=3, I=4, H=6, lengths="zero",
                 bidirectional=True, with_state=True)
     check(case, int(rng.integers(2**32)), TOL["float32"])
-    assert seen and all(len(spans) > 1 and max(c for _, c in spans) == 2 for spans in seen)
+    assert launches_of_two and all(len(spans) > 1 and max(c for _, c in spans) == 2
+                                   for spans in launches_of_two)
 
 
 def test_declines_lengths_past_int32(interpret):

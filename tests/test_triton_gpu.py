@@ -130,7 +130,9 @@ def test_split_grid_barrier_cut_into_launches_matches_float64_oracle(cell, opts,
     TwoStageRNN phase) starts from the state the previous launch left, with the barrier on."""
     run_on_gpu(Case(cell=cell, opts=opts, **SMALL), "float16", int(rng.integers(2**32)),
                _tilings()["split_grid_barrier"])
-    assert launches_of_two and all(len(spans) > 1 for spans in launches_of_two)
+    # some calls cut (a segment of random lengths may have a single step), none longer than 1
+    assert any(len(spans) > 1 for spans in launches_of_two)
+    assert all(c == 1 for spans in launches_of_two for _, c in spans)
 
 
 @pytest.mark.parametrize("cell,opts", [CELL_OPTS[0], CELL_OPTS[4]])

@@ -384,19 +384,21 @@ def test_a_launch_never_has_more_barriers_than_the_int32_counter_counts():
     assert launch_spans(3, False, False, 1) == [(0, 3)]
 
 
+@pytest.mark.parametrize("lengths", ["none", "zero"])
 @pytest.mark.parametrize("cell,opts", [("LSTM", None), ("GRU", None),
                                        ("TwoStageRNN", {"f": "tanh", "g": "tanh"})])
 def test_a_sequence_cut_into_launches_carries_its_state(interpret, launches_of_two, cell,
-                                                        opts, rng):
+                                                        opts, lengths, rng):
     """What the cut relies on: forward and backward resume at any step (TwoStageRNN: any
     phase) from the state the previous launch left. With the counter's bound at 2, every
-    launch of a one-program-per-row-block tiling runs 2 iterations; results agree with the
-    float64 oracle."""
-    case = Case(cell=cell, opts=opts, dtype="float32", T=5, B=3, I=4, H=6, lengths="zero",
+    launch of a one-program-per-row-block tiling runs at most 2 iterations; results agree
+    with the float64 oracle."""
+    case = Case(cell=cell, opts=opts, dtype="float32", T=5, B=3, I=4, H=6, lengths=lengths,
                 bidirectional=True, with_state=True)
     check(case, int(rng.integers(2**32)), TOL["float32"])
-    assert launches_of_two and all(len(spans) > 1 and max(c for _, c in spans) == 2
-                                   for spans in launches_of_two)
+    assert all(c <= 2 for spans in launches_of_two for _, c in spans)
+    if lengths == "none":       # random lengths may leave no segment longer than 2 steps
+        assert all(len(spans) > 1 for spans in launches_of_two)
 
 
 def test_declines_lengths_past_int32(interpret):

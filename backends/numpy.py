@@ -1106,9 +1106,6 @@ class NumpyBackend(Backend):
         """The weight gradients: one large GEMM each over all T*B rows."""
         w = data["w"]
 
-        def outer(d, x):
-            return d.reshape(-1, d.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-
         def total(d):
             return column_sums(d.reshape(-1, d.shape[-1]))
 
@@ -1121,7 +1118,7 @@ class NumpyBackend(Backend):
         if cell == "twostage":
             dhp = grads["dh_pre"]
             out["weight_aa"] = outer_prev(dxw)
-            out["weight_ha"] = outer(dhp, data["a"])
+            out["weight_ha"] = _outer(dhp, data["a"])
             out["weight_hh"] = outer_prev(dhp)
             if "bias_h" in w:
                 out["bias_h"] = total(dhp)
@@ -1134,8 +1131,13 @@ class NumpyBackend(Backend):
             gates = data["gates"]
             H = problem.hidden_size
             m = gates[..., 3 * H:] * data["tanh_c"]          # sigma(o) * tanh(c), before W_hr
-            out["weight_hr"] = outer(grads["dh_out"], m)
+            out["weight_hr"] = _outer(grads["dh_out"], m)
         return out
+
+
+def _outer(d: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``sum_t d[t]^T x[t]`` over every leading index: one GEMM over all T*B rows."""
+    return d.reshape(-1, d.shape[-1]).T @ x.reshape(-1, x.shape[-1])
 
 
 def _outer_h_before(d: np.ndarray, y: np.ndarray, h0: np.ndarray, steps: _Steps) -> np.ndarray:
@@ -1146,16 +1148,12 @@ def _outer_h_before(d: np.ndarray, y: np.ndarray, h0: np.ndarray, steps: _Steps)
     order (no step before 0); in reverse, y[T-1 + 1] does not exist and with lengths it is
     y[length], a zero of the padding. So the h0 term only adds."""
     T, B = d.shape[:2]
-
-    def flat(a):
-        return a.reshape(-1, a.shape[-1])
-
     if T == 1:
         total = np.zeros((d.shape[-1], y.shape[-1]), d.dtype)
     elif steps.reverse:
-        total = flat(d[:-1]).T @ flat(y[1:])
+        total = _outer(d[:-1], y[1:])
     else:
-        total = flat(d[1:]).T @ flat(y[:-1])
+        total = _outer(d[1:], y[:-1])
     first = steps.first_step()
     d_first = d[int(first[0])] if len(first) == 1 else d[first, np.arange(B)]
     total += d_first.T @ h0

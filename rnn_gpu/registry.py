@@ -175,7 +175,12 @@ def report() -> list[dict[str, Any]]:
         rows.append({"name": name, "available": reason is None, "reason": reason or "",
                      "priority": getattr(backend, "priority", 0),
                      "distribution": _sources.get(name, "")})
-    return sorted(rows, key=lambda r: (-r["priority"], r["name"]))
+    return sorted(rows, key=lambda r: _selection_order(r["name"]))
+
+
+def _selection_order(name: str) -> tuple[int, str]:
+    """Sort key of report()'s rows and of auto selection: highest priority first, then name."""
+    return -getattr(_backends[name], "priority", 0), name
 
 
 def format_report(rows: list[dict[str, Any]] | None = None) -> str:
@@ -273,7 +278,7 @@ def select(problem: Problem, explicit: str | None = None) -> Backend:
     # report()'s order, without its rows: each backend's unavailable_reason() is read once,
     # by _reasons (report() read every backend's first, and triton's alone, two find_spec
     # calls, cost ~8 us; ~28 us of a 1x1x8x8 LSTM call went to the selection)
-    for name in sorted(names(), key=lambda n: (-getattr(_backends[n], "priority", 0), n)):
+    for name in sorted(names(), key=_selection_order):
         backend = _backends[name]
         reasons = _reasons(backend, problem)
         if not reasons:
